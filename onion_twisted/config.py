@@ -1,0 +1,157 @@
+"""Configuration: ``conf/*.toml`` files, every key also a command-line option.
+
+Each role declares its keys once (name, type, default, one line of help);
+from that come the ``twistd`` options, the TOML parsing, and the check of
+the values. Precedence: defaults < the file given by ``--config`` <
+options on the command line. Parsing works on strings, so tests build a
+configuration in memory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.python import usage
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+
+COMMON = [
+    Key("listen", str, "127.0.0.1", "IP address to listen on and to send from (one IP per member)"),
+    Key("port", int, 5000, "the network's port: every member listens on it", 1),
+    Key("data_dir", str, "run/member", "directory for keys and state (created, mode 0700)"),
+    Key("max_body", int, 8 * 1024 * 1024, "largest request body accepted, in bytes (413 above)", 1024),
+    Key("hop_timeout", float, 30.0, "seconds to wait for the next hop before answering 504", 0.1),
+    Key("unsafe_logging", bool, False, "debug switch: log circuit ids, addresses and file names"),
+]
+
+NODE = COMMON + [
+    Key("tracker", str, "127.0.0.1:5000", "the network's tracker, HOST or HOST:PORT (the only exit target)"),
+    Key("tracker_key", str, "", "tracker's Ed25519 public key, base64; empty: trust /identity on first contact"),
+    Key("key_bits", int, 2048, "size of the node's RSA key when it is made (at least 1024)", 1024),
+    Key("circuit_idle_timeout", float, 600.0, "seconds after which an unused circuit is dropped", 1),
+    Key("bridge_idle_timeout", float, 600.0, "seconds after which an unused bridge is dropped", 1),
+    Key("max_circuits", int, 100_000, "most circuits held at once (429 above)", 1),
+    Key("max_bridges", int, 100_000, "most bridge ends held at once", 1),
+    Key("max_nonces", int, 1_000_000, "most forward layers one circuit may carry (replay set bound)", 1),
+    Key("create_rate", float, 50.0, "new circuits per second allowed from one source IP", 0.001),
+    Key("create_burst", int, 200, "burst of new circuits allowed from one source IP", 1),
+    Key("register_interval", float, 30.0, "seconds between registrations at the tracker", 1),
+    Key("control_max_skew", float, 60.0, "control messages issued further than this from our clock are refused", 1),
+]
+
+ROLES = {"node": NODE}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse(role: str, toml_text: str = "", overrides: dict | None = None) -> dict:
+    """The full configuration of ``role``: defaults, then the TOML text, then overrides."""
+    keys = {k.name: k for k in ROLES[role]}
+    values = {name: k.default for name, k in keys.items()}
+    try:
+        from_file = tomllib.loads(toml_text) if toml_text else {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file: {e}") from None
+    for source in (from_file, overrides or {}):
+        for name, value in source.items():
+            name = name.replace("-", "_")
+            if name not in keys:
+                raise ConfigError(f"unknown configuration key {name!r} for a {role}")
+            values[name] = _coerce(keys[name], value)
+    return values
+
+
+def _coerce(key: Key, value):
+    try:
+        if key.type is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if key.type is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if key.type is int and isinstance(value, float):
+            raise ValueError(value)
+        value = key.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key.name}: {value!r} is not a {key.type.__name__}") from None
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{key.name} must be at least {key.minimum}")
+    return value
+
+
+def options_for(role: str, description: str) -> type[usage.Options]:
+    """A twistd ``Options`` class with ``--config`` and one option per key."""
+    keys = ROLES[role]
+    params = [["config", "c", None, f"TOML configuration file (see conf/{role}.toml)"]]
+    flags = []
+    for k in keys:
+        if k.type is bool:
+            flags.append([k.option, None, f"{k.help} (default: {str(k.default).lower()})"])
+        else:
+            default = ",".join(k.default) if isinstance(k.default, list) else k.default
+            params.append([k.option, None, None, f"{k.help} (default: {default})"])
+
+    class Options(usage.Options):
+        synopsis = f"[options]  ({description})"
+        optParameters = params
+        optFlags = flags
+
+        def postOptions(self):
+            text = ""
+            if self["config"]:
+                try:
+                    with open(self["config"], encoding="utf-8") as f:
+                        text = f.read()
+                except OSError as e:
+                    raise usage.UsageError(f"cannot read {self['config']}: {e.strerror}")
+            overrides = {}
+            for k in keys:
+                value = self[k.option]
+                if k.type is bool:
+                    if value:
+                        overrides[k.name] = True
+                elif value is not None:
+                    overrides[k.name] = value
+            try:
+                self.config = parse(role, text, overrides)
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
+
+    Options.__name__ = f"{role.capitalize()}Options"
+    return Options
+
+
+def render_toml(role: str) -> str:
+    """The example file of a role: every key, its default, one line on what it does."""
+    lines = []
+    for k in ROLES[role]:
+        lines.append(f"# {k.help}")
+        if isinstance(k.default, bool):
+            value = str(k.default).lower()
+        elif isinstance(k.default, (str, list)):
+            value = repr(k.default).replace("'", '"')
+        else:
+            value = repr(k.default)
+        lines.append(f"{k.name} = {value}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Fetching, verifying and mirroring the tracker's signed directory (§6).
+
+Used by nodes (and peers): the tracker key comes from the configuration, or
+on first contact from the tracker's ``/identity`` (trust on first use, logged
+as a warning). ``knows`` refetches at most once per ``refetch_interval`` so a
+stream of unknown extend targets cannot make a node hammer the tracker.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import crypto, wire
+from .directory import SignedDirectory, parse_signed_directory
+from .errors import NextHopFailed, ProtocolError
+
+SIGNATURE_HEADER = b"X-Onion-Signature"
+
+
+class DirectoryClient:
+    log = Logger()
+
+    def __init__(self, clock, outbound, tracker: wire.Address, *, tracker_key: str | None = None,
+                 default_port: int = wire.DEFAULT_PORT, refetch_interval: float = 5.0):
+        self.clock = clock
+        self.outbound = outbound
+        self.tracker = tracker
+        self.default_port = default_port
+        self.refetch_interval = refetch_interval
+        self._tracker_key = crypto.load_tracker_public_b64(tracker_key) if tracker_key else None
+        self.current: SignedDirectory | None = None
+        self._last_fetch = None
+        self._waiters: list[defer.Deferred] = []
+
+    async def tracker_key(self):
+        if self._tracker_key is None:
+            try:
+                status, _, body = await self.outbound.get(self.tracker, "/identity")
+                identity = wire.loads_object(body, "identity")
+                if status != 200 or identity.get("role") != "tracker":
+                    raise NextHopFailed("tracker identity unavailable")
+                self._tracker_key = crypto.load_tracker_public_b64(identity.get("public_key"))
+            except (ProtocolError, ValueError) as e:
+                self.log.warn("cannot learn the tracker's key: {why}", why=str(e))
+                return None
+            self.log.warn("no tracker_key configured: trusting the key the tracker showed on first "
+                          "contact ({key}); set tracker_key to pin it", key=crypto.tracker_public_b64(self._tracker_key))
+        return self._tracker_key
+
+    def fetch(self) -> defer.Deferred:
+        """Fetch and verify the directory; concurrent callers share one request."""
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            defer.ensureDeferred(self._fetch()).addBoth(self._release)
+        return waiter
+
+    def _release(self, result) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _fetch(self) -> SignedDirectory:
+        self._last_fetch = self.clock.seconds()
+        key = await self.tracker_key()
+        if key is None:
+            raise NextHopFailed("tracker key unknown")
+        status, headers, body = await self.outbound.get(self.tracker, "/nodes")
+        if status != 200:
+            raise NextHopFailed(f"tracker answered {status} for the directory")
+        signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
+        directory = parse_signed_directory(body, signature, key, self.default_port)
+        if self.current is None or directory.issued >= self.current.issued:
+            self.current = directory
+        return self.current
+
+    async def knows(self, address: wire.Address) -> bool:
+        if self.current is not None and address in self.current:
+            return True
+        recently = self._last_fetch is not None and self.clock.seconds() - self._last_fetch < self.refetch_interval
+        if not recently or self._waiters:
+            try:
+                await self.fetch()
+            except Exception as e:
+                self.log.warn("directory fetch failed: {why}", why=_reason(e))
+        return self.current is not None and address in self.current
+
+    async def register(self, own_address: wire.Address, public_key_pem: str) -> None:
+        body = wire.dumps({"address": str(own_address), "public_key": public_key_pem})
+        await self.outbound.post(self.tracker, body, path="/nodes")
+
+
+def _reason(e) -> str:
+    return getattr(e, "detail", None) or type(e).__name__

@@ -1,0 +1,181 @@
+"""Outbound HTTP for every role: treq over one persistent connection pool,
+every socket bound to the member's own IP (PROTOCOL.md §1), every exchange
+guarded by a deadline and a size cap.
+
+``post`` answers the body of a 200, or raises NextHopFailed (502: refused,
+unreachable, non-200, too large) or NextHopTimeout (504). Details name no
+address: they end up in answers and logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
+from zope.interface import implementer
+
+from . import wire
+from .errors import NextHopFailed, NextHopTimeout
+
+JSON_HEADERS = {b"Content-Type": [b"application/json"]}
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory, written in one go (no cooperator slices)."""
+
+    def __init__(self, body: bytes):
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class BoundEndpointFactory:
+    """Endpoints whose sockets are bound to one source IP."""
+
+    def __init__(self, reactor, bind_ip: str | None, connect_timeout: float):
+        self.reactor = reactor
+        self.bind = (bind_ip, 0) if bind_ip and bind_ip not in ("0.0.0.0", "::") else None
+        self.connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout,
+                                    bindAddress=self.bind)
+        cls = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+        return cls(self.reactor, host, uri.port, timeout=self.connect_timeout, bindAddress=self.bind)
+
+
+class CappedBody:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def __call__(self, data: bytes):
+        self.size += len(data)
+        if self.size > self.limit:
+            raise NextHopFailed("next hop's answer is over the size limit")
+        self.parts.append(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class HTTPOutbound:
+    def __init__(self, reactor, *, bind_ip: str | None, timeout: float = 30.0,
+                 max_response: int = 16 * 1024 * 1024, max_per_host: int = 64, agent=None):
+        self.reactor = reactor
+        self.timeout = timeout
+        self.max_response = max_response
+        if agent is None:
+            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool.maxPersistentPerHost = max_per_host
+            self.pool.cachedConnectionTimeout = 240
+            self.pool.retryAutomatically = False  # a cell must not be delivered twice
+            agent = Agent.usingEndpointFactory(reactor, BoundEndpointFactory(reactor, bind_ip, timeout), pool=self.pool)
+        else:
+            self.pool = None
+        self.http = HTTPClient(agent)
+
+    def post(self, address: wire.Address, body: bytes, headers: dict | None = None,
+             path: str = "/") -> defer.Deferred:
+        return self._guarded(self._exchange(b"POST", address.url(path), body, headers))
+
+    def get(self, address: wire.Address, path: str) -> defer.Deferred:
+        """(status, headers, body) of a GET: any status, same deadline and cap."""
+        return self._guarded(self._exchange(b"GET", address.url(path), None, None, any_status=True))
+
+    def _guarded(self, coroutine) -> defer.Deferred:
+        d = defer.ensureDeferred(coroutine)
+        d.addTimeout(self.timeout, self.reactor)
+        d.addErrback(_map_failure)
+        return d
+
+    async def _exchange(self, method: bytes, url: str, body, headers, any_status: bool = False):
+        h = Headers(JSON_HEADERS)
+        for name, value in (headers or {}).items():
+            h.setRawHeaders(name, [value])
+        response = await self.http.request(method.decode("ascii"), url, data=BytesProducer(body) if body is not None else None,
+                                           headers=h, unbuffered=True)
+        collector = CappedBody(self.max_response)
+        declared = response.length
+        if declared is not UNKNOWN_LENGTH and declared > self.max_response:
+            response.deliverBody(_Discard())
+            raise NextHopFailed("next hop's answer is over the size limit")
+        await response.collect(collector)
+        data = collector.value()
+        if any_status:
+            return response.code, response.headers, data
+        if response.code != 200:
+            raise NextHopFailed(f"next hop answered {response.code} {_error_name(data)}".rstrip())
+        return data
+
+    def close(self) -> defer.Deferred:
+        if self.pool is None:
+            return defer.succeed(None)
+        return self.pool.closeCachedConnections()
+
+
+def _error_name(body: bytes) -> str:
+    try:
+        obj = wire.loads(body)
+        error = obj.get("error") if isinstance(obj, dict) else None
+        return error if isinstance(error, str) and error.isidentifier() else ""
+    except Exception:
+        return ""
+
+
+def _map_failure(failure):
+    if failure.check(NextHopFailed, NextHopTimeout):
+        return failure
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        raise NextHopTimeout("next hop did not answer in time")
+    from twisted.internet import error as net_error
+    from twisted.web import _newclient
+
+    if failure.check(net_error.ConnectionRefusedError):
+        raise NextHopFailed("next hop refused the connection")
+    if failure.check(net_error.TimeoutError, net_error.TCPTimedOutError):
+        raise NextHopTimeout("next hop did not accept the connection in time")
+    if failure.check(net_error.ConnectError, net_error.DNSLookupError):
+        raise NextHopFailed("next hop is unreachable")
+    if failure.check(_newclient.ResponseNeverReceived, _newclient.ResponseFailed,
+                     _newclient.RequestTransmissionFailed, net_error.ConnectionLost, net_error.ConnectionDone):
+        inner = getattr(failure.value, "reasons", None)
+        if inner and any(r.check(defer.CancelledError) for r in inner):
+            raise NextHopTimeout("next hop did not answer in time")
+        raise NextHopFailed("next hop closed the connection")
+    raise NextHopFailed(f"next hop failed: {failure.type.__name__}")
+
+
+class _Discard:
+    def makeConnection(self, transport):
+        transport.stopProducing()
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass

@@ -1,0 +1,87 @@
+"""The HTTP server side shared by every role.
+
+* ``BoundedRequest`` keeps bodies in memory (twisted.web would spool bodies
+  over 100 kB to a temporary file) and refuses a body over ``max_body`` with
+  413 as soon as its length is announced, or as soon as a chunked body
+  passes the limit, without reading it whole.
+* ``QuietSite`` writes no access log and silences the channel's own
+  messages, which carry client addresses (safe logging).
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.logger import Logger
+from twisted.web import server
+
+from . import wire
+from .errors import ProtocolError, TooLarge
+
+_SILENT = Logger(observer=lambda event: None)
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+class BoundedRequest(server.Request):
+    max_body = DEFAULT_MAX_BODY
+    _too_large = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.max_body:
+            self._refuse_too_large()
+            return
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data):
+        if self._too_large:
+            return
+        if self.content.tell() + len(data) > self.max_body:
+            self._refuse_too_large()
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command, path, version):
+        if self._too_large:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse_too_large(self):
+        """Answer 413 and close: the rest of the body is never read."""
+        self._too_large = True
+        self.content = io.BytesIO()
+        body = wire.dumps(TooLarge(f"body over this member's limit of {self.max_body} bytes").body())
+        head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        transport = self.channel.transport
+        transport.write(head + body)
+        transport.loseConnection()
+
+    def client_ip(self) -> str:
+        return self.getClientAddress().host
+
+
+class QuietSite(server.Site):
+    noisy = False
+
+    def __init__(self, resource, *, max_body: int = DEFAULT_MAX_BODY, reactor=None, timeout: float = 60):
+        super().__init__(resource, reactor=reactor, timeout=timeout)
+        self.requestFactory = type("Request", (BoundedRequest,), {"max_body": max_body})
+
+    def log(self, request):
+        pass  # no access log: it would record client addresses
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        channel = getattr(protocol, "_channel", protocol)
+        channel._log = _SILENT
+        return protocol
+
+
+def write_json(request, status: int, body: bytes) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return body
+
+
+def write_error(request, error: ProtocolError) -> bytes:
+    return write_json(request, error.status, wire.dumps(error.body()))

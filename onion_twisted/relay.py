@@ -1,0 +1,264 @@
+"""What a node does with one ``POST /`` cell (PROTOCOL.md §4, §5, §7, §9).
+
+``NodeRelay.handle`` is the whole dispatch: it reads and changes the relay
+table, and talks to neighbours only through the injected ``outbound``
+(``post(address, body, headers) -> Deferred[bytes]`` raising NextHopFailed /
+NextHopTimeout), so it is tested in memory with no sockets. Errors are
+ProtocolError exceptions carrying their §3 status.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from . import cells, control, wire
+from .circuits import EXIT, NODE, Circuit, RelayTable
+from .crypto import BACKWARD, open_session_key
+from .errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
+from .metrics import NodeMetrics
+
+EMPTY = b"{}"
+_CHUNK_TYPES = ("file_chunk", "transfer_end")
+
+
+def reply_with(layer_bytes: bytes) -> bytes:
+    return b'{"payload":"' + wire.b64encode(layer_bytes).encode("ascii") + b'"}'
+
+
+def cell_with_raw_object(cid: str, json_object: bytes) -> bytes:
+    """A cell whose payload is an already-serialised JSON object: spliced, not re-encoded."""
+    return b'{"CID":"' + cid.encode("ascii") + b'","payload":' + json_object + b"}"
+
+
+class NodeRelay:
+    log = Logger()
+
+    def __init__(self, *, clock, private_key, own_address: wire.Address, tracker: wire.Address,
+                 table: RelayTable, outbound, directory, limiter, metrics: NodeMetrics | None = None,
+                 resolve=None, control_max_skew: float = 60.0, unsafe_logging: bool = False):
+        self.clock = clock
+        self.private_key = private_key
+        self.own_address = own_address
+        self.port = own_address.port
+        self.tracker = tracker
+        self.table = table
+        self.outbound = outbound
+        self.directory = directory
+        self.limiter = limiter
+        self.metrics = metrics or NodeMetrics(clock)
+        self.resolve = resolve or _literal_ip
+        self.control_max_skew = control_max_skew
+        self.unsafe_logging = unsafe_logging
+
+    # --- entry point ----------------------------------------------------------------
+
+    async def handle(self, source_ip: str, body: bytes, signature=None) -> bytes:
+        """Answer one cell: the 200 body, or raise the ProtocolError to answer."""
+        try:
+            return await self._dispatch(source_ip, body, signature)
+        except ProtocolError as e:
+            self.metrics.error(e.status)
+            raise
+
+    async def _dispatch(self, source_ip: str, body: bytes, signature) -> bytes:
+        cell = cells.parse_cell(body)
+        if cell.is_control:
+            return await self._control(body, signature, cell.payload)
+        if cell.destroy:
+            return self._destroy(source_ip, cell.cid)
+        table = self.table
+        circuit = table.forward(cell.cid, source_ip)
+        if circuit is not None:
+            return await self._forward(circuit, cells.payload_bytes(cell))
+        circuit = table.backward(cell.cid, source_ip)
+        if circuit is not None:
+            return await self._backward(circuit, cell)
+        bridge = table.incoming_bridge(cell.cid, source_ip)
+        if bridge is not None:
+            return await self._from_bridge(bridge, cell)
+        return self._create(source_ip, cell)
+
+    # --- create (§4.5) -----------------------------------------------------------------
+
+    def _create(self, source_ip: str, cell: cells.Cell) -> bytes:
+        if cell.cid in self.table.bridges_out:
+            raise Forbidden("that CID is an outgoing bridge of this node")
+        sealed = cells.payload_bytes(cell)
+        if not self.limiter.allow(source_ip):
+            raise RateLimited("too many new circuits from this address")
+        session_key = open_session_key(self.private_key, sealed)
+        circuit = self.table.create(source_ip, cell.cid, session_key)
+        self.metrics.created()
+        self._debug("created circuit {cid} from {ip}", cid=cell.cid, ip=source_ip)
+        return reply_with(circuit.layer.wrap(cells.CREATED, BACKWARD))
+
+    # --- forward (§4.2) -------------------------------------------------------------
+
+    async def _forward(self, circuit: Circuit, layer: bytes) -> bytes:
+        plaintext = self.table.peel_forward(circuit, layer)
+        self.metrics.relayed("forward", len(layer))
+        if circuit.out_cid is None:
+            return await self._extend(circuit, plaintext)
+        if circuit.out_kind == NODE:
+            reply = await self.outbound.post(circuit.out_addr, cells.encode_cell(circuit.out_cid, plaintext))
+            return self._wrap_reply(circuit, reply, from_node=True)
+        message = wire.loads_object(plaintext, "message for the tracker")
+        if message.get("type") in _CHUNK_TYPES:
+            bridge = self.table.outgoing_bridge(circuit, message.get("transfer"))
+            if bridge is not None:
+                reply = await self.outbound.post(bridge.peer_addr, cell_with_raw_object(bridge.bridge_cid, plaintext))
+                bridge.last_used = self.clock.seconds()
+                if message["type"] == "transfer_end":
+                    self.table.remove_bridge(bridge)
+                return self._wrap_reply(circuit, reply, from_node=False)
+        reply = await self.outbound.post(circuit.out_addr, cell_with_raw_object(circuit.out_cid, plaintext))
+        self.table.touch(circuit)
+        return self._wrap_reply(circuit, reply, from_node=False)
+
+    async def _extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
+        if circuit.extending:
+            raise Conflict("an extend is already in progress on this circuit")
+        extend = cells.parse_extend(plaintext, self.port)
+        circuit.extending = True
+        try:
+            if extend.to_tracker:
+                if extend.to != self.tracker:
+                    raise Forbidden("exit policy: this node exits only to the network's tracker")
+                kind = EXIT
+            else:
+                if extend.to == self.own_address:
+                    raise Forbidden("a node does not extend a circuit to itself")
+                if not await self.directory.knows(extend.to):
+                    raise Forbidden("extend target is not a node of the directory")
+                kind = NODE
+            out_ip = await self.resolve(extend.to)
+            out_cid = wire.new_circuit_id()
+            reply = await self.outbound.post(extend.to, cells.encode_cell(out_cid, extend.relay))
+            answer = self._wrap_reply(circuit, reply, from_node=kind == NODE)
+            try:
+                self.table.attach(circuit, extend.to, out_ip, out_cid, kind)
+            except Conflict:
+                # Destroyed while the extend was under way: pass the destroy on (§9)
+                # so the next hop (or the tracker) does not keep the half-built circuit.
+                self._notify(extend.to, cells.encode_destroy(out_cid))
+                raise
+        finally:
+            circuit.extending = False
+        self.table.touch(circuit)
+        return answer
+
+    def _wrap_reply(self, circuit: Circuit, reply: bytes, *, from_node: bool) -> bytes:
+        """§5: wrap the far end's reply payload in this hop's backward layer."""
+        try:
+            payload = cells.parse_reply(reply)
+        except BadRequest:
+            raise NextHopFailed("next hop sent a malformed reply") from None
+        if payload is None:
+            return EMPTY
+        if isinstance(payload, dict):
+            if from_node:
+                raise NextHopFailed("next hop sent an object where a layer was due")
+            data = wire.dumps(payload)
+        else:
+            try:
+                data = wire.b64decode(payload, "reply payload")
+            except BadRequest:
+                raise NextHopFailed("next hop sent a reply that is not base64") from None
+        self.metrics.relayed("backward", len(data))
+        return reply_with(circuit.layer.wrap(data, BACKWARD))
+
+    # --- backward (§4.3, §4.4) ------------------------------------------------------
+
+    async def _backward(self, circuit: Circuit, cell: cells.Cell) -> bytes:
+        if circuit.out_kind == EXIT:
+            data = wire.dumps(cells.payload_object(cell))
+        else:
+            data = cells.payload_bytes(cell)
+        self.table.touch(circuit)
+        return await self._send_backward(circuit, data)
+
+    async def _from_bridge(self, bridge, cell: cells.Cell) -> bytes:
+        message = cells.payload_object(cell)
+        circuit = bridge.circuit
+        bridge.last_used = self.clock.seconds()
+        self.table.touch(circuit)
+        answer = await self._send_backward(circuit, wire.dumps(message))
+        if message.get("type") == "transfer_end":
+            self.table.remove_bridge(bridge)
+        return answer
+
+    async def _send_backward(self, circuit: Circuit, data: bytes) -> bytes:
+        layer = circuit.layer.wrap(data, BACKWARD)
+        self.metrics.relayed("backward", len(layer))
+        await self.outbound.post(wire.Address(circuit.in_ip, self.port), cells.encode_cell(circuit.in_cid, layer))
+        return EMPTY
+
+    # --- destroy (§9) ----------------------------------------------------------------
+
+    def _destroy(self, source_ip: str, cid: str) -> bytes:
+        table = self.table
+        circuit = table.forward(cid, source_ip)
+        if circuit is not None:
+            table.remove(circuit)
+            if circuit.out_cid is not None:
+                self._notify(circuit.out_addr, cells.encode_destroy(circuit.out_cid))
+            return EMPTY
+        circuit = table.backward(cid, source_ip)
+        if circuit is not None:
+            table.remove(circuit)
+            self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+            return EMPTY
+        bridge = table.bridge_by_cid(cid)
+        if bridge is not None:
+            if bridge.peer_ip != source_ip:
+                raise Forbidden("not this bridge's other exit")
+            table.remove_bridge(bridge)
+            return EMPTY
+        raise UnknownCircuit("destroy for a circuit this node does not know")
+
+    def destroy_both_ways(self, circuit: Circuit) -> None:
+        """Tell both neighbours that a circuit is gone (idle expiry, shutdown)."""
+        self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+        if circuit.out_cid is not None:
+            self._notify(circuit.out_addr, cells.encode_destroy(circuit.out_cid))
+
+    def _notify(self, address: wire.Address, body: bytes):
+        """Best effort: the destroy is answered at once; the neighbour may be gone."""
+        d = self.outbound.post(address, body)
+        d.addErrback(lambda f: self._debug("destroy not delivered: {f}", f=f.getErrorMessage()))
+        return d
+
+    # --- control (§7) -------------------------------------------------------------------
+
+    async def _control(self, body: bytes, signature, payload) -> bytes:
+        key = await self.directory.tracker_key()
+        message = control.verify_control(body, signature, payload, key, self.clock.seconds(),
+                                         self.control_max_skew, self.port)
+        table = self.table
+        if message.type == control.DROP_BRIDGE:
+            # Both ends, when both exits are this node (§7).
+            ends = [b for b in (table.bridges_in.get(message.bridge_cid),
+                                table.bridges_out.get(message.bridge_cid)) if b is not None]
+            if not ends:
+                raise UnknownCircuit("drop_bridge for a bridge this node does not know")
+            for bridge in ends:
+                table.remove_bridge(bridge)
+            return EMPTY
+        peer_ip = await self.resolve(message.peer)
+        if message.type == control.MAKE_BRIDGE:
+            table.make_bridge(message.cid, message.transfer, message.bridge_cid, message.peer, peer_ip)
+        else:
+            table.receive_bridge(message.cid, message.bridge_cid, message.peer, peer_ip)
+        return EMPTY
+
+    def _debug(self, fmt: str, **kw) -> None:
+        # Safe logging: circuit ids, addresses and names only with the debug switch.
+        if self.unsafe_logging:
+            self.log.debug(fmt, **kw)
+
+
+async def _literal_ip(address: wire.Address) -> str:
+    ip = address.ip
+    if ip is None:
+        raise NextHopFailed("next hop is a DNS name and this node has no resolver")
+    return ip

@@ -1,0 +1,4 @@
+# Lazy twistd plugins: nothing of onion_twisted is imported until one is run.
+from twisted.application.service import ServiceMaker
+
+onionnode = ServiceMaker("onionnode", "onion_twisted.node_service", "An onion_twisted relay node.", "onionnode")
