@@ -32,13 +32,13 @@ class Key:
 COMMON = [
     Key("listen", str, "127.0.0.1", "IP address to listen on and to send from (one IP per member)"),
     Key("port", int, 5000, "the network's port: every member listens on it", 1),
-    Key("data_dir", str, "run/member", "directory for keys and state (created, mode 0700)"),
     Key("max_body", int, 8 * 1024 * 1024, "largest request body accepted, in bytes (413 above)", 1024),
     Key("hop_timeout", float, 30.0, "seconds to wait for the next hop before answering 504", 0.1),
     Key("unsafe_logging", bool, False, "debug switch: log circuit ids, addresses and file names"),
 ]
 
 NODE = COMMON + [
+    Key("data_dir", str, "run/node", "directory for the node's key (created, mode 0700)"),
     Key("tracker", str, "127.0.0.1:5000", "the network's tracker, HOST or HOST:PORT (the only exit target)"),
     Key("tracker_key", str, "", "tracker's Ed25519 public key, base64; empty: trust /identity on first contact"),
     Key("key_bits", int, 2048, "size of the node's RSA key when it is made (at least 1024)", 1024),
@@ -53,7 +53,20 @@ NODE = COMMON + [
     Key("control_max_skew", float, 60.0, "control messages issued further than this from our clock are refused", 1),
 ]
 
-ROLES = {"node": NODE}
+TRACKER = COMMON + [
+    Key("data_dir", str, "run/tracker", "directory for the tracker's key (created, mode 0700)"),
+    Key("heartbeat", float, 30.0, "nodes re-register this often; a node unseen for 3 periods leaves the list", 1),
+    Key("circuit_idle_timeout", float, 600.0, "circuits silent this long are forgotten (peers re-announce)", 1),
+    Key("max_circuits", int, 100_000, "most circuits known at once", 1),
+    Key("max_files_per_circuit", int, 10_000, "most files one ls may announce", 1),
+    Key("max_catalogue_entries", int, 1_000_000, "most distinct (name, sha256) entries", 1),
+    Key("max_listing", int, 10_000, "most entries in a files reply (those with the most sources first)", 1),
+    Key("listing_refresh", float, 1.0, "a large catalogue's reply is rebuilt at most this often, seconds", 0),
+    Key("max_pending", int, 10_000, "most requests being bridged at once", 1),
+    Key("max_nodes", int, 10_000, "most nodes in the directory", 1),
+]
+
+ROLES = {"node": NODE, "tracker": TRACKER}
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,7 @@ class SignedDirectory:
     signature: str
     issued: float
     nodes: dict  # Address -> NodeEntry
+    node_ips: frozenset = frozenset()  # literal IPs of the listed nodes
 
     def __contains__(self, address: wire.Address) -> bool:
         return address in self.nodes
@@ -55,4 +56,5 @@ def parse_signed_directory(body: bytes, signature, tracker_key, default_port: in
         nodes[address] = NodeEntry(address, pem, fp)
     if isinstance(signature, bytes):
         signature = signature.decode("ascii")
-    return SignedDirectory(body, signature, issued, nodes)
+    node_ips = frozenset(a.ip for a in nodes if a.ip is not None)
+    return SignedDirectory(body, signature, issued, nodes, node_ips)

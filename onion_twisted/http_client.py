@@ -14,7 +14,7 @@ import ipaddress
 from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -67,6 +67,14 @@ class BoundEndpointFactory:
         return cls(self.reactor, host, uri.port, timeout=self.connect_timeout, bindAddress=self.bind)
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # "Starting factory ..." lines would name the neighbour's endpoint
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
 class CappedBody:
     def __init__(self, limit: int):
         self.limit = limit
@@ -90,7 +98,7 @@ class HTTPOutbound:
         self.timeout = timeout
         self.max_response = max_response
         if agent is None:
-            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool = QuietConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = max_per_host
             self.pool.cachedConnectionTimeout = 240
             self.pool.retryAutomatically = False  # a cell must not be delivered twice

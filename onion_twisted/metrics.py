@@ -82,3 +82,53 @@ class NodeMetrics:
             f"onion_node_uptime_seconds {self.uptime():.0f}",
         ]
         return "\n".join(lines) + "\n"
+
+
+class TrackerMetrics:
+    """What the tracker counts: never an address, a CID or a file name."""
+
+    MESSAGE_TYPES = ("ls", "list", "request", "file_chunk", "transfer_end")
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.started = clock.seconds()
+        self.messages = Counter()   # message type (known types only) -> count
+        self.requests = Counter()   # outcome -> count
+        self.errors = Counter()     # status -> count
+
+    def message(self, kind) -> None:
+        self.messages[kind if kind in self.MESSAGE_TYPES else "other"] += 1
+
+    def request(self, outcome: str) -> None:
+        self.requests[outcome] += 1
+
+    def error(self, status: int) -> None:
+        self.errors[status] += 1
+
+    def uptime(self) -> float:
+        return self.clock.seconds() - self.started
+
+    def prometheus(self, *, nodes: int, circuits: int, entries: int, transfers: int) -> str:
+        lines = []
+
+        def gauge(name, help_text, value):
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"])
+
+        gauge("onion_tracker_nodes", "Nodes in the directory.", nodes)
+        gauge("onion_tracker_circuits", "Circuits known to the tracker.", circuits)
+        gauge("onion_tracker_catalogue_entries", "Distinct (name, sha256) entries.", entries)
+        gauge("onion_tracker_transfers", "Transfers under way (estimated).", transfers)
+        lines += ["# HELP onion_tracker_messages_total Messages from circuits, by type.",
+                  "# TYPE onion_tracker_messages_total counter"]
+        for kind in (*self.MESSAGE_TYPES, "other"):
+            lines.append(f'onion_tracker_messages_total{{type="{kind}"}} {self.messages[kind]}')
+        lines += ["# HELP onion_tracker_requests_total File requests, by outcome.",
+                  "# TYPE onion_tracker_requests_total counter"]
+        for outcome in ("bridged", "failed"):
+            lines.append(f'onion_tracker_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
+        lines += ["# HELP onion_tracker_errors_total Error answers, by HTTP status.",
+                  "# TYPE onion_tracker_errors_total counter"]
+        for status in sorted(self.errors):
+            lines.append(f'onion_tracker_errors_total{{status="{status}"}} {self.errors[status]}')
+        gauge("onion_tracker_uptime_seconds", "Seconds since the tracker started.", f"{self.uptime():.0f}")
+        return "\n".join(lines) + "\n"

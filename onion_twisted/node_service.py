@@ -77,8 +77,7 @@ class NodeService(service.MultiService):
             except Exception as e:
                 log.warn("registration at the tracker failed: {why}", why=getattr(e, "detail", repr(e)))
             try:
-                directory = await self.directory.fetch()
-                log.debug("directory lists {n} nodes", n=len(directory.nodes))
+                await self.directory.fetch()
             except Exception as e:
                 log.warn("directory fetch failed: {why}", why=getattr(e, "detail", repr(e)))
         return defer.ensureDeferred(go())

@@ -84,7 +84,7 @@ class NodeRelay:
         if cell.cid in self.table.bridges_out:
             raise Forbidden("that CID is an outgoing bridge of this node")
         sealed = cells.payload_bytes(cell)
-        if not self.limiter.allow(source_ip):
+        if not self._is_directory_node(source_ip) and not self.limiter.allow(source_ip):
             raise RateLimited("too many new circuits from this address")
         session_key = open_session_key(self.private_key, sealed)
         circuit = self.table.create(source_ip, cell.cid, session_key)
@@ -250,6 +250,13 @@ class NodeRelay:
         else:
             table.receive_bridge(message.cid, message.bridge_cid, message.peer, peer_ip)
         return EMPTY
+
+    def _is_directory_node(self, ip: str) -> bool:
+        # A node extending circuits for many peers sends every CREATE from its
+        # one IP: directory nodes are exempt from the per-IP budget (their own
+        # entry already rate-limits the peers behind them).
+        current = getattr(self.directory, "current", None)
+        return current is not None and ip in current.node_ips
 
     def _debug(self, fmt: str, **kw) -> None:
         # Safe logging: circuit ids, addresses and names only with the debug switch.

@@ -1,0 +1,102 @@
+"""Configuration from strings and options, and keys on disk."""
+
+import os
+import stat
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from onion_twisted import config, crypto, keys
+from onion_twisted.node_service import Options
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_defaults_when_nothing_given(self):
+        cfg = config.parse("node")
+        self.assertEqual(cfg["port"], 5000)
+        self.assertEqual(cfg["max_body"], 8 * 1024 * 1024)
+        self.assertEqual(cfg["hop_timeout"], 30.0)
+        self.assertEqual(cfg["key_bits"], 2048)
+        self.assertIs(cfg["unsafe_logging"], False)
+
+    def test_file_overrides_defaults_and_options_override_file(self):
+        cfg = config.parse("node", 'port = 6000\nmax_body = 2048\ntracker = "10.0.0.1"\n',
+                           {"max_body": "4096"})
+        self.assertEqual(cfg["port"], 6000)
+        self.assertEqual(cfg["max_body"], 4096)
+        self.assertEqual(cfg["tracker"], "10.0.0.1")
+
+    def test_unknown_key_is_refused(self):
+        self.assertRaises(config.ConfigError, config.parse, "node", "colour = 3\n")
+
+    def test_wrong_type_is_refused(self):
+        self.assertRaises(config.ConfigError, config.parse, "node", 'port = "five"\n')
+        self.assertRaises(config.ConfigError, config.parse, "node", "port = 1.5\n")
+        self.assertRaises(config.ConfigError, config.parse, "node", "", {"unsafe_logging": "maybe"})
+
+    def test_minimum_is_enforced(self):
+        self.assertRaises(config.ConfigError, config.parse, "node", "key_bits = 512\n")
+
+    def test_malformed_toml_is_a_config_error(self):
+        self.assertRaises(config.ConfigError, config.parse, "node", "port = = 1\n")
+
+    def test_every_key_is_an_option(self):
+        options = Options()
+        options.parseOptions(["--max-body", "1234", "--unsafe-logging", "--tracker", "127.0.0.9:5000",
+                              "--key-bits", "1024"])
+        self.assertEqual(options.config["max_body"], 1234)
+        self.assertIs(options.config["unsafe_logging"], True)
+        self.assertEqual(options.config["tracker"], "127.0.0.9:5000")
+        for key in config.ROLES["node"]:
+            self.assertIn(key.option, {o[0] for o in options.optParameters} | {f[0] for f in options.optFlags})
+
+    def test_config_file_option(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("max_circuits = 7\ncreate_burst = 3\n")
+        options = Options()
+        options.parseOptions(["--config", path, "--create-burst", "9"])
+        self.assertEqual(options.config["max_circuits"], 7)
+        self.assertEqual(options.config["create_burst"], 9)
+
+    def test_bad_option_value_is_a_usage_error(self):
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "x"])
+
+    def test_shipped_example_lists_every_key_with_its_default(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.path.join(here, "..", "conf", "node.toml")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertEqual(config.parse("node", text), config.parse("node"))
+        for key in config.ROLES["node"]:
+            self.assertIn(f"\n{key.name} = ", "\n" + text)
+
+
+class KeyFileTests(SynchronousTestCase):
+    def test_node_key_is_made_once_with_mode_0600_and_reused(self):
+        data_dir = self.mktemp()
+        first = keys.load_or_create_node_key(data_dir, 1024)
+        path = os.path.join(data_dir, "node_key.pem")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        second = keys.load_or_create_node_key(data_dir, 1024)
+        self.assertEqual(crypto.fingerprint(first), crypto.fingerprint(second))
+        self.assertEqual(first.key_size, 1024)
+
+    def test_loose_mode_is_tightened_on_load(self):
+        data_dir = self.mktemp()
+        keys.load_or_create_node_key(data_dir, 1024)
+        path = os.path.join(data_dir, "node_key.pem")
+        os.chmod(path, 0o644)
+        keys.load_or_create_node_key(data_dir, 1024)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_tracker_key_is_made_once_with_mode_0600_and_reused(self):
+        data_dir = self.mktemp()
+        first = keys.load_or_create_tracker_key(data_dir)
+        path = os.path.join(data_dir, "tracker_key")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        second = keys.load_or_create_tracker_key(data_dir)
+        self.assertEqual(crypto.tracker_public_b64(first), crypto.tracker_public_b64(second))
+
+    def test_key_smaller_than_1024_bits_is_refused(self):
+        self.assertRaises(ValueError, keys.load_or_create_node_key, self.mktemp(), 512)
