@@ -8,6 +8,8 @@ stream of unknown extend targets cannot make a node hammer the tracker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,13 +25,18 @@ class DirectoryClient:
     log = Logger()
 
     def __init__(self, clock, outbound, tracker: wire.Address, *, tracker_key: str | None = None,
-                 default_port: int = wire.DEFAULT_PORT, refetch_interval: float = 5.0):
+                 default_port: int = wire.DEFAULT_PORT, refetch_interval: float = 2.0, pin_path=None):
         self.clock = clock
         self.outbound = outbound
         self.tracker = tracker
         self.default_port = default_port
         self.refetch_interval = refetch_interval
         self._tracker_key = crypto.load_tracker_public_b64(tracker_key) if tracker_key else None
+        # Trust on first use, like ssh: the key learned on first contact is
+        # kept in ``pin_path`` and used from then on, across restarts.
+        self.pin_path = Path(pin_path) if pin_path else None
+        if self._tracker_key is None and self.pin_path is not None and self.pin_path.exists():
+            self._tracker_key = crypto.load_tracker_public_b64(self.pin_path.read_text().strip())
         self.current: SignedDirectory | None = None
         self._last_fetch = None
         self._waiters: list[defer.Deferred] = []
@@ -45,8 +52,12 @@ class DirectoryClient:
             except (ProtocolError, ValueError) as e:
                 self.log.warn("cannot learn the tracker's key: {why}", why=str(e))
                 return None
+            learned = crypto.tracker_public_b64(self._tracker_key)
             self.log.warn("no tracker_key configured: trusting the key the tracker showed on first "
-                          "contact ({key}); set tracker_key to pin it", key=crypto.tracker_public_b64(self._tracker_key))
+                          "contact ({key}); set tracker_key to pin it", key=learned)
+            if self.pin_path is not None:
+                self.pin_path.write_text(learned + "\n")
+
         return self._tracker_key
 
     def fetch(self) -> defer.Deferred:

@@ -20,6 +20,7 @@ from .http_client import HTTPOutbound
 from .http_server import QuietSite
 from .node_app import NodeApp
 from .ratelimit import RateLimiter
+from .errors import NextHopFailed
 from .relay import NodeRelay
 
 Options = config.options_for("node", "an onion relay node")
@@ -43,7 +44,8 @@ class NodeService(service.MultiService):
         self.outbound = HTTPOutbound(reactor, bind_ip=cfg["listen"], timeout=cfg["hop_timeout"],
                                      max_response=cfg["max_body"] * 2)
         self.directory = DirectoryClient(reactor, self.outbound, tracker,
-                                         tracker_key=cfg["tracker_key"] or None, default_port=port)
+                                         tracker_key=cfg["tracker_key"] or None, default_port=port,
+                                         pin_path=os.path.join(cfg["data_dir"], "tracker_key.pinned"))
         self.table = RelayTable(reactor, idle_timeout=cfg["circuit_idle_timeout"],
                                 bridge_idle_timeout=cfg["bridge_idle_timeout"],
                                 max_circuits=cfg["max_circuits"], max_nonces=cfg["max_nonces"],
@@ -67,7 +69,10 @@ class NodeService(service.MultiService):
     async def _resolve(self, address: wire.Address) -> str:
         if address.ip is not None:
             return address.ip
-        return await self.reactor.resolve(address.host)
+        try:
+            return await self.reactor.resolve(address.host, timeout=(1, 3, 11))
+        except Exception:
+            raise NextHopFailed("next hop's name does not resolve") from None
 
     def register(self) -> defer.Deferred:
         """Register at the tracker, then refresh the directory (start and every period)."""

@@ -49,6 +49,7 @@ class NodeRelay:
         self.resolve = resolve or _literal_ip
         self.control_max_skew = control_max_skew
         self.unsafe_logging = unsafe_logging
+        self._controls_seen: dict[str, float] = {}  # signature -> issued, within the skew window
 
     # --- entry point ----------------------------------------------------------------
 
@@ -83,6 +84,10 @@ class NodeRelay:
     def _create(self, source_ip: str, cell: cells.Cell) -> bytes:
         if cell.cid in self.table.bridges_out:
             raise Forbidden("that CID is an outgoing bridge of this node")
+        if isinstance(cell.payload, dict):
+            # Objects travel only from the tracker and over bridges: this is
+            # traffic for a circuit or bridge that is gone (§3: 404).
+            raise UnknownCircuit("no circuit or bridge with that CID")
         sealed = cells.payload_bytes(cell)
         if not self._is_directory_node(source_ip) and not self.limiter.allow(source_ip):
             raise RateLimited("too many new circuits from this address")
@@ -232,8 +237,9 @@ class NodeRelay:
 
     async def _control(self, body: bytes, signature, payload) -> bytes:
         key = await self.directory.tracker_key()
-        message = control.verify_control(body, signature, payload, key, self.clock.seconds(),
-                                         self.control_max_skew, self.port)
+        now = self.clock.seconds()
+        message = control.verify_control(body, signature, payload, key, now, self.control_max_skew, self.port)
+        self._refuse_replayed_control(signature, message.issued, now)
         table = self.table
         if message.type == control.DROP_BRIDGE:
             # Both ends, when both exits are this node (§7).
@@ -250,6 +256,18 @@ class NodeRelay:
         else:
             table.receive_bridge(message.cid, message.bridge_cid, message.peer, peer_ip)
         return EMPTY
+
+    def _refuse_replayed_control(self, signature: str, issued: float, now: float) -> None:
+        # A signed control message is valid for the whole skew window; one
+        # captured and replayed could re-create a dropped bridge. Signatures
+        # seen within the window are remembered and refused a second time.
+        seen = self._controls_seen
+        if len(seen) > 1024:
+            for old in [s for s, at in seen.items() if abs(now - at) > self.control_max_skew]:
+                del seen[old]
+        if signature in seen:
+            raise Conflict("control message replayed")
+        seen[signature] = issued
 
     def _is_directory_node(self, ip: str) -> bool:
         # A node extending circuits for many peers sends every CREATE from its

@@ -11,6 +11,7 @@ from . import config, crypto, keys, wire
 from .catalogue import Catalogue
 from .http_client import HTTPOutbound
 from .http_server import QuietSite
+from .errors import NextHopFailed
 from .registry import NodeRegistry
 from .tracker import Tracker
 from .tracker_app import TrackerApp
@@ -47,7 +48,10 @@ class TrackerService(service.MultiService):
     async def _resolve(self, address: wire.Address) -> str:
         if address.ip is not None:
             return address.ip
-        return await self.reactor.resolve(address.host)
+        try:
+            return await self.reactor.resolve(address.host, timeout=(1, 3, 11))
+        except Exception:
+            raise NextHopFailed("that name does not resolve") from None
 
     def startService(self):
         log.info("onion tracker {key} listening on port {port}",

@@ -819,7 +819,8 @@ class BridgeTests(BridgeTestCase):
         self.assertEqual(await self.net.control(self.z, drop), b"{}")
         self.assertEqual(await self.net.control(self.w, drop), b"{}")
         self.assertEqual(self.net.bridge_count(), 0)
-        await self.refused(UnknownCircuit, self.net.control(self.w, drop))
+        await self.refused(Conflict, self.net.control(self.w, drop))  # the same signed body again
+        await self.refused(UnknownCircuit, self.net.control(self.w, dict(drop, issued=drop["issued"] + 1)))
         reply = await self.sharer.request(self.s, self.chunk())
         self.assertEqual(reply["type"], "error")
         self.assertEqual(self.requester.received, [])
@@ -1008,7 +1009,6 @@ class MalformedTests(BridgeTestCase):
         new = wire.new_circuit_id
         for label, body in [
             ("bad base64", dumps({"CID": new(), "payload": "not base64!"})),
-            ("object payload", dumps({"CID": new(), "payload": {"key": "AAAA"}})),
             ("garbage ciphertext", cells.encode_cell(new(), b"\x01" * 128)),
             ("short ciphertext", cells.encode_cell(new(), b"\x01" * 16)),
             ("sealed for another node", cells.encode_cell(new(), crypto.seal_session_key(
@@ -1017,6 +1017,12 @@ class MalformedTests(BridgeTestCase):
                 x.private_key.public_key(), b"k" * 32))),
         ]:
             await self.check(label, 400, x, peer, body)
+
+    @inline
+    async def test_object_payload_on_an_unknown_cid_is_404(self):
+        # Objects come only from the tracker or over a bridge: a gone circuit or bridge.
+        body = dumps({"CID": wire.new_circuit_id(), "payload": {"type": "file_chunk"}})
+        await self.check("object payload", 404, self.x, self.requester.ip, body)
 
     @inline
     async def test_malformed_forward_layers(self):
