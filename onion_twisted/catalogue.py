@@ -166,8 +166,12 @@ class Catalogue:
 
     def announce(self, circuit: TrackedCircuit, files: tuple[SharedFile, ...]) -> None:
         """Replace the circuit's list (``ls``)."""
-        new_keys = {f.key for f in files} - {f.key for f in circuit.files}
-        if len(self.entries) + len(new_keys) > self.max_entries and any(k not in self.entries for k in new_keys):
+        old_keys = {f.key for f in circuit.files}
+        new_keys = {f.key for f in files}
+        # Entries this ls adds, less those only this circuit held and it no longer shares.
+        added = sum(1 for k in new_keys - old_keys if k not in self.entries)
+        freed = sum(1 for k in old_keys - new_keys if self.entries.get(k, {}).keys() == {circuit.key})
+        if added and len(self.entries) + added - freed > self.max_entries:
             raise MessageError("busy", "the tracker's catalogue is full")
         self._withdraw(circuit)
         circuit.files = files

@@ -18,6 +18,7 @@ class RegisteredNode:
     public_key_pem: str
     fingerprint: str
     last_seen: float
+    ip: str | None = None  # the IP its cells come from (resolved at registration for a DNS name)
 
 
 class NodeRegistry:
@@ -39,16 +40,22 @@ class NodeRegistry:
         node = self.nodes.get(address)
         return node is not None and node.fingerprint == fingerprint
 
-    def register(self, address: wire.Address, public_key_pem: str, fingerprint: str) -> bool:
-        """Add or refresh a node; False when the list is full of other nodes."""
+    def register(self, address: wire.Address, public_key_pem: str, fingerprint: str,
+                 ip: str | None = None) -> bool:
+        """Add or refresh a node; False when the list is full of other nodes.
+
+        ``ip`` is where the node's cells come from; by default the address's
+        own IP literal (a DNS-named node passes the IP its name resolved to).
+        """
         now = self.clock.seconds()
+        ip = ip or address.ip
         node = self.nodes.get(address)
-        if node is not None and node.fingerprint == fingerprint:
+        if node is not None and node.fingerprint == fingerprint and node.ip == ip:
             node.last_seen = now
             return True
         if node is None and len(self.nodes) >= self.max_nodes:
             return False
-        self.nodes[address] = RegisteredNode(address, public_key_pem, fingerprint, now)
+        self.nodes[address] = RegisteredNode(address, public_key_pem, fingerprint, now, ip)
         self._signed = self._ips = None
         return True
 
@@ -63,7 +70,7 @@ class NodeRegistry:
 
     def node_ips(self) -> frozenset[str]:
         if self._ips is None:
-            self._ips = frozenset(a.ip for a in self.nodes if a.ip is not None)
+            self._ips = frozenset(n.ip for n in self.nodes.values() if n.ip is not None)
         return self._ips
 
     def is_node_ip(self, ip: str) -> bool:

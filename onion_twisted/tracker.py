@@ -69,15 +69,27 @@ class Tracker:
         message = cells.payload_object(cell)
         kind = message.get("type")
         self.metrics.message(kind if isinstance(kind, str) else None)
+        exit_address = wire.Address(source_ip, self.port)
         try:
-            circuit = self.catalogue.circuit(key, wire.Address(source_ip, self.port))
+            # A message is checked before its circuit is recorded: a bad one changes nothing (§3).
             if kind == "ls":
-                self.catalogue.announce(circuit, parse_files(message.get("files"), self.catalogue.max_files))
+                files = parse_files(message.get("files"), self.catalogue.max_files)
+                new = key not in self.catalogue.circuits
+                circuit = self.catalogue.circuit(key, exit_address)
+                try:
+                    self.catalogue.announce(circuit, files)
+                except MessageError:
+                    if new:
+                        self.catalogue.forget(key)
+                    raise
                 return b'{"payload":' + self.catalogue.files_reply_json() + b"}"
             if kind == "list":
+                self.catalogue.circuit(key, exit_address)
                 return b'{"payload":' + self.catalogue.files_reply_json() + b"}"
             if kind == "request":
-                return reply_object(await self._request(circuit, message))
+                request = parse_request(message)
+                circuit = self.catalogue.circuit(key, exit_address)
+                return reply_object(await self._request(circuit, request))
             if kind in ("file_chunk", "transfer_end"):
                 raise MessageError("no_bridge", "no bridge for this transfer: chunks go to the requester's exit")
             raise MessageError("bad_request", "unknown message type")
@@ -86,8 +98,7 @@ class Tracker:
 
     # --- request: the bridge sequence (§8) ------------------------------------------------
 
-    async def _request(self, requester, message: dict) -> dict:
-        request = parse_request(message)
+    async def _request(self, requester, request) -> dict:
         if self.pending >= self.max_pending:
             raise MessageError("busy", "too many transfers being set up; try again")
         source, shared = self.catalogue.choose_source(request, requester.key)
@@ -159,7 +170,7 @@ class Tracker:
             if shown != fingerprint:
                 raise Forbidden("the node's /identity shows another key")
             self.log.info("node {fp} joined the directory", fp=fingerprint[:16])
-        if not self.registry.register(address, crypto.public_key_pem(key), fingerprint):
+        if not self.registry.register(address, crypto.public_key_pem(key), fingerprint, host_ip):
             raise RateLimited("the directory is full")
         return wire.dumps({"registered": True, "heartbeat": self.registry.heartbeat})
 

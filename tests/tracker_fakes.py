@@ -1,0 +1,166 @@
+"""In-memory fakes for the tracker's tests (PROTOCOL.md §6, §7, §8, §9).
+
+``FakeOutbound`` stands for the tracker's HTTP client: it records every POST
+(address, exact body bytes, headers) and every GET, answers ``{}`` unless a
+test asked it to fail a kind of message or to hold its Deferreds, and answers
+``GET /identity`` from a table the test fills. ``TrackerHarness`` builds a
+Tracker on a ``task.Clock`` with a seeded ``random.Random`` and nodes
+already in its directory, and sends it cells as an exit node would.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from twisted.internet import defer, task
+
+from onion_twisted import cells, crypto, wire
+from onion_twisted.catalogue import Catalogue
+from onion_twisted.errors import NextHopFailed
+from onion_twisted.registry import NodeRegistry
+from onion_twisted.tracker import SIGNATURE_HEADER, Tracker
+
+PORT = 5000
+NOW = 1_700_000_000
+TRACKER_KEY = ed25519.Ed25519PrivateKey.generate()
+OTHER_TRACKER_KEY = ed25519.Ed25519PrivateKey.generate()
+TRACKER_IP = "127.0.0.1"
+TRACKER_ADDRESS = wire.Address(TRACKER_IP, PORT)
+NODE_KEYS = [rsa.generate_private_key(public_exponent=65537, key_size=1024) for _ in range(4)]
+NODE_IPS = [f"127.0.0.{11 + i}" for i in range(len(NODE_KEYS))]
+NODE_ADDRESSES = [wire.Address(ip, PORT) for ip in NODE_IPS]
+STRANGER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+STRANGER_IP = "127.0.0.66"
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+SHA_C = "c" * 64
+
+
+def inline(method):
+    """Run an ``async def`` test method as a Deferred trial waits for."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        return defer.ensureDeferred(method(self, *args))
+    return wrapper
+
+
+def dumps(obj) -> bytes:
+    return orjson.dumps(obj)
+
+
+def new_cid() -> str:
+    return wire.new_circuit_id()
+
+
+def cell(cid: str, payload: dict) -> bytes:
+    return dumps({"CID": cid, "payload": payload})
+
+
+def pem(key) -> str:
+    return crypto.public_key_pem(key)
+
+
+def identity_body(key) -> bytes:
+    return dumps({"role": "node", "public_key": pem(key), "fingerprint": crypto.fingerprint(key),
+                  "protocol": "onion-http/1"})
+
+
+@dataclass
+class Post:
+    address: wire.Address
+    body: bytes
+    headers: dict
+    deferred: defer.Deferred | None = None
+
+    @property
+    def cell(self) -> cells.Cell:
+        return cells.parse_cell(self.body)
+
+    @property
+    def payload(self) -> dict:
+        return self.cell.payload
+
+    @property
+    def kind(self) -> str:
+        """The control type of a control cell, else the type of the message carried."""
+        return self.payload.get("type")
+
+    @property
+    def is_control(self) -> bool:
+        return self.cell.is_control
+
+    @property
+    def signature(self):
+        return self.headers.get(SIGNATURE_HEADER)
+
+
+@dataclass
+class FakeOutbound:
+    posts: list = field(default_factory=list)
+    gets: list = field(default_factory=list)
+    failures: dict = field(default_factory=dict)   # message kind -> exception to fail it with
+    holding: bool = False                          # answer with Deferreds the test fires
+    identities: dict = field(default_factory=dict)  # address -> (status, body) or exception
+
+    def post(self, address, body, headers=None) -> defer.Deferred:
+        post = Post(address, bytes(body), dict(headers or {}))
+        self.posts.append(post)
+        failure = self.failures.get(post.kind)
+        if failure is not None:
+            return defer.fail(failure)
+        if self.holding:
+            post.deferred = defer.Deferred()
+            return post.deferred
+        return defer.succeed(b"{}")
+
+    def get(self, address, path) -> defer.Deferred:
+        self.gets.append((address, path))
+        answer = self.identities.get(address)
+        if answer is None:
+            return defer.fail(NextHopFailed("next hop is unreachable"))
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        status, body = answer
+        return defer.succeed((status, {}, body))
+
+    def kinds(self) -> list:
+        return [p.kind for p in self.posts]
+
+
+class TrackerHarness:
+    def __init__(self, *, seed: int = 1, nodes=None, heartbeat: float = 30.0, max_pending: int = 10_000,
+                 resolve=None, **catalogue_options):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.rng = random.Random(seed)
+        self.catalogue = Catalogue(self.clock, rng=self.rng, **catalogue_options)
+        self.registry = NodeRegistry(self.clock, TRACKER_KEY, heartbeat=heartbeat)
+        for address, key in (nodes if nodes is not None else zip(NODE_ADDRESSES, NODE_KEYS)):
+            self.registry.register(address, pem(key), crypto.fingerprint(key))
+        self.outbound = FakeOutbound()
+        self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER_ADDRESS,
+                               catalogue=self.catalogue, registry=self.registry, outbound=self.outbound,
+                               resolve=resolve, max_pending=max_pending)
+
+    def handle(self, exit_ip: str, body: bytes) -> defer.Deferred:
+        return defer.ensureDeferred(self.tracker.handle_cell(exit_ip, body))
+
+    async def send(self, exit_ip: str, cid: str, message: dict) -> dict:
+        """The tracker's reply object to ``message`` from circuit (exit_ip, cid)."""
+        answer = await self.tracker.handle_cell(exit_ip, cell(cid, message))
+        return orjson.loads(answer)["payload"]
+
+    async def ls(self, exit_ip: str, cid: str, files: list) -> dict:
+        return await self.send(exit_ip, cid, {"type": "ls", "files": files})
+
+    def snapshot(self):
+        """What a refused message must leave unchanged."""
+        cat = self.catalogue
+        return ({k: (c.exit, c.files, c.last_seen) for k, c in cat.circuits.items()},
+                {k: dict(v) for k, v in cat.entries.items()},
+                {k: set(v) for k, v in cat.names.items()},
+                cat.listing())
