@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 from . import wire
-from .errors import BadRequest
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MIN_CHUNK = 16 * 1024

@@ -8,6 +8,7 @@ stream of unknown extend targets cannot make a node hammer the tracker.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from twisted.internet import defer
@@ -78,17 +79,43 @@ class DirectoryClient:
 
     async def _fetch(self) -> SignedDirectory:
         self._last_fetch = self.clock.seconds()
+        return await self.fetch_from(self.tracker)
+
+    async def fetch_from(self, source: wire.Address) -> SignedDirectory:
+        """The directory from ``source``: the tracker, or a node's mirror (same bytes, same signature)."""
         key = await self.tracker_key()
         if key is None:
             raise NextHopFailed("tracker key unknown")
-        status, headers, body = await self.outbound.get(self.tracker, "/nodes")
+        status, headers, body = await self.outbound.get(source, "/nodes")
         if status != 200:
-            raise NextHopFailed(f"tracker answered {status} for the directory")
+            raise NextHopFailed(f"directory source answered {status}")
         signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
         directory = parse_signed_directory(body, signature, key, self.default_port)
         if self.current is None or directory.issued >= self.current.issued:
             self.current = directory
         return self.current
+
+    def save(self, path) -> None:
+        """Keep the verified directory on disk: a restarted peer asks a node, not the tracker."""
+        if self.current is None:
+            return
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(wire.dumps({"body": wire.b64encode(self.current.body), "signature": self.current.signature}))
+        os.replace(tmp, path)
+
+    def load(self, path) -> bool:
+        """Reload a directory saved earlier, checking its signature again."""
+        try:
+            saved = wire.loads_object(Path(path).read_bytes(), "saved directory")
+            key = self._tracker_key
+            if key is None:
+                return False
+            self.current = parse_signed_directory(wire.b64decode(saved.get("body"), "body"),
+                                                  saved.get("signature"), key, self.default_port)
+            return True
+        except (OSError, ProtocolError, ValueError):
+            return False
 
     async def knows(self, address: wire.Address) -> bool:
         if self.current is not None and address in self.current:

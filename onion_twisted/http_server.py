@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
 
@@ -85,3 +86,21 @@ def write_json(request, status: int, body: bytes) -> bytes:
 
 def write_error(request, error: ProtocolError) -> bytes:
     return write_json(request, error.status, wire.dumps(error.body()))
+
+
+_log = Logger(namespace="onion_twisted.http")
+
+
+def respond(request, coroutine) -> defer.Deferred:
+    """Run a handler coroutine: its bytes as a 200 JSON answer, a ProtocolError
+    as its status, anything else as a logged 500 in JSON (never a traceback page)."""
+    d = defer.ensureDeferred(coroutine)
+
+    def failed(failure):
+        if failure.check(ProtocolError):
+            return write_error(request, failure.value)
+        _log.failure("internal error while answering a request", failure)
+        return write_json(request, 500, b'{"error":"internal","detail":"internal error"}')
+
+    d.addCallbacks(lambda answer: write_json(request, 200, answer), failed)
+    return d

@@ -10,12 +10,11 @@ from __future__ import annotations
 import html
 
 from klein import Klein
-from twisted.internet import defer
 
 from . import PROTOCOL, __version__, crypto, wire
 from .directory_client import SIGNATURE_HEADER
-from .errors import ProtocolError, Unavailable
-from .http_server import write_error, write_json
+from .errors import Unavailable
+from .http_server import respond, write_error, write_json
 from .relay import NodeRelay
 
 
@@ -42,10 +41,7 @@ class NodeApp:
     def post_cell(self, request):
         body = request.content.getvalue()
         signature = request.getHeader(SIGNATURE_HEADER)
-        d = defer.ensureDeferred(self.relay.handle(request.getClientAddress().host, body, signature))
-        d.addCallbacks(lambda answer: write_json(request, 200, answer),
-                       lambda f: write_error(request, f.value) if f.check(ProtocolError) else f)
-        return d
+        return respond(request, self.relay.handle(request.getClientAddress().host, body, signature))
 
     @app.route("/identity", methods=["GET"])
     def get_identity(self, request):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from twisted.application import internet, service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import config, crypto, keys, wire

@@ -13,11 +13,9 @@ import html
 import time
 
 from klein import Klein
-from twisted.internet import defer
 
 from . import PROTOCOL, __version__, wire
-from .errors import ProtocolError
-from .http_server import write_error, write_json
+from .http_server import respond, write_json
 from .tracker import SIGNATURE_HEADER, Tracker
 
 
@@ -35,21 +33,15 @@ class TrackerApp:
     def resource(self):
         return self.app.resource()
 
-    def _answer(self, request, coroutine):
-        d = defer.ensureDeferred(coroutine)
-        d.addCallbacks(lambda answer: write_json(request, 200, answer),
-                       lambda f: write_error(request, f.value) if f.check(ProtocolError) else f)
-        return d
-
     @app.route("/", methods=["POST"])
     def post_cell(self, request):
         body = request.content.getvalue()
-        return self._answer(request, self.tracker.handle_cell(request.getClientAddress().host, body))
+        return respond(request, self.tracker.handle_cell(request.getClientAddress().host, body))
 
     @app.route("/nodes", methods=["POST"])
     def post_register_node(self, request):
         body = request.content.getvalue()
-        return self._answer(request, self.tracker.register_node(request.getClientAddress().host, body))
+        return respond(request, self.tracker.register_node(request.getClientAddress().host, body))
 
     @app.route("/nodes", methods=["GET"])
     def get_signed_directory(self, request):
