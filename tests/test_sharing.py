@@ -1,0 +1,581 @@
+"""The sharer's side of PROTOCOL.md §8, in memory and on a temporary directory.
+
+* ``HashCache`` / ``ShareDirectory``: what is announced, hashing only what
+  changed (the hasher counts its calls), the cache surviving a restart.
+  Hashing runs through a synchronous stand-in for ``deferToThread``.
+* ``ChunkProducer`` + ``WindowedChunkSender``: the test plays the circuit;
+  each ``send`` returns a Deferred the test fires (the acknowledgement).
+  Time is a ``task.Clock``; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import stat
+import weakref
+from pathlib import Path
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from onion_twisted.catalogue import MAX_CHUNK, MessageError
+from onion_twisted.sharing import (ChunkProducer, HashCache, ShareDirectory, WindowedChunkSender, open_regular,
+                                   sha256_file)
+
+
+def sync_run(f, *args):
+    """A synchronous stand-in for ``deferToThread``."""
+    try:
+        return defer.succeed(f(*args))
+    except BaseException:
+        return defer.fail(Failure())
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CountingHasher:
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, path):
+        self.calls.append(os.path.basename(path))
+        return sha256_file(path)
+
+
+class ShareTestBase(unittest.TestCase):
+    def setUp(self):
+        base = Path(self.mktemp()).absolute()
+        self.share = base / "share"
+        self.data = base / "data"
+        self.share.mkdir(parents=True)
+        self.outside = base / "outside.txt"
+        self.outside.write_bytes(b"not shared")
+        self.hasher = CountingHasher()
+
+    def share_dir(self, **kwargs) -> ShareDirectory:
+        kwargs.setdefault("hasher", self.hasher)
+        kwargs.setdefault("run_in_thread", sync_run)
+        return ShareDirectory(self.share, HashCache(self.data), **kwargs)
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.share / name
+        path.write_bytes(data)
+        return path
+
+
+# --- hashing and the cache ------------------------------------------------------------
+
+
+class Sha256FileTests(unittest.SynchronousTestCase):
+    def test_streams_in_blocks_and_matches_hashlib(self):
+        path = Path(self.mktemp())
+        data = os.urandom(1000) * 3 + b"tail"
+        path.write_bytes(data)
+        self.assertEqual(sha256_file(path, block=7), sha(data))
+        self.assertEqual(sha256_file(path), sha(data))
+
+    def test_empty_file(self):
+        path = Path(self.mktemp())
+        path.write_bytes(b"")
+        self.assertEqual(sha256_file(path), sha(b""))
+
+
+class HashCacheTests(ShareTestBase):
+    async def test_a_restart_does_not_hash_again(self):
+        self.write("a.txt", b"alpha")
+        self.write("b.bin", b"beta" * 1000)
+        first = await self.share_dir().scan()
+        self.assertEqual(sorted(self.hasher.calls), ["a.txt", "b.bin"])
+        again = await self.share_dir().scan()  # a new HashCache read from data_dir
+        self.assertEqual(sorted(self.hasher.calls), ["a.txt", "b.bin"])
+        self.assertEqual(again, first)
+        self.assertEqual(again, [{"name": "a.txt", "size": 5, "sha256": sha(b"alpha")},
+                                 {"name": "b.bin", "size": 4000, "sha256": sha(b"beta" * 1000)}])
+
+    async def test_the_cache_file_is_private_json_by_absolute_path(self):
+        path = self.write("a.txt", b"alpha")
+        await self.share_dir().scan()
+        cache_file = self.data / "hashes.json"
+        self.assertEqual(stat.S_IMODE(cache_file.stat().st_mode), 0o600)
+        st = path.stat()
+        self.assertEqual(json.loads(cache_file.read_bytes()),
+                         {str(path): {"size": 5, "mtime_ns": st.st_mtime_ns, "sha256": sha(b"alpha")}})
+        self.assertEqual(os.listdir(self.data), ["hashes.json"])  # no temporary file left
+
+    async def test_a_new_mtime_or_size_hashes_that_file_again(self):
+        a = self.write("a.txt", b"alpha")
+        self.write("b.txt", b"beta")
+        shares = self.share_dir()
+        await shares.scan()
+        self.hasher.calls.clear()
+        st = a.stat()
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        await shares.scan()
+        self.assertEqual(self.hasher.calls, ["a.txt"])
+        self.hasher.calls.clear()
+        a.write_bytes(b"alpha and more")
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same mtime, new size
+        files = await shares.scan()
+        self.assertEqual(self.hasher.calls, ["a.txt"])
+        self.assertEqual(files[0], {"name": "a.txt", "size": 14, "sha256": sha(b"alpha and more")})
+        self.hasher.calls.clear()
+        await self.share_dir().scan()  # and the new hash was saved
+        self.assertEqual(self.hasher.calls, [])
+
+    async def test_entries_of_vanished_files_are_pruned(self):
+        self.write("a.txt", b"alpha")
+        gone = self.write("gone.txt", b"soon gone")
+        await self.share_dir().scan()
+        gone.unlink()
+        await self.share_dir().scan()
+        self.assertEqual(list(json.loads((self.data / "hashes.json").read_bytes())), [str(self.share / "a.txt")])
+
+    def test_save_prunes_paths_that_do_not_exist(self):
+        cache = HashCache(self.data)
+        here = self.write("a.txt", b"a")
+        cache.store(here, here.stat(), sha(b"a"))
+        cache.store(self.share / "never", here.stat(), sha(b"a"))
+        cache.save()
+        self.assertEqual(list(HashCache(self.data).entries), [str(here)])
+
+    def test_lookup_matches_size_and_mtime(self):
+        cache = HashCache(self.data)
+        path = self.write("a.txt", b"a")
+        st = path.stat()
+        self.assertIsNone(cache.lookup(path, st))
+        cache.store(path, st, sha(b"a"))
+        self.assertEqual(cache.lookup(path, st), sha(b"a"))
+        self.assertEqual(cache.lookup(str(path), st), sha(b"a"))
+        path.write_bytes(b"ab")
+        self.assertIsNone(cache.lookup(path, path.stat()))
+
+    async def test_a_corrupt_cache_file_means_hashing_again(self):
+        self.data.mkdir()
+        (self.data / "hashes.json").write_bytes(b"{not json")
+        self.write("a.txt", b"alpha")
+        files = await self.share_dir().scan()
+        self.assertEqual(self.hasher.calls, ["a.txt"])
+        self.assertEqual(files[0]["sha256"], sha(b"alpha"))
+        self.assertEqual(len(json.loads((self.data / "hashes.json").read_bytes())), 1)
+
+    async def test_a_bad_entry_is_not_trusted(self):
+        path = self.write("a.txt", b"alpha")
+        st = path.stat()
+        self.data.mkdir()
+        (self.data / "hashes.json").write_text(json.dumps(
+            {str(path): {"size": 5, "mtime_ns": st.st_mtime_ns, "sha256": "NOT A HASH"}}))
+        files = await self.share_dir().scan()
+        self.assertEqual(self.hasher.calls, ["a.txt"])
+        self.assertEqual(files[0]["sha256"], sha(b"alpha"))
+
+
+# --- the share directory --------------------------------------------------------------
+
+
+class ShareDirectoryTests(ShareTestBase):
+    async def test_only_regular_files_directly_in_the_share_are_announced(self):
+        self.write("b.txt", b"bee")
+        self.write("a.txt", b"alpha")
+        self.write(".hidden", b"dot")
+        self.write("back\\slash", b"x")
+        self.write("ctrl\x01", b"x")
+        (self.share / "sub").mkdir()
+        (self.share / "sub" / "deep.txt").write_bytes(b"deep")
+        os.symlink(self.outside, self.share / "out-link")
+        os.symlink(self.share / "a.txt", self.share / "in-link")
+        os.symlink(self.share / "sub" / "deep.txt", self.share / "deep-link")
+        os.symlink(self.share / "nowhere", self.share / "dangling")
+        os.symlink(self.share / "sub", self.share / "dir-link")
+        os.mkfifo(self.share / "fifo")
+        shares = self.share_dir()
+        files = await shares.scan()
+        self.assertEqual(files, [{"name": "a.txt", "size": 5, "sha256": sha(b"alpha")},
+                                 {"name": "b.txt", "size": 3, "sha256": sha(b"bee")},
+                                 {"name": "in-link", "size": 5, "sha256": sha(b"alpha")}])
+        self.assertEqual(shares.announced, {"a.txt", "b.txt", "in-link"})
+        self.assertEqual(sorted(self.hasher.calls), ["a.txt", "b.txt", "in-link"])
+        self.assertEqual(shares.ls_message(), {"type": "ls", "files": files})
+        self.assertEqual(shares.entry("b.txt"), {"name": "b.txt", "size": 3, "sha256": sha(b"bee")})
+        self.assertIsNone(shares.entry("sub"))
+
+    async def test_changed_tells_whether_the_list_differs(self):
+        shares = self.share_dir()
+        self.assertEqual(await shares.scan(), [])
+        self.assertTrue(shares.changed)  # the first scan is always news
+        await shares.scan()
+        self.assertFalse(shares.changed)
+        a = self.write("a.txt", b"alpha")
+        await shares.scan()
+        self.assertTrue(shares.changed)
+        await shares.scan()
+        self.assertFalse(shares.changed)
+        a.write_bytes(b"other content")  # same name, new size and hash
+        await shares.scan()
+        self.assertTrue(shares.changed)
+        (self.share / "sub").mkdir()  # not announced: no change
+        await shares.scan()
+        self.assertFalse(shares.changed)
+        a.unlink()
+        self.assertEqual(await shares.scan(), [])
+        self.assertTrue(shares.changed)
+
+    async def test_path_of_serves_only_announced_names(self):
+        self.write("a.txt", b"alpha")
+        shares = self.share_dir()
+        self.assertRaises(MessageError, shares.path_of, "a.txt")  # nothing announced yet
+        await shares.scan()
+        self.assertEqual(shares.path_of("a.txt"), (self.share / "a.txt").resolve())
+        self.write("late.txt", b"late")
+        e = self.assertRaises(MessageError, shares.path_of, "late.txt")
+        self.assertEqual(e.error, "refused")
+        for name in ("../x", "a/b", "/etc/passwd", ".", ".."):
+            self.assertEqual(self.assertRaises(MessageError, shares.path_of, name).error, "refused")
+
+    async def test_a_file_that_changes_while_hashed_waits_for_the_next_scan(self):
+        path = self.write("busy.log", b"line 1\n")
+        self.write("calm.txt", b"calm")
+
+        def growing_hasher(p):
+            result = sha256_file(p)
+            if p.endswith("busy.log"):
+                with open(p, "ab") as f:
+                    f.write(b"line 2\n")
+            return result
+
+        shares = self.share_dir(hasher=growing_hasher)
+        files = await shares.scan()
+        self.assertEqual([f["name"] for f in files], ["calm.txt"])
+        self.assertNotIn(str(path), HashCache(self.data).entries)
+        files = await self.share_dir().scan()
+        self.assertEqual(files[0], {"name": "busy.log", "size": 14, "sha256": sha(b"line 1\nline 2\n")})
+
+    async def test_a_file_that_cannot_be_read_is_skipped(self):
+        self.write("a.txt", b"alpha")
+        self.write("b.txt", b"beta")
+
+        def failing_hasher(p):
+            if p.endswith("a.txt"):
+                raise PermissionError(13, "Permission denied", p)
+            return sha256_file(p)
+
+        files = await self.share_dir(hasher=failing_hasher).scan()
+        self.assertEqual([f["name"] for f in files], ["b.txt"])
+
+    async def test_a_missing_share_directory_shares_nothing(self):
+        shares = ShareDirectory(self.share / "absent", HashCache(self.data), hasher=self.hasher,
+                                run_in_thread=sync_run)
+        self.assertEqual(await shares.scan(), [])
+        self.assertEqual(shares.announced, frozenset())
+
+    async def test_hashing_goes_through_run_in_thread(self):
+        self.write("a.txt", b"alpha")
+        ran = []
+
+        def recording_run(f, *args):
+            ran.append(getattr(f, "__name__", f))
+            return sync_run(f, *args)
+
+        await self.share_dir(run_in_thread=recording_run).scan()
+        self.assertEqual(ran, ["_list", "_hash", "save"])
+        self.assertEqual(self.hasher.calls, ["a.txt"])
+
+    async def test_a_scan_during_a_scan_shares_its_result(self):
+        self.write("a.txt", b"alpha")
+        held = []
+
+        def held_run(f, *args):
+            d = defer.Deferred()
+            held.append((d, f, args))
+            return d
+
+        shares = self.share_dir(run_in_thread=held_run)
+        first, second = shares.scan(), shares.scan()
+        self.assertEqual(len(held), 1)  # only one listing started
+        while held:
+            d, f, args = held.pop(0)
+            d.callback(f(*args))
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+        self.assertEqual(self.hasher.calls, ["a.txt"])
+
+    async def test_with_real_threads(self):
+        self.write("a.txt", b"alpha" * 10000)
+        shares = ShareDirectory(self.share, HashCache(self.data))
+        files = await shares.scan()
+        self.assertEqual(files, [{"name": "a.txt", "size": 50000, "sha256": sha(b"alpha" * 10000)}])
+
+
+# --- serving: the producer and the window -----------------------------------------------
+
+
+class FakeCircuit:
+    """``send`` of one chunk; the test acknowledges (fires) each Deferred."""
+
+    def __init__(self):
+        self.pending: dict[int, defer.Deferred] = {}
+        self.received: dict[int, bytes] = {}
+        self.order: list[int] = []
+        self.cancelled: list[int] = []
+
+    def send(self, index, data):
+        def cancel(_d):
+            self.cancelled.append(index)
+
+        d = defer.Deferred(cancel)
+        self.pending[index] = d
+        self.received[index] = bytes(data)
+        self.order.append(index)
+        return d
+
+    def ack(self, index):
+        self.pending.pop(index).callback({})
+
+    def refuse(self, index, exc):
+        self.pending.pop(index).errback(exc)
+
+    def ack_all(self, sender, check=lambda: None):
+        while self.pending:
+            self.ack(min(self.pending))
+            check()
+
+
+class CountingPread:
+    def __init__(self, fail_at=None, short_at=None):
+        self.reads: list[int] = []
+        self.fail_at = fail_at
+        self.short_at = short_at
+
+    def __call__(self, fd, length, offset):
+        self.reads.append(offset)
+        if self.fail_at is not None and len(self.reads) == self.fail_at:
+            raise OSError(5, "Input/output error")
+        data = os.pread(fd, length, offset)
+        if self.short_at is not None and len(self.reads) == self.short_at:
+            return data[:-1]
+        return data
+
+
+CHUNK = 16
+
+
+class WindowTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        self.clock = task.Clock()
+        self.circuit = FakeCircuit()
+
+    def file(self, data: bytes, name="f.bin") -> Path:
+        path = self.dir / name
+        path.write_bytes(data)
+        return path
+
+    def start(self, data, chunks=None, window=3, pread=None, send=None, **kwargs):
+        self.pread = pread or CountingPread()
+        self.producer = ChunkProducer.open(self.file(data), CHUNK, chunks, pread=self.pread)
+        self.fd = self.producer.fd
+        self.sender = WindowedChunkSender(send or self.circuit.send, window=window, clock=self.clock, **kwargs)
+        return self.sender.start(self.producer)
+
+    def assertClosed(self):
+        self.assertIsNone(self.producer.fd)
+        self.assertRaises(OSError, os.fstat, self.fd)
+
+    def test_never_more_than_the_window_in_flight_and_resumes_on_ack(self):
+        data = bytes(range(256)) * 2 + b"tail"  # 33 chunks, the last one 4 bytes
+        done = self.start(data, window=3)
+        self.assertEqual(sorted(self.circuit.pending), [0, 1, 2])
+        self.assertTrue(self.producer.paused)
+        self.assertEqual(len(self.pread.reads), 3)  # reading stops with the window full
+        self.clock.advance(10)
+        self.assertEqual(len(self.pread.reads), 3)
+        self.circuit.ack(1)  # out of order
+        self.assertEqual(sorted(self.circuit.pending), [0, 2, 3])
+
+        def check():
+            self.assertLessEqual(len(self.circuit.pending), 3)
+            self.assertLessEqual(len(self.pread.reads), self.sender.acknowledged + 3)
+
+        self.circuit.ack_all(self.sender, check)
+        self.assertEqual(self.successResultOf(done), 33)
+        self.assertEqual(self.sender.max_in_flight, 3)
+        self.assertEqual(self.circuit.order, list(range(33)))
+        self.assertEqual(b"".join(self.circuit.received[i] for i in range(33)), data)
+        self.assertEqual(self.circuit.received[32], b"tail")
+        self.assertClosed()
+
+    def test_done_waits_for_the_last_acknowledgement(self):
+        done = self.start(b"x" * (CHUNK * 2), window=8)
+        self.assertEqual(sorted(self.circuit.pending), [0, 1])
+        self.assertTrue(self.producer.finished)
+        self.assertNoResult(done)
+        self.circuit.ack(0)
+        self.assertNoResult(done)
+        self.circuit.ack(1)
+        self.assertEqual(self.successResultOf(done), 2)
+
+    def test_resume_ranges_send_only_the_wanted_chunks(self):
+        data = os.urandom(CHUNK * 9 + 5)  # 10 chunks
+        done = self.start(data, chunks=[[7, 100], [2, 4], [3, 5]], window=2)
+        self.circuit.ack_all(self.sender)
+        self.assertEqual(self.successResultOf(done), 6)
+        self.assertEqual(self.circuit.order, [2, 3, 4, 7, 8, 9])
+        for i in self.circuit.order:
+            self.assertEqual(self.circuit.received[i], data[i * CHUNK:(i + 1) * CHUNK])
+        self.assertEqual(sorted(self.pread.reads), [i * CHUNK for i in (2, 3, 4, 7, 8, 9)])
+
+    def test_a_zero_length_file_sends_nothing_and_completes(self):
+        done = self.start(b"")
+        self.assertEqual(self.successResultOf(done), 0)
+        self.assertEqual(self.circuit.order, [])
+        self.assertEqual(self.pread.reads, [])
+        self.assertClosed()
+
+    def test_the_first_failure_stops_reading_and_fails_done(self):
+        done = self.start(os.urandom(CHUNK * 20), window=4)
+        self.circuit.ack(0)
+        self.assertEqual(sorted(self.circuit.pending), [1, 2, 3, 4])
+        self.circuit.refuse(2, RuntimeError("next_hop_failed"))
+        self.assertEqual(str(self.failureResultOf(done, RuntimeError).value), "next_hop_failed")
+        self.assertEqual(len(self.pread.reads), 5)
+        self.assertClosed()
+        self.circuit.ack(1)  # late acknowledgements and failures change nothing
+        self.circuit.refuse(3, RuntimeError("late"))
+        self.circuit.ack(4)
+        self.assertEqual(len(self.pread.reads), 5)
+        self.assertEqual(self.circuit.order, [0, 1, 2, 3, 4])
+        self.assertEqual(self.circuit.cancelled, [])
+
+    def test_a_send_that_raises_fails_done(self):
+        def send(index, data):
+            raise ValueError("cannot encrypt")
+
+        done = self.start(os.urandom(CHUNK * 5), send=send)
+        self.failureResultOf(done, ValueError)
+        self.assertEqual(len(self.pread.reads), 1)
+        self.assertClosed()
+
+    def test_a_read_error_fails_done(self):
+        done = self.start(os.urandom(CHUNK * 5), pread=CountingPread(fail_at=3), window=8)
+        self.failureResultOf(done, OSError)
+        self.assertEqual(sorted(self.circuit.pending), [0, 1])
+        self.assertClosed()
+        self.circuit.ack(0)
+        self.assertEqual(len(self.pread.reads), 3)
+
+    def test_a_file_that_shrank_fails_done(self):
+        done = self.start(os.urandom(CHUNK * 5), pread=CountingPread(short_at=2), window=8)
+        self.assertIn("shrank", str(self.failureResultOf(done, OSError).value))
+        self.assertEqual(self.circuit.order, [0])
+
+    def test_acknowledgements_that_fire_at_once(self):
+        data = os.urandom(CHUNK * 3000)
+        sent = []
+
+        def send(index, chunk):
+            sent.append(index)
+            return defer.succeed({})
+
+        done = self.start(data, send=send, window=8)
+        self.assertEqual(self.successResultOf(done), 3000)
+        self.assertEqual(sent, list(range(3000)))
+        self.assertEqual(self.sender.max_in_flight, 1)
+
+    def test_an_unacknowledged_chunk_times_out(self):
+        done = self.start(os.urandom(CHUNK * 10), window=2, ack_timeout=30.0)
+        self.clock.advance(20)
+        self.circuit.ack(0)  # chunk 2 leaves at t=20
+        self.clock.advance(10)  # t=30: chunk 1 was sent at t=0
+        self.failureResultOf(done, defer.TimeoutError)
+        self.assertEqual(self.circuit.cancelled, [1, 2])
+        self.assertClosed()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_acknowledged_chunks_leave_no_timer(self):
+        done = self.start(os.urandom(CHUNK * 4), window=2, ack_timeout=30.0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        self.circuit.ack_all(self.sender)
+        self.assertEqual(self.successResultOf(done), 4)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+
+    def test_cancelling_done_stops_everything(self):
+        done = self.start(os.urandom(CHUNK * 10), window=3)
+        done.cancel()
+        self.failureResultOf(done, defer.CancelledError)
+        self.assertEqual(sorted(self.circuit.cancelled), [0, 1, 2])
+        self.assertClosed()
+        self.assertEqual(len(self.pread.reads), 3)
+
+    def test_only_chunks_in_flight_are_held(self):
+        class Chunk:
+            """Stands for the bytes of a chunk; only its length matters to the producer."""
+
+            def __init__(self, length):
+                self.length = length
+
+            def __len__(self):
+                return self.length
+
+        refs = []
+
+        def pread(fd, length, offset):
+            chunk = Chunk(length)
+            refs.append(weakref.ref(chunk))
+            return chunk
+
+        def send(index, chunk):  # the circuit keeps no data either
+            return self.circuit.send(index, b"")
+
+        def alive():
+            gc.collect()
+            return sum(1 for r in refs if r() is not None)
+
+        done = self.start(b"z" * (CHUNK * 50), window=4, pread=pread, send=send)
+        self.assertEqual(len(refs), 4)
+        self.assertLessEqual(alive(), 4)
+        self.circuit.ack_all(self.sender, lambda: self.assertLessEqual(alive(), 4))
+        self.assertEqual(self.successResultOf(done), 50)
+        self.assertEqual(alive(), 0)
+        self.assertEqual(len(refs), 50)
+
+    def test_window_and_chunk_size_are_checked(self):
+        self.assertRaises(ValueError, WindowedChunkSender, self.circuit.send, window=0, clock=self.clock)
+        path = self.file(b"abc")
+        self.assertRaises(ValueError, ChunkProducer.open, path, 0)
+        self.assertRaises(ValueError, ChunkProducer.open, path, MAX_CHUNK + 1)
+
+    def test_the_default_window_is_8(self):
+        sender = WindowedChunkSender(self.circuit.send, clock=self.clock)
+        self.assertEqual(sender.window, 8)
+        sender.start(ChunkProducer.open(self.file(b"q" * (CHUNK * 20)), CHUNK))
+        self.assertEqual(sorted(self.circuit.pending), list(range(8)))
+
+
+class OpenRegularTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        (self.dir / "f").write_bytes(b"data")
+
+    def test_a_regular_file_opens(self):
+        fd = open_regular(self.dir / "f")
+        try:
+            self.assertEqual(os.pread(fd, 10, 0), b"data")
+        finally:
+            os.close(fd)
+
+    def test_a_fifo_is_refused_without_blocking(self):
+        os.mkfifo(self.dir / "fifo")
+        self.assertEqual(self.assertRaises(MessageError, open_regular, self.dir / "fifo").error, "refused")
+
+    def test_a_directory_or_a_symlink_is_refused(self):
+        os.symlink(self.dir / "f", self.dir / "link")
+        (self.dir / "d").mkdir()
+        for name in ("link", "d", "absent"):
+            self.assertEqual(self.assertRaises(MessageError, open_regular, self.dir / name).error, "refused")

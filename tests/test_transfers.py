@@ -1,0 +1,272 @@
+"""Transfer bookkeeping with no network I/O (PROTOCOL.md §8).
+
+ChunkMap and its record (resume), wanted_indexes (the ``chunks`` of a
+request), resolve_shared (the sharer's name check), SendWindow and
+unique_destination. Files live in a fresh temporary directory per test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from onion_twisted.catalogue import MessageError
+from onion_twisted.transfers import (ChunkMap, SendWindow, ranges_of, resolve_shared, unique_destination,
+                                     wanted_indexes)
+
+
+class ChunkMapTests(unittest.SynchronousTestCase):
+    def test_count_and_chunk_lengths(self):
+        m = ChunkMap(10, 4)
+        self.assertEqual(m.count, 3)
+        self.assertEqual([m.chunk_length(i) for i in range(3)], [4, 4, 2])
+        self.assertEqual(ChunkMap(8, 4).count, 2)
+        self.assertEqual(ChunkMap(8, 4).chunk_length(1), 4)
+        self.assertEqual(ChunkMap(1, 4).count, 1)
+        self.assertRaises(IndexError, m.chunk_length, 3)
+        self.assertRaises(IndexError, m.chunk_length, -1)
+
+    def test_empty_file_is_complete_from_the_start(self):
+        m = ChunkMap(0, 4)
+        self.assertEqual(m.count, 0)
+        self.assertTrue(m.complete)
+        self.assertEqual(m.missing_ranges(), [])
+        self.assertEqual(m.bytes_received, 0)
+
+    def test_bad_sizes(self):
+        self.assertRaises(ValueError, ChunkMap, -1, 4)
+        self.assertRaises(ValueError, ChunkMap, 10, 0)
+        self.assertRaises(ValueError, ChunkMap, 10, 4, b"\x00")
+
+    def test_mark_and_duplicates(self):
+        m = ChunkMap(10, 4)
+        self.assertTrue(m.mark(1))
+        self.assertFalse(m.mark(1))
+        self.assertEqual(m.have, 1)
+        self.assertIn(1, m)
+        self.assertNotIn(0, m)
+        self.assertNotIn(7, m)
+        self.assertNotIn(-1, m)
+        self.assertFalse(m.complete)
+        m.mark(0)
+        m.mark(2)
+        self.assertTrue(m.complete)
+
+    def test_mark_out_of_range_is_refused(self):
+        m = ChunkMap(10, 4)
+        self.assertRaises(IndexError, m.mark, 3)
+        self.assertRaises(IndexError, m.mark, -1)
+        self.assertEqual(m.have, 0)
+        self.assertNotIn(2, m)
+
+    def test_missing_ranges(self):
+        m = ChunkMap(100, 10)
+        self.assertEqual(m.missing_ranges(), [[0, 10]])
+        for i in (0, 1, 4, 9):
+            m.mark(i)
+        self.assertEqual(m.missing_ranges(), [[2, 4], [5, 9]])
+        for i in (2, 3, 5, 6, 7, 8):
+            m.mark(i)
+        self.assertEqual(m.missing_ranges(), [])
+
+    def test_bytes_received(self):
+        m = ChunkMap(10, 4)
+        self.assertEqual(m.bytes_received, 0)
+        m.mark(2)  # the short last chunk
+        self.assertEqual(m.bytes_received, 2)
+        m.mark(0)
+        self.assertEqual(m.bytes_received, 6)
+        m.mark(1)
+        self.assertEqual(m.bytes_received, 10)
+        other = ChunkMap(10, 4)
+        other.mark(1)
+        self.assertEqual(other.bytes_received, 4)
+
+    def test_record_round_trip(self):
+        m = ChunkMap(1000, 64)
+        for i in (0, 1, 2, 7, 15):
+            m.mark(i)
+        record = m.to_record()
+        self.assertEqual(record, {"size": 1000, "chunk_size": 64, "received": [[0, 3], [7, 8], [15, 16]]})
+        again = ChunkMap.from_record(record)
+        self.assertEqual(again.bits, m.bits)
+        self.assertEqual(again.have, 5)
+        self.assertEqual(again.missing_ranges(), m.missing_ranges())
+        self.assertEqual(again.bytes_received, m.bytes_received)
+
+    def test_bad_records(self):
+        good = {"size": 100, "chunk_size": 10, "received": [[0, 2]]}
+        self.assertEqual(ChunkMap.from_record(good).have, 2)
+        bad = [
+            [],
+            {"chunk_size": 10, "received": []},
+            {"size": 100, "received": []},
+            {"size": 100, "chunk_size": 10},
+            {"size": -1, "chunk_size": 10, "received": []},
+            {"size": 100, "chunk_size": 0, "received": []},
+            {"size": "100", "chunk_size": 10, "received": []},
+            {"size": 100, "chunk_size": True, "received": []},
+            {"size": 100, "chunk_size": 10, "received": {}},
+            {"size": 100, "chunk_size": 10, "received": [[0, 11]]},
+            {"size": 100, "chunk_size": 10, "received": [[-1, 2]]},
+            {"size": 100, "chunk_size": 10, "received": [[3, 3]]},
+            {"size": 100, "chunk_size": 10, "received": [[5, 2]]},
+            {"size": 100, "chunk_size": 10, "received": [[1]]},
+            {"size": 100, "chunk_size": 10, "received": [[0, 1, 2]]},
+            {"size": 100, "chunk_size": 10, "received": [["0", 1]]},
+            {"size": 100, "chunk_size": 10, "received": [[0.0, 1]]},
+            {"size": 100, "chunk_size": 10, "received": [5]},
+        ]
+        for record in bad:
+            with self.subTest(record=record):
+                self.assertRaises(ValueError, ChunkMap.from_record, record)
+
+    def test_ranges_of(self):
+        self.assertEqual(ranges_of(b""), [])
+        self.assertEqual(ranges_of(b"\x01\x01\x00\x01"), [[0, 2], [3, 4]])
+        self.assertEqual(ranges_of([0, 0]), [])
+
+
+class WantedIndexesTests(unittest.SynchronousTestCase):
+    def test_all_chunks_without_ranges(self):
+        self.assertEqual(list(wanted_indexes(None, 4)), [0, 1, 2, 3])
+        self.assertEqual(list(wanted_indexes(None, 0)), [])
+
+    def test_ranges_in_order(self):
+        self.assertEqual(list(wanted_indexes([[1, 3], [5, 6]], 10)), [1, 2, 5])
+
+    def test_unsorted_and_overlapping_ranges_yield_each_index_once_in_order(self):
+        self.assertEqual(list(wanted_indexes([[6, 9], [0, 2], [1, 4], [2, 3], [7, 8]], 10)),
+                         [0, 1, 2, 3, 6, 7, 8])
+
+    def test_ranges_past_the_end_are_clipped(self):
+        self.assertEqual(list(wanted_indexes([[2, 100], [50, 60]], 4)), [2, 3])
+        self.assertEqual(list(wanted_indexes([[0, 1]], 0)), [])
+
+    def test_empty_range_list_wants_nothing(self):
+        self.assertEqual(list(wanted_indexes([], 5)), [])
+
+
+class ResolveSharedTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        base = Path(self.mktemp()).absolute()
+        self.share = base / "share"
+        self.share.mkdir(parents=True)
+        self.outside = base / "secret"
+        self.outside.write_bytes(b"secret")
+        (self.share / "a.txt").write_bytes(b"hello")
+        (self.share / "sub").mkdir()
+        (self.share / "sub" / "b").write_bytes(b"b")
+        os.symlink(self.outside, self.share / "out-link")
+        os.symlink(self.share / "a.txt", self.share / "in-link")
+        os.symlink("sub/b", self.share / "sub-link")
+        os.mkfifo(self.share / "fifo")
+        self.announced = {"a.txt", "sub", "out-link", "in-link", "sub-link", "fifo", "gone",
+                          "../x", "a/b", "/etc/passwd", ".", "..", "../secret"}
+
+    def assertRefused(self, name, announced=None):
+        e = self.assertRaises(MessageError, resolve_shared, self.share,
+                              name, self.announced if announced is None else announced)
+        self.assertEqual(e.error, "refused")
+        return e
+
+    def test_a_regular_announced_file_resolves(self):
+        self.assertEqual(resolve_shared(self.share, "a.txt", self.announced), (self.share / "a.txt").resolve())
+
+    def test_names_that_climb_or_have_separators_are_refused(self):
+        for name in ("../x", "a/b", "/etc/passwd", ".", "..", "../secret", "..\\x", "a\x00", "", None, 3):
+            with self.subTest(name=name):
+                self.assertRefused(name)
+
+    def test_a_symlink_out_of_the_share_is_refused(self):
+        e = self.assertRefused("out-link")
+        self.assertIn("outside", e.detail)
+
+    def test_a_directory_is_refused(self):
+        e = self.assertRefused("sub")
+        self.assertIn("not a regular file", e.detail)
+
+    def test_a_fifo_is_refused(self):
+        e = self.assertRefused("fifo")
+        self.assertIn("not a regular file", e.detail)
+
+    def test_a_name_never_announced_is_refused(self):
+        e = self.assertRefused("a.txt", announced={"other"})
+        self.assertIn("does not share", e.detail)
+
+    def test_an_announced_name_that_is_gone_is_refused(self):
+        e = self.assertRefused("gone")
+        self.assertIn("no such file", e.detail)
+
+    def test_a_symlink_to_a_file_in_the_share_is_served_as_its_target(self):
+        self.assertEqual(resolve_shared(self.share, "in-link", self.announced), (self.share / "a.txt").resolve())
+
+    def test_a_symlink_into_a_subdirectory_is_refused(self):
+        e = self.assertRefused("sub-link")
+        self.assertIn("outside", e.detail)
+
+
+class SendWindowTests(unittest.SynchronousTestCase):
+    def test_at_most_size_in_flight(self):
+        w = SendWindow(range(5), size=2)
+        self.assertEqual(w.next_to_send(), 0)
+        self.assertEqual(w.next_to_send(), 1)
+        self.assertIsNone(w.next_to_send())
+        self.assertEqual(w.in_flight, {0, 1})
+        self.assertTrue(w.acked(0))
+        self.assertEqual(w.next_to_send(), 2)
+        self.assertIsNone(w.next_to_send())
+        self.assertFalse(w.done)
+
+    def test_done_when_every_chunk_is_acknowledged(self):
+        w = SendWindow([3, 7], size=8)
+        self.assertEqual([w.next_to_send(), w.next_to_send(), w.next_to_send()], [3, 7, None])
+        self.assertFalse(w.done)
+        w.acked(7)
+        self.assertFalse(w.done)
+        w.acked(3)
+        self.assertTrue(w.done)
+        self.assertEqual(w.acknowledged, 2)
+
+    def test_duplicate_or_unknown_acks_count_nothing(self):
+        w = SendWindow(range(3), size=2)
+        w.next_to_send()
+        self.assertTrue(w.acked(0))
+        self.assertFalse(w.acked(0))
+        self.assertFalse(w.acked(2))
+        self.assertEqual(w.acknowledged, 1)
+
+    def test_nothing_to_send(self):
+        w = SendWindow([], size=2)
+        self.assertIsNone(w.next_to_send())
+        self.assertTrue(w.done)
+
+    def test_window_must_be_positive(self):
+        self.assertRaises(ValueError, SendWindow, range(3), size=0)
+
+
+class UniqueDestinationTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+
+    def test_free_name_is_kept(self):
+        self.assertEqual(unique_destination(self.dir, "a.txt"), self.dir / "a.txt")
+
+    def test_numbers_before_the_extension(self):
+        (self.dir / "a.txt").write_bytes(b"")
+        self.assertEqual(unique_destination(self.dir, "a.txt"), self.dir / "a (1).txt")
+        (self.dir / "a (1).txt").write_bytes(b"")
+        self.assertEqual(unique_destination(self.dir, "a.txt"), self.dir / "a (2).txt")
+
+    def test_without_extension_and_dotfiles(self):
+        (self.dir / "NAME").write_bytes(b"")
+        self.assertEqual(unique_destination(self.dir, "NAME"), self.dir / "NAME (1)")
+        (self.dir / ".rc").write_bytes(b"")
+        self.assertEqual(unique_destination(self.dir, ".rc"), self.dir / ".rc (1)")
+
+    def test_a_directory_counts_as_taken(self):
+        (self.dir / "x.tar.gz").mkdir()
+        self.assertEqual(unique_destination(self.dir, "x.tar.gz"), self.dir / "x (1).tar.gz")
