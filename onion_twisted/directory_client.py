@@ -78,7 +78,6 @@ class DirectoryClient:
                 waiter.callback(result)
 
     async def _fetch(self) -> SignedDirectory:
-        self._last_fetch = self.clock.seconds()
         return await self.fetch_from(self.tracker)
 
     async def fetch_from(self, source: wire.Address) -> SignedDirectory:
@@ -120,8 +119,12 @@ class DirectoryClient:
     async def knows(self, address: wire.Address) -> bool:
         if self.current is not None and address in self.current:
             return True
-        recently = self._last_fetch is not None and self.clock.seconds() - self._last_fetch < self.refetch_interval
+        # The on-demand fetches alone are rate-limited: a periodic fetch just
+        # before does not stop the one fetch owed to an unknown target (§6).
+        now = self.clock.seconds()
+        recently = self._last_fetch is not None and now - self._last_fetch < self.refetch_interval
         if not recently or self._waiters:
+            self._last_fetch = now
             try:
                 await self.fetch()
             except Exception as e:

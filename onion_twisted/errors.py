@@ -50,6 +50,7 @@ class RateLimited(ProtocolError):
 class NextHopFailed(ProtocolError):
     status = 502
     error = "next_hop_failed"
+    answered: int | None = None  # the status the next hop answered, when it answered
 
 
 class NextHopTimeout(ProtocolError):

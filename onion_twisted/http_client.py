@@ -137,7 +137,9 @@ class HTTPOutbound:
         if any_status:
             return response.code, response.headers, data
         if response.code != 200:
-            raise NextHopFailed(f"next hop answered {response.code} {_error_name(data)}".rstrip())
+            error = NextHopFailed(f"next hop answered {response.code} {_error_name(data)}".rstrip())
+            error.answered = response.code  # callers may tell 403 from 502 without parsing text
+            raise error
         return data
 
     def close(self) -> defer.Deferred:

@@ -1,0 +1,382 @@
+"""Three ``twistd onionnode`` processes and a tracker, over real sockets (issue 2).
+
+Every test gets its own ``127.R1.R2.x`` addresses (random R1, R2), all at
+port 5000: the stand-in tracker (``tests/support/fake_tracker.py``) at .1,
+the nodes X, Y, Z at .11, .12, .13 (X with ``--max-body 65536``). The test
+process itself is the peer: it listens on .101:5000 for backward cells and
+sends from .101 through an HTTPOutbound bound there; a stranger sends from
+.66, the test's own looking-around (identity, metrics, tracker state) from .200.
+
+Nothing waits by sleeping: every wait polls with a deadline on the reactor clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import signal
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from onion_twisted import cells, crypto, wire
+from onion_twisted.circuit import Circuit
+from onion_twisted.directory import parse_signed_directory
+from onion_twisted.directory_client import SIGNATURE_HEADER
+from onion_twisted.errors import BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, ProtocolError, \
+    Unavailable, UnknownCircuit
+from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.http_server import QuietSite, write_error, write_json
+from tests.support.processes import (PORT, ProcessesMixin, StatusOutbound, allocate_prefix, poll_until,
+                                     raw_exchange, response_status)
+
+HOP_TIMEOUT = 3.0
+TRACKER_HOST, NODE_HOSTS, PEER_HOST, STRANGER_HOST, ADMIN_HOST = 1, (11, 12, 13), 101, 66, 200
+ALL_HOSTS = (TRACKER_HOST, *NODE_HOSTS, PEER_HOST, STRANGER_HOST, ADMIN_HOST)
+SMALL_MAX_BODY = 65536
+LS = {"type": "ls", "files": ["song.ogg", {"name": "notes.txt", "size": 12, "sha256": "ab" * 32}]}
+FILES = {"type": "files", "files": [
+    {"name": "song.ogg", "size": None, "sha256": None, "sources": 1},
+    {"name": "notes.txt", "size": 12, "sha256": "ab" * 32, "sources": 1},
+]}
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+
+def _reactor():
+    from twisted.internet import reactor
+    return reactor
+
+
+def inline(method):
+    """Run an ``async def`` test method as a Deferred trial waits for."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        return defer.ensureDeferred(method(self, *args))
+    return wrapper
+
+
+# --- the test process as a peer ------------------------------------------------------------
+
+class PeerEndpoint:
+    """The peer's ``POST /``: backward cells of its circuits, opened and queued."""
+
+    app = Klein()
+
+    def __init__(self):
+        self.circuits: dict[str, Circuit] = {}
+        self.queue = defer.DeferredQueue()
+        self.received: list[tuple[str, str]] = []  # (CID, payload) of every accepted cell
+        self.destroyed: list[str] = []
+
+    def add(self, circuit: Circuit) -> Circuit:
+        self.circuits[circuit.cid] = circuit
+        return circuit
+
+    @app.route("/", methods=["POST"])
+    def post_cell(self, request):
+        try:
+            cell = cells.parse_cell(request.content.getvalue())
+            circuit = self.circuits.get(cell.cid)
+            if circuit is None:
+                raise UnknownCircuit("not a circuit of this peer")
+            if request.getClientAddress().host != circuit.entry.host:
+                raise Forbidden("not this circuit's first hop")
+            if cell.destroy:
+                self.destroyed.append(cell.cid)
+                return write_json(request, 200, b"{}")
+            message = circuit.open_backward(cell.payload)
+        except ProtocolError as e:
+            return write_error(request, e)
+        self.received.append((cell.cid, cell.payload))
+        self.queue.put((cell.cid, message))
+        return write_json(request, 200, b"{}")
+
+
+class TrackingSite(QuietSite):
+    """QuietSite that remembers its connections, so a test can close them all."""
+
+    def __init__(self, resource, **kw):
+        super().__init__(resource, **kw)
+        self.connections = []
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.connections.append(protocol)
+        return protocol
+
+    def open_connections(self):
+        """The transports of the connections still open."""
+        transports = [getattr(getattr(p, "_channel", p), "transport", None) for p in self.connections]
+        return [t for t in transports if t is not None and not t.disconnected]
+
+
+# --- the test case ---------------------------------------------------------------------------
+
+class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        return defer.ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        reactor = _reactor()
+        prefix = allocate_prefix(ALL_HOSTS, PORT)
+        self.ip = lambda host: f"{prefix}.{host}"
+        self.peer_ip, self.stranger_ip = self.ip(PEER_HOST), self.ip(STRANGER_HOST)
+        base = self.mktemp()
+
+        # Cleanups run last-registered first: these close after the processes stopped.
+        self.admin = HTTPOutbound(reactor, bind_ip=self.ip(ADMIN_HOST), timeout=5)
+        self.addCleanup(self.admin.close)
+        peer_http = HTTPOutbound(reactor, bind_ip=self.peer_ip, timeout=20)
+        self.addCleanup(peer_http.close)
+        self.peer_outbound = StatusOutbound(peer_http)
+        stranger_http = HTTPOutbound(reactor, bind_ip=self.stranger_ip, timeout=20)
+        self.addCleanup(stranger_http.close)
+        self.stranger = StatusOutbound(stranger_http)
+
+        self.peer = PeerEndpoint()
+        self.peer_site = TrackingSite(self.peer.app.resource(), reactor=reactor)
+        port = reactor.listenTCP(PORT, self.peer_site, interface=self.peer_ip)
+        self.addCleanup(self._close_peer, port)
+
+        self.tracker = self.start_fake_tracker(self.ip(TRACKER_HOST), PORT, f"{base}/tracker")
+        identity = await self.wait_identity(self.tracker, self.admin)
+        self.assertEqual(identity["role"], "tracker")
+        self.tracker_key = identity["public_key"]
+        self.nodes = [
+            self.start_node(self.ip(host), PORT, self.tracker.address, self.tracker_key, f"{base}/node{i}",
+                            key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1,
+                            **({"max_body": SMALL_MAX_BODY} if i == 0 else {}))
+            for i, host in enumerate(NODE_HOSTS)]
+        for node in self.nodes:  # started together, so waited for one after the other
+            await self.wait_identity(node, self.admin)
+        addresses = {n.address for n in self.nodes}
+
+        async def listed(member):
+            directory = await self.directory(member)
+            return directory if addresses <= set(directory.nodes) else None
+
+        directory = await poll_until(lambda: listed(self.tracker), timeout=20, what="the tracker to list the nodes")
+        # Each node checks extend targets against its own copy: wait until every copy has all three.
+        for node in self.nodes:
+            await poll_until(functools.partial(listed, node), timeout=20, what=f"{node.name}'s directory")
+        self.entries = [directory.nodes[n.address] for n in self.nodes]
+
+    async def _close_peer(self, port):
+        await port.stopListening()
+        # The nodes are gone by now, so their connections to the peer close; abort any left.
+        for transport in self.peer_site.open_connections():
+            transport.abortConnection()
+        await poll_until(lambda: defer.succeed(not self.peer_site.open_connections()), timeout=5,
+                         what="the peer's connections to close")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    async def directory(self, member):
+        status, headers, body = await self.admin.get(member.address, "/nodes")
+        if status != 200:  # 503 while a node has no directory yet: polled again
+            raise Unavailable(f"{member.name} answered {status} for /nodes")
+        signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
+        return parse_signed_directory(body, signature, crypto.load_tracker_public_b64(self.tracker_key), PORT)
+
+    async def tracker_state(self) -> dict:
+        status, _, body = await self.admin.get(self.tracker.address, "/test/state")
+        self.assertEqual(status, 200)
+        return wire.loads_object(body)
+
+    async def tracker_post(self, path: str, obj: dict) -> dict:
+        body = await self.admin.post(self.tracker.address, wire.dumps(obj), path=path)
+        return wire.loads_object(body)
+
+    async def circuits_at(self, member) -> int:
+        status, _, body = await self.admin.get(member.address, "/metrics")
+        self.assertEqual(status, 200)
+        found = re.search(rb"^onion_node_circuits (\d+)$", body, re.M)
+        self.assertIsNotNone(found, "no onion_node_circuits in /metrics")
+        return int(found.group(1))
+
+    def new_circuit(self) -> Circuit:
+        return self.peer.add(Circuit(self.peer_outbound, self.entries, self.tracker.address))
+
+    async def built_circuit(self) -> Circuit:
+        circuit = self.new_circuit()
+        self.assertEqual(await circuit.build(LS), FILES)
+        return circuit
+
+    async def next_backward(self, timeout: float = 10.0):
+        d = self.peer.queue.get()
+        d.addTimeout(timeout, _reactor())
+        return await d
+
+    async def assertFailsWith(self, coroutine, *statuses):
+        """Await ``coroutine``; it must fail with a member's answer of one of ``statuses``."""
+        try:
+            await coroutine
+        except ProtocolError as e:
+            answered = getattr(e, "answered", None)
+            self.assertIn(answered, statuses, f"expected an answer {statuses}, got {e!r} ({answered})")
+            return e
+        self.fail(f"expected a refusal with status {statuses}, it succeeded")
+
+    def assertLogsSafe(self, members, secrets):
+        for member in members:
+            text = member.log_text()
+            self.assertTrue(text, f"{member.name} wrote no log at {member.log_path}")
+            for secret in secrets:
+                self.assertNotIn(secret, text, f"{member.name}'s log names {secret!r}")
+            self.assertIsNone(UUID.search(text), f"{member.name}'s log names a circuit id")
+
+    # --- tests -------------------------------------------------------------------------
+
+    @inline
+    async def test_build_circuit_create_extend_extend_connect(self):
+        circuit = self.new_circuit()
+        await circuit.create()
+        self.assertEqual(circuit.built, 1)
+        await circuit.extend()
+        self.assertEqual(circuit.built, 2)
+        await circuit.extend()
+        self.assertEqual(circuit.built, 3)
+        # Only X has seen the peer's CID, and every node holds one circuit.
+        self.assertEqual([await self.circuits_at(n) for n in self.nodes], [1, 1, 1])
+        self.assertEqual((await self.tracker_state())["circuits"], [])
+
+        reply = await circuit.connect(LS)
+
+        self.assertEqual(reply, FILES)
+        state = await self.tracker_state()
+        self.assertEqual(len(state["circuits"]), 1)
+        seen = state["circuits"][0]
+        self.assertEqual(seen["messages"], [LS])  # the tracker reads the ls in plaintext
+        self.assertEqual(seen["exit"], self.nodes[2].ip)  # ... from the exit Z, not from the peer
+        self.assertNotEqual(seen["CID"], circuit.cid)
+
+    @inline
+    async def test_messages_both_ways(self):
+        circuit = await self.built_circuit()
+        for n in range(3):
+            hello = {"type": "hello", "n": n, "text": "ünïcode ✓"}
+            self.assertEqual(await circuit.send(hello), {"type": "echo", "got": hello})
+
+            pushed = {"type": "request", "file": "song.ogg", "transfer": f"t{n}", "chunk_size": 16384}
+            answer = await self.tracker_post("/test/push", {"index": 0, "message": pushed})
+            self.assertEqual(answer, {"status": 200, "body": {}})  # Z answers once the peer has it (§3)
+            cid, message = await self.next_backward()
+            self.assertEqual((cid, message), (circuit.cid, pushed))
+
+        state = await self.tracker_state()
+        self.assertEqual(state["circuits"][0]["count"], 4)  # the ls and three hellos
+        # The same backward cell a second time is a replay: refused, nothing delivered.
+        cid, payload = self.peer.received[-1]
+        self.assertRaises(Conflict, circuit.open_backward, payload)
+        self.assertRaises(BadRequest, circuit.open_backward, payload[:-8] + "AAAAAAA=")
+
+    @inline
+    async def test_stranger_on_the_circuit_id_gets_403(self):
+        circuit = await self.built_circuit()
+        onion = crypto.wrap_onion(circuit.layers, wire.dumps({"type": "hello", "from": "stranger"}))
+
+        await self.assertFailsWith(self.stranger.post(circuit.entry, cells.encode_cell(circuit.cid, onion)), 403)
+        await self.assertFailsWith(self.stranger.post(circuit.entry, cells.encode_destroy(circuit.cid)), 403)
+
+        # Nothing changed: the circuit still works, and the tracker never saw the stranger's message.
+        hello = {"type": "hello"}
+        self.assertEqual(await circuit.send(hello), {"type": "echo", "got": hello})
+        self.assertEqual((await self.tracker_state())["circuits"][0]["messages"], [LS, hello])
+
+    @inline
+    async def test_killing_the_middle_node_fails_the_next_message(self):
+        reactor = _reactor()
+        circuit = await self.built_circuit()
+        middle = self.nodes[1]
+        self.kill(middle, signal.SIGKILL)
+        await middle.wait_exit(10)
+
+        started = reactor.seconds()
+        error = await self.assertFailsWith(circuit.send({"type": "hello"}), 502, 504)
+        elapsed = reactor.seconds() - started
+
+        self.assertIsInstance(error, (NextHopFailed, NextHopTimeout))
+        self.assertLess(elapsed, HOP_TIMEOUT + 5, "the failure took longer than the hop timeout")
+        self.assertEqual((await self.tracker_state())["circuits"][0]["messages"], [LS])
+        # X's account of the failure names neither the peer nor a circuit.
+        self.assertLogsSafe([self.nodes[0]], [self.peer_ip, circuit.cid])
+
+    @inline
+    async def test_destroy_reaches_every_hop(self):
+        circuit = await self.built_circuit()
+        self.assertEqual([await self.circuits_at(n) for n in self.nodes], [1, 1, 1])
+        self.assertEqual(len((await self.tracker_state())["circuits"]), 1)
+
+        await circuit.destroy()
+
+        for node in self.nodes:
+            await poll_until(lambda node=node: self._no_circuit_at(node), timeout=10,
+                             what=f"{node.name} to drop the circuit")
+        await poll_until(self._tracker_forgot, timeout=10, what="the tracker to forget the circuit")
+        with self.assertRaises(Conflict):
+            await circuit.send({"type": "hello"})
+
+    async def _no_circuit_at(self, node):
+        return await self.circuits_at(node) == 0
+
+    async def _tracker_forgot(self):
+        return (await self.tracker_state())["circuits"] == []
+
+    @inline
+    async def test_body_over_max_body_is_refused_with_413(self):
+        x, y = self.nodes[0].address, self.nodes[1].address
+        head = (f"POST / HTTP/1.1\r\nHost: {x}\r\nContent-Type: application/json\r\n").encode()
+        # Announced length over X's limit: refused before the body is read.
+        raw = await raw_exchange(self.peer_ip, x, head + b"Content-Length: %d\r\n\r\n" % (SMALL_MAX_BODY + 1))
+        self.assertEqual(response_status(raw), 413, raw[:200])
+        self.assertIn(b'"error":"too_large"', raw)
+        # Chunked, no length announced: refused once the body passes the limit.
+        chunk = b"x" * (SMALL_MAX_BODY + 1)
+        raw = await raw_exchange(self.peer_ip, x, head + b"Transfer-Encoding: chunked\r\n\r\n"
+                                 + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        self.assertEqual(response_status(raw), 413, raw[:200])
+        # The same bad body is not too large for Y (default limit): a plain 400 there.
+        raw = await raw_exchange(self.peer_ip, y, head + b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+                                 % len(chunk) + chunk)
+        self.assertEqual(response_status(raw), 400, raw[:200])
+        # X neither crashed nor stalled.
+        await self.built_circuit()
+
+    @inline
+    async def test_control_message_needs_the_tracker_signature(self):
+        z = self.nodes[2].address
+        drop = {"type": "drop_bridge", "bridge_CID": wire.new_circuit_id()}
+        answer = await self.tracker_post("/test/control", {"to": str(z), "payload": drop})
+        # Signature accepted; the bridge is unknown.
+        self.assertEqual(answer["status"], 404, answer)
+        self.assertEqual(answer["body"]["error"], "unknown_circuit")
+        forged = wire.dumps({"CID": "control", "payload": {**drop, "issued": int(_reactor().seconds())}})
+        forger = crypto.generate_tracker_key()
+        await self.assertFailsWith(self.stranger.post(z, forged, {SIGNATURE_HEADER: crypto.sign_body(forger, forged)}),
+                                   403)
+
+    @inline
+    async def test_logs_name_no_peer_and_no_circuit(self):
+        circuit = await self.built_circuit()
+        await circuit.send({"type": "hello"})
+        await self.tracker_post("/test/push", {"index": 0, "message": {"type": "ping"}})
+        await self.next_backward()
+        exit_cid = (await self.tracker_state())["circuits"][0]["CID"]
+        await self.assertFailsWith(self.stranger.post(circuit.entry, cells.encode_destroy(circuit.cid)), 403)
+        await circuit.destroy()
+        await poll_until(self._tracker_forgot, timeout=10, what="the tracker to forget the circuit")
+
+        # Stop everyone so the logs are complete (shutdown included).
+        codes = await defer.gatherResults([defer.ensureDeferred(m.stop()) for m in [*self.nodes, self.tracker]])
+        # twistd ends by re-raising the signal it stopped on; the tracker script returns 0.
+        for code in codes:
+            self.assertIn(code, (0, -signal.SIGTERM), "a member did not stop cleanly on SIGTERM")
+        secrets = [self.peer_ip, self.stranger_ip, circuit.cid, exit_cid]
+        self.assertLogsSafe(self.nodes, secrets)
+        for node in self.nodes:
+            self.assertIn("onion node", node.log_text())  # the log is the node's, and it was written
+        # The tracker's clients are the nodes (and, through them, the peers): it names none.
+        self.assertLogsSafe([self.tracker], secrets + [n.ip for n in self.nodes])
