@@ -66,7 +66,25 @@ TRACKER = COMMON + [
     Key("max_nodes", int, 10_000, "most nodes in the directory", 1),
 ]
 
-ROLES = {"node": NODE, "tracker": TRACKER}
+PEER = COMMON + [
+    Key("data_dir", str, "run/peer", "directory for the peer's state: hash cache, saved directory"),
+    Key("tracker", str, "127.0.0.1:5000", "the network's tracker, HOST or HOST:PORT"),
+    Key("tracker_key", str, "", "tracker's Ed25519 public key, base64; empty: trust /identity on first contact"),
+    Key("share", str, "share", "directory whose regular files this peer shares"),
+    Key("downloads", str, "downloads", "where finished downloads appear (partial ones in .partial/)"),
+    Key("ui_allow", list, ["127.0.0.0/8", "::1"], "addresses or networks allowed to use the page and the API"),
+    Key("bootstrap", list, [], "node addresses to fetch the directory from; empty: the tracker, once"),
+    Key("hops", int, 3, "nodes in a circuit", 1),
+    Key("window", int, 8, "file chunks in flight per upload", 1),
+    Key("chunk_size", int, 262144, "chunk size asked for in requests, bytes (16 KiB to 4 MiB)", 16384),
+    Key("max_attempts", int, 5, "attempts before a download stops with an error", 1),
+    Key("stall_timeout", float, 60.0, "seconds without a chunk before a download asks again", 1),
+    Key("refresh_interval", float, 30.0, "seconds between catalogue refreshes (list)", 1),
+    Key("announce_interval", float, 300.0, "seconds between announcements (ls) of an unchanged share", 1),
+    Key("rescan_interval", float, 5.0, "seconds between looks at the share directory", 0.1),
+]
+
+ROLES = {"node": NODE, "tracker": TRACKER, "peer": PEER}
 
 
 class ConfigError(ValueError):

@@ -4,3 +4,5 @@ from twisted.application.service import ServiceMaker
 onionnode = ServiceMaker("onionnode", "onion_twisted.node_service", "An onion_twisted relay node.", "onionnode")
 oniontracker = ServiceMaker("oniontracker", "onion_twisted.tracker_service",
                             "The onion_twisted tracker: directory, catalogue, bridges.", "oniontracker")
+onionpeer = ServiceMaker("onionpeer", "onion_twisted.peer_service",
+                         "An onion_twisted peer: shares and downloads files, serves its page.", "onionpeer")
