@@ -210,6 +210,19 @@ class ProcessesMixin:
         return self._started(Member(f"tracker {ip}", wire.Address(ip, port), data_dir, argv,
                                     data_dir / "tracker.log"))
 
+    def start_tracker(self, ip: str, port: int, data_dir, **extra_options) -> Member:
+        """The real tracker, ``twistd -n oniontracker`` on ``ip:port``.
+
+        Its log is ``data_dir/tracker.log``, its key in ``data_dir/state``.
+        """
+        data_dir = Path(data_dir).resolve()  # the member runs in data_dir: no relative paths
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = data_dir / "tracker.log"
+        argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={log_path}",
+                "oniontracker", "--listen", ip, "--port", str(port), "--data-dir", str(data_dir / "state"),
+                *_options(extra_options)]
+        return self._started(Member(f"tracker {ip}", wire.Address(ip, port), data_dir, argv, log_path))
+
     async def wait_identity(self, member: Member, outbound, timeout: float = 30.0) -> dict:
         """Poll ``GET /identity`` until the member answers it; the identity object."""
         async def check():
