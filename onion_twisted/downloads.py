@@ -79,7 +79,8 @@ class Download:
         return {"file": self.name, "state": self.state, "bytes": self.bytes, "size": self.size,
                 "sha256": self.sha256, "error": self.error, "attempts": self.attempts,
                 "speed": self.speed(now), "unverified": self.unverified,
-                "path": self.final_path.name if self.final_path else None}
+                "path": self.final_path.name if self.final_path else None,
+                "bytes_this_run": self.bytes_this_run}  # chunk bytes written since this process started
 
     def speed(self, now: float) -> float:
         recent = [(t, n) for t, n in self.samples if now - t <= 5]
@@ -158,6 +159,8 @@ class Download:
         if self._fd is not None:
             os.fsync(self._fd)
         record = dict(self.chunks.to_record(), file=self.name, sha256=self.sha256)
+        if self.state == FAILED:
+            record["failed"] = self.error
         self.store.partial_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.record_path.with_name(self.record_path.name + ".tmp")
         tmp.write_bytes(wire.dumps(record))
@@ -247,6 +250,8 @@ class DownloadStore:
         d = Download(self, record["file"], record.get("sha256"), record.get("chunk_size", chunk_size_default))
         d.chunks = ChunkMap.from_record(record)
         d.size = d.chunks.size
+        if isinstance(record.get("failed"), str):
+            d.state, d.error = FAILED, record["failed"]
         return d
 
     def file_path(self, name: str) -> Path | None:

@@ -73,6 +73,7 @@ class Peer:
         self._backoff = 1.0
         self._stopped = False
         self._suspect: dict[wire.Address, float] = {}  # nodes that failed lately -> until
+        self._probing: set[Circuit] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -83,7 +84,8 @@ class Peer:
             self.downloads[d.name] = d
         await self.rescan()
         for d in list(self.downloads.values()):
-            self._run(d)
+            if d.state != FAILED:
+                self._run(d)
         self.circuit_ready()
 
     async def stop(self) -> None:
@@ -91,6 +93,9 @@ class Peer:
         for d in self.downloads.values():
             if d.state in ACTIVE:
                 d.save_record()
+                # Wake the attempt waiting for its transfer_end now: left to its stall
+                # timer it would write its record again later, over a newer run's.
+                self._finish_wait(d, "the peer stopped")
             d.close()
         circuit, self.circuit = self.circuit, None
         if circuit is not None:
@@ -174,9 +179,15 @@ class Peer:
                 return directory
             except ProtocolError:
                 continue
-        if self.directory.current is not None and sources:
-            return self.directory.current  # mirrors unreachable: use what we have
-        directory = await self.directory.fetch_from(self.tracker)
+        # No known node answers (or none is known yet): the tracker, once.
+        if sources:
+            self.log.warn("no known node serves the directory; asking the tracker")
+        try:
+            directory = await self.directory.fetch_from(self.tracker)
+        except ProtocolError:
+            if self.directory.current is None:
+                raise
+            return self.directory.current
         self.directory.save(self._directory_path)
         return directory
 
@@ -184,7 +195,8 @@ class Peer:
         """A message on ``circuit`` failed: drop it, build another, announce, resume."""
         if self.circuit is not circuit:
             return
-        self.log.warn("circuit broken ({why}); building another", why=why)
+        if not self._stopped:
+            self.log.warn("circuit broken ({why}); building another", why=why)
         for hop in circuit.hops:
             self._suspect[hop.address] = self.clock.seconds() + 30
         self.circuit = None
@@ -315,11 +327,30 @@ class Peer:
         try:
             reply = await circuit.send(message)
         except ProtocolError as e:
-            self.circuit_broken(circuit, e.detail)
+            if refusable:
+                # A chunk also fails when the requester's side of the bridge
+                # is gone: probe our own circuit before rebuilding it.
+                self._probe(circuit, e.detail)
+            else:
+                self.circuit_broken(circuit, e.detail)
             raise
         if refusable and isinstance(reply, dict) and reply.get("type") == "error":
             raise TransferRefused(str(reply.get("detail") or reply.get("error")))
         return reply
+
+    def _probe(self, circuit: Circuit, why: str) -> None:
+        if self.circuit is not circuit or circuit in self._probing:
+            return
+        self._probing.add(circuit)
+
+        async def probe():
+            try:
+                self._take_catalogue(await circuit.send({"type": "list"}))
+            except ProtocolError as e:
+                self.circuit_broken(circuit, f"{why}; then {e.detail}")
+            finally:
+                self._probing.discard(circuit)
+        defer.ensureDeferred(probe())
 
     # --- downloading -----------------------------------------------------------------------------
 
@@ -334,6 +365,9 @@ class Peer:
         current = self.downloads.get(name)
         if current is not None and current.state in ACTIVE:
             return current
+        if current is not None and current.state == DONE and current.final_path is not None \
+                and current.final_path.exists() and sha256 in (None, current.sha256):
+            return current  # already here and verified: no second transfer
         d = Download(self.store, name, sha256, self.chunk_size)
         if current is not None and current.state == FAILED and current.chunks is not None \
                 and (sha256 is None or sha256 == current.sha256):
@@ -360,6 +394,7 @@ class Peer:
         if not self._stopped:
             d.state = FAILED
             d.error = f"gave up after {d.attempts} attempts: {last_error}"
+            d.save_record()  # marked failed: a restart shows it, and does not try again by itself
             d.close()
 
     async def _attempt(self, d: Download) -> str:
@@ -381,9 +416,15 @@ class Peer:
             return "the tracker gave no answer"
         if reply.get("type") == "error":
             if reply.get("error") in ("not_found", "no_source"):
+                why = ("nobody shares this file" if reply.get("error") == "not_found"
+                       else "only this peer shares this file")
+                if d.chunks is not None and d.chunks.have:
+                    # Part of the file is on disk, so someone shared it: its sharer may be
+                    # rebuilding its circuit (our own restart breaks it). Try again later.
+                    d.state = QUEUED
+                    return why
                 d.state = FAILED
-                d.error = ("nobody shares this file" if reply.get("error") == "not_found"
-                           else "only this peer shares this file")
+                d.error = why
                 return FAILED
             return str(reply.get("detail") or reply.get("error"))
         if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):
@@ -401,6 +442,8 @@ class Peer:
         if d.chunks is not None and d.chunks.complete:
             self._finish_wait(d, "ok")  # nothing was missing (or a zero-byte file)
         outcome = await self._wait_for_end(d)
+        if self._stopped:
+            return outcome  # stop() saved the record: a stopped peer writes nothing more
         if outcome != "ok":
             d.save_record()
             return outcome
@@ -450,7 +493,10 @@ class Peer:
         if not isinstance(transfer, str):
             return
         for d in self.downloads.values():
-            if d.state in (REQUESTING, RECEIVING) and (d.transfer == transfer or transfer in d.seen_transfers):
+            # Before the tracker's reply, any transfer whose chunks came for this file; after it,
+            # only the transfer it named (an earlier attempt's end must not end this one).
+            if d.state in (REQUESTING, RECEIVING) and (d.transfer == transfer or (
+                    d.transfer is None and transfer in d.seen_transfers)):
                 self._end(d, message)
                 return
         now = self.clock.seconds()

@@ -18,6 +18,8 @@ from .errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolErro
 from .metrics import NodeMetrics
 
 EMPTY = b"{}"
+BRIDGE_GONE = (b'{"payload":{"type":"error","error":"bridge_gone",'
+               b'"detail":"the other side of the bridge did not take the chunk"}}')
 _CHUNK_TYPES = ("file_chunk", "transfer_end")
 
 
@@ -111,7 +113,14 @@ class NodeRelay:
         if message.get("type") in _CHUNK_TYPES:
             bridge = self.table.outgoing_bridge(circuit, message.get("transfer"))
             if bridge is not None:
-                reply = await self.outbound.post(bridge.peer_addr, cell_with_raw_object(bridge.bridge_cid, plaintext))
+                try:
+                    reply = await self.outbound.post(bridge.peer_addr,
+                                                     cell_with_raw_object(bridge.bridge_cid, plaintext))
+                except ProtocolError:
+                    # The requester's side is gone, not this circuit: say so to
+                    # the sharer (who stops this upload only) and drop the bridge.
+                    self.table.remove_bridge(bridge)
+                    return self._wrap_reply(circuit, BRIDGE_GONE, from_node=False)
                 bridge.last_used = self.clock.seconds()
                 if message["type"] == "transfer_end":
                     self.table.remove_bridge(bridge)

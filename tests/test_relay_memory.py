@@ -847,10 +847,14 @@ class BridgeTests(BridgeTestCase):
         self.assertEqual(self.net.bridge_count(), 0)
 
     @inline
-    async def test_requester_exit_down_is_502_for_the_sharer(self):
+    async def test_requester_exit_down_is_bridge_gone_for_the_sharer(self):
+        # The sharer's circuit is fine; only the bridge is gone: the exit says
+        # so in a reply and drops its end, rather than failing the circuit.
         self.net.down.add(self.z.own_address)
-        await self.refused(NextHopFailed, self.sharer.send(self.s, dumps(self.chunk())))
-        self.assertEqual(self.net.bridge_count(), 2)
+        reply = await self.sharer.request(self.s, self.chunk())
+        self.assertEqual((reply["type"], reply["error"]), ("error", "bridge_gone"))
+        self.assertEqual(self.w.table.bridge_count, 0)
+        self.assertEqual(self.z.table.bridge_count, 1)
 
     @inline
     async def test_deeply_nested_chunk_is_refused_at_the_exit(self):

@@ -1,0 +1,533 @@
+"""Peer in a whole in-memory network (see tests/peer_network.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from twisted.trial import unittest
+
+from onion_twisted import wire
+from onion_twisted.downloads import DONE, FAILED
+from onion_twisted.peer import CONNECTED
+
+from .peer_network import ALICE_IP, BOB_IP, CHUNK, NODE_IPS, NOW, WINDOW, Network, inline
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class PeerNetworkCase(unittest.TestCase):
+    def setUp(self):
+        self.net = Network(self.mktemp())
+        self.alice, self.bob = self.net.alice, self.net.bob
+
+    def tearDown(self):
+        for peer in list(self.net.peers.values()):
+            if not peer._stopped:
+                self.net.run(peer.stop())  # closes the partial files it holds open
+        self.net.pump()
+        self.assertEqual(self.net.crashes, [], "a member crashed (answered 500)")
+
+
+class ConnectTests(PeerNetworkCase):
+    @inline
+    async def test_both_peers_connect(self):
+        net = self.net
+        a_data, b_data = os.urandom(1000), os.urandom(3000)
+        net.write_share(ALICE_IP, "a.bin", a_data)
+        net.write_share(BOB_IP, "b.bin", b_data)
+        await net.start(self.alice, self.bob)
+        for peer in (self.alice, self.bob):
+            self.assertEqual(peer.circuit_state, CONNECTED)
+            hops = [str(h.address) for h in peer.circuit.hops]
+            self.assertEqual(len(set(hops)), 3)
+            self.assertTrue(all(h.address.ip in NODE_IPS for h in peer.circuit.hops))
+        self.assertEqual(len(net.tracker.catalogue.circuits), 2)
+        self.assertEqual({net.tracker_key_of(self.alice), net.tracker_key_of(self.bob)},
+                         set(net.tracker.catalogue.circuits))
+        await net.run(self.alice.tick())  # a list: alice's catalogue predates bob's ls
+        rows = {(f["name"], f["size"], f["sha256"], f["sources"]) for f in self.alice.catalogue}
+        self.assertEqual(rows, {("a.bin", 1000, sha(a_data), 1), ("b.bin", 3000, sha(b_data), 1)})
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+class UploadWatch:
+    """What a sharer hands to its circuit: chunks in flight, chunks and transfer_ends sent.
+
+    Wraps ``peer._send_on`` (every upload message goes through it), so it
+    counts what the peer really keeps unacknowledged, independently of the
+    sender's own bookkeeping.
+    """
+
+    def __init__(self, peer):
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.chunks: list[tuple[str, int, int]] = []   # (transfer, chunk_idx, bytes)
+        self.ends: list[dict] = []
+        original = peer._send_on
+
+        async def send_on(circuit, message, refusable=False):
+            kind = message.get("type")
+            if kind == "file_chunk":
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                self.chunks.append((message["transfer"], message["chunk_idx"],
+                                    len(wire.b64decode(message["data"]))))
+            elif kind == "transfer_end":
+                self.ends.append(dict(message))
+            try:
+                return await original(circuit, message, refusable)
+            finally:
+                if kind == "file_chunk":
+                    self.in_flight -= 1
+
+        peer._send_on = send_on
+
+    def bytes_sent(self, transfer=None) -> int:
+        return sum(n for t, _, n in self.chunks if transfer is None or t == transfer)
+
+
+def partial_files(net, ip) -> list[str]:
+    partial = os.path.join(net.downloads_dir(ip), ".partial")
+    return sorted(os.listdir(partial)) if os.path.isdir(partial) else []
+
+
+def finished(d):
+    return lambda: d.state in (DONE, FAILED)
+
+
+# --- downloads ---------------------------------------------------------------------------------
+
+
+class DownloadTests(PeerNetworkCase):
+    def assertDownloaded(self, d, name, data):
+        self.assertEqual(d.state, DONE, d.error)
+        path = os.path.join(self.net.downloads_dir(ALICE_IP), name)
+        with open(path, "rb") as f:
+            got = f.read()
+        self.assertEqual(len(got), len(data))
+        self.assertTrue(got == data, "the downloaded bytes differ from the shared file")
+        self.assertEqual(d.sha256, sha(data))
+        self.assertEqual(sha(got), sha(data))
+        self.assertFalse(d.unverified)
+        self.assertEqual(partial_files(self.net, ALICE_IP), [])
+
+    @inline
+    async def test_alice_downloads_bobs_file_within_the_window(self):
+        net = self.net
+        data = os.urandom(200 * 1024)
+        net.write_share(BOB_IP, "big.bin", data)
+        await net.start()
+        watch = UploadWatch(self.bob)
+        d = self.alice.download("big.bin")
+        net.pump(until=finished(d))
+        self.assertDownloaded(d, "big.bin", data)
+        self.assertEqual(d.attempts, 1)
+        self.assertEqual(sorted(i for _, i, _ in watch.chunks), list(range(13)))  # 200 KiB / 16 KiB
+        self.assertEqual(watch.bytes_sent(), len(data))
+        self.assertLessEqual(watch.max_in_flight, WINDOW)
+        self.assertEqual(watch.max_in_flight, WINDOW, "the sharer should keep a window of chunks in flight")
+        self.assertEqual([e["status"] for e in watch.ends], ["ok"])
+        # The request went through alice's circuit, the chunks over a bridge: the
+        # tracker saw the request and no chunk.
+        self.assertEqual(len(net.messages_of_type("request")), 1)
+        self.assertEqual(net.messages_of_type("file_chunk"), [])
+
+    @inline
+    async def test_a_name_nobody_shares_fails_at_once(self):
+        net = self.net
+        await net.start()
+        d = self.alice.download("nobody.bin")
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, FAILED)
+        self.assertEqual(d.error, "nobody shares this file")
+        self.assertEqual(d.attempts, 1)
+        self.assertEqual(len(net.messages_of_type("request")), 1)
+
+    @inline
+    async def test_a_file_only_this_peer_shares_fails_at_once(self):
+        net = self.net
+        net.write_share(ALICE_IP, "mine.bin", b"alice's own bytes")
+        await net.start()
+        d = self.alice.download("mine.bin")
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, FAILED)
+        self.assertEqual(d.error, "only this peer shares this file")
+        self.assertEqual(d.attempts, 1)
+
+
+class ResumeTests(PeerNetworkCase):
+    @inline
+    async def test_a_restarted_peer_asks_only_for_the_missing_chunks(self):
+        net = self.net
+        data = os.urandom(40 * CHUNK + 100)  # 41 chunks, the last one short
+        net.write_share(BOB_IP, "big.bin", data)
+        await net.start()
+        watch = UploadWatch(self.bob)
+        d = self.alice.download("big.bin")
+        net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 12)
+        await net.run(self.alice.stop())
+        had = d.chunks.bytes_received
+        missing = d.chunks.missing_ranges()
+        self.assertTrue(0 < had < len(data), f"had {had} of {len(data)} bytes at the stop")
+        self.assertEqual(partial_files(net, ALICE_IP), ["big.bin.json", "big.bin.part"])
+        # The chunks still in flight reach a stopped peer: bob's circuit breaks (the
+        # bridge is gone) and bob builds another; wait until bob has announced again.
+        net.pump()
+        net.pump(until=lambda: self.bob.circuit is not None and self.bob.circuit.connected
+                 and net.tracker.catalogue.names.get("big.bin"), max_steps=2000)
+        first_transfer = {t for t, _, _ in watch.chunks}
+        self.assertEqual(len(first_transfer), 1)
+
+        alice = net.make_peer(ALICE_IP, "alice")
+        requests_before = len(net.messages_of_type("request"))
+        await net.start(alice)
+        resumed = alice.downloads["big.bin"]
+        net.pump(until=finished(resumed))
+        self.assertEqual(resumed.state, DONE, resumed.error)
+        requests = [m for _, _, m in net.messages_of_type("request")][requests_before:]
+        self.assertEqual(len(requests), 1)
+        self.assertEqual(requests[0]["chunks"], missing)
+        self.assertEqual(requests[0]["sha256"], sha(data))
+        second = {t for t, _, _ in watch.chunks} - first_transfer
+        self.assertEqual(len(second), 1)
+        sent_again = watch.bytes_sent(second.pop())
+        self.assertLess(sent_again, len(data))
+        self.assertEqual(sent_again, len(data) - had)
+        with open(os.path.join(net.downloads_dir(ALICE_IP), "big.bin"), "rb") as f:
+            self.assertTrue(f.read() == data, "the resumed file differs from the shared one")
+        # Long after, nothing of the stopped peer comes back to write in .partial.
+        net.pump(until=lambda: net.clock.seconds() > NOW + 600)
+        self.assertEqual(partial_files(net, ALICE_IP), [])
+        self.assertEqual(sorted(os.listdir(net.downloads_dir(ALICE_IP))), [".partial", "big.bin"])
+
+    @inline
+    async def test_a_resumed_download_waits_for_its_sharer_to_come_back(self):
+        net = self.net
+        data = os.urandom(20 * CHUNK)
+        net.write_share(BOB_IP, "big.bin", data)
+        await net.start()
+        d = self.alice.download("big.bin")
+        net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 5)
+        await net.run(self.alice.stop())
+        await net.run(self.bob.stop())
+        net.pump()
+        self.assertEqual(net.tracker.catalogue.names, {})  # bob's circuit is gone: nobody shares it
+        alice = net.make_peer(ALICE_IP, "alice")
+        await net.start(alice)
+        resumed = alice.downloads["big.bin"]
+        net.pump(until=lambda: resumed.attempts >= 2 or resumed.state == FAILED)
+        # Partial data on disk: "nobody shares" is a failed attempt, not the end.
+        self.assertNotEqual(resumed.state, FAILED, resumed.error)
+        self.assertIn("nobody shares this file", resumed.error)
+        bob = net.make_peer(BOB_IP, "bob")
+        await net.start(bob)
+        net.pump(until=finished(resumed))
+        self.assertEqual(resumed.state, DONE, resumed.error)
+        with open(os.path.join(net.downloads_dir(ALICE_IP), "big.bin"), "rb") as f:
+            self.assertTrue(f.read() == data, "the resumed file differs from the shared one")
+
+
+class BrokenCircuitTests(PeerNetworkCase):
+    @inline
+    async def test_a_failed_forward_message_rebuilds_the_circuit_and_resumes(self):
+        net = self.net
+        data = os.urandom(40 * CHUNK)
+        net.write_share(BOB_IP, "big.bin", data)
+        await net.start()
+        d = self.alice.download("big.bin")
+        net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 8)
+        old = self.alice.circuit
+        old_key = net.tracker_key_of(self.alice)
+        entry = old.entry.ip
+        net.down.add(entry)
+        requests_before = len(net.messages_of_type("request"))
+        # The next forward message fails (alice's request after the stall, or a tick).
+        net.pump(until=lambda: self.alice.circuit is not old)
+        self.assertTrue(old.destroyed, "the broken circuit was not destroyed")
+        net.pump(until=lambda: self.alice.circuit is not None and self.alice.circuit.connected, max_steps=5000)
+        new = self.alice.circuit
+        self.assertNotIn(entry, [h.address.ip for h in new.hops])
+        self.assertEqual(len({h.address for h in new.hops}), 3)
+        new_key = net.tracker_key_of(self.alice)
+        self.assertNotEqual(new_key, old_key)
+        self.assertEqual(len(net.messages_on(new_key, "ls")), 1, "no ls on the new circuit")
+        self.assertIn(new_key, net.tracker.catalogue.circuits)
+        # (The old circuit's destroy died at the down entry: the tracker forgets it when idle.)
+        net.pump(until=finished(d), max_steps=5000)
+        self.assertEqual(d.state, DONE, d.error)
+        with open(os.path.join(net.downloads_dir(ALICE_IP), "big.bin"), "rb") as f:
+            self.assertTrue(f.read() == data, "the resumed file differs from the shared one")
+        later = [m for _, _, m in net.messages_of_type("request")][requests_before:]
+        self.assertTrue(later and all("chunks" in m for m in later), later)
+        self.assertTrue(all(m["chunks"][0][0] >= 8 for m in later),
+                        "the resumed request asked again for chunks alice had")
+
+
+class GiveUpTests(PeerNetworkCase):
+    @inline
+    async def test_a_download_gives_up_after_five_attempts(self):
+        net = self.net
+        path = net.write_share(BOB_IP, "gone.bin", os.urandom(3 * CHUNK))
+        await net.start()
+        os.unlink(path)  # still announced: bob's refusal reaches alice each time
+        watch = UploadWatch(self.bob)
+        d = self.alice.download("gone.bin")
+        net.pump(until=lambda: d.attempts >= 2)
+        self.assertEqual(d.error, "attempt 1 of 5: the sharer stopped: no such file")
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, FAILED)
+        self.assertEqual(d.attempts, 5)
+        self.assertEqual(d.error, "gave up after 5 attempts: the sharer stopped: no such file")
+        self.assertEqual(len(net.messages_of_type("request")), 5)
+        self.assertEqual([(e["status"], e["detail"]) for e in watch.ends], [("error", "no such file")] * 5)
+        self.assertEqual(watch.chunks, [])
+        self.assertFalse(os.path.exists(os.path.join(net.downloads_dir(ALICE_IP), "gone.bin")))
+        # Nothing more is tried afterwards.
+        net.pump(until=lambda: net.clock.seconds() > NOW + 3600)
+        self.assertEqual(len(net.messages_of_type("request")), 5)
+
+
+class WrongDataTests(PeerNetworkCase):
+    @inline
+    async def test_a_file_that_does_not_match_its_sha256_is_not_kept(self):
+        net = self.net
+        data = os.urandom(3 * CHUNK + 5)
+        path = net.write_share(BOB_IP, "rot.bin", data)
+        await net.start()
+        # Bit rot after hashing: same size and mtime, so bob still announces the old sha256.
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.seek(CHUNK + 7)
+            f.write(bytes([data[CHUNK + 7] ^ 0xFF]))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        await net.run(self.bob.rescan())
+        self.assertEqual(self.bob.share.entry("rot.bin")["sha256"], sha(data))
+        watch = UploadWatch(self.bob)
+        d = self.alice.download("rot.bin")
+        net.pump(until=lambda: d.attempts >= 2 or d.state in (DONE, FAILED))
+        self.assertEqual(d.error, "attempt 1 of 5: the file's sha256 did not match; partial data discarded")
+        self.assertEqual(partial_files(net, ALICE_IP), [])
+        self.assertEqual(os.listdir(net.downloads_dir(ALICE_IP)), [".partial"])
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, FAILED)
+        self.assertIn("sha256 did not match", d.error)
+        self.assertEqual(watch.bytes_sent(), 5 * len(data))  # five whole transfers, each refused
+        self.assertEqual(os.listdir(net.downloads_dir(ALICE_IP)), [".partial"])
+        self.assertEqual(partial_files(net, ALICE_IP), [])
+
+
+# --- the sharer's side -------------------------------------------------------------------------
+
+
+class RefusalTests(PeerNetworkCase):
+    @inline
+    async def test_the_sharer_refuses_names_it_does_not_share_or_that_climb_out(self):
+        net = self.net
+        share = net.dirs[BOB_IP].share
+        outside = os.path.join(net.base_dir, "secret.txt")
+        with open(outside, "wb") as f:
+            f.write(b"not for sharing")
+        net.write_share(BOB_IP, "ok.bin", b"fine")
+        os.symlink("ok.bin", os.path.join(share, "link"))       # announced: it stays inside
+        os.symlink(outside, os.path.join(share, "escape"))      # never announced: it leads out
+        os.mkdir(os.path.join(share, "sub"))
+        with open(os.path.join(share, "sub", "inner.bin"), "wb") as f:
+            f.write(b"inner")
+        await net.start()
+        self.assertEqual(sorted(f["name"] for f in self.bob.shared), ["link", "ok.bin"])
+        os.unlink(os.path.join(share, "link"))
+        os.symlink(outside, os.path.join(share, "link"))        # now it climbs out
+        net.write_share(BOB_IP, "late.bin", b"on disk, never announced")
+        watch = UploadWatch(self.bob)
+        key = net.tracker_key_of(self.bob)
+        crafted = {
+            "climb": {"file": "../secret.txt"},
+            "dots": {"file": ".."},
+            "separator": {"file": "sub/inner.bin"},
+            "directory": {"file": "sub"},
+            "escape": {"file": "escape"},
+            "retargeted": {"file": "link"},
+            "unannounced": {"file": "late.bin"},
+            "absolute": {"file": outside},
+            "not a name": {"file": 42},
+            "other content": {"file": "ok.bin", "sha256": "0" * 64},
+            "tiny chunks": {"file": "ok.bin", "chunk_size": 10},
+            "bad ranges": {"file": "ok.bin", "chunks": [[0]]},
+        }
+        for transfer, fields in crafted.items():
+            self.bob.serve(self.bob.circuit, dict({"type": "request", "transfer": transfer,
+                                                   "chunk_size": CHUNK}, **fields))
+        net.pump(until=lambda: not self.bob.uploads)
+        ends = {m["transfer"]: m for m in net.messages_on(key, "transfer_end")}
+        self.assertEqual(set(ends), set(crafted))
+        for transfer, end in ends.items():
+            self.assertEqual(end["status"], "error", transfer)
+            self.assertIsInstance(end.get("detail"), str)
+        self.assertEqual(ends["unannounced"]["detail"], "this peer does not share that name")
+        self.assertEqual(ends["retargeted"]["detail"], "the name resolves outside the share directory")
+        self.assertEqual(ends["other content"]["detail"], "this peer's copy has another content")
+        self.assertEqual(watch.chunks, [])  # not one byte of any of them
+        self.assertEqual(len(watch.ends), len(crafted))
+        self.assertEqual(net.messages_on(key, "file_chunk"), [])
+        # A served name still works afterwards.
+        d = self.alice.download("ok.bin")
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, DONE, d.error)
+
+
+# --- announcing --------------------------------------------------------------------------------
+
+
+class AnnounceTests(PeerNetworkCase):
+    @inline
+    async def test_tick_announces_changes_every_interval_and_refreshes(self):
+        net = self.net
+        net.write_share(BOB_IP, "one.bin", b"1")
+        await net.start()
+        bob = self.bob
+        key = net.tracker_key_of(bob)
+
+        def counts():
+            return len(net.messages_on(key, "ls")), len(net.messages_on(key, "list"))
+
+        self.assertEqual(counts(), (1, 0))
+        net.write_share(BOB_IP, "two.bin", b"22")
+        await net.run(bob.tick())
+        self.assertEqual(counts(), (2, 0))
+        self.assertEqual(sorted(f["name"] for f in net.messages_on(key, "ls")[-1]["files"]), ["one.bin", "two.bin"])
+        self.assertEqual(sorted(r["name"] for r in net.tracker.catalogue.listing()), ["one.bin", "two.bin"])
+        self.assertEqual(sorted(f["name"] for f in bob.catalogue), ["one.bin", "two.bin"])
+
+        await net.run(bob.tick())              # no change, never refreshed: a list
+        self.assertEqual(counts(), (2, 1))
+        await net.run(bob.tick())              # no change, just refreshed: nothing
+        self.assertEqual(counts(), (2, 1))
+        start = net.clock.seconds()
+        net.pump(until=lambda: net.clock.seconds() >= start + bob.refresh_interval)
+        await net.run(bob.tick())              # refresh_interval later: a list
+        self.assertEqual(counts(), (2, 2))
+        net.pump(until=lambda: net.clock.seconds() >= start + bob.announce_interval)
+        await net.run(bob.tick())              # announce_interval after the last ls: an ls, unchanged
+        self.assertEqual(counts(), (3, 2))
+        self.assertEqual(net.messages_on(key, "ls")[-1], net.messages_on(key, "ls")[-2])
+        await net.run(self.alice.tick())
+        self.assertEqual(sorted(f["name"] for f in self.alice.catalogue), ["one.bin", "two.bin"])
+
+
+# --- restarting --------------------------------------------------------------------------------
+
+
+class RestartTests(PeerNetworkCase):
+    @inline
+    async def test_a_restarted_peer_asks_a_node_for_the_directory_not_the_tracker(self):
+        net = self.net
+        await net.start()
+        self.assertEqual(net.tracker_gets("/nodes"), 2)  # each peer's first start
+        await net.run(self.alice.stop())
+        self.assertTrue(os.path.exists(os.path.join(net.dirs[ALICE_IP].data, "directory.json")))
+        seen = len(net.gets)
+        alice = net.make_peer(ALICE_IP, "alice")
+        await net.start(alice)
+        self.assertEqual(alice.circuit_state, CONNECTED)
+        self.assertEqual(net.tracker_gets("/nodes"), 2)
+        asked = [(sender, address.ip, path) for sender, address, path in net.gets[seen:]]
+        self.assertTrue(asked)
+        self.assertTrue(all(sender == ALICE_IP and ip in NODE_IPS and path == "/nodes" for sender, ip, path in asked),
+                        asked)
+        self.assertIsNotNone(alice.directory.current)
+
+
+# --- chunks and transfer_end out of order ------------------------------------------------------
+
+
+class OrderTests(PeerNetworkCase):
+    @inline
+    async def test_chunks_and_transfer_end_that_overtake_the_transfer_reply(self):
+        net = self.net
+        data = os.urandom(6 * CHUNK + 1)
+        net.write_share(BOB_IP, "fast.bin", data)
+        await net.start()
+        net.hold_replies_to.add(ALICE_IP)  # the tracker's answer to alice's request waits
+        d = self.alice.download("fast.bin")
+        net.pump(until=lambda: d.outcome is not None)
+        self.assertIsNone(d.transfer)                 # the reply has not arrived yet
+        self.assertEqual(len(d.seen_transfers), 1)
+        self.assertTrue(d.chunks.complete)            # every chunk was taken before it
+        self.assertEqual(d.outcome, "ok")             # and the transfer_end too
+        net.release()
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertEqual(d.attempts, 1)
+        with open(os.path.join(net.downloads_dir(ALICE_IP), "fast.bin"), "rb") as f:
+            self.assertTrue(f.read() == data, "the file differs from the shared one")
+
+    @inline
+    async def test_a_transfer_end_before_the_reply_and_before_any_chunk(self):
+        net = self.net
+        net.write_share(BOB_IP, "empty.bin", b"")
+        await net.start()
+        net.hold_replies_to.add(ALICE_IP)
+        d = self.alice.download("empty.bin")
+        net.pump(until=lambda: self.alice._orphan_ends)
+        self.assertIsNone(d.transfer)
+        self.assertIsNone(d.outcome)
+        net.release()
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertEqual(d.attempts, 1)
+        self.assertEqual(self.alice._orphan_ends, {})
+        self.assertEqual(os.path.getsize(os.path.join(net.downloads_dir(ALICE_IP), "empty.bin")), 0)
+        self.assertEqual(d.sha256, sha(b""))
+
+    @inline
+    async def test_an_error_transfer_end_before_the_reply_ends_the_attempt(self):
+        net = self.net
+        path = net.write_share(BOB_IP, "gone.bin", b"x" * 100)
+        await net.start()
+        os.unlink(path)
+        net.hold_replies_to.add(ALICE_IP)
+        d = self.alice.download("gone.bin")
+        net.pump(until=lambda: self.alice._orphan_ends)
+        net.release()
+        net.pump(until=lambda: d.attempts >= 2)
+        self.assertEqual(d.error, "attempt 1 of 5: the sharer stopped: no such file")
+
+    def test_chunks_nobody_asked_for_are_dropped(self):
+        alice = self.alice
+        store = alice.store
+        from onion_twisted.downloads import REQUESTING, Download
+        d = Download(store, "f.bin", None, CHUNK)
+        d.state = REQUESTING
+        alice.downloads["f.bin"] = d
+
+        def chunk(transfer, index, name="f.bin"):
+            return {"type": "file_chunk", "transfer": transfer, "file": name, "chunk_idx": index,
+                    "chunk_size": CHUNK, "size": 2 * CHUNK, "data": wire.b64encode(bytes([index]) * CHUNK)}
+
+        alice._on_chunk(chunk("t1", 0))                 # before the reply: taken
+        self.assertEqual(d.chunks.have, 1)
+        self.assertEqual(d.seen_transfers, {"t1"})
+        alice._on_chunk(chunk("t1", 0, name="other.bin"))  # a file nobody asked for
+        self.assertNotIn("other.bin", alice.downloads)
+        d.transfer = "t2"                               # the reply names another transfer
+        alice._on_chunk(chunk("t1", 1))                 # an earlier transfer's chunk: dropped
+        self.assertEqual(d.chunks.have, 1)
+        alice._on_transfer_end({"type": "transfer_end", "transfer": "t1", "status": "ok"})
+        self.assertIsNone(d.outcome)                    # nor does its end end this attempt
+        alice._on_transfer_end({"type": "transfer_end", "transfer": "t9", "status": "ok"})
+        self.assertIsNone(d.outcome)                    # nobody's transfer: kept aside, no effect
+        self.assertIn("t9", alice._orphan_ends)
+        alice._on_chunk(chunk("t2", 1))
+        alice._on_transfer_end({"type": "transfer_end", "transfer": "t2", "status": "ok"})
+        self.assertEqual(d.outcome, "ok")
+        self.assertTrue(d.chunks.complete)
+        net = self.net
+        net.clock.advance(121)
+        alice._on_transfer_end({"type": "transfer_end", "transfer": "t10", "status": "ok"})
+        self.assertNotIn("t9", alice._orphan_ends)      # old orphans are forgotten
+        d.close()
