@@ -82,10 +82,10 @@ class Tracker:
                     if new:
                         self.catalogue.forget(key)
                     raise
-                return b'{"payload":' + self.catalogue.files_reply_json() + b"}"
+                return self.catalogue.files_answer()
             if kind == "list":
                 self.catalogue.circuit(key, exit_address)
-                return b'{"payload":' + self.catalogue.files_reply_json() + b"}"
+                return self.catalogue.files_answer()
             if kind == "request":
                 request = parse_request(message)
                 circuit = self.catalogue.circuit(key, exit_address)

@@ -44,6 +44,14 @@ class TrackerService(service.MultiService):
         expire = internet.TimerService(min(10.0, cfg["heartbeat"]), self.tracker.expire)
         expire.clock = reactor
         expire.setServiceParent(self)
+        if cfg["listing_refresh"] > 0:
+            refresh = internet.TimerService(cfg["listing_refresh"], self._refresh_listing)
+            refresh.clock = reactor
+            refresh.setServiceParent(self)
+
+    def _refresh_listing(self) -> None:
+        if self.tracker.catalogue.dirty:
+            self.tracker.catalogue.refresh_listing()
 
     async def _resolve(self, address: wire.Address) -> str:
         if address.ip is not None:
