@@ -30,8 +30,11 @@ SAMPLES = {
 }
 
 
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our members: never via a proxy
+
+
 def _get_json(url: str, timeout: float = 2.0, source: str | None = None):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with _OPENER.open(url, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -47,8 +50,11 @@ class Member:
 
 class LocalNetwork:
     def __init__(self, run_dir="run", *, base="127.0.0.10", port=5000, nodes=6, peers=("alice", "bob"),
-                 big_mib=50, key_bits=2048, python=sys.executable, extra: dict | None = None):
+                 big_mib=50, key_bits=2048, python=sys.executable, extra: dict | None = None, wrap=None):
+        """``wrap(name)``, if given, is a command prefix for that member's process, e.g.
+        ``lambda name: ["ip", "netns", "exec", name]`` to start each in its own network namespace."""
         self.run_dir = Path(run_dir).resolve()
+        self.wrap = wrap
         self.port = port
         self.python = python
         self.big_mib = big_mib
@@ -95,6 +101,8 @@ class LocalNetwork:
                    f"onion{role}", "--listen", ip, "--port", str(self.port), *options]
         for key, value in self.extra.get(role, {}).items():
             command += [f"--{key.replace('_', '-')}", str(value)] if value is not True else [f"--{key.replace('_', '-')}"]
+        if self.wrap is not None:
+            command = [*self.wrap(name), *command]
         member.process = subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=open(directory / "stderr.log", "ab"),
                                           start_new_session=True)

@@ -70,7 +70,9 @@ def loads_object(data: bytes, what: str = "body") -> dict:
 
 
 def b64encode(data: bytes) -> str:
-    return pybase64.b64encode(data).decode("ascii")
+    # Straight to str: encode-then-decode makes two large objects per chunk,
+    # and glibc hands them back to the kernel and faults them in again (bench/README.md).
+    return pybase64.b64encode_as_string(data)
 
 
 def b64decode(text, field: str = "payload") -> bytes:

@@ -1,0 +1,279 @@
+"""The whole network end to end, started by the demo's own code (issue 5).
+
+``onion_twisted.localnet.LocalNetwork`` (what ``./scripts/demo`` runs)
+starts the real tracker, six nodes, alice and bob as ``twistd`` processes on
+a random ``127.R1.R2.x`` base of their own (tracker .10, nodes .11 to .16,
+alice .21, bob .22, all at port 5000), with small files: bob's 2 MiB random
+binary and alice's own 300 KiB one besides the text samples. Alice downloads
+bob's binary while bob downloads alice's, both at once, each asked for
+through its peer's user API from .200; both copies are checked by SHA-256.
+
+Then the network is stopped gracefully (SIGTERM, so every log is flushed)
+and the logs are searched, as Tor's SafeLogging promises:
+
+* the tracker's log, its page and its ``/metrics`` (fetched while it ran)
+  never name alice's or bob's IP: the tracker only ever talks to exits;
+* no node's log names a peer's IP or a shared file's name (the
+  ``unsafe_logging`` debug switch, off here, is what may say more).
+
+Each search is first shown able to find what it looks for: the peers' IPs
+are in the peers' own logs and the file names on the tracker's page, so an
+empty result means "not there", not "searched the wrong text".
+
+Nothing waits by sleeping: ``LocalNetwork.start``/``stop`` block, so they run
+in a thread; everything else polls on the reactor clock with a deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from onion_twisted import wire
+from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.localnet import SAMPLES, LocalNetwork
+from tests.support.processes import PORT, allocate_prefix, poll_until, post_status
+
+TRACKER_HOST, FIRST_NODE_HOST, ALICE_HOST, BOB_HOST, ADMIN_HOST = 10, 11, 21, 22, 200
+NODES = 6
+ALL_HOSTS = (TRACKER_HOST, *range(FIRST_NODE_HOST, FIRST_NODE_HOST + NODES), ALICE_HOST, BOB_HOST, ADMIN_HOST)
+BIG_MIB = 2                      # bob's binary; the demo's default is 50
+BOB_NAME = f"big-{BIG_MIB}MiB.bin"
+ALICE_NAME = "alice holiday.bin"  # a space in it too
+ALICE_SIZE = 300 * 1024
+START_TIMEOUT = 45               # seconds for the whole network to come up
+TRANSFER_DEADLINE = 40           # seconds for both downloads
+
+
+def _reactor():
+    from twisted.internet import reactor
+    return reactor
+
+
+def inline(method):
+    """Run an ``async def`` test method as a Deferred trial waits for."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        return defer.ensureDeferred(method(self, *args))
+    return wrapper
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mentions(text: str, needle: str) -> bool:
+    """Whether ``text`` holds ``needle`` as a whole word: an IP not inside a longer one
+    (``127.1.2.21`` is not in ``127.1.2.210``), a name not inside a longer name."""
+    return re.search(r"(?<![\w.])" + re.escape(needle) + r"(?!\w)", text) is not None
+
+
+class EndToEndTests(unittest.TestCase):
+    timeout = 120  # trial's per-test limit; the test's own deadlines are shorter
+
+    def setUp(self):
+        self.prefix = allocate_prefix(ALL_HOSTS, PORT)
+        self.run_dir = Path(self.mktemp()).resolve()
+        self.net = LocalNetwork(self.run_dir, base=self.ip(TRACKER_HOST), port=PORT, nodes=NODES,
+                                big_mib=BIG_MIB, key_bits=1024)
+        self.assertEqual((self.net.peer_ips["alice"], self.net.peer_ips["bob"]),
+                         (self.ip(ALICE_HOST), self.ip(BOB_HOST)), "LocalNetwork's address layout changed")
+        self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(ADMIN_HOST), timeout=10)
+        self.addCleanup(self.admin.close)
+        self.addCleanup(self._remove_copies)
+        self.addCleanup(self._stop)  # runs first: members stop before anything else goes
+        self.stopped = False
+
+        # Alice's own file, in her share before she starts: her first ls announces it.
+        share = self.run_dir / "alice" / "share"
+        share.mkdir(parents=True)
+        self.alice_file = share / ALICE_NAME
+        self.alice_file.write_bytes(os.urandom(ALICE_SIZE))
+
+    def ip(self, host: int) -> str:
+        return f"{self.prefix}.{host}"
+
+    def _stop(self):
+        if self.stopped:
+            return None
+        self.stopped = True
+        return threads.deferToThread(self.net.stop)
+
+    def _remove_copies(self):
+        """The binaries go; logs and state stay in the temp dir for a look."""
+        for peer in ("alice", "bob"):
+            for sub in ("share", "downloads"):
+                shutil.rmtree(self.run_dir / peer / sub, ignore_errors=True)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def member(self, name: str):
+        return next(m for m in self.net.members if m.name == name)
+
+    def tails(self, *names: str, lines: int = 25) -> str:
+        parts = []
+        for name in names:
+            for path in (self.run_dir / name / f"{name}.log", self.run_dir / name / "stderr.log"):
+                try:
+                    text = path.read_text("utf-8", errors="replace").splitlines()[-lines:]
+                except FileNotFoundError:
+                    continue
+                parts.append(f"--- {name}/{path.name}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def peer_address(self, name: str) -> wire.Address:
+        return wire.Address(self.net.peer_ips[name], PORT)
+
+    async def status(self, name: str) -> dict:
+        status, _, body = await self.admin.get(self.peer_address(name), "/api/status")  # Host: the peer's own
+        self.assertEqual(status, 200, f"{name} answered {status} for /api/status: {body[:200]!r}")
+        return wire.loads_object(body)
+
+    async def fetch(self, ip: str, path: str) -> bytes:
+        status, _, body = await self.admin.get(wire.Address(ip, PORT), path)
+        self.assertEqual(status, 200, f"{ip} answered {status} for {path}")
+        return body
+
+    async def ask(self, name: str, file: str, sha: str) -> dict:
+        code, body = await post_status(self.admin, self.peer_address(name),
+                                       wire.dumps({"file": file, "sha256": sha}), path="/api/downloads")
+        self.assertEqual(code, 202, f"{name} answered {code}: {body[:300]!r}")
+        return wire.loads_object(body)
+
+    async def wait_listed(self, name: str, file: str, sha: str, size: int) -> None:
+        """Until ``name``'s catalogue lists ``file`` with its size and hash (the other peer announced it)."""
+        async def listed():
+            if self.member(name).process.poll() is not None:
+                raise AssertionError(f"{name} exited\n{self.tails(name)}")
+            catalogue = (await self.status(name))["catalogue"]
+            return any(f.get("name") == file and f.get("sha256") == sha and f.get("size") == size
+                       for f in catalogue)
+        try:
+            await poll_until(listed, timeout=20, what=f"{file!r} in {name}'s catalogue", interval=0.1)
+        except AssertionError as e:
+            raise self.failureException(f"{e}\n{self.tails('alice', 'bob', 'tracker')}") from None
+
+    async def wait_done(self, name: str, file: str) -> dict:
+        async def done():
+            if self.member(name).process.poll() is not None:
+                raise AssertionError(f"{name} exited\n{self.tails(name)}")
+            found = [d for d in (await self.status(name))["downloads"] if d["file"] == file]
+            if found and found[0]["state"] == "failed":
+                raise AssertionError(f"{name}'s download of {file!r} failed: {found[0]['error']}\n"
+                                     f"{self.tails('alice', 'bob')}")
+            return found[0] if found and found[0]["state"] == "done" else None
+        try:
+            return await poll_until(done, timeout=TRANSFER_DEADLINE, what=f"{name}'s download of {file!r}",
+                                    interval=0.1)
+        except AssertionError as e:
+            raise self.failureException(f"{e}\n{self.tails('alice', 'bob')}") from None
+
+    def log_text(self, name: str) -> str:
+        path = self.run_dir / name / f"{name}.log"
+        self.assertTrue(path.is_file(), f"no log at {path}")
+        text = path.read_text("utf-8", errors="replace")
+        self.assertTrue(text.strip(), f"{path} is empty: the search below would prove nothing")
+        return text
+
+    def assertNotMentioned(self, text: str, needles, where: str):
+        found = sorted(n for n in needles if mentions(text, n))
+        if found:
+            lines = [line for line in text.splitlines() if any(mentions(line, n) for n in found)][:5]
+            self.fail(f"{where} names {found}:\n" + "\n".join(lines))
+
+    # --- the test ------------------------------------------------------------------------
+
+    @inline
+    async def test_both_ways_at_once_and_logs_are_safe(self):
+        reactor = _reactor()
+        started = reactor.seconds()
+        try:
+            await threads.deferToThread(self.net.start, START_TIMEOUT)
+        except RuntimeError as e:
+            raise self.failureException(f"the network did not start: {e}\n"
+                                        f"{self.tails('tracker', 'node1', 'alice', 'bob')}") from None
+        up = reactor.seconds() - started
+        bob_file = self.run_dir / "bob" / "share" / BOB_NAME
+        self.assertEqual(bob_file.stat().st_size, BIG_MIB << 20)
+        alice_sha, bob_sha = sha256_file(self.alice_file), sha256_file(bob_file)
+
+        # Each sees the other's file, then both downloads are asked for at once.
+        await defer.gatherResults([
+            defer.ensureDeferred(self.wait_listed("alice", BOB_NAME, bob_sha, BIG_MIB << 20)),
+            defer.ensureDeferred(self.wait_listed("bob", ALICE_NAME, alice_sha, ALICE_SIZE)),
+        ], consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        asked = reactor.seconds()
+        a, b = await defer.gatherResults([
+            defer.ensureDeferred(self.ask("alice", BOB_NAME, bob_sha)),
+            defer.ensureDeferred(self.ask("bob", ALICE_NAME, alice_sha)),
+        ], consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        self.assertEqual((a["file"], b["file"]), (BOB_NAME, ALICE_NAME))
+        # Both are under way together: neither finished before the other was asked for.
+        self.assertNotEqual(a["state"], "done")
+        self.assertNotEqual(b["state"], "done")
+        done_a, done_b = await defer.gatherResults([
+            defer.ensureDeferred(self.wait_done("alice", BOB_NAME)),
+            defer.ensureDeferred(self.wait_done("bob", ALICE_NAME)),
+        ], consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        transfer = reactor.seconds() - asked
+
+        self.assertEqual((done_a["size"], done_a["sha256"], done_a["unverified"]), (BIG_MIB << 20, bob_sha, False))
+        self.assertEqual((done_b["size"], done_b["sha256"], done_b["unverified"]), (ALICE_SIZE, alice_sha, False))
+        got_a = self.run_dir / "alice" / "downloads" / done_a["path"]
+        got_b = self.run_dir / "bob" / "downloads" / done_b["path"]
+        self.assertEqual(sha256_file(got_a), bob_sha, "alice's copy of bob's file differs")
+        self.assertEqual(sha256_file(got_b), alice_sha, "bob's copy of alice's file differs")
+
+        # The tracker's public faces, while it runs.
+        page = (await self.fetch(self.net.tracker_ip, "/")).decode("utf-8", "replace")
+        metrics = (await self.fetch(self.net.tracker_ip, "/metrics")).decode("utf-8", "replace")
+
+        # A graceful stop: every member flushes its log.
+        self.stopped = True
+        await threads.deferToThread(self.net.stop)
+        print(f"\nnetwork up in {up:.1f} s; both downloads ({BIG_MIB} MiB and {ALICE_SIZE >> 10} KiB) "
+              f"in {transfer:.1f} s", file=sys.stderr)
+
+        peer_ips = [self.net.peer_ips["alice"], self.net.peer_ips["bob"]]
+        names = sorted({BOB_NAME, ALICE_NAME, *(n for files in SAMPLES.values() for n in files)})
+        # The searches can find what they look for: in the peers' own logs, their own IPs
+        # (each logs its page's address); on the tracker's page, the shared names.
+        self.assertTrue(mentions(self.log_text("alice"), peer_ips[0]), "alice's log does not name her IP")
+        self.assertTrue(mentions(self.log_text("bob"), peer_ips[1]), "bob's log does not name his IP")
+        for name in (BOB_NAME, ALICE_NAME):
+            self.assertTrue(mentions(page, name), f"the tracker's page does not list {name!r}")
+        self.assertTrue(any(mentions(page, ip) for ip in self.net.node_ips), "the tracker's page lists no node")
+
+        tracker_log = self.log_text("tracker")
+        self.assertNotMentioned(tracker_log, peer_ips, "the tracker's log")
+        self.assertNotMentioned(page, peer_ips, "the tracker's page")
+        self.assertNotMentioned(metrics, peer_ips, "the tracker's /metrics")
+        for i in range(1, NODES + 1):
+            node_log = self.log_text(f"node{i}")
+            self.assertNotMentioned(node_log, peer_ips, f"node{i}'s log")
+            self.assertNotMentioned(node_log, names, f"node{i}'s log")
+
+
+class MentionsTests(unittest.TestCase):
+    """The search the log checks rely on finds whole IPs and names, and only those."""
+
+    def test_whole_words_only(self):
+        self.assertTrue(mentions("created circuit from 127.1.2.21", "127.1.2.21"))
+        self.assertTrue(mentions("to 127.1.2.21:5000.", "127.1.2.21"))
+        self.assertTrue(mentions('{"file": "poem.txt"}', "poem.txt"))
+        self.assertTrue(mentions(".partial/poem.txt.part", "poem.txt"))
+        self.assertFalse(mentions("127.1.2.210:5000", "127.1.2.21"))
+        self.assertFalse(mentions("127.1.2.2", "127.1.2.21"))
+        self.assertFalse(mentions("mypoem.txt", "poem.txt"))
