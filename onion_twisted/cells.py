@@ -20,6 +20,13 @@ class Cell:
     cid: str
     payload: Any  # str (base64) on peer/node links; dict from the tracker and on bridges
     destroy: bool
+    # An object payload's own bytes, when the body is exactly {"CID": …, "payload": {…}}
+    # as this project writes it: relayed as they came instead of serialised again.
+    raw_object: bytes | None = None
+
+    def object_bytes(self) -> bytes:
+        """The JSON bytes of an object payload."""
+        return self.raw_object if self.raw_object is not None else wire.dumps(payload_object(self))
 
     @property
     def is_control(self) -> bool:
@@ -49,7 +56,12 @@ def parse_cell(body: bytes) -> Cell:
         raise BadRequest("missing field payload")
     if not isinstance(payload, (str, dict)):
         raise BadRequest("payload is neither a base64 string nor a JSON object")
-    return Cell(cid, payload, False)
+    raw = None
+    if isinstance(payload, dict) and len(obj) == 2:
+        prefix = b'{"CID":"' + cid.encode("ascii") + b'","payload":'
+        if body.startswith(prefix) and body.endswith(b"}"):
+            raw = body[len(prefix):-1]
+    return Cell(cid, payload, False, raw)
 
 
 def payload_bytes(cell: Cell) -> bytes:
@@ -66,9 +78,9 @@ def payload_object(cell: Cell) -> dict:
     return cell.payload
 
 
-def encode_cell(cid: str, payload: bytes | dict) -> bytes:
+def encode_cell(cid: str, payload: bytes | dict | str) -> bytes:
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        payload = wire.b64encode(payload)
+        return wire.with_base64({"CID": cid}, "payload", payload)
     return wire.dumps({"CID": cid, "payload": payload})
 
 

@@ -129,12 +129,13 @@ class Circuit:
 
     # --- traffic -------------------------------------------------------------------
 
-    async def send(self, message: dict) -> dict | None:
-        """A message to the tracker; its reply object, or None for ``{}``."""
+    async def send(self, message: dict | bytes) -> dict | None:
+        """A message to the tracker (an object, or its JSON bytes already
+        serialised); its reply object, or None for ``{}``."""
         self._check_usable()
         if not self.connected:
             raise Conflict("the circuit is not connected to the tracker yet")
-        if not isinstance(message, dict):
+        if not isinstance(message, (dict, bytes)):
             raise TypeError("a message is a JSON object")
         return self._reply_object(await self._post_onion(message))
 
@@ -185,8 +186,9 @@ class Circuit:
     async def _post(self, body: bytes) -> bytes:
         return await self.outbound.post(self.entry, body)
 
-    async def _post_onion(self, message: dict) -> bytes:
-        onion = crypto.wrap_onion(self.layers, wire.dumps(message))
+    async def _post_onion(self, message: dict | bytes) -> bytes:
+        plaintext = message if isinstance(message, bytes) else wire.dumps(message)
+        onion = crypto.wrap_onion(self.layers, plaintext)
         reply = await self._post(cells.encode_cell(self.cid, onion))
         self._check_usable()  # destroyed while the message was under way
         return reply

@@ -34,7 +34,10 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer):
-        consumer.write(self._body)
+        # Let go of the body once the transport has it: a pooled connection
+        # keeps its last request (and so this producer) while it sits idle.
+        body, self._body = self._body, b""
+        consumer.write(body)
         return defer.succeed(None)
 
     def pauseProducing(self):

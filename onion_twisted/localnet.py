@@ -50,11 +50,14 @@ class Member:
 
 class LocalNetwork:
     def __init__(self, run_dir="run", *, base="127.0.0.10", port=5000, nodes=6, peers=("alice", "bob"),
-                 big_mib=50, key_bits=2048, python=sys.executable, extra: dict | None = None, wrap=None):
+                 big_mib=50, key_bits=2048, python=sys.executable, extra: dict | None = None, wrap=None, conf_dir=None):
         """``wrap(name)``, if given, is a command prefix for that member's process, e.g.
         ``lambda name: ["ip", "netns", "exec", name]`` to start each in its own network namespace."""
         self.run_dir = Path(run_dir).resolve()
         self.wrap = wrap
+        # The example files in conf/ (every key at its default), with this
+        # network's addresses and directories given as options on top.
+        self.conf_dir = Path(conf_dir).resolve() if conf_dir else None
         self.port = port
         self.python = python
         self.big_mib = big_mib
@@ -97,8 +100,10 @@ class LocalNetwork:
         directory = self.run_dir / name
         directory.mkdir(parents=True, exist_ok=True)
         member = Member(name, role, ip, directory, options)
+        config = self.conf_dir / f"{role}.toml" if self.conf_dir else None
+        config_option = ["--config", str(config)] if config and config.is_file() else []
         command = [self.python, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={member.log_path}",
-                   f"onion{role}", "--listen", ip, "--port", str(self.port), *options]
+                   f"onion{role}", *config_option, "--listen", ip, "--port", str(self.port), *options]
         for key, value in self.extra.get(role, {}).items():
             command += [f"--{key.replace('_', '-')}", str(value)] if value is not True else [f"--{key.replace('_', '-')}"]
         if self.wrap is not None:
@@ -183,8 +188,10 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=5000, help="the network's port (default: 5000)")
     parser.add_argument("--big-mib", type=int, default=50, help="size of bob's sample binary in MiB (default: 50)")
     parser.add_argument("--key-bits", type=int, default=2048, help="RSA key size of new nodes (default: 2048)")
+    parser.add_argument("--conf-dir", default="conf", help="example configuration files (default: conf)")
     args = parser.parse_args(argv)
-    net = LocalNetwork(args.run_dir, base=args.base, port=args.port, big_mib=args.big_mib, key_bits=args.key_bits)
+    net = LocalNetwork(args.run_dir, base=args.base, port=args.port, big_mib=args.big_mib, key_bits=args.key_bits,
+                       conf_dir=args.conf_dir if os.path.isdir(args.conf_dir) else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         started = time.monotonic()

@@ -13,6 +13,7 @@ from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .malloc import tune_malloc
 from . import config, crypto, keys, wire
 from .circuits import RelayTable
 from .directory_client import DirectoryClient
@@ -107,4 +108,5 @@ class NodeService(service.MultiService):
 
 
 def makeService(options) -> service.MultiService:
+    tune_malloc()
     return NodeService(options.config)

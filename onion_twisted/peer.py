@@ -39,7 +39,7 @@ class Peer:
                  chunk_size: int = DEFAULT_CHUNK, max_attempts: int = 5, stall_timeout: float = 60.0,
                  refresh_interval: float = 30.0, announce_interval: float = 300.0,
                  rng: random.Random | None = None, run_in_thread=threads.deferToThread,
-                 unsafe_logging: bool = False):
+                 unsafe_logging: bool = False, max_uploads: int = 16):
         self.clock = clock
         self.outbound = outbound
         self.directory = directory
@@ -58,6 +58,7 @@ class Peer:
         self.rng = rng or random.SystemRandom()
         self.run_in_thread = run_in_thread
         self.unsafe_logging = unsafe_logging
+        self.max_uploads = max_uploads  # uploads served at once; more get transfer_end "busy"
 
         self.circuit: Circuit | None = None
         self.circuit_state = WAITING
@@ -248,6 +249,9 @@ class Peer:
     def _take_catalogue(self, reply) -> None:
         if isinstance(reply, dict) and reply.get("type") == "files" and isinstance(reply.get("files"), list):
             self.catalogue = [f for f in reply["files"] if isinstance(f, dict)]
+        elif isinstance(reply, dict) and reply.get("type") == "error":
+            self.circuit_detail = f"the tracker refused our announcement: {reply.get('detail') or reply.get('error')}"
+            self.log.warn("the tracker refused a message: {why}", why=str(reply.get("error")))
 
     # --- cells arriving at POST / ------------------------------------------------------------
 
@@ -276,6 +280,11 @@ class Peer:
     def serve(self, circuit: Circuit, message: dict) -> None:
         transfer = message.get("transfer")
         if not isinstance(transfer, str) or not 0 < len(transfer) <= 128 or transfer in self.uploads:
+            return
+        if len(self.uploads) >= self.max_uploads:
+            busy = {"type": "transfer_end", "transfer": transfer, "status": "error",
+                    "detail": "the sharer is busy; ask again later"}
+            defer.ensureDeferred(self._send_on(circuit, busy)).addErrback(lambda f: None)
             return
         d = defer.ensureDeferred(self._upload(circuit, transfer, message))
         self.uploads[transfer] = d
@@ -307,9 +316,9 @@ class Peer:
         size = producer.size
 
         def send_chunk(index: int, data: bytes):
-            return defer.ensureDeferred(self._send_on(circuit, {
-                "type": "file_chunk", "transfer": transfer, "file": name, "chunk_idx": index,
-                "chunk_size": chunk_size, "size": size, "data": wire.b64encode(data)}, refusable=True))
+            message = wire.with_base64({"type": "file_chunk", "transfer": transfer, "file": name,
+                                        "chunk_idx": index, "chunk_size": chunk_size, "size": size}, "data", data)
+            return defer.ensureDeferred(self._send_on(circuit, message, refusable=True))
 
         sender = WindowedChunkSender(send_chunk, window=self.window, clock=self.clock,
                                      ack_timeout=self.stall_timeout * 2)
@@ -323,7 +332,7 @@ class Peer:
             return  # the circuit broke or the file went away; the requester asks again for what it lacks
         await self._send_on(circuit, {"type": "transfer_end", "transfer": transfer, "status": "ok"})
 
-    async def _send_on(self, circuit: Circuit, message: dict, refusable: bool = False):
+    async def _send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False):
         try:
             reply = await circuit.send(message)
         except ProtocolError as e:
@@ -425,6 +434,7 @@ class Peer:
                     return why
                 d.state = FAILED
                 d.error = why
+                d.save_record()  # a record left by an earlier run stays failed across restarts
                 return FAILED
             return str(reply.get("detail") or reply.get("error"))
         if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):

@@ -8,6 +8,7 @@ from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .malloc import tune_malloc
 from . import config, wire
 from .directory_client import DirectoryClient
 from .downloads import DownloadStore
@@ -66,4 +67,5 @@ class PeerService(service.MultiService):
 
 
 def makeService(options) -> service.MultiService:
+    tune_malloc()
     return PeerService(options.config)

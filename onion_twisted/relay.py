@@ -24,7 +24,7 @@ _CHUNK_TYPES = ("file_chunk", "transfer_end")
 
 
 def reply_with(layer_bytes: bytes) -> bytes:
-    return b'{"payload":"' + wire.b64encode(layer_bytes).encode("ascii") + b'"}'
+    return wire.with_base64({}, "payload", layer_bytes)
 
 
 def cell_with_raw_object(cid: str, json_object: bytes) -> bytes:
@@ -185,7 +185,7 @@ class NodeRelay:
 
     async def _backward(self, circuit: Circuit, cell: cells.Cell) -> bytes:
         if circuit.out_kind == EXIT:
-            data = wire.dumps(cells.payload_object(cell))
+            data = cell.object_bytes()
         else:
             data = cells.payload_bytes(cell)
         self.table.touch(circuit)
@@ -196,7 +196,7 @@ class NodeRelay:
         circuit = bridge.circuit
         bridge.last_used = self.clock.seconds()
         self.table.touch(circuit)
-        answer = await self._send_backward(circuit, wire.dumps(message))
+        answer = await self._send_backward(circuit, cell.object_bytes())
         if message.get("type") == "transfer_end":
             self.table.remove_bridge(bridge)
         return answer

@@ -7,6 +7,7 @@ import os
 from twisted.application import internet, service
 from twisted.logger import Logger
 
+from .malloc import tune_malloc
 from . import config, crypto, keys, wire
 from .catalogue import Catalogue
 from .http_client import HTTPOutbound
@@ -73,4 +74,5 @@ class TrackerService(service.MultiService):
 
 
 def makeService(options) -> service.MultiService:
+    tune_malloc()
     return TrackerService(options.config)

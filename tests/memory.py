@@ -41,7 +41,9 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-__all__ = ["MemoryAgent", "MemoryClient", "Pumps", "SynchronousProducer", "memory_client"]
+from onion_twisted.http_client import BytesProducer
+
+__all__ = ["MemoryAgent", "MemoryClient", "Pumps", "memory_client"]
 
 MAX_ROUNDS = 10_000
 
@@ -148,40 +150,19 @@ class MemoryAgent:
         return client_protocol
 
 
-@implementer(IBodyProducer)
-class SynchronousProducer:
-    """A body written in one go when the agent asks for it.
+def _producer(data):
+    """A body written in one go when the agent asks for it (``BytesProducer``).
 
     treq's default producer (``FileBodyProducer``) writes from the global
     cooperator, which nothing pumps here.
     """
-
-    def __init__(self, body: bytes):
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-def _producer(data):
     if IBodyProducer.providedBy(data):
         return data
     if isinstance(data, str):
         data = data.encode("utf-8")
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError("memory_client takes bytes, str or an IBodyProducer as data")
-    return SynchronousProducer(bytes(data))
+    return BytesProducer(bytes(data))
 
 
 class MemoryClient:

@@ -6,7 +6,7 @@ Ed25519 key) at 127.0.0.1; four real ``NodeRelay`` instances at
 and bob (127.0.0.102), each over its own temporary data, share and
 downloads directories. No socket, no thread, no global reactor.
 
-Every member's outbound is an ``Endpoint`` of the ``Network``:
+Every member's outbound is a ``MemberOutbound`` (tests/support/in_memory.py) of the ``Network``:
 
 * ``post(address, body, headers=None, path="/")`` calls the target's
   handler with the sender's IP as the source address (nodes:
@@ -29,7 +29,6 @@ that crosses the network is recorded (``posts``, ``gets``,
 from __future__ import annotations
 
 import collections
-import functools
 import os
 import random
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from onion_twisted.registry import NodeRegistry
 from onion_twisted.relay import NodeRelay
 from onion_twisted.sharing import HashCache, ShareDirectory
 from onion_twisted.tracker import Tracker
+from tests.support.in_memory import MemberOutbound
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -73,13 +73,6 @@ def synchronous(f, *args, **kwargs) -> defer.Deferred:
     """``run_in_thread`` without a thread: hashing runs at once."""
     return defer.maybeDeferred(f, *args, **kwargs)
 
-
-def inline(method):
-    """Run an ``async def`` test method as the Deferred trial waits for."""
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return defer.ensureDeferred(method(self, *args))
-    return wrapper
 
 
 @dataclass
@@ -114,20 +107,6 @@ class NodeDirectory:
         return TRACKER_KEY.public_key()
 
 
-class Endpoint:
-    """The outbound HTTP of one member: every request leaves from ``ip``."""
-
-    def __init__(self, network: "Network", ip: str):
-        self.network = network
-        self.ip = ip
-
-    def post(self, address, body, headers=None, path="/") -> defer.Deferred:
-        return self.network.post(self.ip, address, body, headers, path)
-
-    def get(self, address, path) -> defer.Deferred:
-        return self.network.get(self.ip, address, path)
-
-
 class Network:
     def __init__(self, base_dir: str, *, seed: int = 7, peer_options: dict | None = None):
         self.clock = task.Clock()
@@ -147,11 +126,11 @@ class Network:
 
         self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER,
                                catalogue=Catalogue(self.clock, rng=random.Random(seed)),
-                               registry=NodeRegistry(self.clock, TRACKER_KEY), outbound=Endpoint(self, TRACKER_IP))
+                               registry=NodeRegistry(self.clock, TRACKER_KEY), outbound=MemberOutbound(self, TRACKER_IP))
         self.nodes: dict[str, NodeRelay] = {}
         for ip, key, address in zip(NODE_IPS, NODE_KEYS, NODE_ADDRESSES):
             self.nodes[ip] = NodeRelay(clock=self.clock, private_key=key, own_address=address, tracker=TRACKER,
-                                       table=RelayTable(self.clock), outbound=Endpoint(self, ip),
+                                       table=RelayTable(self.clock), outbound=MemberOutbound(self, ip),
                                        directory=NodeDirectory(self.tracker),
                                        limiter=RateLimiter(self.clock, rate=100.0, burst=10_000))
             public = key.public_key()
@@ -172,7 +151,7 @@ class Network:
             for path in (dirs.data, dirs.share, dirs.downloads):
                 os.makedirs(path, exist_ok=True)
             self.dirs[ip] = dirs
-        outbound = Endpoint(self, ip)
+        outbound = MemberOutbound(self, ip)
         directory = DirectoryClient(self.clock, outbound, TRACKER, tracker_key=TRACKER_KEY_B64, default_port=PORT)
         share = ShareDirectory(dirs.share, HashCache(dirs.data), run_in_thread=synchronous)
         kwargs = dict(chunk_size=CHUNK, window=WINDOW, rng=random.Random(f"{self.seed}-{ip}-{len(self.posts)}"),

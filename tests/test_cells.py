@@ -187,3 +187,24 @@ class ParseReplyTests(unittest.SynchronousTestCase):
         for data in (b"", b"[]", b'{"payload":5}', b'{"payload":["x"]}'):
             with self.subTest(data=data):
                 self.assertRaises(BadRequest, cells.parse_reply, data)
+
+
+class RawObjectTests(unittest.SynchronousTestCase):
+    """An object payload is relayed as the bytes it came in, when the body is exactly a cell."""
+
+    cid = "35ce8f75-6b57-4824-8597-dd756c75a9c5"
+
+    def test_spliced_cell_keeps_the_object_bytes(self):
+        body = b'{"CID":"' + self.cid.encode() + b'","payload":{"type":"file_chunk", "data":"AAAA"}}'
+        cell = cells.parse_cell(body)
+        self.assertEqual(cell.object_bytes(), b'{"type":"file_chunk", "data":"AAAA"}')
+
+    def test_other_layouts_are_serialised_again(self):
+        for body in (
+            b'{"payload":{"type":"list"},"CID":"' + self.cid.encode() + b'"}',
+            b'{"CID":"' + self.cid.encode() + b'","payload":{"type":"list"},"extra":1}',
+            b'{"CID": "' + self.cid.encode() + b'", "payload": {"type": "list"}}',
+        ):
+            cell = cells.parse_cell(body)
+            self.assertIsNone(cell.raw_object)
+            self.assertEqual(wire.loads(cell.object_bytes()), {"type": "list"})

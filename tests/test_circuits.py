@@ -24,6 +24,10 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.key = crypto.new_session_key()
         self.table = RelayTable(self.clock, idle_timeout=600)
 
+    def new_circuit(self):
+        """A circuit from PEER under a fresh CID."""
+        return self.table.create(PEER, cid(), self.key)
+
     def test_create_and_lookup_by_in_cid(self):
         in_cid = cid()
         circuit = self.table.create(PEER, in_cid, self.key)
@@ -37,7 +41,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertIsNone(self.table.backward(cid(), PEER))
 
     def test_attach_and_lookup_by_out_cid(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         out_cid = cid()
         self.table.attach(circuit, NEXT, "127.0.0.12", out_cid, NODE)
         self.assertIs(self.table.backward(out_cid, "127.0.0.12"), circuit)
@@ -47,7 +51,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertIsNone(self.table.backward(circuit.in_cid, PEER))
 
     def test_session_key_layer(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         layer = crypto.Layer(self.key).wrap(b"m", crypto.FORWARD)
         self.assertEqual(self.table.peel_forward(circuit, layer), b"m")
 
@@ -58,7 +62,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertEqual(e.status, 403)
 
     def test_backward_from_wrong_neighbour_is_forbidden(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         out_cid = cid()
         self.table.attach(circuit, NEXT, "127.0.0.12", out_cid, NODE)
         e = self.assertRaises(Forbidden, self.table.backward, out_cid, PEER)
@@ -71,34 +75,34 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.table), 1)
 
     def test_in_cid_equal_to_an_out_cid_is_conflict(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         out_cid = cid()
         self.table.attach(circuit, NEXT, "127.0.0.12", out_cid, NODE)
         self.assertRaises(Conflict, self.table.create, "127.0.0.12", out_cid, self.key)
 
     def test_replayed_nonce_is_conflict(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         layer = crypto.Layer(self.key).wrap(b"m", crypto.FORWARD)
         self.table.peel_forward(circuit, layer)
         e = self.assertRaises(Conflict, self.table.peel_forward, circuit, layer)
         self.assertEqual(e.status, 409)
 
     def test_fresh_nonces_accepted(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         layer = crypto.Layer(self.key)
         for i in range(20):
             self.assertEqual(self.table.peel_forward(circuit, layer.wrap(b"%d" % i, crypto.FORWARD)), b"%d" % i)
         self.assertEqual(len(circuit.nonces), 20)
 
     def test_nonces_are_per_circuit(self):
-        a = self.table.create(PEER, cid(), self.key)
-        b = self.table.create(PEER, cid(), self.key)  # same key, other circuit
+        a = self.new_circuit()
+        b = self.new_circuit()  # same key, other circuit
         layer = crypto.Layer(self.key).wrap(b"m", crypto.FORWARD)
         self.table.peel_forward(a, layer)
         self.assertEqual(self.table.peel_forward(b, layer), b"m")
 
     def test_undecryptable_layer_records_no_nonce(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         self.assertRaises(Exception, self.table.peel_forward, circuit, b"\x00" * 40)
         self.assertFalse(circuit.nonces)
 
@@ -121,7 +125,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertEqual(len(table), 2)
 
     def test_remove(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         out_cid = cid()
         self.table.attach(circuit, NEXT, "127.0.0.12", out_cid, NODE)
         self.assertTrue(self.table.remove(circuit))
@@ -130,7 +134,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertFalse(self.table.remove(circuit))
 
     def test_attach_after_remove_is_conflict_and_leaves_nothing(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         self.table.remove(circuit)
         self.assertRaises(Conflict, self.table.attach, circuit, NEXT, "127.0.0.12", cid(), NODE)
         self.assertEqual(self.table.by_out, {})
@@ -138,19 +142,19 @@ class CircuitTableTests(unittest.SynchronousTestCase):
     # --- idle expiry ---------------------------------------------------------------
 
     def test_circuit_kept_just_under_idle_timeout(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         self.clock.advance(599.9)
         self.assertEqual(self.table.expire(), [])
         self.assertIs(self.table.forward(circuit.in_cid, PEER), circuit)
 
     def test_circuit_kept_at_exactly_idle_timeout(self):
-        self.table.create(PEER, cid(), self.key)
+        self.new_circuit()
         self.clock.advance(600)
         self.table.expire()
         self.assertEqual(len(self.table), 1)
 
     def test_circuit_dropped_just_over_idle_timeout(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         out_cid = cid()
         self.table.attach(circuit, NEXT, "127.0.0.12", out_cid, NODE)
         self.clock.advance(600.1)
@@ -158,7 +162,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertEqual((len(self.table), self.table.by_out), (0, {}))
 
     def test_touch_refreshes(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         self.clock.advance(500)
         self.table.touch(circuit)
         self.clock.advance(500)
@@ -169,7 +173,7 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.table), 0)
 
     def test_peel_forward_refreshes(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         self.clock.advance(500)
         self.table.peel_forward(circuit, crypto.Layer(self.key).wrap(b"m", crypto.FORWARD))
         self.clock.advance(500)
@@ -177,16 +181,16 @@ class CircuitTableTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.table), 1)
 
     def test_extending_circuit_not_expired(self):
-        circuit = self.table.create(PEER, cid(), self.key)
+        circuit = self.new_circuit()
         circuit.extending = True
         self.clock.advance(700)
         self.table.expire()
         self.assertEqual(len(self.table), 1)
 
     def test_expire_only_idle_ones(self):
-        old = self.table.create(PEER, cid(), self.key)
+        old = self.new_circuit()
         self.clock.advance(300)
-        young = self.table.create(PEER, cid(), self.key)
+        young = self.new_circuit()
         self.clock.advance(300.5)
         self.assertEqual(self.table.expire(), [old])
         self.assertIs(self.table.forward(young.in_cid, PEER), young)

@@ -26,8 +26,6 @@ in a thread; everything else polls on the reactor clock with a deadline.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 import shutil
@@ -40,7 +38,8 @@ from twisted.trial import unittest
 from onion_twisted import wire
 from onion_twisted.http_client import HTTPOutbound
 from onion_twisted.localnet import SAMPLES, LocalNetwork
-from tests.support.processes import PORT, allocate_prefix, poll_until, post_status
+from tests.support.deferreds import current_reactor as _reactor, inline
+from tests.support.processes import PORT, PeerApiMixin, allocate_prefix, poll_until, sha256_file, tail_files
 
 TRACKER_HOST, FIRST_NODE_HOST, ALICE_HOST, BOB_HOST, ADMIN_HOST = 10, 11, 21, 22, 200
 NODES = 6
@@ -53,34 +52,13 @@ START_TIMEOUT = 45               # seconds for the whole network to come up
 TRANSFER_DEADLINE = 40           # seconds for both downloads
 
 
-def _reactor():
-    from twisted.internet import reactor
-    return reactor
-
-
-def inline(method):
-    """Run an ``async def`` test method as a Deferred trial waits for."""
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return defer.ensureDeferred(method(self, *args))
-    return wrapper
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def mentions(text: str, needle: str) -> bool:
     """Whether ``text`` holds ``needle`` as a whole word: an IP not inside a longer one
     (``127.1.2.21`` is not in ``127.1.2.210``), a name not inside a longer name."""
     return re.search(r"(?<![\w.])" + re.escape(needle) + r"(?!\w)", text) is not None
 
 
-class EndToEndTests(unittest.TestCase):
+class EndToEndTests(PeerApiMixin, unittest.TestCase):
     timeout = 120  # trial's per-test limit; the test's own deadlines are shorter
 
     def setUp(self):
@@ -123,23 +101,14 @@ class EndToEndTests(unittest.TestCase):
         return next(m for m in self.net.members if m.name == name)
 
     def tails(self, *names: str, lines: int = 25) -> str:
-        parts = []
-        for name in names:
-            for path in (self.run_dir / name / f"{name}.log", self.run_dir / name / "stderr.log"):
-                try:
-                    text = path.read_text("utf-8", errors="replace").splitlines()[-lines:]
-                except FileNotFoundError:
-                    continue
-                parts.append(f"--- {name}/{path.name}\n" + "\n".join(text))
-        return "\n".join(parts)
+        return tail_files({f"{name}/{file}": self.run_dir / name / file
+                           for name in names for file in (f"{name}.log", "stderr.log")}, lines)
 
     def peer_address(self, name: str) -> wire.Address:
         return wire.Address(self.net.peer_ips[name], PORT)
 
     async def status(self, name: str) -> dict:
-        status, _, body = await self.admin.get(self.peer_address(name), "/api/status")  # Host: the peer's own
-        self.assertEqual(status, 200, f"{name} answered {status} for /api/status: {body[:200]!r}")
-        return wire.loads_object(body)
+        return await self.api_status(self.peer_address(name), name)
 
     async def fetch(self, ip: str, path: str) -> bytes:
         status, _, body = await self.admin.get(wire.Address(ip, PORT), path)
@@ -147,10 +116,7 @@ class EndToEndTests(unittest.TestCase):
         return body
 
     async def ask(self, name: str, file: str, sha: str) -> dict:
-        code, body = await post_status(self.admin, self.peer_address(name),
-                                       wire.dumps({"file": file, "sha256": sha}), path="/api/downloads")
-        self.assertEqual(code, 202, f"{name} answered {code}: {body[:300]!r}")
-        return wire.loads_object(body)
+        return await self.api_download(self.peer_address(name), name, file, sha)
 
     async def wait_listed(self, name: str, file: str, sha: str, size: int) -> None:
         """Until ``name``'s catalogue lists ``file`` with its size and hash (the other peer announced it)."""

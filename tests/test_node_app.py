@@ -32,17 +32,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from onion_twisted import PROTOCOL, cells, control, crypto, wire
 from onion_twisted.circuits import EXIT, NODE, RelayTable
 from onion_twisted.crypto import BACKWARD, FORWARD, Layer
 from onion_twisted.directory import parse_signed_directory
 from onion_twisted.errors import NextHopFailed, NextHopTimeout, ProtocolError
-from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.http_client import BytesProducer, HTTPOutbound
 from onion_twisted.http_server import QuietSite
 from onion_twisted.node_app import NodeApp
 from onion_twisted.ratelimit import RateLimiter
@@ -165,13 +164,11 @@ class FakeOutbound:
         return [s for s in self.sent if s.address == address]
 
 
-class FakeNextNode:
-    """The next node: answers CREATE with ``created`` and forward messages with a pong."""
+class CellTaker:
+    """A member's ``POST /`` for a route: a destroy is recorded and answered ``{}``, any other cell ``answer``s."""
 
-    def __init__(self, key):
-        self.key = key
-        self.layers: dict[str, Layer] = {}
-        self.received: list[tuple[str, bytes]] = []
+    def __init__(self):
+        self.received: list[tuple] = []
         self.destroyed: list[str] = []
 
     def __call__(self, body: bytes) -> bytes:
@@ -179,6 +176,23 @@ class FakeNextNode:
         if cell.destroy:
             self.destroyed.append(cell.cid)
             return b"{}"
+        return self.answer(cell)
+
+    def answer(self, cell: cells.Cell) -> bytes:
+        raise NotImplementedError
+
+
+class FakeNextNode(CellTaker):
+    """The next node: answers CREATE with ``created`` and forward messages with a pong."""
+
+    received: list[tuple[str, bytes]]  # (CID, plaintext) of each forward message
+
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+        self.layers: dict[str, Layer] = {}
+
+    def answer(self, cell: cells.Cell) -> bytes:
         data = cells.payload_bytes(cell)
         layer = self.layers.get(cell.cid)
         if layer is None:
@@ -189,16 +203,12 @@ class FakeNextNode:
         return reply_with(layer.wrap(PONG, BACKWARD))
 
 
-class FakeTracker:
-    def __init__(self):
-        self.received: list[tuple[str, dict]] = []
-        self.destroyed: list[str] = []
+class FakeTracker(CellTaker):
+    """The tracker: records each message's (CID, object) and answers a files list."""
 
-    def __call__(self, body: bytes) -> bytes:
-        cell = cells.parse_cell(body)
-        if cell.destroy:
-            self.destroyed.append(cell.cid)
-            return b"{}"
+    received: list[tuple[str, dict]]  # (CID, message)
+
+    def answer(self, cell: cells.Cell) -> bytes:
         self.received.append((cell.cid, cells.payload_object(cell)))
         return orjson.dumps({"payload": FILES_REPLY})
 
@@ -250,13 +260,12 @@ class NextHopResource(Resource):
         return self.body
 
 
-@implementer(IBodyProducer)
-class ChunkedProducer:
+class ChunkedProducer(BytesProducer):
     """A body of unannounced length: the client sends it chunked, with no Content-Length."""
 
-    length = UNKNOWN_LENGTH
-
     def __init__(self, body: bytes, chunk: int = 4096):
+        super().__init__(body)
+        self.length = UNKNOWN_LENGTH
         self.body = body
         self.chunk = chunk
 
@@ -265,37 +274,18 @@ class ChunkedProducer:
             consumer.write(self.body[i:i + self.chunk])
         return defer.succeed(None)
 
-    def pauseProducing(self):
-        pass
 
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-@implementer(IBodyProducer)
-class StalledProducer:
+class StalledProducer(BytesProducer):
     """Announces ``length`` bytes, sends the first ``sent`` of them, then never finishes."""
 
     def __init__(self, body: bytes, sent: int = 1024):
+        super().__init__(body)
         self.body = body
-        self.length = len(body)
         self.sent = sent
 
     def startProducing(self, consumer):
         consumer.write(self.body[:self.sent])
         return defer.Deferred()
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 class Answer(NamedTuple):

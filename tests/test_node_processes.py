@@ -12,24 +12,21 @@ Nothing waits by sleeping: every wait polls with a deadline on the reactor clock
 
 from __future__ import annotations
 
-import functools
 import re
 import signal
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from onion_twisted import cells, crypto, wire
 from onion_twisted.circuit import Circuit
-from onion_twisted.directory import parse_signed_directory
 from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.errors import BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, ProtocolError, \
-    Unavailable, UnknownCircuit
+from onion_twisted.errors import BadRequest, Conflict, NextHopFailed, NextHopTimeout, ProtocolError
 from onion_twisted.http_client import HTTPOutbound
-from onion_twisted.http_server import QuietSite, write_error, write_json
-from tests.support.processes import (PORT, ProcessesMixin, StatusOutbound, allocate_prefix, poll_until,
-                                     raw_exchange, response_status)
+from tests.support.deferreds import current_reactor as _reactor, inline
+from tests.support.peer_side import PeerSide
+from tests.support.processes import (PORT, ProcessesMixin, StatusOutbound, poll_until, raw_exchange,
+                                     response_status)
 
 HOP_TIMEOUT = 3.0
 TRACKER_HOST, NODE_HOSTS, PEER_HOST, STRANGER_HOST, ADMIN_HOST = 1, (11, 12, 13), 101, 66, 200
@@ -43,143 +40,34 @@ FILES = {"type": "files", "files": [
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 
 
-def _reactor():
-    from twisted.internet import reactor
-    return reactor
-
-
-def inline(method):
-    """Run an ``async def`` test method as a Deferred trial waits for."""
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return defer.ensureDeferred(method(self, *args))
-    return wrapper
-
-
-# --- the test process as a peer ------------------------------------------------------------
-
-class PeerEndpoint:
-    """The peer's ``POST /``: backward cells of its circuits, opened and queued."""
-
-    app = Klein()
-
-    def __init__(self):
-        self.circuits: dict[str, Circuit] = {}
-        self.queue = defer.DeferredQueue()
-        self.received: list[tuple[str, str]] = []  # (CID, payload) of every accepted cell
-        self.destroyed: list[str] = []
-
-    def add(self, circuit: Circuit) -> Circuit:
-        self.circuits[circuit.cid] = circuit
-        return circuit
-
-    @app.route("/", methods=["POST"])
-    def post_cell(self, request):
-        try:
-            cell = cells.parse_cell(request.content.getvalue())
-            circuit = self.circuits.get(cell.cid)
-            if circuit is None:
-                raise UnknownCircuit("not a circuit of this peer")
-            if request.getClientAddress().host != circuit.entry.host:
-                raise Forbidden("not this circuit's first hop")
-            if cell.destroy:
-                self.destroyed.append(cell.cid)
-                return write_json(request, 200, b"{}")
-            message = circuit.open_backward(cell.payload)
-        except ProtocolError as e:
-            return write_error(request, e)
-        self.received.append((cell.cid, cell.payload))
-        self.queue.put((cell.cid, message))
-        return write_json(request, 200, b"{}")
-
-
-class TrackingSite(QuietSite):
-    """QuietSite that remembers its connections, so a test can close them all."""
-
-    def __init__(self, resource, **kw):
-        super().__init__(resource, **kw)
-        self.connections = []
-
-    def buildProtocol(self, addr):
-        protocol = super().buildProtocol(addr)
-        self.connections.append(protocol)
-        return protocol
-
-    def open_connections(self):
-        """The transports of the connections still open."""
-        transports = [getattr(getattr(p, "_channel", p), "transport", None) for p in self.connections]
-        return [t for t in transports if t is not None and not t.disconnected]
-
-
 # --- the test case ---------------------------------------------------------------------------
 
 class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
     timeout = 60
+    hosts, admin_host = ALL_HOSTS, ADMIN_HOST  # self.ip(host); self.admin sends from ADMIN_HOST
 
-    def setUp(self):
-        return defer.ensureDeferred(self._setUp())
-
-    async def _setUp(self):
+    async def start_members(self):
         reactor = _reactor()
-        prefix = allocate_prefix(ALL_HOSTS, PORT)
-        self.ip = lambda host: f"{prefix}.{host}"
         self.peer_ip, self.stranger_ip = self.ip(PEER_HOST), self.ip(STRANGER_HOST)
         base = self.mktemp()
 
         # Cleanups run last-registered first: these close after the processes stopped.
-        self.admin = HTTPOutbound(reactor, bind_ip=self.ip(ADMIN_HOST), timeout=5)
-        self.addCleanup(self.admin.close)
-        peer_http = HTTPOutbound(reactor, bind_ip=self.peer_ip, timeout=20)
-        self.addCleanup(peer_http.close)
-        self.peer_outbound = StatusOutbound(peer_http)
         stranger_http = HTTPOutbound(reactor, bind_ip=self.stranger_ip, timeout=20)
         self.addCleanup(stranger_http.close)
         self.stranger = StatusOutbound(stranger_http)
-
-        self.peer = PeerEndpoint()
-        self.peer_site = TrackingSite(self.peer.app.resource(), reactor=reactor)
-        port = reactor.listenTCP(PORT, self.peer_site, interface=self.peer_ip)
-        self.addCleanup(self._close_peer, port)
+        self.peer = PeerSide("peer", self.peer_ip, reactor)  # the peer's outbound and its listener
+        self.addCleanup(self.peer.close)
 
         self.tracker = self.start_fake_tracker(self.ip(TRACKER_HOST), PORT, f"{base}/tracker")
         identity = await self.wait_identity(self.tracker, self.admin)
         self.assertEqual(identity["role"], "tracker")
         self.tracker_key = identity["public_key"]
-        self.nodes = [
-            self.start_node(self.ip(host), PORT, self.tracker.address, self.tracker_key, f"{base}/node{i}",
-                            key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1,
-                            **({"max_body": SMALL_MAX_BODY} if i == 0 else {}))
-            for i, host in enumerate(NODE_HOSTS)]
-        for node in self.nodes:  # started together, so waited for one after the other
-            await self.wait_identity(node, self.admin)
-        addresses = {n.address for n in self.nodes}
-
-        async def listed(member):
-            directory = await self.directory(member)
-            return directory if addresses <= set(directory.nodes) else None
-
-        directory = await poll_until(lambda: listed(self.tracker), timeout=20, what="the tracker to list the nodes")
-        # Each node checks extend targets against its own copy: wait until every copy has all three.
-        for node in self.nodes:
-            await poll_until(functools.partial(listed, node), timeout=20, what=f"{node.name}'s directory")
+        self.nodes = self.start_nodes(NODE_HOSTS, base, key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1,
+                                      per_node={0: {"max_body": SMALL_MAX_BODY}})
+        directory = await self.wait_listed(self.nodes)
         self.entries = [directory.nodes[n.address] for n in self.nodes]
 
-    async def _close_peer(self, port):
-        await port.stopListening()
-        # The nodes are gone by now, so their connections to the peer close; abort any left.
-        for transport in self.peer_site.open_connections():
-            transport.abortConnection()
-        await poll_until(lambda: defer.succeed(not self.peer_site.open_connections()), timeout=5,
-                         what="the peer's connections to close")
-
     # --- helpers ---------------------------------------------------------------------
-
-    async def directory(self, member):
-        status, headers, body = await self.admin.get(member.address, "/nodes")
-        if status != 200:  # 503 while a node has no directory yet: polled again
-            raise Unavailable(f"{member.name} answered {status} for /nodes")
-        signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
-        return parse_signed_directory(body, signature, crypto.load_tracker_public_b64(self.tracker_key), PORT)
 
     async def tracker_state(self) -> dict:
         status, _, body = await self.admin.get(self.tracker.address, "/test/state")
@@ -198,17 +86,12 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
         return int(found.group(1))
 
     def new_circuit(self) -> Circuit:
-        return self.peer.add(Circuit(self.peer_outbound, self.entries, self.tracker.address))
+        return self.peer.add(Circuit(self.peer.outbound, self.entries, self.tracker.address))
 
     async def built_circuit(self) -> Circuit:
         circuit = self.new_circuit()
         self.assertEqual(await circuit.build(LS), FILES)
         return circuit
-
-    async def next_backward(self, timeout: float = 10.0):
-        d = self.peer.queue.get()
-        d.addTimeout(timeout, _reactor())
-        return await d
 
     async def assertFailsWith(self, coroutine, *statuses):
         """Await ``coroutine``; it must fail with a member's answer of one of ``statuses``."""
@@ -263,7 +146,7 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
             pushed = {"type": "request", "file": "song.ogg", "transfer": f"t{n}", "chunk_size": 16384}
             answer = await self.tracker_post("/test/push", {"index": 0, "message": pushed})
             self.assertEqual(answer, {"status": 200, "body": {}})  # Z answers once the peer has it (§3)
-            cid, message = await self.next_backward()
+            cid, message = await self.peer.next_backward()
             self.assertEqual((cid, message), (circuit.cid, pushed))
 
         state = await self.tracker_state()
@@ -363,7 +246,7 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
         circuit = await self.built_circuit()
         await circuit.send({"type": "hello"})
         await self.tracker_post("/test/push", {"index": 0, "message": {"type": "ping"}})
-        await self.next_backward()
+        await self.peer.next_backward()
         exit_cid = (await self.tracker_state())["circuits"][0]["CID"]
         await self.assertFailsWith(self.stranger.post(circuit.entry, cells.encode_destroy(circuit.cid)), 403)
         await circuit.destroy()

@@ -11,7 +11,9 @@ from onion_twisted import wire
 from onion_twisted.downloads import DONE, FAILED
 from onion_twisted.peer import CONNECTED
 
-from .peer_network import ALICE_IP, BOB_IP, CHUNK, NODE_IPS, NOW, WINDOW, Network, inline
+from tests.support.deferreds import inline
+
+from .peer_network import ALICE_IP, BOB_IP, CHUNK, NODE_IPS, NOW, WINDOW, Network
 
 
 def sha(data: bytes) -> str:
@@ -29,6 +31,23 @@ class PeerNetworkCase(unittest.TestCase):
                 self.net.run(peer.stop())  # closes the partial files it holds open
         self.net.pump()
         self.assertEqual(self.net.crashes, [], "a member crashed (answered 500)")
+
+    async def bob_shares_and_start(self, name: str, size: int) -> bytes:
+        """``size`` random bytes in bob's share as ``name``, then the network started; the bytes."""
+        data = os.urandom(size)
+        self.net.write_share(BOB_IP, name, data)
+        await self.net.start()
+        return data
+
+    async def partly_downloaded(self, size: int, chunks: int):
+        """Bob shares big.bin (``size`` random bytes), alice downloads it until she holds ``chunks`` chunks.
+
+        The bytes and alice's download.
+        """
+        data = await self.bob_shares_and_start("big.bin", size)
+        d = self.alice.download("big.bin")
+        self.net.pump(until=has_chunks(d, chunks))
+        return data, d
 
 
 class ConnectTests(PeerNetworkCase):
@@ -71,6 +90,9 @@ class UploadWatch:
         original = peer._send_on
 
         async def send_on(circuit, message, refusable=False):
+            sent = message
+            if isinstance(message, bytes):  # chunks are serialised by the peer itself
+                message = wire.loads_object(message)
             kind = message.get("type")
             if kind == "file_chunk":
                 self.in_flight += 1
@@ -80,7 +102,7 @@ class UploadWatch:
             elif kind == "transfer_end":
                 self.ends.append(dict(message))
             try:
-                return await original(circuit, message, refusable)
+                return await original(circuit, sent, refusable)
             finally:
                 if kind == "file_chunk":
                     self.in_flight -= 1
@@ -100,15 +122,31 @@ def finished(d):
     return lambda: d.state in (DONE, FAILED)
 
 
+def has_chunks(d, count: int):
+    return lambda: d.chunks is not None and d.chunks.have >= count
+
+
+def downloaded(net, name: str) -> bytes:
+    """The bytes of ``name`` in alice's downloads."""
+    with open(os.path.join(net.downloads_dir(ALICE_IP), name), "rb") as f:
+        return f.read()
+
+
 # --- downloads ---------------------------------------------------------------------------------
 
 
 class DownloadTests(PeerNetworkCase):
+    def assertFailsAtOnce(self, name, error):
+        """Alice's download of ``name`` fails with ``error`` on its first attempt."""
+        d = self.alice.download(name)
+        self.net.pump(until=finished(d))
+        self.assertEqual(d.state, FAILED)
+        self.assertEqual(d.error, error)
+        self.assertEqual(d.attempts, 1)
+
     def assertDownloaded(self, d, name, data):
         self.assertEqual(d.state, DONE, d.error)
-        path = os.path.join(self.net.downloads_dir(ALICE_IP), name)
-        with open(path, "rb") as f:
-            got = f.read()
+        got = downloaded(self.net, name)
         self.assertEqual(len(got), len(data))
         self.assertTrue(got == data, "the downloaded bytes differ from the shared file")
         self.assertEqual(d.sha256, sha(data))
@@ -119,9 +157,7 @@ class DownloadTests(PeerNetworkCase):
     @inline
     async def test_alice_downloads_bobs_file_within_the_window(self):
         net = self.net
-        data = os.urandom(200 * 1024)
-        net.write_share(BOB_IP, "big.bin", data)
-        await net.start()
+        data = await self.bob_shares_and_start("big.bin", 200 * 1024)
         watch = UploadWatch(self.bob)
         d = self.alice.download("big.bin")
         net.pump(until=finished(d))
@@ -141,11 +177,7 @@ class DownloadTests(PeerNetworkCase):
     async def test_a_name_nobody_shares_fails_at_once(self):
         net = self.net
         await net.start()
-        d = self.alice.download("nobody.bin")
-        net.pump(until=finished(d))
-        self.assertEqual(d.state, FAILED)
-        self.assertEqual(d.error, "nobody shares this file")
-        self.assertEqual(d.attempts, 1)
+        self.assertFailsAtOnce("nobody.bin", "nobody shares this file")
         self.assertEqual(len(net.messages_of_type("request")), 1)
 
     @inline
@@ -153,23 +185,17 @@ class DownloadTests(PeerNetworkCase):
         net = self.net
         net.write_share(ALICE_IP, "mine.bin", b"alice's own bytes")
         await net.start()
-        d = self.alice.download("mine.bin")
-        net.pump(until=finished(d))
-        self.assertEqual(d.state, FAILED)
-        self.assertEqual(d.error, "only this peer shares this file")
-        self.assertEqual(d.attempts, 1)
+        self.assertFailsAtOnce("mine.bin", "only this peer shares this file")
 
 
 class ResumeTests(PeerNetworkCase):
     @inline
     async def test_a_restarted_peer_asks_only_for_the_missing_chunks(self):
         net = self.net
-        data = os.urandom(40 * CHUNK + 100)  # 41 chunks, the last one short
-        net.write_share(BOB_IP, "big.bin", data)
-        await net.start()
+        data = await self.bob_shares_and_start("big.bin", 40 * CHUNK + 100)  # 41 chunks, the last one short
         watch = UploadWatch(self.bob)
         d = self.alice.download("big.bin")
-        net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 12)
+        net.pump(until=has_chunks(d, 12))
         await net.run(self.alice.stop())
         had = d.chunks.bytes_received
         missing = d.chunks.missing_ranges()
@@ -198,8 +224,7 @@ class ResumeTests(PeerNetworkCase):
         sent_again = watch.bytes_sent(second.pop())
         self.assertLess(sent_again, len(data))
         self.assertEqual(sent_again, len(data) - had)
-        with open(os.path.join(net.downloads_dir(ALICE_IP), "big.bin"), "rb") as f:
-            self.assertTrue(f.read() == data, "the resumed file differs from the shared one")
+        self.assertTrue(downloaded(net, "big.bin") == data, "the resumed file differs from the shared one")
         # Long after, nothing of the stopped peer comes back to write in .partial.
         net.pump(until=lambda: net.clock.seconds() > NOW + 600)
         self.assertEqual(partial_files(net, ALICE_IP), [])
@@ -208,11 +233,7 @@ class ResumeTests(PeerNetworkCase):
     @inline
     async def test_a_resumed_download_waits_for_its_sharer_to_come_back(self):
         net = self.net
-        data = os.urandom(20 * CHUNK)
-        net.write_share(BOB_IP, "big.bin", data)
-        await net.start()
-        d = self.alice.download("big.bin")
-        net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 5)
+        data, d = await self.partly_downloaded(20 * CHUNK, 5)
         await net.run(self.alice.stop())
         await net.run(self.bob.stop())
         net.pump()
@@ -228,19 +249,14 @@ class ResumeTests(PeerNetworkCase):
         await net.start(bob)
         net.pump(until=finished(resumed))
         self.assertEqual(resumed.state, DONE, resumed.error)
-        with open(os.path.join(net.downloads_dir(ALICE_IP), "big.bin"), "rb") as f:
-            self.assertTrue(f.read() == data, "the resumed file differs from the shared one")
+        self.assertTrue(downloaded(net, "big.bin") == data, "the resumed file differs from the shared one")
 
 
 class BrokenCircuitTests(PeerNetworkCase):
     @inline
     async def test_a_failed_forward_message_rebuilds_the_circuit_and_resumes(self):
         net = self.net
-        data = os.urandom(40 * CHUNK)
-        net.write_share(BOB_IP, "big.bin", data)
-        await net.start()
-        d = self.alice.download("big.bin")
-        net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 8)
+        data, d = await self.partly_downloaded(40 * CHUNK, 8)
         old = self.alice.circuit
         old_key = net.tracker_key_of(self.alice)
         entry = old.entry.ip
@@ -260,8 +276,7 @@ class BrokenCircuitTests(PeerNetworkCase):
         # (The old circuit's destroy died at the down entry: the tracker forgets it when idle.)
         net.pump(until=finished(d), max_steps=5000)
         self.assertEqual(d.state, DONE, d.error)
-        with open(os.path.join(net.downloads_dir(ALICE_IP), "big.bin"), "rb") as f:
-            self.assertTrue(f.read() == data, "the resumed file differs from the shared one")
+        self.assertTrue(downloaded(net, "big.bin") == data, "the resumed file differs from the shared one")
         later = [m for _, _, m in net.messages_of_type("request")][requests_before:]
         self.assertTrue(later and all("chunks" in m for m in later), later)
         self.assertTrue(all(m["chunks"][0][0] >= 8 for m in later),
@@ -449,9 +464,7 @@ class OrderTests(PeerNetworkCase):
     @inline
     async def test_chunks_and_transfer_end_that_overtake_the_transfer_reply(self):
         net = self.net
-        data = os.urandom(6 * CHUNK + 1)
-        net.write_share(BOB_IP, "fast.bin", data)
-        await net.start()
+        data = await self.bob_shares_and_start("fast.bin", 6 * CHUNK + 1)
         net.hold_replies_to.add(ALICE_IP)  # the tracker's answer to alice's request waits
         d = self.alice.download("fast.bin")
         net.pump(until=lambda: d.outcome is not None)
@@ -463,8 +476,7 @@ class OrderTests(PeerNetworkCase):
         net.pump(until=finished(d))
         self.assertEqual(d.state, DONE, d.error)
         self.assertEqual(d.attempts, 1)
-        with open(os.path.join(net.downloads_dir(ALICE_IP), "fast.bin"), "rb") as f:
-            self.assertTrue(f.read() == data, "the file differs from the shared one")
+        self.assertTrue(downloaded(net, "fast.bin") == data, "the file differs from the shared one")
 
     @inline
     async def test_a_transfer_end_before_the_reply_and_before_any_chunk(self):

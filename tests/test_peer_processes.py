@@ -14,25 +14,18 @@ Nothing waits by sleeping: every wait polls with a deadline on the reactor clock
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 import signal
 import sys
 from pathlib import Path
 
-from twisted.internet import defer
 from twisted.trial import unittest
 
-from onion_twisted import crypto, wire
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.errors import Unavailable
-from onion_twisted.http_client import HTTPOutbound
+from onion_twisted import wire
 from onion_twisted.transfers import ChunkMap
-from tests.support.processes import TWISTD, PORT, Member, ProcessesMixin, _options, allocate_prefix, poll_until, \
-    post_status
+from tests.support.deferreds import current_reactor as _reactor, inline
+from tests.support.processes import PORT, Member, PeerApiMixin, ProcessesMixin, poll_until, sha256_file
 
 TRACKER_HOST, NODE_HOSTS, ALICE_HOST, BOB_HOST, ADMIN_HOST = 1, (11, 12, 13, 14), 101, 102, 200
 ALL_HOSTS = (TRACKER_HOST, *NODE_HOSTS, ALICE_HOST, BOB_HOST, ADMIN_HOST)
@@ -44,63 +37,24 @@ TRANSFER_DEADLINE = 60     # seconds for a 20 MiB transfer
 FORWARD_BYTES = re.compile(rb'^onion_node_bytes_total\{direction="forward"\} (\d+)$', re.M)
 
 
-def _reactor():
-    from twisted.internet import reactor
-    return reactor
-
-
-def inline(method):
-    """Run an ``async def`` test method as a Deferred trial waits for."""
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return defer.ensureDeferred(method(self, *args))
-    return wrapper
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            digest.update(data)
-    return digest.hexdigest()
-
-
-class PeerProcessesTests(ProcessesMixin, unittest.TestCase):
+class PeerProcessesTests(ProcessesMixin, PeerApiMixin, unittest.TestCase):
     timeout = 120
+    hosts, admin_host = ALL_HOSTS, ADMIN_HOST  # self.ip(host); self.admin sends from ADMIN_HOST
 
-    def setUp(self):
-        return defer.ensureDeferred(self._setUp())
-
-    async def _setUp(self):
-        reactor = _reactor()
-        prefix = allocate_prefix(ALL_HOSTS, PORT)
-        self.ip = lambda host: f"{prefix}.{host}"
+    async def start_members(self):
         self.base = Path(self.mktemp()).resolve()
 
-        # Cleanups run last-registered first: this one closes after the processes stopped.
-        self.admin = HTTPOutbound(reactor, bind_ip=self.ip(ADMIN_HOST), timeout=5)
-        self.addCleanup(self.admin.close)
-        self.addCleanup(self._remove_file_copies)  # runs once the members have stopped
+        # Cleanups run last-registered first: this one runs once the members have stopped.
+        self.addCleanup(self._remove_file_copies)
 
         self.tracker = self.start_tracker(self.ip(TRACKER_HOST), PORT, self.base / "tracker",
                                           heartbeat=1, hop_timeout=HOP_TIMEOUT)
         identity = await self.wait_identity(self.tracker, self.admin)
         self.tracker_key = identity["public_key"]
-        self.nodes = [
-            self.start_node(self.ip(host), PORT, self.tracker.address, self.tracker_key, self.base / f"node{i}",
-                            key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1)
-            for i, host in enumerate(NODE_HOSTS)]
-        for node in self.nodes:  # started together, so waited for one after the other
-            await self.wait_identity(node, self.admin)
-        addresses = {n.address for n in self.nodes}
-
-        async def listed(member):
-            return addresses <= set((await self.directory(member)).nodes)
-
+        self.nodes = self.start_nodes(NODE_HOSTS, self.base, key_bits=1024, hop_timeout=HOP_TIMEOUT,
+                                      register_interval=1)
         # A peer needs three nodes in its first directory (else it backs off): wait for all four.
-        await poll_until(lambda: listed(self.tracker), timeout=20, what="the tracker to list the four nodes")
-        for node in self.nodes:
-            await poll_until(functools.partial(listed, node), timeout=20, what=f"{node.name}'s directory")
+        await self.wait_listed(self.nodes)
 
         # Bob's file is in his share before he starts: his first ls announces it.
         bob_share = self.base / "bob" / "share"
@@ -110,7 +64,7 @@ class PeerProcessesTests(ProcessesMixin, unittest.TestCase):
             for _ in range(FILE_SIZE // (1 << 20)):
                 f.write(os.urandom(1 << 20))
         self.sha = sha256_file(self.bob_file)
-        self.bob = self.start_peer("bob", self.ip(BOB_HOST))
+        self.bob = self.start_test_peer("bob", self.ip(BOB_HOST))
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -121,27 +75,19 @@ class PeerProcessesTests(ProcessesMixin, unittest.TestCase):
                 if path.is_file():
                     path.unlink()
 
-    def start_peer(self, name: str, ip: str, **extra_options) -> Member:
+    def start_test_peer(self, name: str, ip: str, **extra_options) -> Member:
         """``twistd -n onionpeer`` on ``ip:5000`` with everything under ``base/name``.
 
         Its log is ``base/name/peer.log``. Starting it again with the same name
         reuses the same data, share and downloads directories.
         """
-        data_dir = self.base / name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir / "peer.log"
         options = dict(hop_timeout=HOP_TIMEOUT, rescan_interval=1, refresh_interval=1, stall_timeout=10)
         options.update(extra_options)
-        argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={log_path}",
-                "onionpeer", "--listen", ip, "--port", str(PORT), "--tracker", str(self.tracker.address),
-                "--tracker-key", self.tracker_key, "--data-dir", str(data_dir / "state"),
-                "--share", str(data_dir / "share"), "--downloads", str(data_dir / "downloads"),
-                *_options(options)]
-        return self._started(Member(f"peer {name}", wire.Address(ip, PORT), data_dir, argv, log_path))
+        return self.start_peer(name, ip, PORT, self.tracker.address, self.tracker_key, self.base / name, **options)
 
     async def start_alice(self, **extra_options) -> Member:
         """Alice, once her circuit is connected and her catalogue lists bob's file."""
-        alice = self.start_peer("alice", self.ip(ALICE_HOST), **extra_options)
+        alice = self.start_test_peer("alice", self.ip(ALICE_HOST), **extra_options)
 
         async def ready():
             if not alice.running or not self.bob.running:
@@ -162,23 +108,11 @@ class PeerProcessesTests(ProcessesMixin, unittest.TestCase):
         return status["circuit"]["state"] == "connected" and any(
             f.get("name") == NAME and f.get("sha256") == self.sha for f in status["catalogue"])
 
-    async def directory(self, member):
-        status, headers, body = await self.admin.get(member.address, "/nodes")
-        if status != 200:  # 503 while a node has no directory yet: polled again
-            raise Unavailable(f"{member.name} answered {status} for /nodes")
-        signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
-        return parse_signed_directory(body, signature, crypto.load_tracker_public_b64(self.tracker_key), PORT)
-
     async def status(self, peer: Member) -> dict:
-        status, _, body = await self.admin.get(peer.address, "/api/status")  # Host: the peer's address
-        self.assertEqual(status, 200, f"{peer.name} answered {status} for /api/status: {body[:200]!r}")
-        return wire.loads_object(body)
+        return await self.api_status(peer.address, peer.name)
 
     async def ask_download(self, peer: Member) -> dict:
-        code, body = await post_status(self.admin, peer.address, wire.dumps({"file": NAME, "sha256": self.sha}),
-                                       path="/api/downloads")
-        self.assertEqual(code, 202, body[:300])
-        return wire.loads_object(body)
+        return await self.api_download(peer.address, peer.name, NAME, self.sha)
 
     async def download_status(self, peer: Member) -> dict | None:
         found = [d for d in (await self.status(peer))["downloads"] if d["file"] == NAME]
@@ -304,7 +238,7 @@ class PeerProcessesTests(ProcessesMixin, unittest.TestCase):
         self.assertGreater(recorded, 0)
         self.assertLess(recorded, FILE_SIZE)
 
-        alice = self.start_peer("alice", self.ip(ALICE_HOST), chunk_size=SMALL_CHUNK)  # no new POST
+        alice = self.start_test_peer("alice", self.ip(ALICE_HOST), chunk_size=SMALL_CHUNK)  # no new POST
         done = await self.wait_done(alice)
         sent_again = (await self.forward_bytes() - before) // 4
 

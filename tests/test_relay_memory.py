@@ -14,7 +14,6 @@ then the first message to the tracker; every reply is peeled hop by hop.
 
 from __future__ import annotations
 
-import functools
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -27,6 +26,8 @@ from onion_twisted.errors import (BadRequest, Conflict, Forbidden, NextHopFailed
                                   ProtocolError, RateLimited, UnknownCircuit)
 from onion_twisted.ratelimit import RateLimiter
 from onion_twisted.relay import NodeRelay
+from tests.support.deferreds import inline
+from tests.support.in_memory import MemberOutbound
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -40,13 +41,6 @@ PEER_IPS = ["127.0.0.101", "127.0.0.102"]
 STRANGER_IP = "127.0.0.66"
 FILES_REPLY = {"type": "files", "files": []}
 
-
-def inline(method):
-    """Run an ``async def`` test method as a Deferred trial waits for."""
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return defer.ensureDeferred(method(self, *args))
-    return wrapper
 
 
 def dumps(obj) -> bytes:
@@ -101,14 +95,6 @@ class Recorder:
         return self.answer
 
 
-class Outbound:
-    def __init__(self, network, ip):
-        self.network, self.ip = network, ip
-
-    def post(self, address, body, headers=None):
-        return self.network.post(self.ip, address, body, headers)
-
-
 class Network:
     def __init__(self, burst=20):
         self.clock = task.Clock()
@@ -127,7 +113,7 @@ class Network:
         self.nodes = []
         for ip, key, address in zip(NODE_IPS, NODE_KEYS, addresses):
             node = NodeRelay(clock=self.clock, private_key=key, own_address=address, tracker=TRACKER,
-                             table=RelayTable(self.clock), outbound=Outbound(self, ip),
+                             table=RelayTable(self.clock), outbound=MemberOutbound(self, ip),
                              directory=self.directory, limiter=RateLimiter(self.clock, rate=1.0, burst=burst))
             self.members[address] = node
             self.nodes.append(node)
@@ -135,7 +121,7 @@ class Network:
         self.stranger = Recorder()
         self.members[wire.Address(STRANGER_IP, PORT)] = self.stranger
 
-    def post(self, sender_ip, address, body, headers=None) -> defer.Deferred:
+    def post(self, sender_ip, address, body, headers=None, path="/") -> defer.Deferred:
         self.log.append((sender_ip, address, body))
         if address in self.down or address not in self.members:
             return defer.fail(NextHopFailed(f"connection refused by {address}"))
@@ -702,6 +688,7 @@ class BridgeTestCase(RelayTestCase):
     """Requester circuit R = X, Y, Z; sharer circuit S = Y, X, W; bridge W -> Z."""
 
     transfer = "transfer-1"
+    sharer_exit = "w"  # the node (attribute name) that ends S
 
     def setUp(self):
         super().setUp()
@@ -710,7 +697,7 @@ class BridgeTestCase(RelayTestCase):
     async def _build(self):
         self.requester, self.sharer = self.peer, self.peer2
         self.r = await self.requester.build([self.x, self.y, self.z])
-        self.s = await self.sharer.build([self.y, self.x, self.w])
+        self.s = await self.sharer.build([self.y, self.x, getattr(self, self.sharer_exit)])
         self.bridge_cid = wire.new_circuit_id()
         await self.bridge(self.r, self.s, self.bridge_cid, self.transfer)
 
@@ -940,12 +927,7 @@ class BridgeControlTests(BridgeTestCase):
 class SameExitTests(BridgeTestCase):
     """§7: "Both exits may be the same node." R = X, Y, Z and S = Y, X, Z."""
 
-    async def _build(self):
-        self.requester, self.sharer = self.peer, self.peer2
-        self.r = await self.requester.build([self.x, self.y, self.z])
-        self.s = await self.sharer.build([self.y, self.x, self.z])
-        self.bridge_cid = wire.new_circuit_id()
-        await self.bridge(self.r, self.s, self.bridge_cid, self.transfer)
+    sharer_exit = "z"
 
     @inline
     async def test_chunks_cross_a_bridge_inside_one_node(self):
@@ -1097,10 +1079,14 @@ class RateLimitTests(RelayTestCase):
         self.peer, self.peer2 = self.net.peers
         self.x = self.net.nodes[0]
 
+    async def create_at_x(self, times: int):
+        """``times`` CREATEs from the first peer at X."""
+        for _ in range(times):
+            await self.peer.create(self.x)
+
     @inline
     async def test_429_after_the_create_burst(self):
-        for _ in range(3):
-            await self.peer.create(self.x)
+        await self.create_at_x(3)
         before = self.net.state()
         e = await self.refused(RateLimited, self.peer.create(self.x))
         self.assertEqual((e.status, e.error), (429, "rate_limited"))
@@ -1109,16 +1095,14 @@ class RateLimitTests(RelayTestCase):
 
     @inline
     async def test_limit_is_per_source_ip(self):
-        for _ in range(3):
-            await self.peer.create(self.x)
+        await self.create_at_x(3)
         await self.refused(RateLimited, self.peer.create(self.x))
         await self.peer2.create(self.x)
         self.assertEqual(len(self.x.table), 4)
 
     @inline
     async def test_tokens_come_back_with_time(self):
-        for _ in range(3):
-            await self.peer.create(self.x)
+        await self.create_at_x(3)
         await self.refused(RateLimited, self.peer.create(self.x))
         self.net.clock.advance(1)
         await self.peer.create(self.x)
@@ -1127,8 +1111,7 @@ class RateLimitTests(RelayTestCase):
     @inline
     async def test_traffic_on_existing_circuits_is_not_limited(self):
         circuit = await self.peer.build([self.x], connect=True)
-        for _ in range(2):
-            await self.peer.create(self.x)
+        await self.create_at_x(2)
         await self.refused(RateLimited, self.peer.create(self.x))
         for _ in range(10):
             self.assertEqual(await self.peer.request(circuit, {"type": "list"}), FILES_REPLY)

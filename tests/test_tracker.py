@@ -25,10 +25,12 @@ from onion_twisted.errors import (BadRequest, Forbidden, NextHopFailed, NextHopT
 from onion_twisted.http_server import QuietSite
 from onion_twisted.tracker_app import TrackerApp
 
+from tests.support.deferreds import inline
+
 from .memory import memory_client
 from .tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, SHA_A, SHA_B,
                             STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, FakeOutbound, TrackerHarness,
-                            cell, dumps, identity_body, inline, new_cid, pem)
+                            cell, dumps, identity_body, new_cid, pem)
 
 REQUESTER_IP, SHARER_IP, OTHER_IP = NODE_IPS[0], NODE_IPS[1], NODE_IPS[2]
 REQUESTER_EXIT, SHARER_EXIT = NODE_ADDRESSES[0], NODE_ADDRESSES[1]

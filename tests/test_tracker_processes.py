@@ -20,24 +20,19 @@ Nothing waits by sleeping: every wait polls with a deadline on the reactor clock
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import os
 import re
 import signal
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from onion_twisted import cells, crypto, wire
+from onion_twisted import wire
 from onion_twisted.circuit import Circuit
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.errors import Forbidden, ProtocolError, Unavailable, UnknownCircuit
-from onion_twisted.http_client import HTTPOutbound
-from onion_twisted.http_server import QuietSite, write_error, write_json
-from tests.support.processes import PORT, ProcessesMixin, StatusOutbound, allocate_prefix, poll_until
+from tests.support.deferreds import current_reactor as _reactor, inline
+from tests.support.peer_side import PeerSide
+from tests.support.processes import PORT, ProcessesMixin, poll_until
 
 TRACKER_HOST, NODE_HOSTS, SHARER_HOST, REQUESTER_HOST, ADMIN_HOST = 1, (11, 12, 13, 14), 101, 102, 200
 ALL_HOSTS = (TRACKER_HOST, *NODE_HOSTS, SHARER_HOST, REQUESTER_HOST, ADMIN_HOST)
@@ -48,114 +43,21 @@ WINDOW = 4                       # file chunks in flight at once
 NAME = "song.ogg"
 
 
-def _reactor():
-    from twisted.internet import reactor
-    return reactor
-
-
-def inline(method):
-    """Run an ``async def`` test method as a Deferred trial waits for."""
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return defer.ensureDeferred(method(self, *args))
-    return wrapper
-
-
-# --- a peer played by the test process ----------------------------------------------------
-
-class Helper:
-    """One peer: a listener on ``ip:5000``, an outbound bound to ``ip``, one circuit.
-
-    Backward cells of its circuit (from the circuit's first hop only) are
-    opened and queued; refused ones are kept in ``refused`` so a test can
-    assert there were none.
-    """
-
-    app = Klein()
-
-    def __init__(self, name: str, ip: str, reactor):
-        self.name = name
-        self.ip = ip
-        self.http = HTTPOutbound(reactor, bind_ip=ip, timeout=20)
-        self.outbound = StatusOutbound(self.http)
-        self.circuit: Circuit | None = None
-        self.queue = defer.DeferredQueue()
-        self.refused: list[str] = []
-        self.destroyed: list[str] = []
-        self.site = TrackingSite(self.app.resource(), reactor=reactor)
-        self.port = reactor.listenTCP(PORT, self.site, interface=ip)
-
-    @app.route("/", methods=["POST"])
-    def post_cell(self, request):
-        try:
-            cell = cells.parse_cell(request.content.getvalue())
-            circuit = self.circuit
-            if circuit is None or cell.cid != circuit.cid:
-                raise UnknownCircuit("not a circuit of this peer")
-            if request.getClientAddress().host != circuit.entry.host:
-                raise Forbidden("not this circuit's first hop")
-            if cell.destroy:
-                self.destroyed.append(cell.cid)
-                return write_json(request, 200, b"{}")
-            message = circuit.open_backward(cell.payload)
-        except ProtocolError as e:
-            self.refused.append(repr(e))
-            return write_error(request, e)
-        self.queue.put(message)
-        return write_json(request, 200, b"{}")
-
-    async def next_message(self, timeout: float = 10.0) -> dict:
-        d = self.queue.get()
-        d.addTimeout(timeout, _reactor())
-        return await d
-
-    async def close(self):
-        await self.port.stopListening()
-        # The nodes are gone by now, so their connections close; abort any left.
-        for transport in self.site.open_connections():
-            transport.abortConnection()
-        await poll_until(lambda: defer.succeed(not self.site.open_connections()), timeout=5,
-                         what=f"the {self.name}'s connections to close")
-        await self.http.close()
-
-
-class TrackingSite(QuietSite):
-    """QuietSite that remembers its connections, so a test can close them all."""
-
-    def __init__(self, resource, **kw):
-        super().__init__(resource, **kw)
-        self.connections = []
-
-    def buildProtocol(self, addr):
-        protocol = super().buildProtocol(addr)
-        self.connections.append(protocol)
-        return protocol
-
-    def open_connections(self):
-        transports = [getattr(getattr(p, "_channel", p), "transport", None) for p in self.connections]
-        return [t for t in transports if t is not None and not t.disconnected]
-
-
 # --- the test case ---------------------------------------------------------------------------
 
 class TrackerProcessesTests(ProcessesMixin, unittest.TestCase):
     timeout = 60
+    hosts, admin_host = ALL_HOSTS, ADMIN_HOST  # self.ip(host); self.admin sends from ADMIN_HOST
 
-    def setUp(self):
-        return defer.ensureDeferred(self._setUp())
-
-    async def _setUp(self):
+    async def start_members(self):
         reactor = _reactor()
-        prefix = allocate_prefix(ALL_HOSTS, PORT)
-        self.ip = lambda host: f"{prefix}.{host}"
         base = self.mktemp()
 
+        # Each peer the test plays: its listener for backward cells, its outbound, one circuit.
         # Cleanups run last-registered first: these close after the processes stopped.
-        self.admin = HTTPOutbound(reactor, bind_ip=self.ip(ADMIN_HOST), timeout=5)
-        self.addCleanup(self.admin.close)
-        self.sharer = Helper("sharer", self.ip(SHARER_HOST), reactor)
+        self.sharer = PeerSide("sharer", self.ip(SHARER_HOST), reactor)
         self.addCleanup(self.sharer.close)
-        self.requester = Helper("requester", self.ip(REQUESTER_HOST), reactor)
+        self.requester = PeerSide("requester", self.ip(REQUESTER_HOST), reactor)
         self.addCleanup(self.requester.close)
         self.helpers = (self.sharer, self.requester)
 
@@ -164,36 +66,11 @@ class TrackerProcessesTests(ProcessesMixin, unittest.TestCase):
         identity = await self.wait_identity(self.tracker, self.admin)
         self.assertEqual(identity["role"], "tracker")
         self.tracker_key = identity["public_key"]
-        self.nodes = [
-            self.start_node(self.ip(host), PORT, self.tracker.address, self.tracker_key, f"{base}/node{i}",
-                            key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1)
-            for i, host in enumerate(NODE_HOSTS)]
-        for node in self.nodes:  # started together, so waited for one after the other
-            await self.wait_identity(node, self.admin)
-        addresses = {n.address for n in self.nodes}
-
-        async def listed(member):
-            directory = await self.directory(member)
-            return directory if addresses <= set(directory.nodes) else None
-
-        try:
-            directory = await poll_until(lambda: listed(self.tracker), timeout=20,
-                                         what="the tracker to list the four nodes")
-            # Each node checks extend targets against its own copy: wait until every copy has all four.
-            for node in self.nodes:
-                await poll_until(functools.partial(listed, node), timeout=20, what=f"{node.name}'s directory")
-        except AssertionError as e:
-            raise self.failureException(f"{e}\n{self.tracker.tail()}") from None
+        self.nodes = self.start_nodes(NODE_HOSTS, base, key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1)
+        directory = await self.wait_listed(self.nodes)
         self.entries = [directory.nodes[n.address] for n in self.nodes]
 
     # --- helpers ---------------------------------------------------------------------
-
-    async def directory(self, member):
-        status, headers, body = await self.admin.get(member.address, "/nodes")
-        if status != 200:  # 503 while a node has no directory yet: polled again
-            raise Unavailable(f"{member.name} answered {status} for /nodes")
-        signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
-        return parse_signed_directory(body, signature, crypto.load_tracker_public_b64(self.tracker_key), PORT)
 
     async def get_text(self, member, path: str) -> str:
         status, _, body = await self.admin.get(member.address, path)
@@ -210,7 +87,7 @@ class TrackerProcessesTests(ProcessesMixin, unittest.TestCase):
         self.assertIsNotNone(found, f"no {line} in the tracker's /metrics")
         return int(found.group(1))
 
-    async def build(self, helper: Helper, hops: list[int], files: list) -> dict:
+    async def build(self, helper: PeerSide, hops: list[int], files: list) -> dict:
         """The helper's circuit through the nodes ``hops`` (indices), announced with ``files``."""
         self.assertEqual(len(set(hops)), 3, "a circuit goes through three distinct nodes")
         helper.circuit = Circuit(helper.outbound, [self.entries[i] for i in hops], self.tracker.address)

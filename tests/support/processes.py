@@ -2,12 +2,20 @@
 
 * ``allocate_prefix`` picks a random ``127.R1.R2`` prefix whose addresses are
   free, so two tests (or two parallel runs) never share an address.
-* ``ProcessesMixin`` (for a ``trial`` TestCase) starts ``twistd onionnode``
-  and the stand-in tracker (``fake_tracker.py``) with ``subprocess.Popen``,
-  and registers one cleanup that stops every started member (SIGTERM, then
-  SIGKILL past a deadline) and waits for its exit.
+* ``ProcessesMixin`` (for a ``trial`` TestCase) gives the test its own
+  prefix (``self.ip``) and admin outbound (``self.admin``) in ``setUp``, then
+  runs the test case's ``start_members``. It starts ``twistd onionnode``,
+  ``oniontracker``, ``onionpeer`` and the stand-in tracker
+  (``fake_tracker.py``) with ``subprocess.Popen``, and registers one cleanup
+  that stops every started member (SIGTERM, then SIGKILL past a deadline)
+  and waits for its exit.
 * ``poll_until`` is the only way tests wait: a check retried on the reactor
   clock until it holds or a deadline passes (no sleeps as synchronisation).
+* ``ProcessesMixin.directory`` and ``wait_listed`` read the signed directory
+  of a member and wait until the tracker and every node list all the nodes.
+* ``sha256_file`` hashes a file the test's own way (hashlib), independent of
+  the package, to check what the members wrote.
+* ``PeerApiMixin`` asks a peer's user API (status, downloads) from ``self.admin``.
 * ``StatusOutbound`` is ``HTTPOutbound.post`` for a test peer: a refusal
   raises the ``errors`` class of the status the member answered, with
   ``answered`` set to that status, so a test can assert 403, 502 or 504.
@@ -16,6 +24,8 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import os
 import random
 import signal
@@ -28,18 +38,17 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.http_headers import Headers
 
-from onion_twisted import errors, wire
+from onion_twisted import crypto, errors, wire
+from onion_twisted.directory import parse_signed_directory
+from onion_twisted.directory_client import SIGNATURE_HEADER
+from onion_twisted.http_client import HTTPOutbound
+from tests.support.deferreds import current_reactor as _reactor
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRACKER = Path(__file__).resolve().with_name("fake_tracker.py")
 PORT = 5000
 # ``python -m twisted`` is ``twist`` (other options, no ``-n``); twistd has no ``__main__``.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def _reactor():
-    from twisted.internet import reactor
-    return reactor
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -153,14 +162,7 @@ class Member:
             return ""
 
     def tail(self, lines: int = 30) -> str:
-        parts = []
-        for path in (self.stdio_path, self.log_path):
-            try:
-                text = path.read_text("utf-8", errors="replace").splitlines()[-lines:]
-            except FileNotFoundError:
-                continue
-            parts.append(f"--- {path.name}\n" + "\n".join(text))
-        return "\n".join(parts)
+        return tail_files({path.name: path for path in (self.stdio_path, self.log_path)}, lines)
 
 
 def _options(extra_options: dict) -> list[str]:
@@ -177,6 +179,30 @@ def _options(extra_options: dict) -> list[str]:
 class ProcessesMixin:
     """For a ``twisted.trial.unittest.TestCase``: members as processes, stopped at cleanup."""
 
+    hosts: tuple = ()       # the host parts of every address the test uses (``self.ip(host)``)
+    admin_host: int = 200   # the one ``self.admin`` sends from
+
+    def setUp(self):
+        """``use_addresses``, then ``start_members`` (an ``async def`` of the test case)."""
+        self.use_addresses(self.hosts, self.admin_host)
+        return defer.ensureDeferred(self.start_members())
+
+    async def start_members(self) -> None:
+        """The test case's members and peers, once they all answer."""
+
+    def use_addresses(self, hosts, admin_host: int) -> None:
+        """A free ``127.R1.R2`` prefix for ``hosts`` at PORT: ``self.ip(host)`` is ``127.R1.R2.host``.
+
+        ``self.admin`` is the test's own outbound (identity, directories,
+        metrics), bound to ``self.ip(admin_host)``; registered before any
+        member starts, it closes after they all stopped (cleanups run
+        last-registered first).
+        """
+        prefix = allocate_prefix(hosts, PORT)
+        self.ip = lambda host: f"{prefix}.{host}"
+        self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(admin_host), timeout=5)
+        self.addCleanup(self.admin.close)
+
     def _started(self, member: Member) -> Member:
         members = getattr(self, "_members", None)
         if members is None:
@@ -190,16 +216,34 @@ class ProcessesMixin:
         return defer.gatherResults(
             [defer.ensureDeferred(m.stop()) for m in self._members], consumeErrors=True)
 
-    def start_node(self, ip: str, port: int, tracker, tracker_key: str, data_dir, **extra_options) -> Member:
-        """``twistd -n onionnode`` on ``ip:port``; its log is ``data_dir/node.log``."""
+    def _start_twistd(self, role: str, plugin: str, ip: str, port: int, data_dir, *args: str,
+                      name: str | None = None, options: dict) -> Member:
+        """``twistd -n PLUGIN`` on ``ip:port``, run in ``data_dir``, its state in ``data_dir/state``.
+
+        Its log is ``data_dir/ROLE.log``; ``args`` and ``options`` follow on its command line.
+        """
         data_dir = Path(data_dir).resolve()  # the member runs in data_dir: no relative paths
         data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir / "node.log"
+        log_path = data_dir / f"{role}.log"
         argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={log_path}",
-                "onionnode", "--listen", ip, "--port", str(port), "--tracker", str(tracker),
-                "--tracker-key", tracker_key, "--data-dir", str(data_dir / "state"),
-                *_options(extra_options)]
-        return self._started(Member(f"node {ip}", wire.Address(ip, port), data_dir, argv, log_path))
+                plugin, "--listen", ip, "--port", str(port), "--data-dir", str(data_dir / "state"),
+                *args, *_options(options)]
+        return self._started(Member(name or f"{role} {ip}", wire.Address(ip, port), data_dir, argv, log_path))
+
+    def start_node(self, ip: str, port: int, tracker, tracker_key: str, data_dir, **extra_options) -> Member:
+        """``twistd -n onionnode`` on ``ip:port``; its log is ``data_dir/node.log``."""
+        return self._start_twistd("node", "onionnode", ip, port, data_dir,
+                                  "--tracker", str(tracker), "--tracker-key", tracker_key, options=extra_options)
+
+    def start_nodes(self, hosts, base, *, per_node: dict | None = None, **options) -> list[Member]:
+        """``start_node`` at ``self.ip(host)`` for each of ``hosts``, the i-th with data in ``base/node{i}``.
+
+        Each registers with ``self.tracker`` (key ``self.tracker_key``); every
+        node gets ``options``, the i-th also ``per_node[i]``.
+        """
+        return [self.start_node(self.ip(host), PORT, self.tracker.address, self.tracker_key, Path(base) / f"node{i}",
+                                **{**options, **(per_node or {}).get(i, {})})
+                for i, host in enumerate(hosts)]
 
     def start_fake_tracker(self, ip: str, port: int, data_dir, **extra_options) -> Member:
         """The stand-in tracker (``fake_tracker.py``); its log is ``data_dir/tracker.log``."""
@@ -215,13 +259,20 @@ class ProcessesMixin:
 
         Its log is ``data_dir/tracker.log``, its key in ``data_dir/state``.
         """
-        data_dir = Path(data_dir).resolve()  # the member runs in data_dir: no relative paths
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir / "tracker.log"
-        argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={log_path}",
-                "oniontracker", "--listen", ip, "--port", str(port), "--data-dir", str(data_dir / "state"),
-                *_options(extra_options)]
-        return self._started(Member(f"tracker {ip}", wire.Address(ip, port), data_dir, argv, log_path))
+        return self._start_twistd("tracker", "oniontracker", ip, port, data_dir, options=extra_options)
+
+    def start_peer(self, name: str, ip: str, port: int, tracker, tracker_key: str, data_dir,
+                   **extra_options) -> Member:
+        """``twistd -n onionpeer`` on ``ip:port``, sharing ``data_dir/share``, downloading to ``data_dir/downloads``.
+
+        Its log is ``data_dir/peer.log``; started again with the same
+        ``data_dir``, it finds the same data, share and downloads.
+        """
+        data_dir = Path(data_dir).resolve()
+        return self._start_twistd("peer", "onionpeer", ip, port, data_dir,
+                                  "--tracker", str(tracker), "--tracker-key", tracker_key,
+                                  "--share", str(data_dir / "share"), "--downloads", str(data_dir / "downloads"),
+                                  name=f"peer {name}", options=extra_options)
 
     async def wait_identity(self, member: Member, outbound, timeout: float = 30.0) -> dict:
         """Poll ``GET /identity`` until the member answers it; the identity object."""
@@ -238,6 +289,85 @@ class ProcessesMixin:
 
     def kill(self, member: Member, sig: int = signal.SIGKILL) -> None:
         member.kill(sig)
+
+    # The two below ask with ``self.admin`` and check against ``self.tracker_key``
+    # (set by the test case once its tracker answered /identity).
+
+    async def directory(self, member: Member):
+        """``member``'s signed directory (``GET /nodes``), checked with the tracker's key."""
+        status, headers, body = await self.admin.get(member.address, "/nodes")
+        if status != 200:  # 503 while a node has no directory yet: polled again
+            raise errors.Unavailable(f"{member.name} answered {status} for /nodes")
+        signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
+        return parse_signed_directory(body, signature, crypto.load_tracker_public_b64(self.tracker_key), PORT)
+
+    async def wait_listed(self, nodes: list[Member], timeout: float = 20.0):
+        """Until every node answers /identity and ``self.tracker`` lists them all; its directory.
+
+        Each node checks extend targets against its own copy, so this also
+        waits until every node's copy lists all of them.
+        """
+        for node in nodes:  # started together, so waited for one after the other
+            await self.wait_identity(node, self.admin)
+        addresses = {n.address for n in nodes}
+
+        async def listed(member):
+            directory = await self.directory(member)
+            return directory if addresses <= set(directory.nodes) else None
+
+        try:
+            directory = await poll_until(lambda: listed(self.tracker), timeout=timeout,
+                                         what=f"the tracker to list the {len(nodes)} nodes")
+            for node in nodes:
+                await poll_until(functools.partial(listed, node), timeout=timeout, what=f"{node.name}'s directory")
+        except AssertionError as e:
+            raise self.failureException(f"{e}\n{self.tracker.tail()}") from None
+        return directory
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def tail_files(paths: dict, lines: int = 30) -> str:
+    """The last ``lines`` lines of each file in ``{label: path}`` that exists, each under ``--- label``."""
+    parts = []
+    for label, path in paths.items():
+        try:
+            text = Path(path).read_text("utf-8", errors="replace").splitlines()[-lines:]
+        except FileNotFoundError:
+            continue
+        parts.append(f"--- {label}\n" + "\n".join(text))
+    return "\n".join(parts)
+
+
+def sha256_file(path) -> str:
+    """The hex SHA-256 of a file, computed here rather than by the package under test."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+# --- a peer's user API ---------------------------------------------------------------------
+
+class PeerApiMixin:
+    """For a TestCase with ``self.admin``: a peer's user API, asked from the admin address.
+
+    The request names the peer's own address in ``Host``, as its page wants.
+    """
+
+    async def api_status(self, address: wire.Address, name: str) -> dict:
+        """``GET /api/status`` of the peer at ``address``, which must answer 200."""
+        status, _, body = await self.admin.get(address, "/api/status")
+        self.assertEqual(status, 200, f"{name} answered {status} for /api/status: {body[:200]!r}")
+        return wire.loads_object(body)
+
+    async def api_download(self, address: wire.Address, name: str, file: str, sha256: str) -> dict:
+        """``POST /api/downloads`` of ``file`` (``sha256``) to the peer at ``address``, which must answer 202."""
+        code, body = await post_status(self.admin, address, wire.dumps({"file": file, "sha256": sha256}),
+                                       path="/api/downloads")
+        self.assertEqual(code, 202, f"{name} answered {code}: {body[:300]!r}")
+        return wire.loads_object(body)
 
 
 # --- HTTP with the status ------------------------------------------------------------------
