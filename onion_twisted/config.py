@@ -82,6 +82,7 @@ PEER = COMMON + [
     Key("refresh_interval", float, 30.0, "seconds between catalogue refreshes (list)", 1),
     Key("announce_interval", float, 300.0, "seconds between announcements (ls) of an unchanged share", 1),
     Key("rescan_interval", float, 5.0, "seconds between looks at the share directory", 0.1),
+    Key("max_uploads", int, 16, "uploads served at once; more are answered transfer_end busy", 1),
 ]
 
 ROLES = {"node": NODE, "tracker": TRACKER, "peer": PEER}

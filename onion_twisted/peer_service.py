@@ -45,7 +45,8 @@ class PeerService(service.MultiService):
                          bootstrap=cfg["bootstrap"], hops=cfg["hops"], window=cfg["window"],
                          chunk_size=cfg["chunk_size"], max_attempts=cfg["max_attempts"],
                          stall_timeout=cfg["stall_timeout"], refresh_interval=cfg["refresh_interval"],
-                         announce_interval=cfg["announce_interval"], unsafe_logging=cfg["unsafe_logging"])
+                         announce_interval=cfg["announce_interval"], unsafe_logging=cfg["unsafe_logging"],
+                         max_uploads=cfg["max_uploads"])
         app = PeerApp(self.peer, ui_allow=cfg["ui_allow"], address=str(self.address))
         site = QuietSite(app.resource(), max_body=cfg["max_body"], reactor=reactor)
         internet.TCPServer(port, site, interface=cfg["listen"], reactor=reactor).setServiceParent(self)

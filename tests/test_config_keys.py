@@ -62,14 +62,23 @@ class ConfigTests(SynchronousTestCase):
     def test_bad_option_value_is_a_usage_error(self):
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "x"])
 
-    def test_shipped_example_lists_every_key_with_its_default(self):
+    def test_shipped_examples_list_every_key_with_its_default(self):
         here = os.path.dirname(os.path.abspath(__file__))
-        path = os.path.join(here, "..", "conf", "node.toml")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        self.assertEqual(config.parse("node", text), config.parse("node"))
-        for key in config.ROLES["node"]:
-            self.assertIn(f"\n{key.name} = ", "\n" + text)
+        for role in ("node", "tracker", "peer"):
+            path = os.path.join(here, "..", "conf", f"{role}.toml")
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            self.assertEqual(config.parse(role, text), config.parse(role), role)
+            for key in config.ROLES[role]:
+                self.assertIn(f"\n{key.name} = ", "\n" + text, f"{role}: {key.name}")
+
+    def test_every_role_has_its_twistd_options(self):
+        from onion_twisted import peer_service, tracker_service
+        for role, module in (("tracker", tracker_service), ("peer", peer_service)):
+            options = module.Options()
+            names = {o[0] for o in options.optParameters} | {f[0] for f in options.optFlags}
+            for key in config.ROLES[role]:
+                self.assertIn(key.option, names, f"{role}: {key.option}")
 
 
 class KeyFileTests(SynchronousTestCase):
