@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 
+from http.cookiejar import DefaultCookiePolicy
+
 from treq.client import HTTPClient
+try:
+    from treq.cookies import IndexableCookieJar
+except ImportError:  # older treq
+    from http.cookiejar import CookieJar as IndexableCookieJar
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -108,7 +114,8 @@ class HTTPOutbound:
             agent = Agent.usingEndpointFactory(reactor, BoundEndpointFactory(reactor, bind_ip, timeout), pool=self.pool)
         else:
             self.pool = None
-        self.http = HTTPClient(agent)
+        # Neighbours' cookies are never kept nor sent back.
+        self.http = HTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
 
     def post(self, address: wire.Address, body: bytes, headers: dict | None = None,
              path: str = "/") -> defer.Deferred:
@@ -129,7 +136,7 @@ class HTTPOutbound:
         for name, value in (headers or {}).items():
             h.setRawHeaders(name, [value])
         response = await self.http.request(method.decode("ascii"), url, data=BytesProducer(body) if body is not None else None,
-                                           headers=h, unbuffered=True)
+                                           headers=h, unbuffered=True, allow_redirects=False)
         collector = CappedBody(self.max_response)
         declared = response.length
         if declared is not UNKNOWN_LENGTH and declared > self.max_response:

@@ -257,7 +257,14 @@ class NextHopResource(Resource):
             return NOT_DONE_YET
         request.setResponseCode(self.status)
         request.setHeader(b"Content-Type", b"application/json")
+        if 300 <= self.status < 400:
+            request.setHeader(b"Location", b"http://127.0.0.99:5000/internal")
+            request.setHeader(b"Set-Cookie", b"tracking=1; Path=/")
         return self.body
+
+    def render_GET(self, request):
+        self.requests.append((request.getClientAddress().host, b"GET " + request.uri))
+        return b'{"payload": "c2VjcmV0"}'
 
 
 class ChunkedProducer(BytesProducer):
@@ -898,6 +905,20 @@ class NextHopTests(NodeAppCase):
         [(source_ip, body)] = next_hop.requests
         self.assertEqual(source_ip, NODE_IP)
         self.assertEqual(cells.parse_cell(body).payload, relay)
+
+    def test_502_next_hop_redirect_is_not_followed(self):
+        """A next hop answering 303 gets 502: the node never GETs the Location on its behalf."""
+        next_hop = NextHopResource(303, b"{}")
+        site = QuietSite(next_hop, reactor=MemoryReactorClock())
+        self.relay.outbound = self.outbound = HTTPOutbound(
+            self.clock, bind_ip=NODE_IP, agent=MemoryAgent(site, NODE_IP, pumps=self.pumps))
+        cid, layers = self.open_circuit()
+        relay, _ = sealed_create(NEXT_KEY.public_key())
+        answer = self.post(onion_cell(cid, layers, extend_message(NEXT_ADDR, relay)))
+        self.assertError(answer, 502, "next_hop_failed")
+        self.assertIn("303", answer.json["detail"])
+        self.assertEqual(len(next_hop.requests), 1)  # the POST only, no GET of the Location
+        self.assertEqual(list(self.relay.outbound.http._cookiejar), [])  # and no cookie kept
 
     def test_504_next_hop_timeout(self):
         self.outbound.routes[NEXT_ADDR] = self.raise_(NextHopTimeout("next hop did not answer in time"))
