@@ -3,6 +3,15 @@
 VENV="${ONION_VENV:-$PWD/.venv}"
 PYTHON="${PYTHON:-python3}"
 
+# pip, without the lines some machines' pip configuration prints for every
+# package ("Location ... is ignored"); real errors still show.
+quiet_pip() {
+  local status=0
+  "$VENV/bin/python" -m pip "$@" >/dev/null 2>"$VENV/.pip-stderr" || status=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$VENV/.pip-stderr" >&2 || true
+  return "$status"
+}
+
 ensure_venv() {
   if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
     echo "Python 3.11 or newer is needed (set PYTHON=...)" >&2; exit 1
@@ -13,15 +22,15 @@ ensure_venv() {
     fi
   fi
   local stamp="$VENV/.installed" want
-  want=$(cat setup.cfg pyproject.toml $(find onion_twisted twisted -type f -name '*.py' | sort) | sha256sum | cut -c1-16)
+  want=$(cat setup.cfg pyproject.toml $(find onion_twisted twisted -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | sort) | sha256sum | cut -c1-16)
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    quiet_pip install -q --upgrade pip
     # A real (non-editable) install: twistd finds plugins only in an installed twisted/plugins.
-    "$VENV/bin/python" -m pip install -q ".[test]" >/dev/null
-    "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps . >/dev/null
+    quiet_pip install -q ".[test]"
+    quiet_pip install -q --force-reinstall --no-deps .
     # Refresh twistd's plugin cache now, not in the middle of a test.
     "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
     echo "$want" > "$stamp"
