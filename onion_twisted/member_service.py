@@ -1,0 +1,52 @@
+"""What every member's service tree shares: its data directory, its address,
+its outbound HTTP bound to that address, its listener, its timers."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import internet, service
+
+from . import wire
+from .errors import NextHopFailed
+from .http_client import HTTPOutbound
+from .http_server import QuietSite
+
+
+class MemberService(service.MultiService):
+    def __init__(self, cfg: dict, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.cfg = cfg
+        os.makedirs(cfg["data_dir"], mode=0o700, exist_ok=True)
+        self.address = wire.parse_address(cfg["listen"], cfg["port"], field="listen")
+        self.outbound = HTTPOutbound(reactor, bind_ip=cfg["listen"], timeout=cfg["hop_timeout"],
+                                     max_response=cfg["max_body"] * 2)
+
+    def listen(self, resource) -> None:
+        """Serve ``resource`` on the member's own IP at the network's port."""
+        site = QuietSite(resource, max_body=self.cfg["max_body"], reactor=self.reactor)
+        internet.TCPServer(self.cfg["port"], site, interface=self.cfg["listen"],
+                           reactor=self.reactor).setServiceParent(self)
+
+    def every(self, seconds: float, call) -> None:
+        """Run ``call`` now and every ``seconds`` while the service runs."""
+        timer = internet.TimerService(seconds, call)
+        timer.clock = self.reactor
+        timer.setServiceParent(self)
+
+    async def resolve(self, address: wire.Address) -> str:
+        """The IP of an address: itself for a literal, else looked up (502 when it fails)."""
+        if address.ip is not None:
+            return address.ip
+        try:
+            return await self.reactor.resolve(address.host, timeout=(1, 3, 11))
+        except Exception:
+            raise NextHopFailed("that name does not resolve") from None
+
+    def stopService(self):
+        d = super().stopService()
+        d.addBoth(lambda _: self.outbound.close())
+        return d
