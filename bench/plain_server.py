@@ -17,54 +17,11 @@ Runs until SIGTERM / SIGINT.
 
 from __future__ import annotations
 
-import argparse
-import io
 import sys
 
-from twisted.internet import defer
 from twisted.web import resource, server
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
-JSON = b"application/json"
-
-
-class InMemoryRequest(server.Request):
-    def gotLength(self, length):
-        self.content = io.BytesIO()
-
-
-class QuietSite(server.Site):
-    noisy = False
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.requestFactory = InMemoryRequest
-
-    def log(self, request):
-        pass
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory, written in one go (as the node's http_client does)."""
-
-    def __init__(self, body: bytes):
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
+from common import JSON, BytesProducer, member_parser, serve
 
 
 class Answerer(resource.Resource):
@@ -129,17 +86,11 @@ class Proxy(resource.Resource):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="plain Twisted Web answerer / proxy (bench baseline)")
-    ap.add_argument("--listen", required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap = member_parser("plain Twisted Web answerer / proxy (bench baseline)")
     ap.add_argument("--forward-to", default=None, help="HOST:PORT of the answerer: act as a plain proxy")
     args = ap.parse_args(argv)
-    from twisted.internet import reactor
-
-    root = Proxy(reactor, args.listen, args.forward_to) if args.forward_to else Answerer()
-    reactor.listenTCP(args.port, QuietSite(root), interface=args.listen)
-    reactor.run()
-    return 0
+    return serve(lambda reactor: Proxy(reactor, args.listen, args.forward_to) if args.forward_to else Answerer(),
+                 args.listen, args.port)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,9 @@ import argparse
 import base64
 import json
 import os
-import platform
-import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +59,9 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+
+from common import ALL_PROCS, CLK_TCK, Proc, die_with_parent, machine, make_client, median_or_none, \
+    pick_addresses, wait_ready
 
 # readBody over a pooled connection warns about abortConnection; harmless here.
 warnings.filterwarnings("ignore", "Using readBody with a transport", DeprecationWarning)
@@ -74,9 +74,9 @@ FORWARD = b"onion-http/1 forward"
 BACKWARD = b"onion-http/1 backward"
 MESSAGE_SIZE = 100
 REQUEST_TIMEOUT = 15.0
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 TARGET_ORDER = ("direct", "proxy", "tracker", "node")
+ROLES = ("client", "direct", "proxy", "tracker", "node")  # the addresses 127.A.B.1-5
 LABELS = {
     "direct": "plain direct",
     "proxy": "plain proxy chain",
@@ -100,137 +100,13 @@ def message(size: int = MESSAGE_SIZE) -> bytes:
 # --- processes ------------------------------------------------------------------------
 
 
-def _die_with_parent():  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class Proc:
-    """One member process; its stdout/stderr go to a log file."""
-
-    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None):
-        self.name = name
-        self.argv = argv
-        self.log_path = logdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=str(cwd) if cwd else None, preexec_fn=_die_with_parent)
-        self.pid = self.popen.pid
-        ALL_PROCS.append(self)
-
-    def cpu_seconds(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace: float = 20.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
 def pick_network() -> tuple[dict, int]:
-    """Six addresses 127.A.B.1-6 (random A, B) and a port free on all of them."""
-    for _ in range(50):
-        a, b = random.randint(64, 250), random.randint(1, 250)
-        ips = {role: f"127.{a}.{b}.{i}" for i, role in enumerate(("client", "direct", "proxy", "tracker", "node"), 1)}
-        socks = []
-        try:
-            s = socket.socket()
-            s.bind((ips["client"], 0))
-            port = s.getsockname()[1]
-            socks.append(s)
-            for ip in list(ips.values())[1:]:
-                t = socket.socket()
-                socks.append(t)
-                t.bind((ip, port))
-            return ips, port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port on 127.x.y.z")
+    """Five addresses 127.A.B.1-5 (random A, B), one per role, and a port free on all of them."""
+    ips, port = pick_addresses(range(1, len(ROLES) + 1))
+    return dict(zip(ROLES, ips)), port
 
 
-# --- the load client --------------------------------------------------------------------
-
-
-def make_client(reactor, bind_ip: str, max_per_host: int):
-    from twisted.internet import defer
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-    from twisted.web.client import Agent, HTTPConnectionPool, readBody
-    from twisted.web.http_headers import Headers
-    from twisted.web.iweb import IBodyProducer
-    from zope.interface import implementer
-
-    @implementer(IBodyProducer)
-    class BytesProducer:
-        def __init__(self, body):
-            self.body = body
-            self.length = len(body)
-
-        def startProducing(self, consumer):
-            consumer.write(self.body)
-            return defer.succeed(None)
-
-        def pauseProducing(self):
-            pass
-
-        def resumeProducing(self):
-            pass
-
-        def stopProducing(self):
-            pass
-
-    class Bound:
-        def endpointForURI(self, uri):
-            return TCP4ClientEndpoint(reactor, uri.host.decode("ascii"), uri.port, timeout=10,
-                                      bindAddress=(bind_ip, 0))
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = False
-    agent = Agent.usingEndpointFactory(reactor, Bound(), pool=pool)
-    headers = Headers({b"Content-Type": [b"application/json"]})
-
-    class Client:
-        def request(self, method: bytes, url: bytes, body: bytes | None = None):
-            d = agent.request(method, url, headers, BytesProducer(body) if body is not None else None)
-            d.addCallback(lambda r: readBody(r).addCallback(lambda data: (r.code, data, r.headers)))
-            d.addTimeout(REQUEST_TIMEOUT, reactor)
-            return d
-
-        async def post(self, url: bytes, body: bytes):
-            code, data, _ = await self.request(b"POST", url, body)
-            return code, data
-
-        def close(self):
-            return pool.closeCachedConnections()
-
-    return Client()
+# --- cells and paths --------------------------------------------------------------------
 
 
 class Layer:
@@ -292,7 +168,7 @@ class NodeTarget:
         from cryptography.hazmat.primitives.asymmetric import padding
         from twisted.internet import defer
 
-        code, data, _ = await self.client.request(b"GET", identity_url)
+        code, data = await self.client.request(b"GET", identity_url)
         identity = json.loads(data)
         public_key = serialization.load_pem_public_key(identity["public_key"].encode("ascii"))
         oaep = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
@@ -353,9 +229,6 @@ def _cpu(procs: list[Proc]) -> dict:
     for p in procs:
         cpu[p.name] = p.cpu_seconds()
     return cpu
-
-
-ALL_PROCS: list[Proc] = []  # every member process of this run
 
 
 def _system_snapshot() -> tuple[float, float | None, float]:
@@ -477,56 +350,6 @@ def twistd_command(profile: Path | None) -> list[str]:
     if profile is not None:
         return [PY, str(BENCH / "profiled_twistd.py"), str(profile)]
     return [PY, "-c", _TWISTD]
-
-
-async def wait_ready(reactor, client, url: bytes, proc: Proc, timeout: float = 30.0):
-    from twisted.internet import task
-
-    deadline = time.perf_counter() + timeout
-    last = None
-    while time.perf_counter() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
-        try:
-            code, data, _ = await client.request(b"GET", url)
-            if code == 200:
-                return
-            last = f"{code} {data[:100]!r}"
-        except Exception as e:  # noqa: BLE001 - not listening yet
-            last = type(e).__name__
-        await task.deferLater(reactor, 0.1, lambda: None)
-    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s ({last}):\n{proc.tail()}")
-
-
-def machine() -> dict:
-    import cryptography
-    import twisted
-    from cryptography.hazmat.backends.openssl.backend import backend
-
-    info = {
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "openssl": backend.openssl_version_text(),
-        "twisted": twisted.__version__,
-        "cryptography": cryptography.__version__,
-        "platform": platform.platform(),
-    }
-    for mod in ("treq", "klein", "orjson", "pybase64"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
-def median_or_none(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def summarise(results: dict, targets: list[str]) -> dict:
@@ -657,7 +480,7 @@ async def run(reactor, args) -> dict:
     logdir.mkdir()
     procs: dict[str, Proc] = {}
     spy = None
-    client = make_client(reactor, ips["client"], args.concurrency + 8)
+    client = make_client(reactor, ips["client"], args.concurrency + 8, REQUEST_TIMEOUT)
     msg = message(args.message_bytes)
     try:
         from cryptography.hazmat.primitives import serialization
@@ -698,7 +521,7 @@ async def run(reactor, args) -> dict:
             await wait_ready(reactor, client, url("node", "/identity"), procs["node"], timeout=60)
             # The node registers at start; wait until the tracker lists it (not needed to exit, but quiet).
             for _ in range(50):
-                code, data, _ = await client.request(b"GET", url("tracker", "/nodes"))
+                code, data = await client.request(b"GET", url("tracker", "/nodes"))
                 if ips["node"] in data.decode("utf-8", "replace"):
                     break
                 await task.deferLater(reactor, 0.1, lambda: None)
@@ -740,7 +563,7 @@ async def run(reactor, args) -> dict:
             spy = subprocess.Popen([spy_bin, "record", "--pid", str(procs[args.spy_on].pid), "-o", str(out),
                                     "-f", fmt_, "-r", "250", "--nonblocking"],
                                    stdout=open(logdir / "py-spy.log", "wb"), stderr=subprocess.STDOUT,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=die_with_parent)
             await task.deferLater(reactor, 1.0, lambda: None)
 
         results = {"throughput": {t: [] for t in targets}, "latency": {t: [] for t in targets}}
@@ -768,7 +591,7 @@ async def run(reactor, args) -> dict:
         return {
             "benchmark": "relay",
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine(),
+            "machine": machine("treq", "klein", "orjson", "pybase64", openssl=True),
             "config": {
                 "command": "python bench/relay.py" + ("" if len(sys.argv) < 2 else " " + " ".join(sys.argv[1:])),
                 "runs": args.runs, "duration": args.duration, "warmup": args.warmup,

@@ -18,10 +18,8 @@ caller can give the node ``--tracker-key``. Runs until SIGTERM / SIGINT.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
-import io
 import json
 import os
 import sys
@@ -29,26 +27,11 @@ import time
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from twisted.web import resource, server
+from twisted.web import resource
 
-JSON = b"application/json"
+from common import JSON, member_parser, serve
+
 FILES = b'{"payload":{"type":"files","files":[]}}'
-
-
-class InMemoryRequest(server.Request):
-    def gotLength(self, length):
-        self.content = io.BytesIO()
-
-
-class QuietSite(server.Site):
-    noisy = False
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.requestFactory = InMemoryRequest
-
-    def log(self, request):
-        pass
 
 
 def load_or_make_key(path: str | None) -> ed25519.Ed25519PrivateKey:
@@ -117,17 +100,11 @@ class Tracker(resource.Resource):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="stand-in tracker for bench/relay.py")
-    ap.add_argument("--listen", required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap = member_parser("stand-in tracker for bench/relay.py")
     ap.add_argument("--key-file", default=None, help="raw Ed25519 private key (made if missing)")
     args = ap.parse_args(argv)
-    from twisted.internet import reactor
-
     key = load_or_make_key(args.key_file)
-    reactor.listenTCP(args.port, QuietSite(Tracker(key, f"{args.listen}:{args.port}")), interface=args.listen)
-    reactor.run()
-    return 0
+    return serve(lambda reactor: Tracker(key, f"{args.listen}:{args.port}"), args.listen, args.port)
 
 
 if __name__ == "__main__":

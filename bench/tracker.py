@@ -67,19 +67,19 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
 import random
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import common
+from common import QuietSite, machine, make_client, median_or_none, wait_ready
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
@@ -213,8 +213,7 @@ def stats_ms(samples_ns: list[int]) -> dict:
 
 
 def median_of(runs: list[dict], field: str):
-    values = [r[field] for r in runs if r.get(field) is not None and not math.isnan(r[field])]
-    return statistics.median(values) if values else None
+    return median_or_none(r.get(field) for r in runs)
 
 
 class GCWatch:
@@ -514,134 +513,39 @@ def profile_text(stats: pstats.Stats, title: str) -> str:
 # --- part 2: over HTTP ---------------------------------------------------------------------------
 
 
-def _die_with_parent():  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def pick_network(n_exits: int, port: int) -> tuple[str, list[str]]:
     """127.A.B.1 for the tracker, 127.A.B.11... for the exits, all free at ``port``."""
-    for _ in range(50):
-        a, b = random.randint(64, 250), random.randint(1, 250)
-        tracker = f"127.{a}.{b}.1"
-        exits = [f"127.{a}.{b}.{11 + i}" for i in range(n_exits)]
-        socks = []
-        try:
-            for ip in [tracker, *exits]:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((ip, port))
-            return tracker, exits
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no free 127.x.y.z addresses at port {port}")
+    ips, _ = common.pick_addresses([1, *range(11, 11 + n_exits)], port)
+    return ips[0], ips[1:]
 
 
-class TrackerProc:
+class TrackerProc(common.Proc):
+    """``twistd -n oniontracker`` under ``timeout`` (a 30-minute bound), its log in ``workdir/tracker.log``."""
+
+    grace = 30.0
+    tail_lines = 20
+
     def __init__(self, ip: str, port: int, workdir: Path, twistd: str, profile: Path | None = None):
         self.workdir = workdir
-        self.log_path = workdir / "tracker.log"
-        self._log = open(self.log_path, "wb")
         argv = ["timeout", "-s", "TERM", "-k", "10", "1800", twistd, "-n", "--pidfile="]
         if profile is not None:
             argv += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         argv += ["oniontracker", "--listen", ip, "--port", str(port), "--data-dir", str(workdir / "data")]
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=str(workdir), preexec_fn=_die_with_parent)
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+        super().__init__("tracker", argv, workdir, cwd=workdir)  # SIGTERM: timeout passes it on to twistd
 
     def cpu_seconds(self) -> float | None:
         # `timeout` is the direct child: its child is twistd
         try:
             children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
             pid = int(children[0]) if children else self.pid
-            fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
+        except (OSError, ValueError):
             return None
-
-    def stop(self, grace: float = 30.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)  # timeout passes it on to twistd
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def make_client(reactor, bind_ip: str, max_per_host: int):
-    from twisted.internet import defer
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-    from twisted.web.client import Agent, HTTPConnectionPool, readBody
-    from twisted.web.http_headers import Headers
-    from twisted.web.iweb import IBodyProducer
-    from zope.interface import implementer
-
-    @implementer(IBodyProducer)
-    class BytesProducer:
-        def __init__(self, body):
-            self.body = body
-            self.length = len(body)
-
-        def startProducing(self, consumer):
-            consumer.write(self.body)
-            return defer.succeed(None)
-
-        def pauseProducing(self):
-            pass
-
-        def resumeProducing(self):
-            pass
-
-        def stopProducing(self):
-            pass
-
-    class Bound:
-        def endpointForURI(self, uri):
-            return TCP4ClientEndpoint(reactor, uri.host.decode("ascii"), uri.port, timeout=10,
-                                      bindAddress=(bind_ip, 0))
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = False
-    agent = Agent.usingEndpointFactory(reactor, Bound(), pool=pool)
-    headers = Headers({b"Content-Type": [b"application/json"]})
-
-    class Client:
-        def request(self, method: bytes, url: bytes, body: bytes | None = None):
-            d = agent.request(method, url, headers, BytesProducer(body) if body is not None else None)
-            d.addCallback(lambda r: readBody(r).addCallback(lambda data: (r.code, data)))
-            d.addTimeout(REQUEST_TIMEOUT, reactor)
-            return d
-
-        def close(self):
-            return pool.closeCachedConnections()
-
-    return Client()
+        return common.cpu_seconds(pid)
 
 
 def start_fake_exits(reactor, exits: list[str], port: int, keys: dict) -> tuple[list, dict]:
     """One twisted.web site per exit address: GET /identity, POST / -> {}."""
-    from twisted.web import resource, server
+    from twisted.web import resource
 
     counts = {"control": 0, "backward": 0, "other": 0}
 
@@ -670,13 +574,8 @@ def start_fake_exits(reactor, exits: list[str], port: int, keys: dict) -> tuple[
             request.setHeader(b"Content-Type", b"application/json")
             return b"{}"
 
-    class QuietSite(server.Site):
-        noisy = False
-
-        def log(self, request):
-            pass
-
-    ports = [reactor.listenTCP(port, QuietSite(Exit(keys[ip]["identity"])), interface=ip) for ip in exits]
+    ports = [reactor.listenTCP(port, QuietSite(Exit(keys[ip]["identity"]), in_memory=False), interface=ip)
+             for ip in exits]
     return ports, counts
 
 
@@ -728,24 +627,12 @@ async def http_run(reactor, seed: int, args, keys: dict, tracker_ip: str, profil
     port = args.port
     work = Path(tempfile.mkdtemp(prefix="bench-tracker-"))
     proc = TrackerProc(tracker_ip, port, work, args.twistd, profile)
-    clients = {ip: make_client(reactor, ip, max(args.concurrency, 2)) for ip in exits}
+    clients = {ip: make_client(reactor, ip, max(args.concurrency, 2), REQUEST_TIMEOUT) for ip in exits}
     base = f"http://{tracker_ip}:{port}".encode()
     heartbeat = None
     ok = False
     try:
-        deadline = time.perf_counter() + 30
-        while True:
-            if not proc.alive():
-                raise RuntimeError(f"the tracker exited ({proc.popen.returncode}):\n{proc.tail()}")
-            try:
-                code, _ = await clients[exits[0]].request(b"GET", base + b"/identity")
-                if code == 200:
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"the tracker is not ready after 30 s:\n{proc.tail()}")
-            await task.deferLater(reactor, 0.1, lambda: None)
+        await wait_ready(reactor, clients[exits[0]], base + b"/identity", proc, timeout=30)
 
         async def register():
             for ip in exits:
@@ -836,24 +723,6 @@ async def run_http(reactor, args, keys: dict, tracker_ip: str) -> dict:
 
 
 # --- report -----------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    import twisted
-
-    info = {"cores": os.cpu_count(), "python": platform.python_version(), "twisted": twisted.__version__,
-            "platform": platform.platform()}
-    for mod in ("klein", "treq", "orjson", "cryptography"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def f3(v) -> str:
@@ -1112,7 +981,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "tracker",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        "machine": machine("klein", "treq", "orjson", "cryptography"),
         "config": {"command": "python bench/tracker.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    "quick": args.quick, "sizes": args.sizes, "circuits": max(args.sizes), "files": args.files,
                    "runs": args.runs, "http_runs": args.http_runs, "per_type": args.per_type,
