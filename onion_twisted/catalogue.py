@@ -298,7 +298,7 @@ class Catalogue:
 
     # --- transfers under way ------------------------------------------------------------
 
-    def start_transfer(self, circuit: TrackedCircuit, transfer: str, size: int | None, chunk_ranges) -> None:
+    def start_transfer(self, circuit: TrackedCircuit, transfer: str, size: int | None) -> None:
         # The tracker never sees transfer_end (it crosses the bridge), so a
         # transfer counts as under way for an estimate of its duration: its
         # size at 1 MiB/s plus a minute, and at most the bridges' idle time.

@@ -57,9 +57,6 @@ class BoundedRequest(server.Request):
         transport.write(head + body)
         transport.loseConnection()
 
-    def client_ip(self) -> str:
-        return self.getClientAddress().host
-
 
 class QuietSite(server.Site):
     noisy = False

@@ -25,13 +25,58 @@ class RateWindow:
         return sum(n for s, n in self._buckets.items() if now - self.span < s <= now) / self.span
 
 
-class NodeMetrics:
+class PrometheusText:
+    """The text exposition format, one metric family at a time."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples) -> None:
+        """``samples``: a value, or ``(label, label value, value)`` triples."""
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        if isinstance(samples, list):
+            self.lines += [f'{name}{{{label}="{key}"}} {value}' for label, key, value in samples]
+        else:
+            self.lines.append(f"{name} {samples}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class MemberMetrics:
+    """What every member counts: uptime and error answers by status."""
+
     def __init__(self, clock):
         self.clock = clock
         self.started = clock.seconds()
+        self.errors = Counter()       # status -> count
+
+    def error(self, status: int) -> None:
+        self.errors[status] += 1
+
+    async def counting_errors(self, coroutine):
+        """Await ``coroutine``, counting the ProtocolError it raises by status."""
+        from .errors import ProtocolError
+
+        try:
+            return await coroutine
+        except ProtocolError as e:
+            self.error(e.status)
+            raise
+
+    def uptime(self) -> float:
+        return self.clock.seconds() - self.started
+
+    def _errors_family(self, out: PrometheusText, prefix: str) -> None:
+        out.family(f"{prefix}_errors_total", "counter", "Error answers, by HTTP status.",
+                   [("status", status, self.errors[status]) for status in sorted(self.errors)])
+
+
+class NodeMetrics(MemberMetrics):
+    def __init__(self, clock):
+        super().__init__(clock)
         self.cells = Counter()        # direction -> cells
         self.bytes = Counter()        # direction -> bytes
-        self.errors = Counter()       # status -> count
         self.creates_total = 0
         self.creates = RateWindow(clock)
 
@@ -43,58 +88,32 @@ class NodeMetrics:
         self.creates_total += 1
         self.creates.add()
 
-    def error(self, status: int) -> None:
-        self.errors[status] += 1
-
-    def uptime(self) -> float:
-        return self.clock.seconds() - self.started
-
     def prometheus(self, circuits: int, bridges: int) -> str:
-        lines = [
-            "# HELP onion_node_circuits Open circuits through this node.",
-            "# TYPE onion_node_circuits gauge",
-            f"onion_node_circuits {circuits}",
-            "# HELP onion_node_bridges Open bridge ends at this node.",
-            "# TYPE onion_node_bridges gauge",
-            f"onion_node_bridges {bridges}",
-            "# HELP onion_node_cells_total Cells relayed, by direction.",
-            "# TYPE onion_node_cells_total counter",
-        ]
-        for d in ("forward", "backward"):
-            lines.append(f'onion_node_cells_total{{direction="{d}"}} {self.cells[d]}')
-        lines += ["# HELP onion_node_bytes_total Payload bytes relayed, by direction.",
-                  "# TYPE onion_node_bytes_total counter"]
-        for d in ("forward", "backward"):
-            lines.append(f'onion_node_bytes_total{{direction="{d}"}} {self.bytes[d]}')
-        lines += ["# HELP onion_node_errors_total Error answers, by HTTP status.",
-                  "# TYPE onion_node_errors_total counter"]
-        for status in sorted(self.errors):
-            lines.append(f'onion_node_errors_total{{status="{status}"}} {self.errors[status]}')
-        lines += [
-            "# HELP onion_node_creates_total Circuits created here.",
-            "# TYPE onion_node_creates_total counter",
-            f"onion_node_creates_total {self.creates_total}",
-            "# HELP onion_node_creates_per_second Circuits created per second over the last 10 s.",
-            "# TYPE onion_node_creates_per_second gauge",
-            f"onion_node_creates_per_second {self.creates.per_second():.3f}",
-            "# HELP onion_node_uptime_seconds Seconds since the node started.",
-            "# TYPE onion_node_uptime_seconds gauge",
-            f"onion_node_uptime_seconds {self.uptime():.0f}",
-        ]
-        return "\n".join(lines) + "\n"
+        out = PrometheusText()
+        directions = ("forward", "backward")
+        out.family("onion_node_circuits", "gauge", "Open circuits through this node.", circuits)
+        out.family("onion_node_bridges", "gauge", "Open bridge ends at this node.", bridges)
+        out.family("onion_node_cells_total", "counter", "Cells relayed, by direction.",
+                   [("direction", d, self.cells[d]) for d in directions])
+        out.family("onion_node_bytes_total", "counter", "Payload bytes relayed, by direction.",
+                   [("direction", d, self.bytes[d]) for d in directions])
+        self._errors_family(out, "onion_node")
+        out.family("onion_node_creates_total", "counter", "Circuits created here.", self.creates_total)
+        out.family("onion_node_creates_per_second", "gauge", "Circuits created per second over the last 10 s.",
+                   f"{self.creates.per_second():.3f}")
+        out.family("onion_node_uptime_seconds", "gauge", "Seconds since the node started.", f"{self.uptime():.0f}")
+        return out.text()
 
 
-class TrackerMetrics:
+class TrackerMetrics(MemberMetrics):
     """What the tracker counts: never an address, a CID or a file name."""
 
     MESSAGE_TYPES = ("ls", "list", "request", "file_chunk", "transfer_end")
 
     def __init__(self, clock):
-        self.clock = clock
-        self.started = clock.seconds()
+        super().__init__(clock)
         self.messages = Counter()   # message type (known types only) -> count
         self.requests = Counter()   # outcome -> count
-        self.errors = Counter()     # status -> count
 
     def message(self, kind) -> None:
         self.messages[kind if kind in self.MESSAGE_TYPES else "other"] += 1
@@ -102,33 +121,17 @@ class TrackerMetrics:
     def request(self, outcome: str) -> None:
         self.requests[outcome] += 1
 
-    def error(self, status: int) -> None:
-        self.errors[status] += 1
-
-    def uptime(self) -> float:
-        return self.clock.seconds() - self.started
-
     def prometheus(self, *, nodes: int, circuits: int, entries: int, transfers: int) -> str:
-        lines = []
-
-        def gauge(name, help_text, value):
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"])
-
-        gauge("onion_tracker_nodes", "Nodes in the directory.", nodes)
-        gauge("onion_tracker_circuits", "Circuits known to the tracker.", circuits)
-        gauge("onion_tracker_catalogue_entries", "Distinct (name, sha256) entries.", entries)
-        gauge("onion_tracker_transfers", "Transfers under way (estimated).", transfers)
-        lines += ["# HELP onion_tracker_messages_total Messages from circuits, by type.",
-                  "# TYPE onion_tracker_messages_total counter"]
-        for kind in (*self.MESSAGE_TYPES, "other"):
-            lines.append(f'onion_tracker_messages_total{{type="{kind}"}} {self.messages[kind]}')
-        lines += ["# HELP onion_tracker_requests_total File requests, by outcome.",
-                  "# TYPE onion_tracker_requests_total counter"]
-        for outcome in ("bridged", "failed"):
-            lines.append(f'onion_tracker_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
-        lines += ["# HELP onion_tracker_errors_total Error answers, by HTTP status.",
-                  "# TYPE onion_tracker_errors_total counter"]
-        for status in sorted(self.errors):
-            lines.append(f'onion_tracker_errors_total{{status="{status}"}} {self.errors[status]}')
-        gauge("onion_tracker_uptime_seconds", "Seconds since the tracker started.", f"{self.uptime():.0f}")
-        return "\n".join(lines) + "\n"
+        out = PrometheusText()
+        out.family("onion_tracker_nodes", "gauge", "Nodes in the directory.", nodes)
+        out.family("onion_tracker_circuits", "gauge", "Circuits known to the tracker.", circuits)
+        out.family("onion_tracker_catalogue_entries", "gauge", "Distinct (name, sha256) entries.", entries)
+        out.family("onion_tracker_transfers", "gauge", "Transfers under way (estimated).", transfers)
+        out.family("onion_tracker_messages_total", "counter", "Messages from circuits, by type.",
+                   [("type", kind, self.messages[kind]) for kind in (*self.MESSAGE_TYPES, "other")])
+        out.family("onion_tracker_requests_total", "counter", "File requests, by outcome.",
+                   [("outcome", o, self.requests[o]) for o in ("bridged", "failed")])
+        self._errors_family(out, "onion_tracker")
+        out.family("onion_tracker_uptime_seconds", "gauge", "Seconds since the tracker started.",
+                   f"{self.uptime():.0f}")
+        return out.text()

@@ -15,6 +15,7 @@ import random
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import cells, wire
 from .catalogue import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError, check_name, check_sha256
@@ -115,11 +116,12 @@ class Peer:
         """The connected circuit, building one (with retries) if there is none."""
         if self.circuit is not None and self.circuit.connected:
             return defer.succeed(self.circuit)
-        waiter = defer.Deferred()
         if self._building is None:
             self._building = defer.ensureDeferred(self._build_until_connected())
             self._building.addBoth(self._built)
-        self._building.addBoth(lambda r: (waiter.callback(r) if not _is_failure(r) else waiter.errback(r), r)[1])
+        # Each caller gets its own Deferred; the shared one keeps its result.
+        waiter = defer.Deferred()
+        self._building.addBoth(_pass_to(waiter))
         return waiter
 
     def _built(self, result):
@@ -222,7 +224,7 @@ class Peer:
     # --- announcing ------------------------------------------------------------------------
 
     def _ls_message(self) -> dict:
-        return {"type": "ls", "files": self.shared}
+        return self.share.ls_message()
 
     async def rescan(self) -> bool:
         """Look at the share directory again; True if the shared set changed."""
@@ -547,6 +549,12 @@ class Peer:
         }
 
 
-def _is_failure(result) -> bool:
-    from twisted.python.failure import Failure
-    return isinstance(result, Failure)
+def _pass_to(waiter: defer.Deferred):
+    """A callback that fires ``waiter`` with a result and passes the result on."""
+    def passing(result):
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
+        return result
+    return passing

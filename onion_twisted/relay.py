@@ -57,11 +57,7 @@ class NodeRelay:
 
     async def handle(self, source_ip: str, body: bytes, signature=None) -> bytes:
         """Answer one cell: the 200 body, or raise the ProtocolError to answer."""
-        try:
-            return await self._dispatch(source_ip, body, signature)
-        except ProtocolError as e:
-            self.metrics.error(e.status)
-            raise
+        return await self.metrics.counting_errors(self._dispatch(source_ip, body, signature))
 
     async def _dispatch(self, source_ip: str, body: bytes, signature) -> bytes:
         cell = cells.parse_cell(body)

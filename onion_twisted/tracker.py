@@ -49,11 +49,7 @@ class Tracker:
     # --- POST / : messages from exit nodes ------------------------------------------
 
     async def handle_cell(self, source_ip: str, body: bytes) -> bytes:
-        try:
-            return await self._dispatch(source_ip, body)
-        except ProtocolError as e:
-            self.metrics.error(e.status)
-            raise
+        return await self.metrics.counting_errors(self._dispatch(source_ip, body))
 
     async def _dispatch(self, source_ip: str, body: bytes) -> bytes:
         cell = cells.parse_cell(body)
@@ -127,7 +123,7 @@ class Tracker:
             raise MessageError("source_failed", f"the source could not be reached: {e.detail}") from None
         finally:
             self.pending -= 1
-        self.catalogue.start_transfer(source, transfer, shared.size, request.chunks)
+        self.catalogue.start_transfer(source, transfer, shared.size)
         self.metrics.request("bridged")
         return {"type": "transfer", "transfer": transfer, "file": request.file, "size": shared.size,
                 "sha256": shared.sha256, "chunk_size": request.chunk_size}
@@ -144,11 +140,7 @@ class Tracker:
     # --- the directory ------------------------------------------------------------------
 
     async def register_node(self, source_ip: str, body: bytes) -> bytes:
-        try:
-            return await self._register(source_ip, body)
-        except ProtocolError as e:
-            self.metrics.error(e.status)
-            raise
+        return await self.metrics.counting_errors(self._register(source_ip, body))
 
     async def _register(self, source_ip: str, body: bytes) -> bytes:
         obj = wire.loads_object(body, "registration")

@@ -6,7 +6,6 @@
 * ``resolve_shared``: the sharer's name check: one regular file directly in
   the share directory, by exact name, announced before, nothing that climbs
   or links out.
-* ``SendWindow``: the sharer's window of chunks in flight.
 """
 
 from __future__ import annotations
@@ -157,45 +156,6 @@ def resolve_shared(share_dir, name, announced) -> Path:
     if not real.is_file():
         raise MessageError("refused", "not a regular file")
     return real
-
-
-class SendWindow:
-    """Chunks in flight for one transfer: at most ``size`` unacknowledged.
-
-    ``next_to_send`` yields indexes while there is room; ``acked`` frees a
-    slot; ``done`` when every wanted chunk was acknowledged.
-    """
-
-    def __init__(self, indexes, size: int = 8):
-        if size < 1:
-            raise ValueError("window must be at least 1")
-        self.size = size
-        self._pending = iter(indexes)
-        self._exhausted = False
-        self.in_flight: set[int] = set()
-        self.acknowledged = 0
-
-    def next_to_send(self) -> int | None:
-        if len(self.in_flight) >= self.size or self._exhausted:
-            return None
-        index = next(self._pending, None)
-        if index is None:
-            self._exhausted = True
-            return None
-        self.in_flight.add(index)
-        return index
-
-    def acked(self, index: int) -> bool:
-        """Free the slot of ``index``; False (and nothing counted) if it was not in flight."""
-        if index not in self.in_flight:
-            return False
-        self.in_flight.discard(index)
-        self.acknowledged += 1
-        return True
-
-    @property
-    def done(self) -> bool:
-        return self._exhausted and not self.in_flight
 
 
 def unique_destination(directory: Path, name: str) -> Path:

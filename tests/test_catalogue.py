@@ -311,8 +311,8 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         a = join(cat, A, ["f"])
         b = join(cat, B, ["f"])
         join(cat, C, ["f"])
-        cat.start_transfer(a, "t1", 10, None)
-        cat.start_transfer(b, "t2", 10, None)
+        cat.start_transfer(a, "t1", 10)
+        cat.start_transfer(b, "t2", 10)
         for _ in range(30):
             self.assertEqual(cat.choose_source(request("f"), D)[0].key, C)
 
@@ -321,7 +321,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         a = join(cat, A, ["f"])
         join(cat, B, ["f"])
         join(cat, C, ["f"])
-        cat.start_transfer(a, "t1", 10, None)
+        cat.start_transfer(a, "t1", 10)
         chosen = [cat.choose_source(request("f"), D)[0].key for _ in range(200)]
         self.assertEqual(set(chosen), {B, C})
         self.assertTrue(50 < chosen.count(B) < 150, chosen.count(B))
@@ -340,7 +340,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         cat, clock = make_catalogue(idle_timeout=600.0)
         a = join(cat, A, ["f"])
         join(cat, B, ["f"])
-        cat.start_transfer(a, "t1", 30 * 1024 * 1024, None)  # 60 s + 30 s at 1 MiB/s
+        cat.start_transfer(a, "t1", 30 * 1024 * 1024)  # 60 s + 30 s at 1 MiB/s
         self.assertEqual(cat.transfers_under_way(), 1)
         clock.advance(89)
         self.assertEqual(cat.transfers_under_way(), 1)
@@ -351,7 +351,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
     def test_transfer_estimate_capped_at_idle_time(self):
         cat, clock = make_catalogue(idle_timeout=100.0)
         a = join(cat, A, ["f"])
-        cat.start_transfer(a, "t1", 10 ** 12, None)
+        cat.start_transfer(a, "t1", 10 ** 12)
         clock.advance(99)
         self.assertEqual(cat.transfers_under_way(), 1)
         clock.advance(1)
@@ -360,7 +360,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
     def test_end_transfer(self):
         cat, _ = make_catalogue()
         a = join(cat, A, ["f"])
-        cat.start_transfer(a, "t1", 1, None)
+        cat.start_transfer(a, "t1", 1)
         cat.end_transfer(a, "t1")
         cat.end_transfer(a, "unknown")
         self.assertEqual(cat.transfers_under_way(), 0)

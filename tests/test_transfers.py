@@ -1,7 +1,7 @@
 """Transfer bookkeeping with no network I/O (PROTOCOL.md §8).
 
 ChunkMap and its record (resume), wanted_indexes (the ``chunks`` of a
-request), resolve_shared (the sharer's name check), SendWindow and
+request), resolve_shared (the sharer's name check) and
 unique_destination. Files live in a fresh temporary directory per test.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from onion_twisted.catalogue import MessageError
-from onion_twisted.transfers import (ChunkMap, SendWindow, ranges_of, resolve_shared, unique_destination,
+from onion_twisted.transfers import (ChunkMap, ranges_of, resolve_shared, unique_destination,
                                      wanted_indexes)
 
 
@@ -206,45 +206,6 @@ class ResolveSharedTests(unittest.SynchronousTestCase):
     def test_a_symlink_into_a_subdirectory_is_refused(self):
         e = self.assertRefused("sub-link")
         self.assertIn("outside", e.detail)
-
-
-class SendWindowTests(unittest.SynchronousTestCase):
-    def test_at_most_size_in_flight(self):
-        w = SendWindow(range(5), size=2)
-        self.assertEqual(w.next_to_send(), 0)
-        self.assertEqual(w.next_to_send(), 1)
-        self.assertIsNone(w.next_to_send())
-        self.assertEqual(w.in_flight, {0, 1})
-        self.assertTrue(w.acked(0))
-        self.assertEqual(w.next_to_send(), 2)
-        self.assertIsNone(w.next_to_send())
-        self.assertFalse(w.done)
-
-    def test_done_when_every_chunk_is_acknowledged(self):
-        w = SendWindow([3, 7], size=8)
-        self.assertEqual([w.next_to_send(), w.next_to_send(), w.next_to_send()], [3, 7, None])
-        self.assertFalse(w.done)
-        w.acked(7)
-        self.assertFalse(w.done)
-        w.acked(3)
-        self.assertTrue(w.done)
-        self.assertEqual(w.acknowledged, 2)
-
-    def test_duplicate_or_unknown_acks_count_nothing(self):
-        w = SendWindow(range(3), size=2)
-        w.next_to_send()
-        self.assertTrue(w.acked(0))
-        self.assertFalse(w.acked(0))
-        self.assertFalse(w.acked(2))
-        self.assertEqual(w.acknowledged, 1)
-
-    def test_nothing_to_send(self):
-        w = SendWindow([], size=2)
-        self.assertIsNone(w.next_to_send())
-        self.assertTrue(w.done)
-
-    def test_window_must_be_positive(self):
-        self.assertRaises(ValueError, SendWindow, range(3), size=0)
 
 
 class UniqueDestinationTests(unittest.SynchronousTestCase):
