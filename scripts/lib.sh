@@ -36,3 +36,16 @@ ensure_venv() {
     echo "$want" > "$stamp"
   fi
 }
+
+# Debian packages the tests need, installed only as root with apt-get (CI's case):
+# "apt_install PKG..." runs apt-get update once per run, then installs without asking.
+# Returns non-zero when it cannot (not root, no apt-get, or the install failed).
+APT_UPDATED=""
+apt_install() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+  if [ -z "$APT_UPDATED" ]; then
+    apt-get update -qq || return 1
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}

@@ -107,7 +107,8 @@
     var badge = $("circuit-state");
     setText(badge, state);
     badge.className = "badge state-" + state.replace(/[^a-z]/g, "");
-    setText($("circuit-detail"), circuit.detail || "");
+    // The detail says more than the badge, or nothing ("connected" twice says it twice).
+    setText($("circuit-detail"), circuit.detail && circuit.detail !== state ? circuit.detail : "");
     setText($("circuit-age"), age(circuit.age));
     reconcile($("circuit-nodes"), list(circuit.nodes), function (n) { return String(n.address); },
       function () {
@@ -225,6 +226,9 @@
         setText(li.querySelector(".name"), d.file);
         setText(li.querySelector(".state"), d.state);
         var progress = li.querySelector("progress");
+        // A failed download whose size never came shows no bar: an indeterminate one
+        // (moving) would say that something is still going on.
+        li.querySelector(".bar").hidden = d.state === "failed" && fraction === null;
         if (fraction === null) {
           setAttr(progress, "value", null);           // indeterminate: size not known yet
         } else if (progress.value !== fraction || !progress.hasAttribute("value")) {
