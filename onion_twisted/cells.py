@@ -18,7 +18,7 @@ CREATED = b'{"type":"created"}'
 @dataclass(frozen=True, slots=True)
 class Cell:
     cid: str
-    payload: Any  # str (base64) on peer/node links; dict from the tracker and on bridges
+    payload: Any  # base64 on peer/node links (str, or bytes once decoded); dict from the tracker and on bridges
     destroy: bool
     # An object payload's own bytes, when the body is exactly {"CID": …, "payload": {…}}
     # as this project writes it: relayed as they came instead of serialised again.
@@ -33,8 +33,18 @@ class Cell:
         return self.cid == wire.CONTROL_CID
 
 
-def parse_cell(body: bytes) -> Cell:
-    obj = wire.loads_object(body)
+_BASE64_PAYLOAD = (("payload",),)
+_BASE64_PAYLOAD_OR_CHUNK = (("payload",), ("payload", "data"))
+
+
+def parse_cell(body: bytes, *, chunks: bool = False) -> Cell:
+    """The cell in ``body``; a long base64 ``payload`` comes back decoded, as bytes.
+
+    With ``chunks``, the ``data`` of an object payload (a file chunk over a
+    bridge) comes back decoded too, and the cell keeps its raw object bytes
+    for relaying (a node never re-serialises a chunk).
+    """
+    obj, decoded = wire.loads_with_base64(body, _BASE64_PAYLOAD_OR_CHUNK if chunks else _BASE64_PAYLOAD)
     cid = obj.get("CID")
     if cid is None:
         raise BadRequest("missing field CID")
@@ -54,19 +64,22 @@ def parse_cell(body: bytes) -> Cell:
         return Cell(cid, None, True)
     if payload is None:
         raise BadRequest("missing field payload")
-    if not isinstance(payload, (str, dict)):
+    if not isinstance(payload, (str, bytes, dict)):
         raise BadRequest("payload is neither a base64 string nor a JSON object")
     raw = None
     if isinstance(payload, dict) and len(obj) == 2:
         prefix = b'{"CID":"' + cid.encode("ascii") + b'","payload":'
         if body.startswith(prefix) and body.endswith(b"}"):
             raw = body[len(prefix):-1]
+    if decoded and isinstance(payload, dict) and raw is None:
+        # A decoded chunk cannot be serialised again: keep the full parse.
+        return parse_cell(body)
     return Cell(cid, payload, False, raw)
 
 
 def payload_bytes(cell: Cell) -> bytes:
-    """The payload of a node-to-node or peer-to-node cell: base64 bytes."""
-    if not isinstance(cell.payload, str):
+    """The payload of a node-to-node or peer-to-node cell, decoded."""
+    if not isinstance(cell.payload, (str, bytes)):
         raise BadRequest("payload must be a base64 string on this link")
     return wire.b64decode(cell.payload)
 

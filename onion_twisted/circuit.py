@@ -137,7 +137,10 @@ class Circuit:
             raise Conflict("the circuit is not connected to the tracker yet")
         if not isinstance(message, (dict, bytes)):
             raise TypeError("a message is a JSON object")
-        return self._reply_object(await self._post_onion(message))
+        # A chunk's message is not held while its acknowledgement is awaited.
+        step = self._post_onion(message)
+        del message
+        return self._reply_object(await step)
 
     def open_backward(self, payload_b64) -> dict:
         """Decode a backward cell that reached the peer's ``POST /`` on this circuit (§4.3, §5).
@@ -150,7 +153,8 @@ class Circuit:
         if len(self.layers) != len(self.hops):
             raise BadRequest("backward cell on a circuit that is not built")
         data = self._peel(wire.b64decode(payload_b64), len(self.layers))
-        return wire.loads_object(data, "backward message")
+        # A file chunk's data comes back decoded (bytes): one pass over it, no JSON copy.
+        return wire.loads_with_base64(data, (("data",),), "backward message")[0]
 
     async def destroy(self) -> None:
         """``{"CID": cid, "destroy": true}`` to the first hop (§9); the circuit is unusable after."""
@@ -183,13 +187,17 @@ class Circuit:
         self.layers.append(layer)
         self._nonces.append(set())
 
-    async def _post(self, body: bytes) -> bytes:
-        return await self.outbound.post(self.entry, body)
+    def _post(self, body: bytes):
+        return self.outbound.post(self.entry, body)
 
     async def _post_onion(self, message: dict | bytes) -> bytes:
         plaintext = message if isinstance(message, bytes) else wire.dumps(message)
+        del message
         onion = crypto.wrap_onion(self.layers, plaintext)
-        reply = await self._post(cells.encode_cell(self.cid, onion))
+        del plaintext
+        sent = self._post(cells.encode_cell(self.cid, onion))
+        del onion
+        reply = await sent
         self._check_usable()  # destroyed while the message was under way
         return reply
 

@@ -76,7 +76,7 @@ PEER = COMMON + [
     Key("bootstrap", list, [], "node addresses to fetch the directory from; empty: the tracker, once"),
     Key("hops", int, 3, "nodes in a circuit", 1),
     Key("window", int, 8, "file chunks in flight per upload", 1),
-    Key("chunk_size", int, 262144, "chunk size asked for in requests, bytes (16 KiB to 4 MiB)", 16384),
+    Key("chunk_size", int, 1048576, "chunk size asked for in requests, bytes (16 KiB to 4 MiB)", 16384),
     Key("max_attempts", int, 5, "attempts before a download stops with an error", 1),
     Key("stall_timeout", float, 60.0, "seconds without a chunk before a download asks again", 1),
     Key("refresh_interval", float, 30.0, "seconds between catalogue refreshes (list)", 1),

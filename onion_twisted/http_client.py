@@ -135,8 +135,11 @@ class HTTPOutbound:
         h = Headers(JSON_HEADERS)
         for name, value in (headers or {}).items():
             h.setRawHeaders(name, [value])
-        response = await self.http.request(method.decode("ascii"), url, data=BytesProducer(body) if body is not None else None,
+        producer = BytesProducer(body) if body is not None else None
+        del body  # the producer drops it once written: not held while the answer is awaited
+        response = await self.http.request(method.decode("ascii"), url, data=producer,
                                            headers=h, unbuffered=True, allow_redirects=False)
+        del producer
         collector = CappedBody(self.max_response)
         declared = response.length
         if declared is not UNKNOWN_LENGTH and declared > self.max_response:

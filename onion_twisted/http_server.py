@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,33 +24,80 @@ _SILENT = Logger(observer=lambda event: None)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
+class _ReadOnlyEmpty(io.BytesIO):
+    """An empty body shared by every request: cannot be written nor closed."""
+
+    def write(self, data):
+        raise OSError("read-only")
+
+    def close(self):
+        pass
+
+
+# What a handler leaves in request.content once it took the body out.
+EMPTY_CONTENT = _ReadOnlyEmpty()
+
+
 class BoundedRequest(server.Request):
+    """A request whose body is kept in memory, never spooled to a file, and
+    refused (413) past ``max_body``. The pieces read from the socket are
+    joined once, when the body is complete: a growing BytesIO would copy
+    it again and again and keep an over-allocated buffer."""
+
     max_body = DEFAULT_MAX_BODY
     _too_large = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pieces = []
+        self._received = 0
 
     def gotLength(self, length):
         if length is not None and length > self.max_body:
             self._refuse_too_large()
             return
-        self.content = io.BytesIO()
+        self._pieces = []
+        self._received = 0
+        self.content = EMPTY_CONTENT
 
     def handleContentChunk(self, data):
         if self._too_large:
             return
-        if self.content.tell() + len(data) > self.max_body:
+        self._received += len(data)
+        if self._received > self.max_body:
             self._refuse_too_large()
             return
-        self.content.write(data)
+        self._pieces.append(data)
 
     def requestReceived(self, command, path, version):
         if self._too_large:
             return
+        pieces, self._pieces = self._pieces, []
+        # BytesIO shares the bytes it starts from: getvalue() gives them back uncopied.
+        self.content = io.BytesIO(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        del pieces
         super().requestReceived(command, path, version)
+
+    def process(self):
+        # Klein decodes the path and the Host name as UTF-8 and, when it
+        # cannot, logs a traceback: any client could fill the log with them.
+        # Such a request is a plain 400 here, and nothing is logged.
+        try:
+            unquote_to_bytes(self.path).decode("utf-8")
+            self.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            self.setResponseCode(400)
+            self.setHeader(b"Content-Type", b"application/json")
+            self.write(b'{"error":"bad_request","detail":"the path or the Host header is not UTF-8"}')
+            self.finish()
+            return
+        super().process()
 
     def _refuse_too_large(self):
         """Answer 413 and close: the rest of the body is never read."""
         self._too_large = True
-        self.content = io.BytesIO()
+        self._pieces = []
+        self.content = EMPTY_CONTENT
         body = wire.dumps(TooLarge(f"body over this member's limit of {self.max_body} bytes").body())
         head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))

@@ -14,7 +14,7 @@ from klein import Klein
 from . import PROTOCOL, __version__, crypto, wire
 from .directory_client import SIGNATURE_HEADER
 from .errors import Unavailable
-from .http_server import respond, write_error, write_json
+from .http_server import EMPTY_CONTENT, respond, write_error, write_json
 from .relay import NodeRelay
 
 
@@ -40,6 +40,7 @@ class NodeApp:
     @app.route("/", methods=["POST"])
     def post_cell(self, request):
         body = request.content.getvalue()
+        request.content = EMPTY_CONTENT  # the relay drops the body once peeled; so does the request
         signature = request.getHeader(SIGNATURE_HEADER)
         return respond(request, self.relay.handle(request.getClientAddress().host, body, signature))
 

@@ -23,6 +23,9 @@ BRIDGE_GONE = (b'{"payload":{"type":"error","error":"bridge_gone",'
 _CHUNK_TYPES = ("file_chunk", "transfer_end")
 
 
+_CHUNK_DATA = (("data",),)  # a file chunk's base64, decoded in passing (wire.loads_with_base64)
+
+
 def reply_with(layer_bytes: bytes) -> bytes:
     return wire.with_base64({}, "payload", layer_bytes)
 
@@ -55,26 +58,38 @@ class NodeRelay:
 
     # --- entry point ----------------------------------------------------------------
 
-    async def handle(self, source_ip: str, body: bytes, signature=None) -> bytes:
-        """Answer one cell: the 200 body, or raise the ProtocolError to answer."""
-        return await self.metrics.counting_errors(self._dispatch(source_ip, body, signature))
+    # A relayed chunk is held until the far end answers (store-and-forward), so
+    # the handlers below drop each large buffer (received body, layers,
+    # plaintext) as soon as the next one is made, before they await: a node
+    # then holds about one copy per chunk in flight, not five.
+
+    def handle(self, source_ip: str, body: bytes, signature=None):
+        """Answer one cell (a coroutine): the 200 body, or raise the ProtocolError to answer."""
+        return self.metrics.counting_errors(self._dispatch(source_ip, body, signature))
 
     async def _dispatch(self, source_ip: str, body: bytes, signature) -> bytes:
-        cell = cells.parse_cell(body)
+        cell = cells.parse_cell(body, chunks=True)
         if cell.is_control:
             return await self._control(body, signature, cell.payload)
+        del body
         if cell.destroy:
             return self._destroy(source_ip, cell.cid)
         table = self.table
         circuit = table.forward(cell.cid, source_ip)
         if circuit is not None:
-            return await self._forward(circuit, cells.payload_bytes(cell))
+            step = self._forward(circuit, cells.payload_bytes(cell))
+            del cell
+            return await step
         circuit = table.backward(cell.cid, source_ip)
         if circuit is not None:
-            return await self._backward(circuit, cell)
+            step = self._backward(circuit, cell)
+            del cell
+            return await step
         bridge = table.incoming_bridge(cell.cid, source_ip)
         if bridge is not None:
-            return await self._from_bridge(bridge, cell)
+            step = self._from_bridge(bridge, cell)
+            del cell
+            return await step
         return self._create(source_ip, cell)
 
     # --- create (§4.5) -----------------------------------------------------------------
@@ -100,18 +115,23 @@ class NodeRelay:
     async def _forward(self, circuit: Circuit, layer: bytes) -> bytes:
         plaintext = self.table.peel_forward(circuit, layer)
         self.metrics.relayed("forward", len(layer))
+        del layer
         if circuit.out_cid is None:
             return await self._extend(circuit, plaintext)
         if circuit.out_kind == NODE:
-            reply = await self.outbound.post(circuit.out_addr, cells.encode_cell(circuit.out_cid, plaintext))
+            sent = self.outbound.post(circuit.out_addr, cells.encode_cell(circuit.out_cid, plaintext))
+            del plaintext
+            reply = await sent
             return self._wrap_reply(circuit, reply, from_node=True)
-        message = wire.loads_object(plaintext, "message for the tracker")
+        message, _ = wire.loads_with_base64(plaintext, _CHUNK_DATA, "message for the tracker")
+        message.pop("data", None)
         if message.get("type") in _CHUNK_TYPES:
             bridge = self.table.outgoing_bridge(circuit, message.get("transfer"))
             if bridge is not None:
                 try:
-                    reply = await self.outbound.post(bridge.peer_addr,
-                                                     cell_with_raw_object(bridge.bridge_cid, plaintext))
+                    sent = self.outbound.post(bridge.peer_addr, cell_with_raw_object(bridge.bridge_cid, plaintext))
+                    del plaintext
+                    reply = await sent
                 except ProtocolError:
                     # The requester's side is gone, not this circuit: say so to
                     # the sharer (who stops this upload only) and drop the bridge.
@@ -121,7 +141,9 @@ class NodeRelay:
                 if message["type"] == "transfer_end":
                     self.table.remove_bridge(bridge)
                 return self._wrap_reply(circuit, reply, from_node=False)
-        reply = await self.outbound.post(circuit.out_addr, cell_with_raw_object(circuit.out_cid, plaintext))
+        sent = self.outbound.post(circuit.out_addr, cell_with_raw_object(circuit.out_cid, plaintext))
+        del plaintext
+        reply = await sent
         self.table.touch(circuit)
         return self._wrap_reply(circuit, reply, from_node=False)
 
@@ -181,26 +203,32 @@ class NodeRelay:
 
     async def _backward(self, circuit: Circuit, cell: cells.Cell) -> bytes:
         if circuit.out_kind == EXIT:
-            data = cell.object_bytes()
+            step = self._send_backward(circuit, cell.object_bytes())
         else:
-            data = cells.payload_bytes(cell)
+            step = self._send_backward(circuit, cells.payload_bytes(cell))
+        del cell
         self.table.touch(circuit)
-        return await self._send_backward(circuit, data)
+        return await step
 
     async def _from_bridge(self, bridge, cell: cells.Cell) -> bytes:
-        message = cells.payload_object(cell)
+        ends = cells.payload_object(cell).get("type") == "transfer_end"
         circuit = bridge.circuit
         bridge.last_used = self.clock.seconds()
         self.table.touch(circuit)
-        answer = await self._send_backward(circuit, cell.object_bytes())
-        if message.get("type") == "transfer_end":
+        step = self._send_backward(circuit, cell.object_bytes())
+        del cell
+        answer = await step
+        if ends:
             self.table.remove_bridge(bridge)
         return answer
 
     async def _send_backward(self, circuit: Circuit, data: bytes) -> bytes:
         layer = circuit.layer.wrap(data, BACKWARD)
+        del data
         self.metrics.relayed("backward", len(layer))
-        await self.outbound.post(wire.Address(circuit.in_ip, self.port), cells.encode_cell(circuit.in_cid, layer))
+        sent = self.outbound.post(wire.Address(circuit.in_ip, self.port), cells.encode_cell(circuit.in_cid, layer))
+        del layer
+        await sent
         return EMPTY
 
     # --- destroy (§9) ----------------------------------------------------------------

@@ -168,7 +168,7 @@ class TrackerProcessesTests(ProcessesMixin, unittest.TestCase):
             self.assertEqual((chunk["transfer"], chunk["file"], chunk["chunk_size"], chunk["size"]),
                              (transfer, NAME, CHUNK_SIZE, FILE_SIZE))
             self.assertNotIn(chunk["chunk_idx"], received, "a chunk arrived twice")
-            received[chunk["chunk_idx"]] = base64.b64decode(chunk["data"])
+            received[chunk["chunk_idx"]] = wire.b64decode(chunk["data"], "data")  # bytes: decoded on arrival
         self.assertEqual(sorted(received), list(range(count)))
         end = await self.requester.next_message()
         self.assertEqual(end, {"type": "transfer_end", "transfer": transfer, "status": "ok"})

@@ -133,9 +133,13 @@ class Base64Tests(unittest.SynchronousTestCase):
                 self.assertIn("payload", e.detail)
 
     def test_not_a_string_refused(self):
-        for value in (None, 12, b"YWJj", ["YWJj"], {"a": "YWJj"}):
+        for value in (None, 12, bytearray(b"YWJj"), ["YWJj"], {"a": "YWJj"}):
             with self.subTest(value=value):
                 self.assertRaises(BadRequest, wire.b64decode, value)
+
+    def test_bytes_are_taken_as_decoded_already(self):
+        # JSON never yields bytes: they come from loads_with_base64, decoded and checked.
+        self.assertEqual(wire.b64decode(b"YWJj"), b"YWJj")
 
     def test_field_name_in_detail(self):
         e = self.assertRaises(BadRequest, wire.b64decode, "!", "extend.relay")
@@ -220,3 +224,90 @@ class WithBase64Tests(unittest.SynchronousTestCase):
 
     def test_empty_data(self):
         self.assertEqual(wire.loads(wire.with_base64({"a": 1}, "payload", b"")), {"a": 1, "payload": ""})
+
+
+class LoadsWithBase64Tests(unittest.SynchronousTestCase):
+    """The shortcut for long base64 strings answers exactly what a full parse answers."""
+
+    DATA = bytes(range(256)) * 8                     # 2 KiB: over LONG_STRING once encoded
+    TEXT = __import__("base64").b64encode(DATA).decode("ascii")
+
+    def full(self, body: bytes):
+        """What the plain parse says: (object with the value decoded, None) or (None, error detail)."""
+        try:
+            obj = wire.loads_object(body)
+        except BadRequest as e:
+            return None, e.detail
+        return obj, None
+
+    def same_as_full_parse(self, body: bytes, path=("payload",)):
+        expected, error = self.full(body)
+        try:
+            obj, decoded = wire.loads_with_base64(body, (path,))
+        except BadRequest as e:
+            self.assertEqual(e.detail, error)
+            return None
+        self.assertIsNone(error)
+        if decoded:
+            holder, full_holder = obj, expected
+            for step in path[:-1]:
+                holder, full_holder = holder[step], full_holder[step]
+            self.assertIsInstance(holder[path[-1]], bytes)
+            self.assertEqual(holder[path[-1]], wire.b64decode(full_holder[path[-1]]))
+            holder[path[-1]] = full_holder[path[-1]]
+        self.assertEqual(obj, expected)
+        return decoded
+
+    def test_canonical_cell_takes_the_shortcut(self):
+        body = wire.with_base64({"CID": "c"}, "payload", self.DATA)
+        obj, decoded = wire.loads_with_base64(body, (("payload",),))
+        self.assertTrue(decoded)
+        self.assertEqual(obj, {"CID": "c", "payload": self.DATA})
+
+    def test_other_formatting_takes_it_too(self):
+        body = ('{ "payload" :\n "%s" , "CID": "c"}' % self.TEXT).encode()
+        self.assertTrue(self.same_as_full_parse(body))
+
+    def test_nested_path(self):
+        body = ('{"CID":"c","payload":{"type":"file_chunk","data":"%s"}}' % self.TEXT).encode()
+        self.assertTrue(self.same_as_full_parse(body, ("payload", "data")))
+
+    def test_short_strings_are_parsed_whole(self):
+        self.assertFalse(self.same_as_full_parse(b'{"CID":"c","payload":"YWJj"}'))
+
+    def test_cases_where_only_a_full_parse_is_right(self):
+        t = self.TEXT
+        cases = {
+            "escaped slash in the value": '{"payload":"%s\\/%s"}' % (t, t),
+            "escaped quote in the value": '{"payload":"%s\\"x"}' % t,
+            "the key escaped, another one nested": '{"x":{"payload":"%s"},"\\u0070ayload":""}' % t,
+            "a duplicate key": '{"payload":"%s","payload":"YWJj"}' % t,
+            "the key as a nested key only": '{"x":{"payload":"%s"}}' % t,
+            "not base64": '{"payload":"%s@@"}' % t,
+            "the value is an object": '{"payload":{"data":"%s"}}' % t,
+            "malformed after the value": '{"payload":"%s",}' % t,
+            "trailing garbage": '{"payload":"%s"} x' % t,
+            "not an object": '["payload","%s"]' % t,
+            "escape in another field": '{"payload":"%s","x":"\\u00e9"}' % t,
+            "the marker inside another string": '{"a":"\\"payload\\":\\"%s\\""}' % t,
+        }
+        for name, text in cases.items():
+            with self.subTest(name):
+                decoded = self.same_as_full_parse(text.encode())
+                self.assertFalse(decoded, name)
+
+    def test_deep_nesting_outside_the_value_refused(self):
+        body = ('{"payload":"%s","x":%s1%s}' % (self.TEXT, "[" * 200, "]" * 200)).encode()
+        self.assertRaises(BadRequest, wire.loads_with_base64, body, (("payload",),))
+
+    def test_random_mutations_agree_with_the_full_parse(self):
+        import random
+
+        rng = random.Random(7)
+        base = wire.with_base64({"CID": "c", "destroy": False}, "payload", self.DATA)
+        alphabet = b'"\\{}[],: \n\tA=/+x\x00\xff'
+        for _ in range(3000):
+            body = bytearray(base)
+            for _ in range(rng.randint(1, 3)):
+                body[rng.randrange(len(body))] = rng.choice(alphabet)
+            self.same_as_full_parse(bytes(body))
