@@ -105,21 +105,22 @@ def new_session_key() -> bytes:
 class Layer:
     """One hop's session key: adds and removes that hop's onion layer.
 
-    The AESGCM object is built once per circuit (key schedule cost), and a
-    layer is a single ``encrypt``: one copy of the data, no intermediate
-    buffers.
+    Only the 16-byte key is kept. An ``AESGCM`` object holds about 2.4 KiB
+    of OpenSSL state, which a node would pay for every idle circuit (most of
+    them); building one for each use costs about 1.5 µs, nothing next to a
+    cell's HTTP exchange (bench/node_memory.py: per-circuit memory).
     """
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_key",)
 
     def __init__(self, session_key: bytes):
         if len(session_key) != SESSION_KEY_SIZE:
             raise ValueError("session key must be 16 bytes")
-        self._aead = AESGCM(session_key)
+        self._key = bytes(session_key)
 
     def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return nonce + AESGCM(self._key).encrypt(nonce, plaintext, aad)
 
     def peel(self, layer: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """Return (nonce, plaintext); BadRequest if the layer does not authenticate."""
@@ -127,7 +128,7 @@ class Layer:
             raise BadRequest("layer is shorter than nonce and tag")
         nonce = layer[:NONCE_SIZE]
         try:
-            return nonce, self._aead.decrypt(nonce, memoryview(layer)[NONCE_SIZE:], aad)
+            return nonce, AESGCM(self._key).decrypt(nonce, memoryview(layer)[NONCE_SIZE:], aad)
         except InvalidTag:
             raise BadRequest("layer does not decrypt with the circuit's key") from None
 

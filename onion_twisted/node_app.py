@@ -14,7 +14,7 @@ from klein import Klein
 from . import PROTOCOL, __version__, crypto, wire
 from .directory_client import SIGNATURE_HEADER
 from .errors import Unavailable
-from .http_server import EMPTY_CONTENT, respond, write_error, write_json
+from .http_server import CellRoute, EMPTY_CONTENT, respond, write_error, write_json
 from .relay import NodeRelay
 
 
@@ -35,7 +35,8 @@ class NodeApp:
         self.fingerprint = crypto.fingerprint(key)
 
     def resource(self):
-        return self.app.resource()
+        # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
+        return CellRoute(self.app.resource(), self.post_cell)
 
     @app.route("/", methods=["POST"])
     def post_cell(self, request):

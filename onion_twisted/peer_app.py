@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from . import PROTOCOL, wire
 from .errors import BadRequest, ProtocolError
-from .http_server import respond, write_json
+from .http_server import CellRoute, respond, write_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {
@@ -203,7 +203,8 @@ class PeerApp:
         self.clock = clock if clock is not None else getattr(peer, "clock", None)
 
     def resource(self):
-        return self.app.resource()
+        # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
+        return CellRoute(self.app.resource(), self.post_cell)
 
     # --- guards ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import time
 from klein import Klein
 
 from . import PROTOCOL, __version__, wire
-from .http_server import respond, write_json
+from .http_server import CellRoute, respond, write_json
 from .tracker import SIGNATURE_HEADER, Tracker
 
 
@@ -31,7 +31,8 @@ class TrackerApp:
         })
 
     def resource(self):
-        return self.app.resource()
+        # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
+        return CellRoute(self.app.resource(), self.post_cell)
 
     @app.route("/", methods=["POST"])
     def post_cell(self, request):

@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from onion_twisted import PROTOCOL, cells, control, crypto, keys, wire
 from onion_twisted.directory_client import SIGNATURE_HEADER
 from onion_twisted.errors import BadRequest, Forbidden, NextHopFailed, ProtocolError, UnknownCircuit
-from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.http_client import BytesProducer, HTTPOutbound
 from onion_twisted.http_server import QuietSite, write_error, write_json
 
 log = Logger(namespace="fake_tracker")
@@ -108,7 +108,7 @@ class FakeTracker:
         h = Headers({b"Content-Type": [b"application/json"]})
         for name, value in (headers or {}).items():
             h.setRawHeaders(name, [value])
-        d = self.outbound.http.request("POST", address.url("/"), data=body, headers=h)
+        d = self.outbound.http.request("POST", address.url("/"), data=BytesProducer(body), headers=h, unbuffered=True)
         d.addTimeout(self.outbound.timeout, self.reactor)
         try:
             response = await d

@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 from onion_twisted import crypto, errors, wire
 from onion_twisted.directory import parse_signed_directory
 from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.http_client import BytesProducer, HTTPOutbound
 from tests.support.deferreds import current_reactor as _reactor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -383,7 +383,7 @@ async def post_status(outbound, address: wire.Address, body: bytes, headers: dic
     h = Headers({b"Content-Type": [b"application/json"]})
     for name, value in (headers or {}).items():
         h.setRawHeaders(name, [value])
-    d = outbound.http.request("POST", address.url(path), data=body, headers=h)
+    d = outbound.http.request("POST", address.url(path), data=BytesProducer(body), headers=h, unbuffered=True)
     d.addTimeout(timeout or outbound.timeout, outbound.reactor)
     response = await d
     content = response.content()
