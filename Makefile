@@ -1,0 +1,14 @@
+# Shortcuts; each target runs a script of scripts/, which installs what it needs.
+.PHONY: demo test bench bench-quick
+
+demo:
+	./scripts/demo
+
+test:
+	./scripts/test
+
+bench:
+	./scripts/bench
+
+bench-quick:
+	./scripts/bench --quick
