@@ -267,6 +267,8 @@ def main() -> int:
     parser.add_argument("--round-trips", type=int, default=None, help="list round trips (default 200; quick 20)")
     parser.add_argument("--circuits", type=int, default=None, help="open circuits (default 10000; quick 1000)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one bulk download")
+    parser.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a peer option for both peers, e.g. window=16 (to compare settings)")
     parser.add_argument("--only", default="bulk,circuits,relay,memory",
                         help="comma-separated subset of bulk,circuits,relay,memory")
     args = parser.parse_args()
@@ -280,7 +282,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="onion-bench-net-"))
     base = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.10"
-    net = LocalNetwork(tmp / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048)
+    extra = {"peer": dict(kv.split("=", 1) for kv in args.peer_option)} if args.peer_option else None
+    net = LocalNetwork(tmp / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048, extra=extra)
     report = {"machine": machine(openssl=True), "date": time.strftime("%Y-%m-%d"), "config": vars(args)}
     try:
         if only & {"bulk", "circuits"}:
