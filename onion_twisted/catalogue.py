@@ -24,6 +24,7 @@ DEFAULT_CHUNK = 256 * 1024
 MAX_RANGES = 65536
 MAX_NAME_BYTES = 255
 MAX_SIZE = 2 ** 53  # JSON-safe integers
+MAX_TRANSFERS = 1024  # transfers counted as under way per source circuit (the estimate saturates)
 
 
 class MessageError(Exception):
@@ -303,7 +304,11 @@ class Catalogue:
         # transfer counts as under way for an estimate of its duration: its
         # size at 1 MiB/s plus a minute, and at most the bridges' idle time.
         estimate = 60.0 + (size or 0) / (1024 * 1024)
-        circuit.transfers[transfer] = self.clock.seconds() + min(estimate, self.idle_timeout)
+        now = self.clock.seconds()
+        transfers = circuit.transfers
+        if len(transfers) >= MAX_TRANSFERS and self._under_way(circuit, now) >= MAX_TRANSFERS:
+            del transfers[min(transfers, key=transfers.__getitem__)]  # the one that ends first
+        transfers[transfer] = now + min(estimate, self.idle_timeout)
 
     def end_transfer(self, circuit: TrackedCircuit, transfer: str) -> None:
         circuit.transfers.pop(transfer, None)

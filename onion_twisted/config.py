@@ -34,6 +34,8 @@ COMMON = [
     Key("port", int, 5000, "the network's port: every member listens on it", 1),
     Key("max_body", int, 8 * 1024 * 1024, "largest request body accepted, in bytes (413 above)", 1024),
     Key("hop_timeout", float, 30.0, "seconds to wait for the next hop before answering 504", 0.1),
+    Key("request_timeout", float, 60.0,
+        "seconds a client has to send a whole request from its first byte; a slower one is cut off", 0.1),
     Key("unsafe_logging", bool, False, "debug switch: log circuit ids, addresses and file names"),
 ]
 

@@ -18,6 +18,11 @@ from twisted.internet import defer, threads
 from . import wire
 from .transfers import ChunkMap, fsync_dir, unique_destination
 
+# A name may have 255 bytes, and NAME.json.tmp must fit in a file name too: the
+# partial files of longer names are .partial/long/SHA256-OF-NAME.part, .json.
+MAX_STEM = 255 - len(".json.tmp")
+SEEN_TRANSFERS = 16  # transfer ids remembered from chunks that came before the tracker's reply
+
 QUEUED, REQUESTING, RECEIVING, VERIFYING, DONE, FAILED = (
     "queued", "requesting", "receiving", "verifying", "done", "failed")
 ACTIVE = (QUEUED, REQUESTING, RECEIVING, VERIFYING)
@@ -62,12 +67,19 @@ class Download:
     # --- paths ----------------------------------------------------------------------
 
     @property
+    def _stem(self) -> str:
+        encoded = self.name.encode("utf-8", "surrogatepass")
+        if len(encoded) <= MAX_STEM:
+            return self.name
+        return "long/" + hashlib.sha256(encoded).hexdigest()
+
+    @property
     def part_path(self) -> Path:
-        return self.store.partial_dir / (self.name + ".part")
+        return self.store.partial_dir / (self._stem + ".part")
 
     @property
     def record_path(self) -> Path:
-        return self.store.partial_dir / (self.name + ".json")
+        return self.store.partial_dir / (self._stem + ".json")
 
     @property
     def bytes(self) -> int:
@@ -118,9 +130,12 @@ class Download:
             raise BadChunk("chunk_size differs from the transfer's")
         if size < 0 or chunk_size <= 0:
             raise BadChunk("bad size or chunk_size")
-        self.expect(size, chunk_size, None)
-        if self.chunks.size != size:
-            raise BadChunk("size differs from the transfer's")
+        if self.chunks is not None and size != self.chunks.size:
+            raise BadChunk("size differs from the transfer's")  # dropped: it must not replace the map
+        try:
+            self.expect(size, chunk_size, None)
+        except ValueError as e:
+            raise BadChunk(str(e)) from None
         if not 0 <= index < self.chunks.count:
             raise BadChunk("chunk_idx out of range")
         try:
@@ -143,7 +158,7 @@ class Download:
 
     def _open(self) -> int:
         if self._fd is None:
-            self.store.partial_dir.mkdir(parents=True, exist_ok=True)
+            self.part_path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT, 0o600)
         return self._fd
 
@@ -161,7 +176,7 @@ class Download:
         record = dict(self.chunks.to_record(), file=self.name, sha256=self.sha256)
         if self.state == FAILED:
             record["failed"] = self.error
-        self.store.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.record_path.with_name(self.record_path.name + ".tmp")
         tmp.write_bytes(wire.dumps(record))
         os.replace(tmp, self.record_path)
@@ -189,7 +204,7 @@ class Download:
         self.save_record()
         self.close()
         if not self.part_path.exists():
-            self.store.partial_dir.mkdir(parents=True, exist_ok=True)
+            self.part_path.parent.mkdir(parents=True, exist_ok=True)
             self.part_path.touch(mode=0o600)
         d = run_in_thread(sha256_of, self.part_path)
         d.addCallback(self._verified)
@@ -236,7 +251,7 @@ class DownloadStore:
         records = []
         if not self.partial_dir.is_dir():
             return records
-        for path in sorted(self.partial_dir.glob("*.json")):
+        for path in sorted([*self.partial_dir.glob("*.json"), *self.partial_dir.glob("long/*.json")]):
             try:
                 record = wire.loads_object(path.read_bytes(), "record")
                 ChunkMap.from_record(record)

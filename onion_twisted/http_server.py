@@ -83,16 +83,18 @@ class BoundedRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def process(self):
-        # Klein decodes the path and the Host name as UTF-8 and, when it
-        # cannot, logs a traceback: any client could fill the log with them.
-        # Such a request is a plain 400 here, and nothing is logged.
+        # Klein decodes the path and the Host name as UTF-8, and werkzeug then
+        # encodes the name as IDNA; when either cannot (a path of %ff, a Host
+        # of "." or "a..b"), the client got a 500 page and the log a
+        # traceback: any client could fill the log with them. Such a request
+        # is a plain 400 here, and nothing is logged.
         try:
             unquote_to_bytes(self.path).decode("utf-8")
-            self.getRequestHostname().decode("utf-8")
-        except UnicodeDecodeError:
+            self.getRequestHostname().decode("utf-8").lower().partition(":")[0].encode("idna")
+        except UnicodeError:
             self.setResponseCode(400)
             self.setHeader(b"Content-Type", b"application/json")
-            self.write(b'{"error":"bad_request","detail":"the path or the Host header is not UTF-8"}')
+            self.write(b'{"error":"bad_request","detail":"the path or the Host header is not a valid name"}')
             self.finish()
             return
         super().process()

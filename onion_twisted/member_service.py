@@ -4,6 +4,7 @@ its outbound HTTP bound to that address, its listener, its timers."""
 from __future__ import annotations
 
 import os
+from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 
 from twisted.application import internet, service
 
@@ -21,13 +22,15 @@ class MemberService(service.MultiService):
         self.reactor = reactor
         self.cfg = cfg
         os.makedirs(cfg["data_dir"], mode=0o700, exist_ok=True)
+        raise_fd_limit()
         self.address = wire.parse_address(cfg["listen"], cfg["port"], field="listen")
         self.outbound = HTTPOutbound(reactor, bind_ip=cfg["listen"], timeout=cfg["hop_timeout"],
                                      max_response=cfg["max_body"] * 2)
 
     def listen(self, resource) -> None:
         """Serve ``resource`` on the member's own IP at the network's port."""
-        site = QuietSite(resource, max_body=self.cfg["max_body"], reactor=self.reactor)
+        site = QuietSite(resource, max_body=self.cfg["max_body"], reactor=self.reactor,
+                         request_timeout=self.cfg["request_timeout"])
         internet.TCPServer(self.cfg["port"], site, interface=self.cfg["listen"],
                            reactor=self.reactor).setServiceParent(self)
 
@@ -50,3 +53,21 @@ class MemberService(service.MultiService):
         d = super().stopService()
         d.addBoth(lambda _: self.outbound.close())
         return d
+
+
+def raise_fd_limit(ceiling: int = 1 << 20) -> int:
+    """Raise the soft limit of open files to the hard one (as Go's runtime does at start).
+
+    Every connection is a descriptor: at a common default of 1 024, a thousand
+    idle connections from anyone would leave a member no descriptor to
+    accept, or to reach its next hop with. The soft limit after.
+    """
+    soft, hard = getrlimit(RLIMIT_NOFILE)
+    target = ceiling if hard == RLIM_INFINITY else min(hard, ceiling)
+    if soft != RLIM_INFINITY and soft < target:
+        try:
+            setrlimit(RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft

@@ -20,12 +20,14 @@ from twisted.python.failure import Failure
 from . import cells, wire
 from .catalogue import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError, check_name, check_sha256
 from .circuit import Circuit
-from .downloads import ACTIVE, DONE, FAILED, QUEUED, RECEIVING, REQUESTING, BadChunk, Download, DownloadStore
-from .errors import BadRequest, Forbidden, ProtocolError, UnknownCircuit
+from .downloads import (ACTIVE, DONE, FAILED, QUEUED, RECEIVING, REQUESTING, SEEN_TRANSFERS, BadChunk, Download,
+                        DownloadStore)
+from .errors import BadRequest, Forbidden, ProtocolError, RateLimited, UnknownCircuit
 from .sharing import ChunkProducer, ShareDirectory, WindowedChunkSender
 
 EMPTY = b"{}"
 BUILDING, CONNECTED, WAITING = "building", "connected", "waiting"
+MAX_DOWNLOADS = 256  # downloads listed at once; the oldest finished or failed make room
 
 
 class TransferRefused(Exception):
@@ -72,6 +74,7 @@ class Peer:
         self._orphan_ends: dict[str, tuple[float, dict]] = {}  # transfer_end that beat the reply
         self._building: defer.Deferred | None = None
         self._last_announce = float("-inf")
+        self._listed: set = set()  # (name, sha256) of ours the tracker listed in reply to our last ls
         self._backoff = 1.0
         self._stopped = False
         self._suspect: dict[wire.Address, float] = {}  # nodes that failed lately -> until
@@ -136,7 +139,8 @@ class Peer:
                 nodes = await self._pick_nodes()
                 self.circuit_detail = f"building a circuit through {len(nodes)} nodes"
                 circuit = Circuit(self.outbound, nodes, self.tracker)
-                reply = await circuit.build(self._ls_message())
+                announcement = self._ls_message()
+                reply = await circuit.build(announcement)
             except (ProtocolError, ValueError) as e:
                 detail = getattr(e, "detail", str(e))
                 for node in nodes:
@@ -157,6 +161,7 @@ class Peer:
             self.circuit_since = self.clock.seconds()
             self._last_announce = self.clock.seconds()
             self._take_catalogue(reply)
+            self._note_listed(announcement, reply)
             self.log.info("circuit connected through {n} nodes", n=len(circuit.hops))
             return circuit
         raise UnknownCircuit("the peer is stopping")
@@ -206,6 +211,11 @@ class Peer:
         self.circuit_state = WAITING
         self.circuit_detail = f"circuit broken ({why}); rebuilding"
         self._destroy_quietly(circuit)
+        # Our transfers came back on that circuit: they are over. Their attempts end now
+        # and ask again, on the next circuit, for what is missing (not after stall_timeout).
+        for d in self.downloads.values():
+            if d.state in (REQUESTING, RECEIVING):
+                self._finish_wait(d, f"circuit broken ({why})")
         if not self._stopped:
             self.circuit_ready().addErrback(lambda f: None)
 
@@ -241,12 +251,33 @@ class Peer:
         try:
             if changed or now - self._last_announce >= self.announce_interval:
                 self._last_announce = now
-                self._take_catalogue(await self.send(self._ls_message()))
+                announcement = self._ls_message()
+                reply = await self.send(announcement)
+                self._take_catalogue(reply)
+                self._note_listed(announcement, reply)
             elif now - getattr(self, "_last_list", float("-inf")) >= self.refresh_interval:
                 self._last_list = now
-                self._take_catalogue(await self.send({"type": "list"}))
+                reply = await self.send({"type": "list"})
+                self._take_catalogue(reply)
+                if self._forgotten(reply):
+                    # A restarted tracker knows our old circuit only from this list, with no
+                    # files: announce them again at the next tick.
+                    self.log.info("the tracker no longer lists files we announced; announcing again")
+                    self._last_announce = float("-inf")
         except ProtocolError:
             pass  # circuit_broken already rebuilds
+
+    def _note_listed(self, announcement: dict, reply) -> None:
+        """After an ls: which of the files it announced the tracker's reply lists (a
+        capped listing may leave some out; only those listed are watched by ``_forgotten``)."""
+        listed = _listed_keys(reply)
+        ours = {(f.get("name"), f.get("sha256")) for f in announcement.get("files", []) if isinstance(f, dict)}
+        self._listed = ours & listed if listed is not None else set()
+
+    def _forgotten(self, reply) -> bool:
+        """Whether a ``files`` reply lacks a file of ours that the tracker listed after our last ls."""
+        listed = _listed_keys(reply)
+        return listed is not None and not self._listed <= listed
 
     def _take_catalogue(self, reply) -> None:
         if isinstance(reply, dict) and reply.get("type") == "files" and isinstance(reply.get("files"), list):
@@ -335,8 +366,10 @@ class Peer:
         await self._send_on(circuit, {"type": "transfer_end", "transfer": transfer, "status": "ok"})
 
     async def _send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False):
+        sending = circuit.send(message)
+        del message  # a chunk: not held while its acknowledgement is awaited
         try:
-            reply = await circuit.send(message)
+            reply = await sending
         except ProtocolError as e:
             if refusable:
                 # A chunk also fails when the requester's side of the bridge
@@ -366,7 +399,8 @@ class Peer:
     # --- downloading -----------------------------------------------------------------------------
 
     def download(self, name, sha256=None) -> Download:
-        """Start (or return the running) download of ``name``; ValueError for bad input."""
+        """Start (or return the running) download of ``name``; ValueError for bad input,
+        RateLimited when MAX_DOWNLOADS are listed and none of them has finished or failed."""
         try:
             check_name(name)
             if sha256 is not None:
@@ -384,6 +418,11 @@ class Peer:
                 and (sha256 is None or sha256 == current.sha256):
             d = current  # keep what the failed attempts already wrote
             d.attempts, d.error, d.state = 0, None, QUEUED
+        if current is None and len(self.downloads) >= MAX_DOWNLOADS:
+            over = [n for n, old in self.downloads.items() if old.state not in ACTIVE]
+            if not over:
+                raise RateLimited(f"{MAX_DOWNLOADS} downloads are under way; wait for one to end")
+            del self.downloads[over[0]]  # the oldest that ended (its file or record stays on disk)
         self.downloads[name] = d
         self._run(d)
         return d
@@ -445,7 +484,11 @@ class Peer:
         size, sha = reply.get("size"), reply.get("sha256")
         chunk_size = reply.get("chunk_size", d.chunk_size)
         if isinstance(size, int) and isinstance(chunk_size, int):
-            d.expect(size, chunk_size, sha if isinstance(sha, str) else None)
+            try:
+                d.expect(size, chunk_size, sha if isinstance(sha, str) else None)
+            except ValueError as e:  # more chunks than a download may have (transfers.MAX_CHUNKS)
+                d.state, d.error = FAILED, f"this peer does not download that file: {e}"
+                return FAILED
         elif isinstance(sha, str) and not d.sha256:
             d.sha256 = sha
         orphan = self._orphan_ends.pop(d.transfer, None)
@@ -494,7 +537,8 @@ class Peer:
         if d is None:
             return  # nobody asked: dropped (§8)
         if d.transfer is None and isinstance(message.get("transfer"), str):
-            d.seen_transfers.add(message["transfer"])  # chunks may overtake the tracker's reply
+            if len(d.seen_transfers) < SEEN_TRANSFERS:
+                d.seen_transfers.add(message["transfer"])  # chunks may overtake the tracker's reply
         try:
             d.write_chunk(message, self.clock.seconds())
         except BadChunk as e:
@@ -547,6 +591,13 @@ class Peer:
             "catalogue": self.catalogue,
             "downloads": [d.status(now) for d in self.downloads.values()],
         }
+
+
+def _listed_keys(reply) -> set | None:
+    """The (name, sha256) pairs of a ``files`` reply; None for any other reply."""
+    if not (isinstance(reply, dict) and reply.get("type") == "files" and isinstance(reply.get("files"), list)):
+        return None
+    return {(f.get("name"), f.get("sha256")) for f in reply["files"] if isinstance(f, dict)}
 
 
 def _pass_to(waiter: defer.Deferred):

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from .catalogue import MessageError, check_name
 
+#: Most chunks one download may have. The map costs a byte a chunk, and the size comes
+#: from the sharer (its ``ls``, its chunks): 2^22 chunks is a 4 MiB map, a file of
+#: 1 TiB at the default 256 KiB chunk (64 GiB at 16 KiB, 16 TiB at 4 MiB).
+MAX_CHUNKS = 1 << 22
+
 
 class ChunkMap:
     """The received chunks of one file of ``size`` bytes in ``chunk_size`` chunks."""
@@ -25,10 +30,12 @@ class ChunkMap:
         self.size = size
         self.chunk_size = chunk_size
         self.count = (size + chunk_size - 1) // chunk_size
+        if self.count > MAX_CHUNKS:
+            raise ValueError(f"a file of more than {MAX_CHUNKS} chunks")
         self.bits = bytearray(received) if received is not None else bytearray(self.count)
         if len(self.bits) != self.count:
             raise ValueError("record does not match the file's chunk count")
-        self.have = sum(1 for b in self.bits if b)
+        self.have = len(self.bits) - self.bits.count(0)
 
     def chunk_length(self, index: int) -> int:
         if not 0 <= index < self.count:

@@ -283,6 +283,21 @@ class BrokenCircuitTests(PeerNetworkCase):
                         "the resumed request asked again for chunks alice had")
 
 
+    @inline
+    async def test_a_broken_circuit_asks_again_without_waiting_for_the_stall_timeout(self):
+        net = self.net
+        data, d = await self.partly_downloaded(40 * CHUNK, 8)
+        requests_before = len(net.messages_of_type("request"))
+        self.alice.circuit_broken(self.alice.circuit, "test: the circuit went away")
+        broke = net.clock.seconds()
+        net.pump(until=lambda: len(net.messages_of_type("request")) > requests_before, max_steps=5000)
+        self.assertLess(net.clock.seconds() - broke, self.alice.stall_timeout / 4,
+                        "the download waited for the stall timeout before asking again")
+        net.pump(until=finished(d), max_steps=5000)
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertTrue(downloaded(net, "big.bin") == data, "the resumed file differs from the shared one")
+
+
 class GiveUpTests(PeerNetworkCase):
     @inline
     async def test_a_download_gives_up_after_five_attempts(self):
