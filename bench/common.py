@@ -21,10 +21,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from twisted.internet import defer
 from twisted.web import server
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
+
+from onion_twisted.http_client import BytesProducer  # the node's own: written at once, then dropped
 
 JSON = b"application/json"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -157,26 +156,25 @@ def pick_addresses(hosts, port: int = 0) -> tuple[list[str], int]:
 # --- HTTP -------------------------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory, written in one go (as the node's http_client does)."""
+def vm(pid: int, field: str) -> int:
+    """A /proc/PID/status memory field (VmRSS, VmHWM, ...) in bytes; 0 if absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
 
-    def __init__(self, body: bytes):
-        self._body = body
-        self.length = len(body)
 
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
+def peer_api(address: str, path: str, body: dict | None = None):
+    """A peer's user API (GET, or POST of ``body``), from this machine, never via a proxy."""
+    import json
+    import urllib.request
 
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{address}{path}", data=data,
+                                     headers={"Content-Type": "application/json", "Host": address})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def make_client(reactor, bind_ip: str, max_per_host: int, timeout: float):

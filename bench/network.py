@@ -41,36 +41,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from common import cpu_seconds, machine
+from common import cpu_seconds, machine, peer_api as api, vm
 from onion_twisted.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 PY = sys.executable
 MIB = 1024 * 1024
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def api(address: str, path: str, body: dict | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{address}{path}", data=data,
-                                     headers={"Content-Type": "application/json", "Host": address})
-    with _OPENER.open(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def vm(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def percentile(values, q: float) -> float:

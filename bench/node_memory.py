@@ -26,18 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Proc, make_client, pick_addresses, wait_ready
+from common import Proc, make_client, pick_addresses, vm, wait_ready
 from relay import NodeTarget, twistd_command
 
 BENCH = Path(__file__).resolve().parent
 PY = sys.executable
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def run(reactor, args) -> dict:
@@ -77,9 +70,9 @@ async def run(reactor, args) -> dict:
                 left -= batch
 
         await build(args.warmup)
-        idle = rss(node.pid)
+        idle = vm(node.pid, "VmRSS")
         await build(args.circuits)
-        loaded = rss(node.pid)
+        loaded = vm(node.pid, "VmRSS")
         code, metrics = await client.request(b"GET", node_url + b"/metrics")
         match = re.search(rb"^onion_node_circuits\s+(\d+)", metrics, re.M)
         return {"idle_bytes": idle, "loaded_bytes": loaded, "circuits": args.circuits,

@@ -13,30 +13,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from common import peer_api as api, vm
 from onion_twisted.localnet import LocalNetwork
-
-
-def vm(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def api(url: str, body: dict | None = None, host: str | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", "Host": host})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def main() -> int:
@@ -53,18 +37,18 @@ def main() -> int:
         alice = net.address(net.peer_ips["alice"])
         name = f"big-{args.mib}MiB.bin"
         deadline = time.monotonic() + 60
-        while not any(f["name"] == name for f in api(f"http://{alice}/api/status", host=alice)["catalogue"]):
+        while not any(f["name"] == name for f in api(alice, "/api/status")["catalogue"]):
             if time.monotonic() > deadline:
                 raise RuntimeError("alice never saw bob's file")
             time.sleep(0.2)
         idle = {n: vm(p, "VmRSS") for n, p in pids.items()}
         started = time.monotonic()
-        api(f"http://{alice}/api/downloads", {"file": name}, host=alice)
+        api(alice, "/api/downloads", {"file": name})
         peak_rss = dict(idle)
         while True:
             for n, p in pids.items():
                 peak_rss[n] = max(peak_rss[n], vm(p, "VmRSS"))
-            state = next(d for d in api(f"http://{alice}/api/status", host=alice)["downloads"] if d["file"] == name)
+            state = next(d for d in api(alice, "/api/status")["downloads"] if d["file"] == name)
             if state["state"] in ("done", "failed"):
                 break
             time.sleep(0.2)

@@ -209,9 +209,11 @@ def _unexpected(failure, request) -> None:
         return  # the client went away
     _log.failure("internal error while answering a cell", failure)
     if not request._disconnected and not request.finished:
-        request.setResponseCode(500)
-        request.write(b'{"error":"internal","detail":"internal error"}')
+        request.write(write_json(request, 500, INTERNAL_ERROR))
         request.finish()
+
+
+INTERNAL_ERROR = b'{"error":"internal","detail":"internal error"}'  # never a traceback
 
 
 def write_json(request, status: int, body: bytes) -> bytes:
@@ -236,7 +238,7 @@ def respond(request, coroutine) -> defer.Deferred:
         if failure.check(ProtocolError):
             return write_error(request, failure.value)
         _log.failure("internal error while answering a request", failure)
-        return write_json(request, 500, b'{"error":"internal","detail":"internal error"}')
+        return write_json(request, 500, INTERNAL_ERROR)
 
     d.addCallbacks(lambda answer: write_json(request, 200, answer), failed)
     return d

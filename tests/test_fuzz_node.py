@@ -33,7 +33,6 @@ examples each.
 
 from __future__ import annotations
 
-import orjson
 from hypothesis import example, given, strategies as st
 from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
@@ -50,7 +49,7 @@ from onion_twisted.http_server import QuietSite
 from onion_twisted.node_app import NodeApp
 from onion_twisted.ratelimit import RateLimiter
 from onion_twisted.relay import NodeRelay
-from tests.support.fuzz import (CELL_STATUSES, ERROR_NAMES, LoggedErrors, addresses, b64, bad_base64, bad_cids,
+from tests.support.fuzz import (CELL_STATUSES, check_answer, fired, LoggedErrors, addresses, b64, bad_base64, bad_cids,
                                 deep_nesting, exchange, fuzz_settings, good_base64, headers as header_lists, weighted,
                                 hostile_bodies, hosts, http_request, json_bytes, json_objects, json_values, methods,
                                 paths, payloads, post_json, to_json, uuid4s)
@@ -94,15 +93,6 @@ class HonestOutbound:
             return defer.fail(error)
 
 
-def fired(d: defer.Deferred):
-    """The result of a Deferred that the in-memory fakes fire at once."""
-    results = []
-    d.addBoth(results.append)
-    if not results:
-        raise AssertionError("the node waited on something in memory")
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 class NodeWorld:
@@ -264,14 +254,6 @@ chunk_messages = st.builds(
 plaintexts = st.one_of(st.binary(max_size=120), json_bytes(), deep_nesting, extends, chunk_messages)
 
 
-def check_answer(test, response, allowed, *, context, head=False):
-    test.assertIsNotNone(response, f"no answer to {context!r}")
-    test.assertIn(response.status, allowed, f"{response.status} {response.body[:300]!r} for {context!r}")
-    test.assertNotIn(b"Traceback", response.body)
-    if response.is_json and response.status != 200 and not head:
-        error = orjson.loads(response.body)
-        test.assertEqual(error.get("error"), ERROR_NAMES.get(response.status), context)
-        test.assertIsInstance(error.get("detail"), str)
 
 
 class NodeFuzzTests(unittest.TestCase):

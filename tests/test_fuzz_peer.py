@@ -45,7 +45,7 @@ from onion_twisted.http_server import QuietSite
 from onion_twisted.peer import CONNECTED, Peer
 from onion_twisted.peer_app import PeerApp
 from onion_twisted.sharing import HashCache, ShareDirectory
-from tests.support.fuzz import (LoggedErrors, b64, bad_base64, bad_cids, exchange, fuzz_settings, good_base64,
+from tests.support.fuzz import (fired, LoggedErrors, b64, bad_base64, bad_cids, exchange, fuzz_settings, good_base64,
                                 headers as header_lists, hostile_bodies, hosts, http_request, json_objects,
                                 json_values, methods, paths, post_json, to_json, uuid4s, weighted)
 from tests.tracker_fakes import NODE_ADDRESSES, NODE_KEYS, NOW, PORT, SHA_A, STRANGER_IP, TRACKER_ADDRESS
@@ -175,13 +175,6 @@ class PeerWorld:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def fired(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "waited on something in memory"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 # --- strategies ----------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ raw HTTP against an in-memory ``Site``, and a watch on the logs.
 
 from __future__ import annotations
 
+import orjson
+
 import base64
 import json
 import os
@@ -361,3 +363,26 @@ hosts = weighted(
     (2, st.sampled_from([b"evil.example", b"", b"\xff\xfe", b"[::1", b"127.0.0.11:99999", b"a:b:c", b"h\x00st",
                          b".", b"a..b", b"x" * 64 + b".example", b"-.-", b"\xc3\xa9.example"])),
     (1, _HEADER_VALUE))
+
+
+def check_answer(test, response, allowed, *, context, head=False):
+    """An answer of the contract: one of ``allowed``, no traceback, and an error body
+    (when JSON, not 200, not to a HEAD) naming the error of its status with a detail."""
+    test.assertIsNotNone(response, f"no answer to {context!r}")
+    test.assertIn(response.status, allowed, f"{response.status} {response.body[:300]!r} for {context!r}")
+    test.assertNotIn(b"Traceback", response.body)
+    if response.is_json and response.status != 200 and not head:
+        error = orjson.loads(response.body)
+        test.assertEqual(error.get("error"), ERROR_NAMES.get(response.status), context)
+        test.assertIsInstance(error.get("detail"), str)
+
+
+def fired(d):
+    """The result of a Deferred that the in-memory fakes fire at once."""
+    results = []
+    d.addBoth(results.append)
+    if not results:
+        raise AssertionError("waited on something in memory")
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
