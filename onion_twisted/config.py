@@ -51,6 +51,12 @@ NODE = COMMON + [
     Key("max_nonces", int, 1_000_000, "most forward layers one circuit may carry (replay set bound)", 1),
     Key("create_rate", float, 50.0, "new circuits per second allowed from one source IP", 0.001),
     Key("create_burst", int, 200, "burst of new circuits allowed from one source IP", 1),
+    Key("node_create_rate", float, 200.0,
+        "new circuits per second allowed from each directory node (it extends for many peers)", 0.001),
+    Key("node_create_burst", int, 1000, "burst of new circuits allowed from each directory node", 1),
+    Key("create_work_rate", float, 500.0,
+        "RSA decryptions (CREATEs) per second this node does in all, whoever asks (429 above)", 0.001),
+    Key("create_work_burst", int, 1000, "burst of RSA decryptions this node does in all", 1),
     Key("register_interval", float, 30.0, "seconds between registrations at the tracker", 1),
     Key("control_max_skew", float, 60.0, "control messages issued further than this from our clock are refused", 1),
 ]

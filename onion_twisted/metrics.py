@@ -79,6 +79,7 @@ class NodeMetrics(MemberMetrics):
         self.bytes = Counter()        # direction -> bytes
         self.creates_total = 0
         self.creates = RateWindow(clock)
+        self.extends_failed_total = 0
 
     def relayed(self, direction: str, nbytes: int) -> None:
         self.cells[direction] += 1
@@ -87,6 +88,9 @@ class NodeMetrics(MemberMetrics):
     def created(self) -> None:
         self.creates_total += 1
         self.creates.add()
+
+    def extend_failed(self) -> None:
+        self.extends_failed_total += 1
 
     def prometheus(self, circuits: int, bridges: int) -> str:
         out = PrometheusText()
@@ -101,6 +105,8 @@ class NodeMetrics(MemberMetrics):
         out.family("onion_node_creates_total", "counter", "Circuits created here.", self.creates_total)
         out.family("onion_node_creates_per_second", "gauge", "Circuits created per second over the last 10 s.",
                    f"{self.creates.per_second():.3f}")
+        out.family("onion_node_extends_failed_total", "counter",
+                   "Extends that failed (each closed its circuit).", self.extends_failed_total)
         out.family("onion_node_uptime_seconds", "gauge", "Seconds since the node started.", f"{self.uptime():.0f}")
         return out.text()
 

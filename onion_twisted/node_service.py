@@ -44,6 +44,8 @@ class NodeService(MemberService):
             clock=self.reactor, private_key=self.key, own_address=self.address, tracker=tracker,
             table=self.table, outbound=self.outbound, directory=self.directory,
             limiter=RateLimiter(self.reactor, cfg["create_rate"], cfg["create_burst"]),
+            node_limiter=RateLimiter(self.reactor, cfg["node_create_rate"], cfg["node_create_burst"]),
+            work_limiter=RateLimiter(self.reactor, cfg["create_work_rate"], cfg["create_work_burst"], max_keys=1),
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
             unsafe_logging=cfg["unsafe_logging"])
         self.app = NodeApp(self.relay, self.directory)

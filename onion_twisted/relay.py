@@ -9,6 +9,8 @@ ProtocolError exceptions carrying their §3 status.
 
 from __future__ import annotations
 
+import hashlib
+
 from twisted.logger import Logger
 
 from . import cells, control, wire
@@ -16,8 +18,12 @@ from .circuits import EXIT, NODE, Circuit, RelayTable
 from .crypto import BACKWARD, open_session_key
 from .errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
 from .metrics import NodeMetrics
+from .ratelimit import RateLimiter
 
 EMPTY = b"{}"
+_ALL = "all"  # the work budget's one key
+DEFAULT_NODE_CREATE_RATE, DEFAULT_NODE_CREATE_BURST = 200.0, 1000
+DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST = 500.0, 1000
 BRIDGE_GONE = (b'{"payload":{"type":"error","error":"bridge_gone",'
                b'"detail":"the other side of the bridge did not take the chunk"}}')
 _CHUNK_TYPES = ("file_chunk", "transfer_end")
@@ -39,8 +45,9 @@ class NodeRelay:
     log = Logger()
 
     def __init__(self, *, clock, private_key, own_address: wire.Address, tracker: wire.Address,
-                 table: RelayTable, outbound, directory, limiter, metrics: NodeMetrics | None = None,
-                 resolve=None, control_max_skew: float = 60.0, unsafe_logging: bool = False):
+                 table: RelayTable, outbound, directory, limiter, node_limiter=None, work_limiter=None,
+                 metrics: NodeMetrics | None = None, resolve=None, control_max_skew: float = 60.0,
+                 unsafe_logging: bool = False):
         self.clock = clock
         self.private_key = private_key
         self.own_address = own_address
@@ -49,12 +56,25 @@ class NodeRelay:
         self.table = table
         self.outbound = outbound
         self.directory = directory
+        # Three budgets of CREATE work, all spent before the RSA decryption
+        # (a CREATE that fails to decrypt costs the same CPU as one that works):
+        # ``limiter`` per source IP that is not a directory node (peers),
+        # ``node_limiter`` per directory node (each previous hop its own, larger
+        # budget: it extends for many peers), ``work_limiter`` the node's whole
+        # RSA budget per second, whoever asks.
         self.limiter = limiter
+        # (``is None``, not ``or``: an empty RateLimiter has len() 0 and is false.)
+        if node_limiter is None:
+            node_limiter = RateLimiter(clock, DEFAULT_NODE_CREATE_RATE, DEFAULT_NODE_CREATE_BURST)
+        if work_limiter is None:
+            work_limiter = RateLimiter(clock, DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST, max_keys=1)
+        self.node_limiter = node_limiter
+        self.work_limiter = work_limiter
         self.metrics = metrics or NodeMetrics(clock)
         self.resolve = resolve or _literal_ip
         self.control_max_skew = control_max_skew
         self.unsafe_logging = unsafe_logging
-        self._controls_seen: dict[str, float] = {}  # signature -> issued, within the skew window
+        self._controls_seen: dict[bytes, float] = {}  # SHA-256 of the body -> issued, within the skew window
 
     # --- entry point ----------------------------------------------------------------
 
@@ -102,13 +122,21 @@ class NodeRelay:
             # traffic for a circuit or bridge that is gone (§3: 404).
             raise UnknownCircuit("no circuit or bridge with that CID")
         sealed = cells.payload_bytes(cell)
-        if not self._is_directory_node(source_ip) and not self.limiter.allow(source_ip):
-            raise RateLimited("too many new circuits from this address")
+        self._spend_create_budget(source_ip)
         session_key = open_session_key(self.private_key, sealed)
         circuit = self.table.create(source_ip, cell.cid, session_key)
         self.metrics.created()
         self._debug("created circuit {cid} from {ip}", cid=cell.cid, ip=source_ip)
         return reply_with(circuit.layer.wrap(cells.CREATED, BACKWARD))
+
+    def _spend_create_budget(self, source_ip: str) -> None:
+        if self._is_directory_node(source_ip):
+            if not self.node_limiter.allow(source_ip):
+                raise RateLimited("too many new circuits from this node")
+        elif not self.limiter.allow(source_ip):
+            raise RateLimited("too many new circuits from this address")
+        if not self.work_limiter.allow(_ALL):
+            raise RateLimited("this node is at its budget of circuit handshakes; try again shortly")
 
     # --- forward (§4.2) -------------------------------------------------------------
 
@@ -148,8 +176,26 @@ class NodeRelay:
         return self._wrap_reply(circuit, reply, from_node=False)
 
     async def _extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
+        """EXTEND (§4.2); a circuit whose EXTEND fails is closed at once.
+
+        Left open, one circuit could ask again and again, and each attempt
+        costs the next hop an RSA decryption: a flood driven from a single
+        circuit through a directory node. Closed, every attempt costs the
+        sender a new circuit here, under its own CREATE budget. The previous
+        hop is told (a destroy), so it drops its part too.
+        """
         if circuit.extending:
+            # Not an attempt: it costs no next hop anything, and the first one goes on.
             raise Conflict("an extend is already in progress on this circuit")
+        try:
+            return await self._try_extend(circuit, plaintext)
+        except BaseException:
+            if self.table.remove(circuit):
+                self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+                self.metrics.extend_failed()
+            raise
+
+    async def _try_extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
         extend = cells.parse_extend(plaintext, self.port)
         circuit.extending = True
         try:
@@ -272,7 +318,7 @@ class NodeRelay:
         key = await self.directory.tracker_key()
         now = self.clock.seconds()
         message = control.verify_control(body, signature, payload, key, now, self.control_max_skew, self.port)
-        self._refuse_replayed_control(signature, message.issued, now)
+        self._refuse_replayed_control(body, message.issued, now)
         table = self.table
         if message.type == control.DROP_BRIDGE:
             # Both ends, when both exits are this node (§7).
@@ -290,22 +336,25 @@ class NodeRelay:
             table.receive_bridge(message.cid, message.bridge_cid, message.peer, peer_ip)
         return EMPTY
 
-    def _refuse_replayed_control(self, signature: str, issued: float, now: float) -> None:
+    def _refuse_replayed_control(self, body: bytes, issued: float, now: float) -> None:
         # A signed control message is valid for the whole skew window; one
-        # captured and replayed could re-create a dropped bridge. Signatures
-        # seen within the window are remembered and refused a second time.
+        # captured and replayed could re-create a dropped bridge. Bodies seen
+        # within the window are remembered and refused a second time. The key
+        # is the body's hash, not the signature's text: the signature is over
+        # the body, so a replay carries the same body whatever spelling of the
+        # signature it shows.
         seen = self._controls_seen
         if len(seen) > 1024:
             for old in [s for s, at in seen.items() if abs(now - at) > self.control_max_skew]:
                 del seen[old]
-        if signature in seen:
+        digest = hashlib.sha256(body).digest()
+        if digest in seen:
             raise Conflict("control message replayed")
-        seen[signature] = issued
+        seen[digest] = issued
 
     def _is_directory_node(self, ip: str) -> bool:
         # A node extending circuits for many peers sends every CREATE from its
-        # one IP: directory nodes are exempt from the per-IP budget (their own
-        # entry already rate-limits the peers behind them).
+        # one IP: directory nodes get a budget of their own, larger than a peer's.
         current = getattr(self.directory, "current", None)
         return current is not None and ip in current.node_ips
 

@@ -278,3 +278,18 @@ class Ed25519Tests(unittest.SynchronousTestCase):
         for text in ("", "!!!!", base64.b64encode(b"x" * 31).decode(), base64.b64encode(b"x" * 33).decode()):
             with self.subTest(text=text):
                 self.assertRaises(ValueError, crypto.load_tracker_public_b64, text)
+
+
+class SignatureSpellingTests(unittest.TestCase):
+    def test_only_the_canonical_base64_of_a_signature_verifies(self):
+        key = ed25519.Ed25519PrivateKey.generate()
+        body = b'{"CID":"control"}'
+        signature = crypto.sign_body(key, body)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        base = alphabet.index(signature[-3]) & ~0x0F
+        spellings = {signature[:-3] + alphabet[base | low] + "==" for low in range(16)}
+        self.assertEqual(len(spellings), 16)
+        for spelling in spellings:
+            self.assertEqual(base64.b64decode(spelling), base64.b64decode(signature))
+            self.assertEqual(crypto.verify_body(key.public_key(), body, spelling), spelling == signature, spelling)
+            self.assertEqual(crypto.verify_body(key.public_key(), body, spelling.encode()), spelling == signature)

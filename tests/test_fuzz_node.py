@@ -286,10 +286,30 @@ class NodeFuzzTests(unittest.TestCase):
                 grew = count - nonces[cid]
                 self.assertIn(grew, (0, 1) if cid == recorded else (0,), f"replay set of {cid} for {context!r}")
         if response.status != 200:
-            self.assertEqual(world.state(), before, f"{response.status} for {context!r} changed the table")
+            closed = self.closed_by_failed_extend(world, before, recorded)
+            self.assertEqual(world.state(), before if closed is None else closed,
+                             f"{response.status} for {context!r} changed the table")
+            sent = world.outbound.sent
+            if closed is not None:
+                # The circuit's own neighbour is told it is closed; nothing else is new.
+                destroy = (wire.Address(world.NEIGHBOURS[layer_of], NODE_ADDR.port), cells.encode_destroy(recorded))
+                self.assertIn(destroy, sent, context)
+                sent = [s for s in sent if s != destroy]
             if response.status not in (502, 504):  # only those come from a neighbour's answer
-                self.assertEqual(world.outbound.sent, [], f"{response.status} for {context!r} was relayed")
+                self.assertEqual(sent, [], f"{response.status} for {context!r} was relayed")
         return response
+
+    @staticmethod
+    def closed_by_failed_extend(world, before, cid):
+        """The table a failed EXTEND on the unextended circuit ``cid`` leaves (that
+        circuit closed, docs/protocol.md), or None when ``cid`` is no such circuit
+        or is still open: then a refusal must have changed nothing."""
+        circuits = before[0]
+        if cid is None or cid in world.table.by_in:
+            return None
+        if not any(c[0] == cid and c[2] is None for c in circuits):
+            return None
+        return ([c for c in circuits if c[0] != cid], *before[1:])
 
     # --- the whole HTTP surface -----------------------------------------------------------
 

@@ -411,6 +411,22 @@ class NodeAppCase(unittest.TestCase):
         self.assertEqual(self.outbound.sent[sent:], [])
         return answer
 
+    def assertExtendRefusedAndClosed(self, status: int, error: str, cid: str, body: bytes, *, ip=PEER_IP) -> Answer:
+        """Send a failing EXTEND on circuit ``cid``: the answer is ``status``/``error``, the
+        circuit is gone (a failed EXTEND closes it), the neighbour it came from is told by
+        a destroy, and nothing else changed."""
+        before = self.state()
+        sent = len(self.outbound.sent)
+        answer = self.post(body, ip=ip)
+        self.assertError(answer, status, error)
+        expected = dict(before, circuits=before["circuits"] - 1,
+                        by_in=[c for c in before["by_in"] if c != cid],
+                        links=[link for link in before["links"] if link[0] != cid])
+        self.assertEqual(self.state(), expected)
+        destroys = [(s.address, s.body) for s in self.outbound.sent[sent:] if cells.parse_cell(s.body).destroy]
+        self.assertEqual(destroys, [(wire.Address(ip, NODE_ADDR.port), cells.encode_destroy(cid))])
+        return answer
+
     # --- circuits --------------------------------------------------------------------------
 
     def open_circuit(self, ip=PEER_IP) -> tuple[str, list[Layer]]:
@@ -645,8 +661,8 @@ class BadRequestTests(NodeAppCase):
 
     def test_400_invalid_utf8_inside_the_layer(self):
         cid, layers = self.open_circuit()
-        self.assertRefused(400, "bad_request",
-                           onion_cell(cid, layers, b'{"to": "127.0.0.12", "relay": "\xff"}'))
+        self.assertExtendRefusedAndClosed(400, "bad_request", cid,
+                                          onion_cell(cid, layers, b'{"to": "127.0.0.12", "relay": "\xff"}'))
 
 
 # --- 403 ---------------------------------------------------------------------------------------------
@@ -698,16 +714,17 @@ class ForbiddenTests(NodeAppCase):
     def test_403_exit_policy_object_relay_to_a_non_tracker(self):
         cid, layers = self.open_circuit()
         cell = onion_cell(cid, layers, extend_message(NEXT_ADDR, {"type": "ls", "files": []}))
-        answer = self.assertRefused(403, "forbidden", cell)
+        answer = self.assertExtendRefusedAndClosed(403, "forbidden", cid, cell)
         self.assertIn("exit policy", answer.json["detail"])
-        self.assertIsNone(self.table.by_in[cid].out_cid)
+        self.assertEqual(self.outbound.to(NEXT_ADDR), [])
 
     def test_403_extend_to_an_address_not_in_the_directory(self):
         cid, layers = self.open_circuit()
         relay, _ = sealed_create(NEXT_KEY.public_key())
-        self.assertRefused(403, "forbidden", onion_cell(cid, layers, extend_message(OUTSIDER_ADDR, relay)))
+        self.assertExtendRefusedAndClosed(403, "forbidden", cid,
+                                          onion_cell(cid, layers, extend_message(OUTSIDER_ADDR, relay)))
         self.assertEqual(self.directory.asked, [OUTSIDER_ADDR])
-        self.assertIsNone(self.table.by_in[cid].out_cid)
+        self.assertEqual(self.outbound.to(OUTSIDER_ADDR), [])
 
 
 # --- 404 ------------------------------------------------------------------------------------------------
@@ -860,12 +877,8 @@ class NextHopTests(NodeAppCase):
     def extend_refused(self, status, error):
         cid, layers = self.open_circuit()
         relay, _ = sealed_create(NEXT_KEY.public_key())
-        before = self.state()
-        answer = self.post(onion_cell(cid, layers, extend_message(NEXT_ADDR, relay)))
-        self.assertError(answer, status, error)
-        self.assertEqual(self.state(), before)
-        circuit = self.table.by_in[cid]
-        self.assertEqual((circuit.out_cid, circuit.out_addr, circuit.out_kind), (None, None, None))
+        answer = self.assertExtendRefusedAndClosed(status, error, cid,
+                                                   onion_cell(cid, layers, extend_message(NEXT_ADDR, relay)))
         self.assertEqual(self.table.by_out, {})
         self.assertEqual(len(self.outbound.to(NEXT_ADDR)), 1)
         return cid, layers, answer
@@ -877,12 +890,10 @@ class NextHopTests(NodeAppCase):
 
     def test_502_next_hop_refused(self):
         self.outbound.routes[NEXT_ADDR] = self.raise_(NextHopFailed("next hop refused the connection"))
-        cid, layers, _ = self.extend_refused(502, "next_hop_failed")
-        # Nothing is stuck: once the next hop answers, the circuit extends.
+        self.extend_refused(502, "next_hop_failed")
+        # Nothing is stuck: once the next hop answers, a new circuit extends.
         self.outbound.routes[NEXT_ADDR] = self.next_node
-        relay, _ = sealed_create(NEXT_KEY.public_key())
-        self.assertEqual(self.post(onion_cell(cid, layers, extend_message(NEXT_ADDR, relay))).code, 200)
-        self.assertIsNotNone(self.table.by_in[cid].out_cid)
+        self.extend_to_next()
 
     def test_502_next_hop_answered_malformed_200(self):
         self.outbound.routes[NEXT_ADDR] = lambda body: b"<html>"
@@ -900,9 +911,11 @@ class NextHopTests(NodeAppCase):
         answer = self.post(onion_cell(cid, layers, extend_message(NEXT_ADDR, relay)))
         self.assertError(answer, 502, "next_hop_failed")
         self.assertIn("403", answer.json["detail"])
-        self.assertEqual(self.state(), before)
-        self.assertIsNone(self.table.by_in[cid].out_cid)
-        [(source_ip, body)] = next_hop.requests
+        self.assertEqual(self.state()["by_in"], [c for c in before["by_in"] if c != cid])  # closed
+        # The memory agent reaches one site whatever the address: the second request
+        # is the destroy that tells the peer its circuit is closed.
+        [(source_ip, body), (_, destroy)] = next_hop.requests
+        self.assertEqual(destroy, cells.encode_destroy(cid))
         self.assertEqual(source_ip, NODE_IP)
         self.assertEqual(cells.parse_cell(body).payload, relay)
 
@@ -917,7 +930,10 @@ class NextHopTests(NodeAppCase):
         answer = self.post(onion_cell(cid, layers, extend_message(NEXT_ADDR, relay)))
         self.assertError(answer, 502, "next_hop_failed")
         self.assertIn("303", answer.json["detail"])
-        self.assertEqual(len(next_hop.requests), 1)  # the POST only, no GET of the Location
+        # the POST, then the destroy that closes the circuit (the memory agent reaches one
+        # site whatever the address): no GET of the Location
+        self.assertEqual([body[:3] for _, body in next_hop.requests][0], b'{"C')
+        self.assertEqual([body for _, body in next_hop.requests][1:], [cells.encode_destroy(cid)])
         self.assertEqual(list(self.relay.outbound.http._cookiejar), [])  # and no cookie kept
 
     def test_504_next_hop_timeout(self):
@@ -942,4 +958,9 @@ class NextHopTests(NodeAppCase):
         self.clock.advance(1)
         self.client(PEER_IP).until(pending)
         self.assertError(self.successResultOf(pending), 504, "next_hop_timeout")
-        self.assertEqual(self.state(), before)
+        self.assertEqual(self.state()["by_in"], [c for c in before["by_in"] if c != cid])  # closed
+        # The memory agent reaches one site whatever the address: the second held
+        # request is the destroy that tells the peer. Answer it, to close its connection.
+        self.assertEqual([r.content.getvalue() for r in next_hop.held[1:]], [cells.encode_destroy(cid)])
+        next_hop.held[1].write(b"{}")
+        next_hop.held[1].finish()

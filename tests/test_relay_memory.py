@@ -296,6 +296,14 @@ class RelayTestCase(unittest.TestCase):
     def circuit_at(self, node, in_cid):
         return node.table.by_in[in_cid]
 
+    def assertClosedAfterFailedExtend(self, circuit, before):
+        """A failed EXTEND closes the circuit at every hop it reached (each told by a
+        destroy), the peer gets a destroy from its entry, and nothing else changed:
+        the tables are as they were before ``circuit`` was made (``before``)."""
+        self.assertEqual(self.net.state(), before)
+        destroys = [(ip, cell.cid) for ip, cell in self.peer.received if cell.destroy]
+        self.assertEqual(destroys, [(circuit.hops[0].own_address.host, circuit.cid)])
+
 
 # --- circuits: build, messages both ways ----------------------------------------------
 
@@ -509,18 +517,18 @@ class NeighbourTests(RelayTestCase):
 
 class ExtendPolicyTests(RelayTestCase):
     @inline
-    async def test_extend_to_non_directory_address_is_403_and_nothing_stored(self):
-        circuit = await self.peer.create(self.x)
+    async def test_extend_to_non_directory_address_is_403_and_closes_the_circuit(self):
         before = self.net.state()
+        circuit = await self.peer.create(self.x)
         stranger = wire.Address(STRANGER_IP, PORT)
         message = dumps({"to": str(stranger), "relay": wire.b64encode(b"\x00" * 128)})
         e = await self.refused(Forbidden, self.peer.send(circuit, message))
         self.assertEqual(e.status, 403)
-        self.assertEqual(self.net.state(), before)
         self.assertEqual(self.net.stranger.received, [])
-        self.assertFalse(self.circuit_at(self.x, circuit.cid).extending)
-        await self.peer.extend(circuit, self.y)  # the circuit still works
-        self.assertEqual(self.circuit_at(self.x, circuit.cid).out_addr, self.y.own_address)
+        self.assertClosedAfterFailedExtend(circuit, before)
+        # The circuit is gone: a second try on it is no extend, and opens nothing.
+        await self.refused(ProtocolError, self.peer.extend(circuit, self.y))
+        self.assertEqual(self.net.state(), before)
 
     @inline
     async def test_extend_to_directory_node_on_other_port_is_403(self):
@@ -531,10 +539,10 @@ class ExtendPolicyTests(RelayTestCase):
 
     @inline
     async def test_extend_to_itself_is_403(self):
+        before = self.net.state()
         circuit = await self.peer.create(self.x)
         await self.refused(Forbidden, self.peer.send(circuit, self.peer.extend_message(self.x, crypto.new_session_key())))
-        self.assertEqual(self.x.table.by_out, {})
-        self.assertEqual(len(self.x.table), 1)
+        self.assertClosedAfterFailedExtend(circuit, before)
 
     @inline
     async def test_extend_to_tracker_with_a_create_is_403(self):
@@ -546,23 +554,25 @@ class ExtendPolicyTests(RelayTestCase):
 
     @inline
     async def test_exit_to_non_tracker_is_403(self):
-        circuit = await self.peer.create(self.x)
         for to in (self.y.own_address, wire.Address(STRANGER_IP, PORT), wire.Address(TRACKER_IP, 5001)):
+            circuit = await self.peer.create(self.x)
             message = dumps({"to": str(to), "relay": {"type": "ls", "files": []}})
             e = await self.refused(Forbidden, self.peer.send(circuit, message))
             self.assertIn("exit policy", e.detail)
         self.assertEqual(self.x.table.by_out, {})
-        self.assertEqual((self.net.stranger.received, len(self.y.table)), ([], 0))
+        self.assertEqual((len(self.x.table), self.net.stranger.received, len(self.y.table)), (0, [], 0))
 
     @inline
     async def test_exit_policy_at_third_hop_is_502_to_the_peer(self):
-        circuit = await self.peer.build([self.x, self.y, self.z], connect=False)
         before = self.net.state()
+        circuit = await self.peer.build([self.x, self.y, self.z], connect=False)
         message = dumps({"to": str(self.w.own_address), "relay": {"type": "ls", "files": []}})
         await self.refused(NextHopFailed, self.peer.send(circuit, message))
         self.assertEqual(self.net.refusals[0], (self.z.own_address, 403))
-        self.assertEqual(self.net.state(), before)
         self.assertEqual(self.z.metrics.errors[403], 1)
+        # Z closed its part and told Y, which told X, which told the peer.
+        self.assertClosedAfterFailedExtend(circuit, before)
+        self.assertEqual(self.w.table.by_in, {})
 
     @inline
     async def test_extend_while_one_is_in_progress_is_409(self):
@@ -813,6 +823,27 @@ class BridgeTests(BridgeTestCase):
         self.assertEqual(self.requester.received, [])
 
     @inline
+    async def test_receive_bridge_replayed_after_drop_under_any_spelling_of_its_signature_is_refused(self):
+        # The receive_bridge that made Z's end, captured and replayed after drop_bridge:
+        # under its own signature text, and under each other base64 spelling of the
+        # same 64 bytes (the low bits of the last digit before the padding are unused).
+        bridge_cid = wire.new_circuit_id()
+        payload = self.receive_bridge(self.r, self.s, bridge_cid)
+        body, signature = control.sign_control(TRACKER_KEY, payload)
+        self.assertEqual(await self.z.handle(TRACKER_IP, body, signature), b"{}")
+        drop = {"type": "drop_bridge", "issued": self.net.clock.seconds(), "bridge_CID": bridge_cid}
+        await self.net.control(self.z, drop)
+        self.assertNotIn(bridge_cid, self.z.table.bridges_in)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        base = alphabet.index(signature[-3]) & ~0x0F
+        spellings = [signature[:-3] + alphabet[base | low] + "==" for low in range(16)]
+        self.assertIn(signature, spellings)
+        for spelling in spellings:
+            e = await self.refused(ProtocolError, self.z.handle(TRACKER_IP, body, spelling))
+            self.assertIn(e.status, (403, 409), spelling)
+            self.assertNotIn(bridge_cid, self.z.table.bridges_in, spelling)
+
+    @inline
     async def test_bridge_dies_with_its_circuit(self):
         await self.sharer.destroy(self.s)
         self.assertEqual(self.w.table.bridge_count, 0)
@@ -873,7 +904,8 @@ class BridgeControlTests(BridgeTestCase):
 
     @inline
     async def test_bad_signature_is_403(self):
-        payload = self.receive_bridge(self.r, self.s, self.new_bridge)
+        bridge_cid = wire.new_circuit_id()
+        payload = self.receive_bridge(self.r, self.s, bridge_cid)
         e = await self.check_refused(Forbidden, self.z, payload, key=FORGER_KEY)
         self.assertEqual(e.status, 403)
         await self.check_refused(Forbidden, self.z, payload, signature="")
@@ -1036,10 +1068,9 @@ class MalformedTests(BridgeTestCase):
             await self.check(label, 502, x, peer, self.requester.cell(self.r, message))
 
     @inline
-    async def test_malformed_extends(self):
+    async def test_malformed_extends_are_400_and_close_the_circuit(self):
         v, peer = self.v, self.requester.ip
         y = str(self.y.own_address)
-        sent = len(self.net.log)
         for label, message in [
             ("not json", b"\x00garbage"), ("array", b'["to","relay"]'),
             ("no to", dumps({"relay": "AAAA"})), ("no relay", dumps({"to": y})),
@@ -1048,8 +1079,15 @@ class MalformedTests(BridgeTestCase):
             ("relay bad base64", dumps({"to": y, "relay": "%%"})),
             ("relay number", dumps({"to": y, "relay": 5})), ("relay null", dumps({"to": y, "relay": None})),
         ]:
-            await self.check(label, 400, v, peer, self.requester.cell(self.fresh, message))
-        self.assertEqual(self.net.log[sent:], [])  # V sent nothing anywhere
+            before = self.net.state()
+            fresh = await self.requester.create(v)
+            sent = len(self.net.log)
+            e = await self.refused(BadRequest, v.handle(peer, self.requester.cell(fresh, message)))
+            self.assertEqual(e.status, 400, label)
+            self.assertEqual(self.net.state(), before, label)  # the circuit is gone, nothing else changed
+            # V told the requester its circuit is closed, and sent nothing else anywhere.
+            self.assertEqual([(a, body) for _, a, body in self.net.log[sent:]],
+                             [(self.requester.address, cells.encode_destroy(fresh.cid))], label)
 
     @inline
     async def test_malformed_from_the_tracker_and_over_bridges(self):
@@ -1119,46 +1157,47 @@ class RateLimitTests(RelayTestCase):
 
 class NextHopTests(RelayTestCase):
     @inline
-    async def test_next_hop_down_is_502_with_no_out_cid_stored(self):
+    async def test_next_hop_down_is_502_and_closes_the_circuit(self):
+        before = self.net.state()
         circuit = await self.peer.create(self.x)
         self.net.down.add(self.y.own_address)
-        before = self.net.state()
         e = await self.refused(NextHopFailed, self.peer.extend(circuit, self.y))
         self.assertEqual((e.status, e.error), (502, "next_hop_failed"))
-        self.assertEqual(self.net.state(), before)
-        stored = self.circuit_at(self.x, circuit.cid)
-        self.assertEqual((stored.out_cid, stored.out_addr, stored.out_kind, stored.extending), (None, None, None, False))
+        self.assertClosedAfterFailedExtend(circuit, before)
+        self.assertEqual(self.x.metrics.extends_failed_total, 1)
         self.net.down.clear()
-        await self.peer.extend(circuit, self.y)  # a later extend works
+        fresh = await self.peer.create(self.x)  # a new circuit extends as usual
+        await self.peer.extend(fresh, self.y)
         self.assertEqual(len(self.x.table.by_out), 1)
 
     @inline
-    async def test_next_hop_refusing_is_502_with_no_out_cid_stored(self):
-        circuit = await self.peer.create(self.x)
+    async def test_next_hop_refusing_is_502_and_closes_the_circuit(self):
         before = self.net.state()
+        circuit = await self.peer.create(self.x)
         # the CREATE for Y is sealed with Z's key: Y answers 400
         await self.refused(NextHopFailed, self.peer.extend(circuit, self.y, sealed_for=self.z))
         self.assertEqual(self.net.refusals, [(self.y.own_address, 400)])
-        self.assertEqual(self.net.state(), before)
+        self.assertClosedAfterFailedExtend(circuit, before)
 
     @inline
-    async def test_next_hop_timeout_is_504_with_no_out_cid_stored(self):
+    async def test_next_hop_timeout_is_504_and_closes_the_circuit(self):
+        before = self.net.state()
         circuit = await self.peer.create(self.x)
         self.net.slow.add(self.y.own_address)
-        before = self.net.state()
         e = await self.refused(NextHopTimeout, self.peer.extend(circuit, self.y))
         self.assertEqual(e.status, 504)
-        self.assertEqual(self.net.state(), before)
+        self.assertClosedAfterFailedExtend(circuit, before)
 
     @inline
-    async def test_tracker_down_at_connect_is_502_with_no_out_cid_stored(self):
+    async def test_tracker_down_at_connect_is_502_and_closes_the_circuit(self):
+        before = self.net.state()
         circuit = await self.peer.build([self.x, self.y, self.z], connect=False)
         self.net.down.add(TRACKER)
-        before = self.net.state()
         await self.refused(NextHopFailed, self.peer.connect(circuit))
-        self.assertEqual(self.net.state(), before)
+        self.assertClosedAfterFailedExtend(circuit, before)
         self.net.down.clear()
-        self.assertEqual(await self.peer.connect(circuit), FILES_REPLY)
+        fresh = await self.peer.build([self.x, self.y, self.z], connect=False)
+        self.assertEqual(await self.peer.connect(fresh), FILES_REPLY)
 
     @inline
     async def test_next_hop_failing_on_an_open_circuit_is_502(self):
@@ -1173,14 +1212,14 @@ class NextHopTests(RelayTestCase):
     async def test_malformed_reply_from_next_hop_is_502(self):
         liar = wire.Address(STRANGER_IP, PORT)
         self.net.directory.addresses.add(liar)
-        circuit = await self.peer.create(self.x)
         message = dumps({"to": str(liar), "relay": wire.b64encode(b"\x00" * 128)})
         before = self.net.state()
         for answer in (b"not json", b"[]", b'{"payload":5}', b'{"payload":"%%"}', b'{"payload":{"type":"created"}}'):
             self.net.stranger.answer = answer
+            circuit = await self.peer.create(self.x)
             e = await self.refused(NextHopFailed, self.peer.send(circuit, message))
             self.assertIn("next hop", e.detail)
-            self.assertEqual(self.net.state(), before)
+            self.assertEqual(self.net.state(), before)  # each failed extend closed its circuit
 
     @inline
     async def test_unreachable_peer_makes_backward_message_502(self):
