@@ -7,6 +7,7 @@ for the exit policy and for peers choosing their three nodes.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from . import crypto, wire
@@ -58,3 +59,47 @@ def parse_signed_directory(body: bytes, signature, tracker_key, default_port: in
         signature = signature.decode("ascii")
     node_ips = frozenset(a.ip for a in nodes if a.ip is not None)
     return SignedDirectory(body, signature, issued, nodes, node_ips)
+
+
+# --- choosing a circuit's nodes (§6, §15) -----------------------------------------------
+
+
+def network_of(address: wire.Address) -> str:
+    """The network a node's address counts in, for path diversity (PROTOCOL.md §15).
+
+    IPv4 /16, IPv6 /32: one operator's hosts usually share one. Loopback
+    addresses are exempt (all the members of a test or demo network live in
+    127.0.0.0/8): each counts as its own network. A DNS name counts as its own
+    network too: the peer does not resolve names to choose a path.
+    """
+    if address.ip is None:
+        return "name " + address.host.lower()
+    ip = ipaddress.ip_address(address.ip)
+    if ip.is_loopback:
+        return "ip " + str(ip)
+    prefix = 16 if ip.version == 4 else 32
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def pick_path(entries, count: int, rng) -> list:
+    """``count`` entries at distinct IPs, from distinct networks when the directory has enough.
+
+    Hop by hop, as Tor does: each hop is drawn uniformly from the entries whose
+    network no earlier hop has. When no such entry is left, the hop is drawn
+    from those whose address no earlier hop has: one host (or one DNS name)
+    never holds two hops. ValueError when not even that is possible.
+    """
+    entries = list(entries)
+    path, networks, hosts = [], set(), set()
+    for _ in range(count):
+        fresh = [e for e in entries if network_of(e.address) not in networks and e.address.host not in hosts]
+        if not fresh:
+            fresh = [e for e in entries if e.address.host not in hosts]
+        if not fresh:
+            raise ValueError(f"the directory lists {len(hosts)} nodes at distinct addresses; "
+                             f"a circuit needs {count}")
+        chosen = rng.choice(fresh)
+        path.append(chosen)
+        networks.add(network_of(chosen.address))
+        hosts.add(chosen.address.host)
+    return path

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from . import cells, wire
 from .catalogue import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError, check_name, check_sha256
 from .circuit import Circuit
+from .directory import pick_path
 from .downloads import (ACTIVE, DONE, FAILED, QUEUED, RECEIVING, REQUESTING, SEEN_TRANSFERS, BadChunk, Download,
                         DownloadStore)
 from .errors import BadRequest, Forbidden, ProtocolError, RateLimited, UnknownCircuit
@@ -170,11 +171,12 @@ class Peer:
         directory = await self._fresh_directory()
         now = self.clock.seconds()
         candidates = [n for n in directory.nodes.values() if self._suspect.get(n.address, 0) <= now]
-        if len(candidates) < self.hops:
+        if len({n.address.host for n in candidates}) < self.hops:
             candidates = list(directory.nodes.values())  # everyone failed lately: try anyway
-        if len(candidates) < self.hops:
-            raise BadRequest(f"the directory lists {len(candidates)} nodes; a circuit needs {self.hops}")
-        return self.rng.sample(candidates, self.hops)
+        try:
+            return pick_path(candidates, self.hops, self.rng)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
 
     async def _fresh_directory(self):
         """The directory from a node's mirror when any node is known; the tracker only at first (§6)."""

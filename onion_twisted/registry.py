@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import crypto, wire
+from .errors import Conflict
 
 
 @dataclass(slots=True)
@@ -42,7 +43,8 @@ class NodeRegistry:
 
     def register(self, address: wire.Address, public_key_pem: str, fingerprint: str,
                  ip: str | None = None) -> bool:
-        """Add or refresh a node; False when the list is full of other nodes.
+        """Add or refresh a node; False when the list is full of other nodes,
+        Conflict (409) when another node is listed at the same IP.
 
         ``ip`` is where the node's cells come from; by default the address's
         own IP literal (a DNS-named node passes the IP its name resolved to).
@@ -53,6 +55,11 @@ class NodeRegistry:
         if node is not None and node.fingerprint == fingerprint and node.ip == ip:
             node.last_seen = now
             return True
+        # One node per IP (PROTOCOL.md §15): a host with many ports, or many DNS
+        # names, would otherwise fill the directory and most circuits' paths. The
+        # node listed first keeps the place until it goes unseen.
+        if any(n.ip == ip and a != address for a, n in self.nodes.items()):
+            raise Conflict("another node is listed at this IP: one node per IP")
         if node is None and len(self.nodes) >= self.max_nodes:
             return False
         self.nodes[address] = RegisteredNode(address, public_key_pem, fingerprint, now, ip)

@@ -145,6 +145,8 @@ class Tracker:
     async def _register(self, source_ip: str, body: bytes) -> bytes:
         obj = wire.loads_object(body, "registration")
         address = wire.parse_address(obj.get("address"), self.port, field="address")
+        if address.port != self.port:
+            raise Forbidden("a node registers at the network's port only")
         key = crypto.load_public_key_pem(obj.get("public_key"))
         fingerprint = crypto.fingerprint(key)
         host_ip = address.ip or await self.resolve(address)

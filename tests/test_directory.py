@@ -86,3 +86,65 @@ class SignedDirectoryTests(unittest.SynchronousTestCase):
             with self.subTest(obj=obj):
                 body, signature = signed(obj)
                 self.assertRaises(BadRequest, parse_signed_directory, body, signature, TRACKER.public_key(), 5000)
+
+
+class PathChoiceTests(unittest.SynchronousTestCase):
+    """pick_path: distinct IPs always, distinct /16 (IPv6 /32) networks when it can (§15).
+    The addresses are documentation and benchmarking ranges, used here as data only."""
+
+    def entries(self, hosts):
+        from onion_twisted.directory import NodeEntry
+        return [NodeEntry(wire.parse_address(h, 5000), "", str(i)) for i, h in enumerate(hosts)]
+
+    def test_networks(self):
+        from onion_twisted.directory import network_of
+        cases = {"198.18.3.4": "198.18.0.0/16", "198.18.200.1": "198.18.0.0/16", "198.19.0.1": "198.19.0.0/16",
+                 "[2001:db8:1::5]": "2001:db8::/32", "127.0.0.11": "ip 127.0.0.11", "127.0.1.11": "ip 127.0.1.11",
+                 "Relay.Example": "name relay.example"}
+        for host, network in cases.items():
+            self.assertEqual(network_of(wire.parse_address(host, 5000)), network, host)
+
+    def test_a_flooded_network_holds_at_most_one_hop(self):
+        import random
+        from onion_twisted.directory import network_of, pick_path
+        flood = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(60)]  # one operator's /16
+        entries = self.entries(flood + ["192.0.2.1", "203.0.113.1", "198.51.100.1"])
+        rng = random.Random(7)
+        flooded = 0
+        for _ in range(300):
+            path = pick_path(entries, 3, rng)
+            networks = [network_of(e.address) for e in path]
+            self.assertEqual(len(set(networks)), 3, networks)
+            flooded += networks.count("198.18.0.0/16")
+        self.assertGreater(flooded, 0)  # the flooder's nodes are still used, once per path at most
+
+    def test_too_few_networks_still_distinct_ips(self):
+        import random
+        from onion_twisted.directory import pick_path
+        entries = self.entries(["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"])
+        rng = random.Random(3)
+        for _ in range(100):
+            path = pick_path(entries, 3, rng)
+            self.assertEqual(len({e.address.host for e in path}), 3)
+
+    def test_one_host_never_holds_two_hops(self):
+        import random
+        from onion_twisted.directory import pick_path
+        entries = self.entries(["192.0.2.1:5000", "192.0.2.1:5001", "192.0.2.1:5002", "203.0.113.1"])
+        with self.assertRaises(ValueError):
+            pick_path(entries, 3, random.Random(1))
+        entries += self.entries(["198.51.100.1"])
+        for _ in range(50):
+            path = pick_path(entries, 3, random.Random(_))
+            self.assertEqual(len({e.address.host for e in path}), 3)
+
+    def test_loopback_members_of_one_machine_are_exempt(self):
+        import random
+        from onion_twisted.directory import pick_path
+        entries = self.entries([f"127.0.0.{11 + i}" for i in range(6)])
+        seen = set()
+        for i in range(200):
+            path = pick_path(entries, 3, random.Random(i))
+            self.assertEqual(len({e.address.host for e in path}), 3)
+            seen.update(e.address.host for e in path)
+        self.assertEqual(len(seen), 6)  # every node is used: none is held back by its /16

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from onion_twisted import PROTOCOL, cells, control, crypto, wire
 from onion_twisted.control import verify_control
 from onion_twisted.directory import parse_signed_directory
-from onion_twisted.errors import (BadRequest, Forbidden, NextHopFailed, NextHopTimeout, RateLimited,
+from onion_twisted.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, RateLimited,
                                   UnknownCircuit)
 from onion_twisted.http_server import QuietSite
 from onion_twisted.tracker_app import TrackerApp
@@ -548,6 +548,43 @@ class RegistrationTests(unittest.TestCase):
         self.h.outbound.identities[self.address] = (200, identity_body(self.key))
         e = await self.assertFailure(self.register(), RateLimited)
         self.assertEqual(e.status, 429)
+
+    @inline
+    async def test_one_node_per_ip_on_the_network_port(self):
+        # One host with many ports (or many names) must not fill the directory (§15).
+        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        await self.register()
+        for port in (PORT + 1, PORT + 2):
+            other = wire.Address(self.address.host, port)
+            self.h.outbound.identities[other] = (200, identity_body(NODE_KEYS[1]))
+            e = await self.assertFailure(
+                self.register(body=dumps({"address": str(other), "public_key": pem(NODE_KEYS[1])})), Forbidden)
+            self.assertIn("network's port", e.detail)
+        self.assertEqual(list(self.listed()), [self.address])
+        self.assertEqual(len(self.h.outbound.gets), 1)  # refused before any /identity fetch
+
+    @inline
+    async def test_a_second_node_at_the_same_ip_is_409_until_the_first_goes(self):
+        names = {"relay-a.test": "127.0.0.21", "relay-b.test": "127.0.0.21"}
+
+        async def resolve(address):
+            return names[address.host]
+
+        self.h = TrackerHarness(nodes=[], resolve=resolve)
+        first, second = wire.Address("relay-a.test", PORT), wire.Address("relay-b.test", PORT)
+        self.h.outbound.identities[first] = (200, identity_body(NODE_KEYS[0]))
+        self.h.outbound.identities[second] = (200, identity_body(NODE_KEYS[1]))
+        body_a = dumps({"address": "relay-a.test", "public_key": pem(NODE_KEYS[0])})
+        body_b = dumps({"address": "relay-b.test", "public_key": pem(NODE_KEYS[1])})
+        await self.h.tracker.register_node("127.0.0.21", body_a)
+        e = await self.assertFailure(defer.ensureDeferred(self.h.tracker.register_node("127.0.0.21", body_b)),
+                                     Conflict)
+        self.assertEqual(e.status, 409)
+        self.assertEqual(list(self.listed()), [first])
+        self.h.clock.advance(3 * 30 + 1)  # the first goes unseen for three heartbeats
+        self.h.tracker.expire()
+        await self.h.tracker.register_node("127.0.0.21", body_b)
+        self.assertEqual(list(self.listed()), [second])
 
     @inline
     async def test_dns_named_node_relays_from_its_resolved_ip(self):
