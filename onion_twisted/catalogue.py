@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,6 +19,12 @@ from . import wire
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SEPARATOR = re.compile(r"[/\\\x00]")
 _CONTROL = re.compile(r"[\x00-\x1f]")
+# Characters that make one name look like another, or look like nothing at all:
+# DEL and the C1 controls; the bidi embeddings, overrides and isolates
+# (U+202A-U+202E, U+2066-U+2069: "gpj.exe" shown as "exe.jpg") and the bidi
+# marks (U+061C, U+200E, U+200F); the zero-width and invisible characters
+# (U+200B-U+200D, U+2060-U+2064, U+FEFF).
+_LOOKALIKE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 MIN_CHUNK = 16 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 DEFAULT_CHUNK = 256 * 1024
@@ -52,9 +59,21 @@ class SharedFile(NamedTuple):
 
 
 def check_name(name) -> str:
-    """A file name as §8 allows it: one path component, nothing that climbs out."""
+    """A file name as §8 allows it, in NFC: one path component, nothing that climbs
+    out, nothing invisible or direction-changing (docs/protocol.md, file names).
+
+    Names are compared in Unicode normal form C, so "é" typed as one code point
+    or as e + U+0301 is one name: the tracker, the sharer and the requester all
+    use the form this returns.
+    """
     if not isinstance(name, str) or not name:
         raise MessageError("bad_request", "file name is not a non-empty string")
+    if _LOOKALIKE.search(name):
+        raise MessageError("bad_request", "file name has invisible, control or direction-changing characters")
+    try:
+        name = unicodedata.normalize("NFC", name)
+    except UnicodeError:
+        raise MessageError("bad_request", "file name is not valid Unicode") from None
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise MessageError("bad_request", "file name is over 255 bytes")
     if name in (".", "..") or _SEPARATOR.search(name):

@@ -63,3 +63,11 @@ class Unavailable(ProtocolError):
 
     status = 503
     error = "unavailable"
+
+
+def safe_os_error(error: BaseException) -> str:
+    """What went wrong with a file, for a safe log line: the OSError's reason
+    ("Permission denied"), never its text, which names the file's path."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__

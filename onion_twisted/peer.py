@@ -23,7 +23,7 @@ from .circuit import Circuit
 from .directory import pick_path
 from .downloads import (ACTIVE, DONE, FAILED, QUEUED, RECEIVING, REQUESTING, SEEN_TRANSFERS, BadChunk, Download,
                         DownloadStore)
-from .errors import BadRequest, Forbidden, ProtocolError, RateLimited, UnknownCircuit
+from .errors import BadRequest, Forbidden, ProtocolError, RateLimited, UnknownCircuit, safe_os_error
 from .sharing import ChunkProducer, ShareDirectory, WindowedChunkSender
 
 EMPTY = b"{}"
@@ -324,7 +324,7 @@ class Peer:
         d = defer.ensureDeferred(self._upload(circuit, transfer, message))
         self.uploads[transfer] = d
         d.addErrback(lambda f: f.trap(ProtocolError, TransferRefused))  # the circuit is rebuilt already
-        d.addErrback(lambda f: self.log.failure("an upload failed", f))
+        d.addErrback(lambda f: self._log_unexpected("an upload failed", f))
         d.addBoth(lambda _: self.uploads.pop(transfer, None))
 
     async def _upload(self, circuit: Circuit, transfer: str, message: dict) -> None:
@@ -404,7 +404,7 @@ class Peer:
         """Start (or return the running) download of ``name``; ValueError for bad input,
         RateLimited when MAX_DOWNLOADS are listed and none of them has finished or failed."""
         try:
-            check_name(name)
+            name = check_name(name)  # NFC, as the tracker and the sharers name it
             if sha256 is not None:
                 check_sha256(sha256)
         except MessageError as e:
@@ -430,8 +430,20 @@ class Peer:
         return d
 
     def _run(self, d: Download) -> None:
-        defer.ensureDeferred(self._download(d)).addErrback(
-            lambda f: self.log.failure("download stopped unexpectedly", f))
+        defer.ensureDeferred(self._download(d)).addErrback(self._download_crashed, d)
+
+    def _download_crashed(self, failure: Failure, d: Download) -> None:
+        self._log_unexpected("a download stopped unexpectedly", failure)
+        d.state, d.error = FAILED, f"stopped unexpectedly: {safe_os_error(failure.value)}"
+        d.close()
+
+    def _log_unexpected(self, what: str, failure: Failure) -> None:
+        # Safe logging: an OSError's text names its path (downloads/.partial/NAME.part,
+        # share/NAME), so only its reason is logged; the traceback with the debug switch.
+        if self.unsafe_logging:
+            self.log.failure(what, failure)
+        else:
+            self.log.error("{what}: {why}", what=what, why=safe_os_error(failure.value))
 
     async def _download(self, d: Download) -> None:
         last_error = None
@@ -545,6 +557,11 @@ class Peer:
             d.write_chunk(message, self.clock.seconds())
         except BadChunk as e:
             self.log.warn("a chunk was refused: {why}", why=str(e))
+        except OSError as e:
+            # The disk, not the sharer (full, read-only, gone): this attempt ends, and
+            # a later one resumes from what was written. Safe logging: no path.
+            self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
+            self._finish_wait(d, f"cannot write the download: {safe_os_error(e)}")
 
     def _on_transfer_end(self, message: dict) -> None:
         transfer = message.get("transfer")

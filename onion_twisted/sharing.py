@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .catalogue import MAX_CHUNK, MessageError, check_name
+from .errors import safe_os_error
 from .transfers import resolve_shared, wanted_indexes
 
 log = Logger()
@@ -176,6 +177,7 @@ class ShareDirectory:
         self.files: list[dict] | None = None  # the last scan's objects, sorted by name
         self.changed = False
         self._by_name: dict[str, dict] = {}
+        self._disk_names: dict[str, str] = {}  # announced (NFC) name -> its name in share_dir
         self._scanning: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
 
@@ -195,7 +197,7 @@ class ShareDirectory:
 
     def path_of(self, name) -> Path:
         """The path to serve for a requested name, or MessageError("refused") (§8)."""
-        return resolve_shared(self.share_dir, name, self._by_name)
+        return resolve_shared(self.share_dir, name, self._disk_names)
 
     # -- scanning --------------------------------------------------------------------
 
@@ -227,22 +229,21 @@ class ShareDirectory:
     def _list(self) -> list[tuple[str, str, os.stat_result]]:
         """(name, path, stat) of each file that may be shared (runs in a thread)."""
         root = self.share_dir.resolve()
-        found = []
+        found, announced = [], set()
         try:
             entries = list(os.scandir(root))
         except OSError as e:
             log.warn("share directory {dir} unreadable: {error}", dir=str(root), error=str(e))
             return []
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith("."):
                 continue
             try:
-                check_name(name)
-                name.encode("utf-8")  # undecodable names cannot travel in JSON
+                entry.name.encode("utf-8")  # undecodable names cannot travel in JSON
+                name = check_name(entry.name)  # the name announced: NFC
             except (MessageError, UnicodeEncodeError):
                 continue
-            path = os.path.join(root, name)
+            path = os.path.join(root, entry.name)
             try:
                 if entry.is_symlink():
                     real = Path(path).resolve(strict=True)
@@ -255,6 +256,9 @@ class ShareDirectory:
                 continue
             if not stat_module.S_ISREG(st.st_mode):
                 continue
+            if name in announced:
+                continue  # two names on disk with one NFC form: the first (in sorted order) is shared
+            announced.add(name)
             found.append((name, path, st))
         return found
 
@@ -276,10 +280,12 @@ class ShareDirectory:
                 try:
                     sha = await run(self._hash, path, st)
                 except OSError as e:
-                    log.warn("cannot hash {name}: {error}", name=name, error=str(e))
+                    # Safe logging: no file name, and no OSError text (it holds the path).
+                    log.warn("a shared file could not be hashed ({error}); it is left out",
+                             error=safe_os_error(e))
                     continue
                 if sha is None:
-                    log.info("{name} changed while being hashed; next scan", name=name)
+                    log.info("a shared file changed while being hashed; it is hashed at the next scan")
                     continue
                 self.cache.store(path, st, sha)
             files.append({"name": name, "size": st.st_size, "sha256": sha})
@@ -295,6 +301,7 @@ class ShareDirectory:
         self.changed = files != self.files
         self.files = files
         self._by_name = {f["name"]: f for f in files}
+        self._disk_names = {name: os.path.basename(path) for name, path, _ in candidates}
         return [dict(f) for f in files]
 
 

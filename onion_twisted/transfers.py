@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .catalogue import MessageError, check_name
@@ -142,18 +143,21 @@ def wanted_indexes(chunks, count: int):
 def resolve_shared(share_dir, name, announced) -> Path:
     """The path of a file the peer may serve, or MessageError("refused").
 
+    ``announced``: the announced names, or a mapping of each to its name on disk.
+
     §8: a name with a path separator or ``..``, a name not announced, a
     directory, a symlink leading out of ``share_dir``, anything not a regular
     file is refused.
     """
     try:
-        check_name(name)
+        name = check_name(name)
     except MessageError as e:
         raise MessageError("refused", e.detail) from None
     if name not in announced:
         raise MessageError("refused", "this peer does not share that name")
     root = Path(share_dir).resolve()
-    path = root / name
+    # ``announced`` maps an announced (NFC) name to its name on disk where the two differ.
+    path = root / (announced[name] if isinstance(announced, Mapping) else name)
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):

@@ -72,6 +72,20 @@ class NameTests(ErrorCase, unittest.SynchronousTestCase):
         for name in ("a\x00b", "\x00", "a\nb", "tab\there", "\x1f"):
             self.assertMessageError("bad_request", check_name, name)
 
+    def test_look_alike_and_invisible_characters_refused(self):
+        for char in ("\x7f", "\x85", "\x9f", "\u202e", "\u202a", "\u2066", "\u2069", "\u200b", "\u200c",
+                     "\u200d", "\u2060", "\ufeff", "\u200e", "\u200f", "\u061c"):
+            e = self.assertMessageError("bad_request", check_name, f"invoice{char}gpj.exe")
+            self.assertIn("invisible", e.detail)
+
+    def test_names_are_normalised_to_nfc(self):
+        decomposed = "re\u0301sume\u0301.pdf"  # e + combining acute
+        self.assertEqual(check_name(decomposed), "r\u00e9sum\u00e9.pdf")
+        self.assertEqual(check_name("r\u00e9sum\u00e9.pdf"), "r\u00e9sum\u00e9.pdf")
+        # Both spellings announced by two circuits are one catalogue entry.
+        files = parse_files([decomposed, "r\u00e9sum\u00e9.pdf"], 10)
+        self.assertEqual([f.name for f in files], ["r\u00e9sum\u00e9.pdf"])
+
     def test_too_long_refused_in_bytes(self):
         self.assertMessageError("bad_request", check_name, "x" * 256)
         self.assertMessageError("bad_request", check_name, "é" * 128)  # 256 UTF-8 bytes

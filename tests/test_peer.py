@@ -174,6 +174,39 @@ class DownloadTests(PeerNetworkCase):
         self.assertEqual(net.messages_of_type("file_chunk"), [])
 
     @inline
+    async def test_a_decomposed_name_is_asked_for_and_saved_in_nfc(self):
+        net = self.net
+        data = os.urandom(1000)
+        net.write_share(BOB_IP, "re\u0301sume\u0301.pdf", data)  # decomposed on bob's disk
+        await net.start()
+        d = self.alice.download("re\u0301sume\u0301.pdf")      # and as alice typed it
+        net.pump(until=finished(d))
+        self.assertDownloaded(d, "r\u00e9sum\u00e9.pdf", data)
+        self.assertEqual([m["file"] for _, _, m in net.messages_of_type("request")], ["r\u00e9sum\u00e9.pdf"])
+
+    @inline
+    async def test_a_download_that_fails_on_disk_is_logged_without_its_path(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+        from onion_twisted import downloads
+        net = self.net
+        await self.bob_shares_and_start("secret plans.bin", 1000)
+
+        def full_disk(d, *args, **kwargs):
+            raise OSError(28, "No space left on device", f"/data/downloads/.partial/{d.name}.part")
+
+        self.patch(downloads.Download, "expect", full_disk)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        d = self.alice.download("secret plans.bin")
+        net.pump(until=lambda: d.state == FAILED)
+        text = "\n".join(formatEvent(e) or "" for e in events)
+        self.assertIn("No space left on device", text)
+        self.assertNotIn("secret plans", text)
+        self.assertNotIn(".partial", text)
+        self.assertIn("No space left on device", d.error)  # the user sees why on the page
+
+    @inline
     async def test_a_name_nobody_shares_fails_at_once(self):
         net = self.net
         await net.start()

@@ -19,6 +19,7 @@ import weakref
 from pathlib import Path
 
 from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -203,6 +204,42 @@ class ShareDirectoryTests(ShareTestBase):
         self.assertEqual(shares.ls_message(), {"type": "ls", "files": files})
         self.assertEqual(shares.entry("b.txt"), {"name": "b.txt", "size": 3, "sha256": sha(b"bee")})
         self.assertIsNone(shares.entry("sub"))
+
+    async def test_look_alike_names_are_not_shared_and_names_are_announced_in_nfc(self):
+        self.write("invoice\u202egpj.exe", b"x")    # shows as "invoiceexe.jpg"
+        self.write("zero\u200bwidth.txt", b"x")
+        self.write("re\u0301sume\u0301.pdf", b"cv")  # decomposed on disk (as some systems write it)
+        shares = self.share_dir()
+        files = await shares.scan()
+        self.assertEqual(files, [{"name": "r\u00e9sum\u00e9.pdf", "size": 2, "sha256": sha(b"cv")}])
+        # A request names the NFC form: the file on disk under its own spelling is served.
+        self.assertEqual(shares.path_of("r\u00e9sum\u00e9.pdf"), (self.share / "re\u0301sume\u0301.pdf").resolve())
+        self.assertEqual(shares.path_of("re\u0301sume\u0301.pdf"), (self.share / "re\u0301sume\u0301.pdf").resolve())
+
+    async def test_two_names_with_one_nfc_form_are_shared_once(self):
+        self.write("caf\u00e9", b"composed")
+        self.write("cafe\u0301", b"decomposed")
+        shares = self.share_dir()
+        files = await shares.scan()
+        self.assertEqual([f["name"] for f in files], ["caf\u00e9"])
+        # The first in sorted order of the names on disk: "cafe\u0301" < "caf\u00e9".
+        self.assertEqual(files[0]["sha256"], sha(b"decomposed"))
+
+    async def test_a_file_that_cannot_be_hashed_is_logged_without_its_name_or_path(self):
+        self.write("secret plans.txt", b"x")
+
+        def refusing(path):
+            raise PermissionError(13, "Permission denied", path)
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        files = await self.share_dir(hasher=refusing).scan()
+        self.assertEqual(files, [])
+        text = "\n".join(formatEvent(e) or "" for e in events)
+        self.assertIn("Permission denied", text)
+        self.assertNotIn("secret plans", text)
+        self.assertNotIn(str(self.share), text)
 
     async def test_changed_tells_whether_the_list_differs(self):
         shares = self.share_dir()
