@@ -193,7 +193,7 @@ class NodeKilledTests(_Transfers):
         self.assertEqual(await self.circuit(other), paths[other], f"{other} rebuilt its circuit")
         log(f"killed at {held * 100 // SIZE} %; {concerned} noticed in {noticed_after:.1f} s, rebuilt in "
             f"{rebuilt_after:.1f} s; done {finished_after:.1f} s after the kill in {done['attempts']} attempts; "
-            f"at most {sent_again * 100 // SIZE} % of the file sent again")
+            f"at most {sent_again * 100 // SIZE} % of the file sent from the kill on")
 
     @inline
     async def test_requesters_entry_killed(self):
@@ -339,7 +339,7 @@ class QuickTrackerRestartTests(_Transfers):
         self.assertEqual(after["bob"], before["bob"], "bob rebuilt his circuit: he saw the tracker gone")
         log(f"killed at {held * 100 // SIZE} %; bob's files announced again {announced_after:.1f} s after the "
             f"restart on his old circuit; alice {'kept' if after['alice'] == before['alice'] else 'rebuilt'} hers; "
-            f"at most {sent_again * 100 // SIZE} % sent again")
+            f"at most {sent_again * 100 // SIZE} % sent from the kill on")
 
 
 class SharerRestartTests(_Transfers):
