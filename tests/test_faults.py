@@ -257,7 +257,7 @@ class TrackerRestartTests(_Transfers):
         done = await watch.done(TRANSFER_DEADLINE)
         sent_again = await self.assertResumed(watch, done, held, forward_before, self.nodes)
         log(f"killed at {held * 100 // SIZE} %; both peers connected again and bob's file listed {back_after:.1f} s "
-            f"after the restart; at most {sent_again * 100 // SIZE} % sent again")
+            f"after the restart; at most {sent_again * 100 // SIZE} % sent from the kill on")
 
 
 class QuickTrackerRestartTests(_Transfers):
@@ -367,7 +367,7 @@ class SharerRestartTests(_Transfers):
         sent_again = await self.assertResumed(watch, done, held, forward_before, self.nodes)
         self.assertEqual(await self.circuit("alice"), alice_path, "alice rebuilt her circuit")
         log(f"killed at {held * 100 // SIZE} %; done {reactor.seconds() - killed_at:.1f} s later in "
-            f"{done['attempts']} attempts; at most {sent_again * 100 // SIZE} % sent again")
+            f"{done['attempts']} attempts; at most {sent_again * 100 // SIZE} % sent from the kill on")
 
 
 class LyingSharerTests(FaultNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
