@@ -73,9 +73,14 @@ class NodeBoundsTests(unittest.TestCase):
         status, answer = self.post(body, ip)
         return status, answer, cid, layer
 
-    def control(self, payload):
+    def signed_control(self, payload):
+        """A control message signed now by the tracker: (body, headers), to be posted (and replayed)."""
         body, signature = control.sign_control(TRACKER_KEY, {"issued": int(self.clock.seconds()), **payload})
-        return self.post(body, TRACKER_IP, [(b"X-Onion-Signature", signature.encode("ascii"))])
+        return body, [(b"X-Onion-Signature", signature.encode("ascii"))]
+
+    def control(self, payload):
+        body, headers = self.signed_control(payload)
+        return self.post(body, TRACKER_IP, headers)
 
     def exit_circuit(self):
         _, _, cid, layer = self.create()
@@ -132,22 +137,29 @@ class NodeBoundsTests(unittest.TestCase):
         self.assertEqual(self.create(ip="127.0.1.9")[0], 200)
         self.assertLessEqual(len(limiter), 3)
 
-    def test_remembered_control_signatures_are_pruned_past_1024(self):
+    def test_remembered_controls_past_1024_keep_only_those_within_the_skew_window(self):
+        # The replay guard remembers every control message for the skew window (each could be
+        # replayed until then). Once it holds more than 1 024, those issued outside the window
+        # go, and only those: the ones within it are still refused as replays.
         self.node()
         seen = self.relay._controls_seen
-        for _ in range(1100):  # each a drop_bridge for no bridge: 404, its signature remembered
-            status, _ = self.control({"type": "drop_bridge", "bridge_CID": new_cid()})
-            self.assertEqual(status, 404)
-        self.assertEqual(len(seen), 1100)  # all within the 60 s window: each may still be replayed
-        body, signature = control.sign_control(TRACKER_KEY, {"type": "drop_bridge", "bridge_CID": new_cid(),
-                                                             "issued": int(self.clock.seconds())})
-        headers = [(b"X-Onion-Signature", signature.encode("ascii"))]
-        self.assertEqual(self.post(body, TRACKER_IP, headers)[0], 404)
-        self.assertEqual(self.post(body, TRACKER_IP, headers)[0], 409)  # a replay within the window
-        self.clock.advance(61)
+        skew = self.relay.control_max_skew
+        sent = {"older": [], "newer": []}
+        for batch, count in (("older", 600), ("newer", 500)):
+            for _ in range(count):  # each a drop_bridge for no bridge: 404, and remembered
+                body, headers = self.signed_control({"type": "drop_bridge", "bridge_CID": new_cid()})
+                self.assertEqual(self.post(body, TRACKER_IP, headers)[0], 404)
+                sent[batch].append((body, headers))
+            self.clock.advance(skew / 2)
+        self.assertEqual(len(seen), 1100)  # all within the window so far: none may be forgotten
+        self.clock.advance(1)  # the older 600 are now outside the window, the newer 500 within
         self.assertEqual(self.control({"type": "drop_bridge", "bridge_CID": new_cid()})[0], 404)
-        self.assertLessEqual(len(seen), 2)  # those outside the window are gone
-        self.assertEqual(self.post(body, TRACKER_IP, headers)[0], 403)  # and the old one is stale anyway
+        self.assertEqual(len(seen), 500 + 1)  # the newer ones and this one
+        body, headers = sent["newer"][0]
+        self.assertEqual(self.post(body, TRACKER_IP, headers)[0], 409)  # still remembered: a replay
+        body, headers = sent["older"][0]
+        self.assertEqual(self.post(body, TRACKER_IP, headers)[0], 403)  # forgotten, and stale anyway
+        self.assertEqual(len(seen), 501)
 
 
 # --- the tracker -----------------------------------------------------------------------------

@@ -9,9 +9,12 @@ announced over ``max_body`` (413) before reading any of it.
 Real processes (``twistd onionnode`` X, Y, Z and the stand-in tracker, as in
 test_node_processes; X with ``--request-timeout 2`` and started with a soft
 limit of 1 024 open files, which it raises itself): a client sending its
-headers or its body a byte at a time is cut off after about 2 s; 1 100 idle
-connections do not stop X from serving a circuit; a huge ``Content-Length``
-is answered 413 at once, without waiting for the body.
+headers or its body a byte at a time is cut off by X, no sooner than 2 s
+after its first byte and long before its last, with nothing written to it;
+1 100 idle connections do not stop X from serving a circuit; a huge
+``Content-Length`` is answered 413 while the whole body is still unsent.
+No check there is timed: ``CUT_OFF_BOUND`` only bounds the wait for a cut
+that should come, so that a member that never cuts fails the test.
 """
 
 from __future__ import annotations
@@ -206,13 +209,14 @@ class TooLargeOnEveryRouteTests(unittest.TestCase):
 
 TRACKER_HOST, NODE_HOSTS, PEER_HOST, STRANGER_HOST, ADMIN_HOST = 1, (11, 12, 13), 101, 66, 200
 REQUEST_TIMEOUT = 2.0
+CUT_OFF_BOUND = 30.0     # the test stops waiting for X to close (a poll bound, not a promise of speed)
 IDLE_CONNECTIONS = 1100  # past the 1 024 descriptors X starts with: it must raise its limit
 LS = {"type": "ls", "files": []}
 
 
 class _Client(protocol.Protocol):
     """Writes ``prefix`` at once, then ``data`` a byte every ``interval`` seconds (all at once
-    if 0); keeps what it reads."""
+    if 0); keeps what it reads. It never closes the connection itself but in ``give_up``."""
 
     def __init__(self, data: bytes = b"", interval: float = 0.0, prefix: bytes = b""):
         self.prefix = prefix
@@ -222,10 +226,15 @@ class _Client(protocol.Protocol):
         self.received = b""
         self.lost = defer.Deferred()
         self.timer = None
+        self.gave_up = False
+
+    def give_up(self):
+        self.gave_up = True
+        self.transport.abortConnection()
 
     def connectionMade(self):
         reactor = _reactor()
-        self.started = reactor.seconds()
+        self.started = reactor.seconds()  # its first byte is written now
         if self.prefix:
             self.transport.write(self.prefix)
         if self.interval:
@@ -302,15 +311,28 @@ class SlowClientProcessTests(ProcessesMixin, unittest.TestCase):
         self.assertNotIn("Traceback", log)
         self.assertNotIn("Unhandled", log)
 
+    async def cut_off(self, client: _Client) -> float:
+        """Until X closes ``client``'s connection (``CUT_OFF_BOUND`` at most, then the client gives
+        up and the test fails); seconds from its first byte to the close."""
+        timer = _reactor().callLater(CUT_OFF_BOUND, client.give_up)
+        try:
+            await client.lost
+        finally:
+            if timer.active():
+                timer.cancel()
+        self.assertFalse(client.gave_up, f"X did not close the connection within {CUT_OFF_BOUND} s")
+        return client.closed_at - client.started
+
     @inline
     async def test_headers_a_byte_at_a_time_are_cut_off(self):
         head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
                 + b"X-Pad: y\r\n" * 20)
         client = await self.connect(_Client(head + b"\r\n{}", interval=0.05))
-        await client.lost
-        took = client.closed_at - client.started
-        self.assertGreaterEqual(took, REQUEST_TIMEOUT - 0.1)
-        self.assertLess(took, REQUEST_TIMEOUT + 2, "a slow client was not cut off at request_timeout")
+        took = await self.cut_off(client)
+        # Cut by the request deadline: not before it (X's timer starts at a byte written after
+        # ``started``), and before the headers were whole (their last byte would come only
+        # after 13 s, and each byte restarts the 60 s idle timeout: nothing else cuts here).
+        self.assertGreaterEqual(took, REQUEST_TIMEOUT, "cut off before request_timeout")
         self.assertLess(client.sent, len(head), "the headers were not cut off")
         self.assertEqual(client.received, b"")
         await self.serves_a_circuit()
@@ -321,11 +343,9 @@ class SlowClientProcessTests(ProcessesMixin, unittest.TestCase):
         body = b'{"CID": "' + b"0" * 400 + b'"}'
         head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
         client = await self.connect(_Client(body, interval=0.05, prefix=head))
-        await client.lost
-        took = client.closed_at - client.started
-        self.assertGreaterEqual(took, REQUEST_TIMEOUT - 0.1)
-        self.assertLess(took, REQUEST_TIMEOUT + 2, "a slow body was not cut off at request_timeout")
-        self.assertLess(client.sent, len(body))
+        took = await self.cut_off(client)
+        self.assertGreaterEqual(took, REQUEST_TIMEOUT, "cut off before request_timeout")
+        self.assertLess(client.sent, len(body), "the body was not cut off")  # whole only after 20 s
         self.assertEqual(client.received, b"")
         self.assertNoTraceback()
 
@@ -344,20 +364,20 @@ class SlowClientProcessTests(ProcessesMixin, unittest.TestCase):
             return len(os.listdir(f"/proc/{pid}/fd")) >= IDLE_CONNECTIONS
 
         await poll_until(accepted, timeout=30, what=f"X to accept {IDLE_CONNECTIONS} connections")
-        started = _reactor().seconds()
         await self.serves_a_circuit()
-        self.assertLess(_reactor().seconds() - started, 10)
         self.assertTrue(all(c.transport.connected for c in clients), "idle connections under the idle timeout")
         self.assertNoTraceback()
 
     @inline
-    async def test_a_huge_announced_body_is_refused_at_once(self):
+    async def test_a_huge_announced_body_is_refused_before_it_is_sent(self):
         head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                 % 10 ** 12)
-        client = await self.connect(_Client(head))  # then sends nothing more, and keeps the connection
-        await client.lost
-        self.assertLess(client.closed_at - client.started, 1.0, "the 413 waited for the body")
+        client = await self.connect(_Client(prefix=head))  # then sends nothing more, and keeps the connection
+        await self.cut_off(client)
+        # Not a byte of the body was sent: a 413 (rather than the request deadline's silent
+        # cut-off) shows X answered from the announced length alone, without waiting for it.
         response = parse_response(client.received)
+        self.assertIsNotNone(response, f"X closed without answering: {client.received[:200]!r}")
         self.assertEqual(response.status, 413)
         self.assertEqual(orjson.loads(response.body)["error"], "too_large")
         await self.serves_a_circuit()

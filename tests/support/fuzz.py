@@ -386,3 +386,26 @@ def fired(d):
     if hasattr(results[0], "raiseException"):
         results[0].raiseException()
     return results[0]
+
+
+#: Headers that may differ between two answers to the same request: ``Date`` is the wall
+#: clock at the moment of answering (twisted.web's, not the member's clock), so two answers
+#: a second apart differ there and nowhere else.
+CLOCK_HEADERS = frozenset({b"date"})
+
+
+def answer_to_everyone(test, site, ips, raw, *, server, context) -> Response:
+    """``raw`` sent once from each of ``ips`` (each on its own connection); the answers must
+    be the same (status, headers but ``CLOCK_HEADERS``, body) whoever asked. The answer."""
+    answers = {}
+    for ip in ips:
+        with LoggedErrors() as errors:
+            response = exchange(site, ip, raw, server=server)
+        test.assertEqual(errors.events, [], f"{context!r} from {ip} was logged as an error:\n{errors.text()}")
+        test.assertIsNotNone(response, f"no answer to {context!r} from {ip}")
+        answers[ip] = response
+    first_ip, first = next(iter(answers.items()))
+    seen = lambda r: (r.status, {k: v for k, v in r.headers.items() if k not in CLOCK_HEADERS}, r.body)  # noqa: E731
+    for ip, response in answers.items():
+        test.assertEqual(seen(response), seen(first), f"{context!r}: {ip} got another answer than {first_ip}")
+    return first
