@@ -31,8 +31,14 @@ from zope.interface import implementer
 
 from . import wire
 from .errors import NextHopFailed, NextHopTimeout
+from .http_server import IDLE_TIMEOUT
 
 JSON_HEADERS = {b"Content-Type": [b"application/json"]}
+# A pooled connection left idle is closed by this side, 10 s before a member's
+# server would close it: a cell sent at the moment the neighbour closes an idle
+# connection fails (the pool never retries a cell), so the client must always
+# be the side that closes an idle connection.
+POOL_IDLE_TIMEOUT = IDLE_TIMEOUT - 10
 
 
 @implementer(IBodyProducer)
@@ -206,7 +212,7 @@ class HTTPOutbound:
         if agent is None:
             self.pool = QuietConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = max_per_host
-            self.pool.cachedConnectionTimeout = 240
+            self.pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
             self.pool.retryAutomatically = False  # a cell must not be delivered twice
             agent = Agent.usingEndpointFactory(reactor, BoundEndpointFactory(reactor, bind_ip, timeout), pool=self.pool)
         else:

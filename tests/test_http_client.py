@@ -18,10 +18,12 @@ from __future__ import annotations
 from twisted.internet import protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
+from twisted.web import resource
 from twisted.web.http_headers import Headers
 
 from onion_twisted import wire
 from onion_twisted.http_client import HTTPOutbound, keeps_connection
+from onion_twisted.http_server import QuietSite
 from tests.support.deferreds import current_reactor, inline
 
 CLOSE_AFTER = 0.2  # seconds between a closing neighbour's answer and its close
@@ -121,3 +123,14 @@ class PoolTests(unittest.TestCase):
         neighbour = await self.exchange(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n", closes=False)
         self.assertEqual(neighbour.connections, 1)
 
+
+
+class IdleTests(unittest.TestCase):
+    def test_the_pool_closes_an_idle_connection_before_a_member_would(self):
+        # A cell sent just as the neighbour closes an idle connection fails (no retries):
+        # the pool's idle time must end first, with a margin for a busy reactor.
+        reactor = current_reactor()
+        outbound = HTTPOutbound(reactor, bind_ip="127.0.0.1")
+        self.addCleanup(outbound.close)
+        site = QuietSite(resource.Resource(), reactor=reactor)
+        self.assertLessEqual(outbound.pool.cachedConnectionTimeout + 5, site.timeOut)
