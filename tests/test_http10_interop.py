@@ -139,7 +139,8 @@ class _Interop(ProcessesMixin, PeerApiMixin, unittest.TestCase):
                                  f"{self.project.tail()}")
         return await self.api_status(self.project.address, self.project.name)
 
-    async def project_sharing(self, sha: str) -> bool:
+    async def project_lists(self, sha: str) -> bool:
+        """The project peer's circuit is connected and its catalogue lists the file with ``sha``."""
         status = await self.project_status()
         return status["circuit"]["state"] == "connected" and any(
             f.get("name") == NAME and f.get("sha256") == sha and f.get("size") == SIZE for f in status["catalogue"])
@@ -181,7 +182,7 @@ class Http10InteropTests(_Interop):
     async def test_http10_peer_downloads_from_a_project_peer(self):
         _, sha = self.write_file("project")
         self.start_project_peer()  # default window (8): the sharer's normal pace
-        await poll_until(lambda: self.project_sharing(sha), timeout=READY_DEADLINE,
+        await poll_until(lambda: self.project_lists(sha), timeout=READY_DEADLINE,
                          what="the project peer connected and sharing")
         out = self.base / "http10" / "downloads"
         self.start_http10_peer("--download", NAME, "--sha256", sha, "--out", str(out),
@@ -205,7 +206,7 @@ class Http10InteropTests(_Interop):
         _, sha = self.write_file("http10")
         self.start_http10_peer("--share", str(self.base / "http10" / "share"))
         self.start_project_peer(chunk_size=CHUNK)
-        await poll_until(lambda: self.project_sharing(sha), timeout=READY_DEADLINE,
+        await poll_until(lambda: self.project_lists(sha), timeout=READY_DEADLINE,
                          what="the http.server peer's file in the project peer's catalogue")
         started = _reactor().seconds()
         await self.api_download(self.project.address, self.project.name, NAME, sha)
@@ -226,7 +227,7 @@ class Http10InteropTests(_Interop):
         _, sha = self.write_file("http10")
         self.start_http10_peer("--share", str(self.base / "http10" / "share"), "--stop-after", str(STOP_AFTER))
         self.start_project_peer(chunk_size=CHUNK, stall_timeout=STALL_TIMEOUT)
-        await poll_until(lambda: self.project_sharing(sha), timeout=READY_DEADLINE,
+        await poll_until(lambda: self.project_lists(sha), timeout=READY_DEADLINE,
                          what="the http.server peer's file in the project peer's catalogue")
         started = _reactor().seconds()
         await self.api_download(self.project.address, self.project.name, NAME, sha)
