@@ -1273,7 +1273,8 @@ class RelayFailureLogTests(BridgeTestCase):
         circuit = await self.peer.create(self.v)
         self.closing.add(self.w.own_address)
         await self.refused(NextHopFailed, self.peer.extend(circuit, self.w))
-        self.assertEqual(self.lines(), ["a circuit could not be extended to the next hop: next hop closed the connection"])
+        self.assertEqual(self.lines(),
+                         ["a circuit could not be extended to the next hop: next hop closed the connection"])
         self.assertSafe(self.lines())
 
     @inline
