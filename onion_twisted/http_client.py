@@ -31,8 +31,14 @@ from zope.interface import implementer
 
 from . import wire
 from .errors import NextHopFailed, NextHopTimeout
+from .http_server import IDLE_TIMEOUT
 
 JSON_HEADERS = {b"Content-Type": [b"application/json"]}
+# A pooled connection left idle is closed by this side, 10 s before a member's
+# server would close it: a cell sent at the moment the neighbour closes an idle
+# connection fails (the pool never retries a cell), so the client must always
+# be the side that closes an idle connection.
+POOL_IDLE_TIMEOUT = IDLE_TIMEOUT - 10
 
 
 @implementer(IBodyProducer)
@@ -120,8 +126,61 @@ class RelayHTTPClient(HTTPClient):
         return d.addCallback(_Response, self._cookiejar)
 
 
+def keeps_connection(version: tuple, connection_headers: Headers) -> bool:
+    """Whether a response leaves its connection open for the next request (RFC 9112 §9.3).
+
+    ``version`` is ``(b"HTTP", major, minor)``; ``connection_headers`` holds the
+    response's ``Connection`` header(s). ``close`` among the tokens ends the
+    connection; otherwise HTTP/1.1 and later persist, and HTTP/1.0 only with
+    ``keep-alive``. Tokens are case-insensitive and may share one header.
+    """
+    tokens = {token.strip().lower() for value in connection_headers.getRawHeaders(b"connection", ())
+              for token in value.split(b",")}
+    if b"close" in tokens:
+        return False
+    return tuple(version[1:3]) >= (1, 1) or b"keep-alive" in tokens
+
+
+# --- the one place that reads Twisted's private names ----------------------------------
+# Checked against Twisted 26.10.0: twisted/web/_newclient.py
+# (HTTP11ClientProtocol._finishResponse_WAITING, HTTP11ClientProtocol._parser,
+# HTTPClientParser.response and .connHeaders) and twisted/web/client.py
+# (_HTTP11ClientFactory, built by HTTPConnectionPool._newConnection with the
+# pool's quiescent callback).
+#
+# Why: HTTP11ClientProtocol hands its connection back to the pool (the
+# quiescent callback) after every response that does not say exactly
+# "Connection: close"; it never looks at the response's version. An HTTP/1.0
+# server (Python's http.server as it comes, a simple Flask-style peer)
+# answers without "Connection: close" and closes the connection right after.
+# Pooled anyway, that connection took the next cell a moment before its close
+# was seen, and with retries off (a cell must not be delivered twice) the cell
+# failed: 502 "next hop closed the connection", and a transfer to such a peer
+# stopped after a few chunks. Only a response that keeps its connection
+# (``keeps_connection``) goes back to the pool now; any other closes its own.
+
+def _response_keeps_connection(protocol) -> bool:
+    """``keeps_connection`` of the response ``protocol`` just finished reading."""
+    parser = getattr(protocol, "_parser", None)
+    response = getattr(parser, "response", None)
+    headers = getattr(parser, "connHeaders", None)
+    if response is None or headers is None:
+        return False  # not the Twisted this was checked against: a fresh connection is always safe
+    return keeps_connection(response.version, headers)
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # "Starting factory ..." lines would name the neighbour's endpoint
+
+    def __init__(self, quiescentCallback, metadata):
+        def back_to_pool(protocol):
+            if _response_keeps_connection(protocol):
+                quiescentCallback(protocol)
+            else:
+                protocol.transport.loseConnection()
+        super().__init__(back_to_pool, metadata)
+
+# --- end of the private names ---------------------------------------------------------
 
 
 class QuietConnectionPool(HTTPConnectionPool):
@@ -153,7 +212,7 @@ class HTTPOutbound:
         if agent is None:
             self.pool = QuietConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = max_per_host
-            self.pool.cachedConnectionTimeout = 240
+            self.pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
             self.pool.retryAutomatically = False  # a cell must not be delivered twice
             agent = Agent.usingEndpointFactory(reactor, BoundEndpointFactory(reactor, bind_ip, timeout), pool=self.pool)
         else:

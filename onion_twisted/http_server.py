@@ -26,6 +26,7 @@ from .errors import ProtocolError, TooLarge
 
 _SILENT = Logger(observer=lambda event: None)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+IDLE_TIMEOUT = 60.0  # seconds a member keeps an idle client connection open
 
 
 class _ReadOnlyEmpty(io.BytesIO):
@@ -152,7 +153,7 @@ class QuietSite(server.Site):
     noisy = False
     protocol = DeadlineChannel  # plain HTTP/1.1: no TLS here, so no HTTP/2 to negotiate
 
-    def __init__(self, resource, *, max_body: int = DEFAULT_MAX_BODY, reactor=None, timeout: float = 60,
+    def __init__(self, resource, *, max_body: int = DEFAULT_MAX_BODY, reactor=None, timeout: float = IDLE_TIMEOUT,
                  request_timeout: float = 60):
         # No form parsing: bodies are JSON, and parsing an 8 MiB urlencoded
         # body into request.args stalled the reactor for a second.

@@ -9,6 +9,7 @@ ProtocolError exceptions carrying their §3 status.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 from twisted.logger import Logger
@@ -149,8 +150,9 @@ class NodeRelay:
         if circuit.out_kind == NODE:
             sent = self.outbound.post(circuit.out_addr, cells.encode_cell(circuit.out_cid, plaintext))
             del plaintext
-            reply = await sent
-            return self._wrap_reply(circuit, reply, from_node=True)
+            with self._logging_failure("a forward cell could not be delivered to the next hop", circuit):
+                reply = await sent
+                return self._wrap_reply(circuit, reply, from_node=True)
         message, _ = wire.loads_with_base64(plaintext, _CHUNK_DATA, "message for the tracker")
         message.pop("data", None)
         if message.get("type") in _CHUNK_TYPES:
@@ -160,9 +162,10 @@ class NodeRelay:
                     sent = self.outbound.post(bridge.peer_addr, cell_with_raw_object(bridge.bridge_cid, plaintext))
                     del plaintext
                     reply = await sent
-                except ProtocolError:
+                except ProtocolError as e:
                     # The requester's side is gone, not this circuit: say so to
                     # the sharer (who stops this upload only) and drop the bridge.
+                    self._relay_failed("a chunk could not cross the bridge", e, circuit, bridge.peer_addr)
                     self.table.remove_bridge(bridge)
                     return self._wrap_reply(circuit, BRIDGE_GONE, from_node=False)
                 bridge.last_used = self.clock.seconds()
@@ -171,7 +174,8 @@ class NodeRelay:
                 return self._wrap_reply(circuit, reply, from_node=False)
         sent = self.outbound.post(circuit.out_addr, cell_with_raw_object(circuit.out_cid, plaintext))
         del plaintext
-        reply = await sent
+        with self._logging_failure("a message could not be delivered to the tracker", circuit):
+            reply = await sent
         self.table.touch(circuit)
         return self._wrap_reply(circuit, reply, from_node=False)
 
@@ -211,7 +215,8 @@ class NodeRelay:
                 kind = NODE
             out_ip = await self.resolve(extend.to)
             out_cid = wire.new_circuit_id()
-            reply = await self.outbound.post(extend.to, cells.encode_cell(out_cid, extend.relay))
+            with self._logging_failure("a circuit could not be extended to the next hop", circuit, extend.to):
+                reply = await self.outbound.post(extend.to, cells.encode_cell(out_cid, extend.relay))
             answer = self._wrap_reply(circuit, reply, from_node=kind == NODE)
             try:
                 self.table.attach(circuit, extend.to, out_ip, out_cid, kind)
@@ -274,7 +279,9 @@ class NodeRelay:
         self.metrics.relayed("backward", len(layer))
         sent = self.outbound.post(wire.Address(circuit.in_ip, self.port), cells.encode_cell(circuit.in_cid, layer))
         del layer
-        await sent
+        with self._logging_failure("a backward cell could not be delivered to the previous hop", circuit,
+                                   circuit.in_ip):
+            await sent
         return EMPTY
 
     # --- destroy (§9) ----------------------------------------------------------------
@@ -357,6 +364,43 @@ class NodeRelay:
         # one IP: directory nodes get a budget of their own, larger than a peer's.
         current = getattr(self.directory, "current", None)
         return current is not None and ip in current.node_ips
+
+    # --- relay failures in the log -----------------------------------------------------
+
+    _failures_logged: dict | None = None  # what -> [last logged at, how many since]
+
+    @contextlib.contextmanager
+    def _logging_failure(self, what: str, circuit: Circuit, neighbour=None):
+        """Log a ProtocolError raised inside (a next hop that failed) and let it go on."""
+        try:
+            yield
+        except ProtocolError as e:
+            self._relay_failed(what, e, circuit, neighbour)
+            raise
+
+    def _relay_failed(self, what: str, error: ProtocolError, circuit: Circuit, neighbour=None) -> None:
+        """Say what failed on the way, so a broken transfer is never silent.
+
+        Safe form: what failed and the error's detail (details never name an
+        address); the circuit id and the neighbour only with unsafe_logging.
+        At most one line a second per kind of failure, with the count of the
+        others, so a neighbour that fails every cell cannot flood the log.
+        """
+        logged = self._failures_logged
+        if logged is None:
+            logged = self._failures_logged = {}
+        now = self.clock.seconds()
+        last = logged.get(what)
+        if last is not None and now - last[0] < 1.0:
+            last[1] += 1
+            return
+        more = f" ({last[1]} more since the last such line)" if last is not None and last[1] else ""
+        logged[what] = [now, 0]
+        if self.unsafe_logging:
+            self.log.warn("{what}: {why}{more} (circuit {cid}, neighbour {neighbour})", what=what, why=error.detail,
+                          more=more, cid=circuit.in_cid, neighbour=str(neighbour or circuit.out_addr))
+        else:
+            self.log.warn("{what}: {why}{more}", what=what, why=error.detail, more=more)
 
     def _debug(self, fmt: str, **kw) -> None:
         # Safe logging: circuit ids, addresses and names only with the debug switch.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet import defer, task
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
 from onion_twisted import cells, control, crypto, wire
@@ -1227,3 +1228,118 @@ class NextHopTests(RelayTestCase):
         self.net.down.add(self.peer.address)
         await self.refused(NextHopFailed, self.net.from_tracker(self.z, circuit.tracker_cid, {"type": "ping"}))
         self.assertEqual(self.net.circuit_count(), 3)
+
+
+# --- relay failures in the node's log (issue 12) ---------------------------------------
+
+
+class RelayFailureLogTests(BridgeTestCase):
+    """A hop that fails is named in the node's log, in safe form: what failed and why,
+    never a circuit id nor an address (only with unsafe_logging).
+
+    ``closing`` holds addresses whose POSTs fail as HTTPOutbound says when a
+    neighbour closed the connection; other refusals are worded as HTTPOutbound
+    words them (the status, never the address, unlike this module's Network).
+    """
+
+    def setUp(self):
+        self.events: list[dict] = []
+        self.closing: set = set()
+        built = super().setUp()
+        for node in self.net.nodes:
+            node.log = Logger(namespace="onion_twisted.relay.NodeRelay", observer=self.events.append)
+        network_post = self.net.post
+
+        def post(sender_ip, address, body, headers=None, path="/"):
+            if address in self.closing:
+                return defer.fail(NextHopFailed("next hop closed the connection"))
+
+            def reworded(failure):
+                failure.trap(NextHopFailed)
+                raise NextHopFailed(f"next hop answered {self.net.refusals[-1][1]}")
+            return network_post(sender_ip, address, body, headers, path).addErrback(reworded)
+
+        self.net.post = post
+        return built
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.warn]
+
+    def assertSafe(self, lines):
+        secrets = {self.r.cid, self.s.cid, self.r.tracker_cid, self.s.tracker_cid, self.bridge_cid, "127.0.0."}
+        for node in self.net.nodes:
+            for circuit in node.table.by_in.values():
+                secrets |= {circuit.in_cid, circuit.out_cid}
+        for line in lines:
+            for secret in secrets - {None}:
+                self.assertNotIn(secret, line)
+
+    @inline
+    async def test_a_backward_cell_the_peer_does_not_take_is_logged_at_each_hop(self):
+        self.closing.add(self.requester.address)
+        reply = await self.sharer.request(self.s, self.chunk())
+        self.assertEqual(reply["error"], "bridge_gone")
+        lines = self.lines()
+        self.assertEqual(lines, [
+            "a backward cell could not be delivered to the previous hop: next hop closed the connection",  # X
+            "a backward cell could not be delivered to the previous hop: next hop answered 502",           # Y
+            "a backward cell could not be delivered to the previous hop: next hop answered 502",           # Z
+            "a chunk could not cross the bridge: next hop answered 502",                                   # W
+        ])
+        self.assertSafe(lines)
+
+    @inline
+    async def test_a_chunk_the_other_exit_does_not_take_is_logged(self):
+        self.closing.add(self.z.own_address)
+        reply = await self.sharer.request(self.s, self.chunk())
+        self.assertEqual(reply["error"], "bridge_gone")
+        self.assertEqual(self.lines(), ["a chunk could not cross the bridge: next hop closed the connection"])
+        self.assertSafe(self.lines())
+
+    @inline
+    async def test_forward_and_tracker_failures_are_logged(self):
+        self.closing.add(TRACKER)
+        await self.refused(NextHopFailed, self.sharer.request(self.s, {"type": "list"}))
+        self.assertEqual(self.lines(), [
+            "a message could not be delivered to the tracker: next hop closed the connection",   # W
+            "a forward cell could not be delivered to the next hop: next hop answered 502",      # X
+            "a forward cell could not be delivered to the next hop: next hop answered 502",      # Y
+        ])
+        self.assertSafe(self.lines())
+
+    @inline
+    async def test_an_extend_that_fails_is_logged(self):
+        circuit = await self.peer.create(self.v)
+        self.closing.add(self.w.own_address)
+        await self.refused(NextHopFailed, self.peer.extend(circuit, self.w))
+        self.assertEqual(self.lines(),
+                         ["a circuit could not be extended to the next hop: next hop closed the connection"])
+        self.assertSafe(self.lines())
+
+    @inline
+    async def test_one_line_a_second_per_kind_with_the_count_of_the_others(self):
+        self.closing.add(self.z.own_address)
+        for i in range(5):  # each fails and drops the bridge: made again for the next
+            bridge_cid = wire.new_circuit_id()
+            await self.bridge(self.r, self.s, bridge_cid, f"t{i}")
+            await self.sharer.request(self.s, self.chunk(transfer=f"t{i}"))
+        self.assertEqual(len(self.lines()), 1)
+        self.net.clock.advance(1)
+        await self.bridge(self.r, self.s, wire.new_circuit_id(), "t5")
+        await self.sharer.request(self.s, self.chunk(transfer="t5"))
+        self.assertEqual(self.lines()[1], "a chunk could not cross the bridge: next hop closed the connection"
+                                          " (4 more since the last such line)")
+
+    @inline
+    async def test_unsafe_logging_names_the_circuit(self):
+        self.w.unsafe_logging = True
+        self.closing.add(self.z.own_address)
+        await self.sharer.request(self.s, self.chunk())
+        (line,) = self.lines()
+        self.assertIn("a chunk could not cross the bridge: next hop closed the connection", line)
+        self.assertIn(self.circuit_at(self.w, self.w_in_cid()).in_cid, line)
+        self.assertIn(str(self.z.own_address), line)
+
+    def w_in_cid(self) -> str:
+        (cid,) = [c.in_cid for c in self.w.table.by_in.values() if c.out_kind == EXIT]
+        return cid
