@@ -9,6 +9,7 @@ configuration in memory.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,19 @@ class ConfigError(ValueError):
     pass
 
 
+class Refused(SystemExit):
+    """A configuration a member must not start with, as twistd's last word.
+
+    Raised from ``Options.postOptions`` instead of a ``UsageError``, for which
+    twistd prints its whole usage text (some fifty lines) before the one line
+    that matters. A ``SystemExit`` carrying a string is printed by Python to
+    stderr as that line alone, with exit status 1 and no traceback.
+    """
+
+    def __init__(self, role: str, message: str):
+        super().__init__(f"onion{role}: {message}")
+
+
 def parse(role: str, toml_text: str = "", overrides: dict | None = None) -> dict:
     """The full configuration of ``role``: defaults, then the TOML text, then overrides."""
     keys = {k.name: k for k in ROLES[role]}
@@ -109,6 +123,35 @@ def parse(role: str, toml_text: str = "", overrides: dict | None = None) -> dict
                 raise ConfigError(f"unknown configuration key {name!r} for a {role}")
             values[name] = _coerce(keys[name], value)
     return values
+
+
+def check_start(role: str, cfg: dict) -> None:
+    """What ``parse`` cannot see key by key, checked before a member starts (ConfigError).
+
+    A node or peer whose ``tracker`` is its own address would send its
+    registration and its circuits' exits to itself and log "next hop
+    answered 405" forever: the shipped defaults (both 127.0.0.1:5000) are
+    placeholders that collide, so it refuses to start instead.
+    """
+    from . import wire
+    from .errors import ProtocolError
+
+    try:
+        own = wire.parse_address(cfg["listen"], cfg["port"], field="listen")
+        tracker = wire.parse_address(cfg["tracker"], cfg["port"], field="tracker") if "tracker" in cfg else None
+    except ProtocolError as e:
+        raise ConfigError(e.detail) from None
+    if tracker is not None and tracker == own:
+        raise ConfigError(
+            f"tracker {tracker} is this {role}'s own address (listen {cfg['listen']}, port {cfg['port']}): "
+            f"give the network's tracker with --tracker HOST (and this {role} its own IP with --listen)")
+    for name, value in cfg.items():
+        if name.endswith("_allow"):
+            for entry in value:
+                try:
+                    ipaddress.ip_network(entry.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(f"{name}: {entry!r} is not an IP address or network") from None
 
 
 def _coerce(key: Key, value):
@@ -157,7 +200,7 @@ def options_for(role: str, description: str) -> type[usage.Options]:
                     with open(self["config"], encoding="utf-8") as f:
                         text = f.read()
                 except OSError as e:
-                    raise usage.UsageError(f"cannot read {self['config']}: {e.strerror}")
+                    raise Refused(role, f"cannot read {self['config']}: {e.strerror}") from None
             overrides = {}
             for k in keys:
                 value = self[k.option]
@@ -168,8 +211,9 @@ def options_for(role: str, description: str) -> type[usage.Options]:
                     overrides[k.name] = value
             try:
                 self.config = parse(role, text, overrides)
+                check_start(role, self.config)
             except ConfigError as e:
-                raise usage.UsageError(str(e))
+                raise Refused(role, str(e)) from None
 
     Options.__name__ = f"{role.capitalize()}Options"
     return Options
