@@ -54,6 +54,8 @@ NODE = COMMON + [
     Key("create_burst", int, 200, "burst of new circuits allowed from one source IP", 1),
     Key("register_interval", float, 30.0, "seconds between registrations at the tracker", 1),
     Key("control_max_skew", float, 60.0, "control messages issued further than this from our clock are refused", 1),
+    Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
+        "addresses or networks allowed to see the status page and /metrics (live byte counts)"),
 ]
 
 TRACKER = COMMON + [
@@ -67,6 +69,8 @@ TRACKER = COMMON + [
     Key("listing_refresh", float, 1.0, "a large catalogue's reply is rebuilt at most this often, seconds", 0),
     Key("max_pending", int, 10_000, "most requests being bridged at once", 1),
     Key("max_nodes", int, 10_000, "most nodes in the directory", 1),
+    Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
+        "addresses or networks allowed to see the network page and /metrics"),
 ]
 
 PEER = COMMON + [

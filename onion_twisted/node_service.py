@@ -51,7 +51,7 @@ class NodeService(MemberService):
             limiter=RateLimiter(self.reactor, cfg["create_rate"], cfg["create_burst"]),
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
             unsafe_logging=cfg["unsafe_logging"])
-        self.app = NodeApp(self.relay, self.directory)
+        self.app = NodeApp(self.relay, self.directory, metrics_allow=cfg["metrics_allow"])
         self.listen(self.app.resource())
         self._retry = None          # the registration retry, while one is due
         self._retry_delay = 1.0

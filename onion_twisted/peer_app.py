@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from . import PROTOCOL, wire
 from .errors import BadRequest, ProtocolError
-from .http_server import CellRoute, respond, write_json
+from .http_server import CellRoute, ip_allowed, parse_allow, respond, write_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {
@@ -53,27 +53,6 @@ PAGE_CSP = (b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-anc
 FILE_CSP = b"default-src 'none'; sandbox"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _log = Logger(namespace="onion_twisted.peer_app")
-
-
-def parse_allow(entries) -> list:
-    """``ui_allow`` as networks: a bare address is a /32 or /128; ValueError for a bad entry."""
-    networks = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"ui_allow: {entry!r} is not an IP address or network") from None
-    return networks
-
-
-def ip_allowed(host, networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
-    except ValueError:
-        return False  # not an IP client (a UNIX socket, say): never the user's page
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in networks)
 
 
 def _host_of(authority: str) -> str:

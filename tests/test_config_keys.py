@@ -84,13 +84,17 @@ class ConfigTests(SynchronousTestCase):
         self.assertRaises(config.ConfigError, config.check_start, "node", config.parse("node"))
         config.check_start("node", config.parse("node", "", {"tracker": "127.0.0.10"}))
         config.check_start("tracker", config.parse("tracker"))  # the tracker has no tracker key
-        e = self.assertRaises(config.ConfigError, config.check_start, "peer",
-                              config.parse("peer", "", {"tracker": "127.0.0.10", "ui_allow": "10.0.0.0/8,nope"}))
-        self.assertEqual(str(e), "ui_allow: 'nope' is not an IP address or network")
+        e = self.assertRaises(config.ConfigError, config.check_start, "node",
+                              config.parse("node", "", {"tracker": "127.0.0.10", "metrics_allow": "10.0.0.0/8,nope"}))
+        self.assertEqual(str(e), "metrics_allow: 'nope' is not an IP address or network")
         e = self.assertRaises(config.ConfigError, config.check_start, "peer",
                               config.parse("peer", "", {"tracker": "127.0.0.10", "listen": "300.1.1.1"}))
         self.assertIn("listen", str(e))
 
+    def test_new_keys_and_their_defaults(self):
+        self.assertEqual(config.parse("node")["metrics_allow"], ["127.0.0.0/8", "::1"])
+        self.assertEqual(config.parse("tracker")["metrics_allow"], ["127.0.0.0/8", "::1"])
+        self.assertNotIn("metrics_allow", config.parse("peer"))  # the peer's page is behind ui_allow
 
     def test_shipped_examples_list_every_key_with_its_default(self):
         here = os.path.dirname(os.path.abspath(__file__))
