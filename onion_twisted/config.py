@@ -74,6 +74,7 @@ TRACKER = COMMON + [
 ]
 
 PEER = COMMON + [
+    Key("name", str, "", "a name for this peer, shown with its address in its page's title and heading"),
     Key("data_dir", str, "run/peer", "directory for the peer's state: hash cache, saved directory"),
     Key("tracker", str, "127.0.0.1:5000", "the network's tracker, HOST or HOST:PORT"),
     Key("tracker_key", str, "", "tracker's Ed25519 public key, base64; empty: trust /identity on first contact"),

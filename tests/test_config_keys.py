@@ -94,6 +94,8 @@ class ConfigTests(SynchronousTestCase):
     def test_new_keys_and_their_defaults(self):
         self.assertEqual(config.parse("node")["metrics_allow"], ["127.0.0.0/8", "::1"])
         self.assertEqual(config.parse("tracker")["metrics_allow"], ["127.0.0.0/8", "::1"])
+        self.assertEqual(config.parse("peer")["name"], "")
+        self.assertEqual(config.parse("peer", 'name = "alice"\n')["name"], "alice")
         self.assertNotIn("metrics_allow", config.parse("peer"))  # the peer's page is behind ui_allow
 
     def test_shipped_examples_list_every_key_with_its_default(self):
