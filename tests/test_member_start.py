@@ -38,7 +38,9 @@ class RefusedConfigurationTests(ProcessesMixin, unittest.TestCase):
         base = Path(self.mktemp()).resolve()
         base.mkdir(parents=True)
         err = base / "stderr"
-        argv = ["bash", "-c", '"$@" 2>"$0"', str(err), *TWISTD, "-n", "--pidfile=", *args]
+        # exec: twistd takes bash's place, so the harness's signals (and its kill when the
+        # test process dies) reach twistd itself, not a shell that would leave it running.
+        argv = ["bash", "-c", 'exec "$@" 2>"$0"', str(err), *TWISTD, "-n", "--pidfile=", *args]
         member = self._started(Member(f"twistd {args[0]}", wire.Address(self.ip(TRACKER_HOST), PORT), base, argv,
                                       base / "none.log", cwd=REPO))
         code = await member.wait_exit(EXIT_DEADLINE)
