@@ -5,8 +5,17 @@
 asks a running peer (its JSON API, ``POST /api/downloads`` then
 ``GET /api/status`` every half second) to download NAME, draws a progress bar
 on stderr, and prints the finished file's URL on stdout. Exit status: 0 once
-the file is verified, 1 when the download failed (or did not finish within
-``--timeout``), 2 on a usage error, a refused request or an unreachable peer.
+the file is verified; 1 when the peer refused the request, nobody shares the
+name, the download failed, or it did not finish within ``--timeout``; 2 only
+when no peer can be used at ``--peer`` (it does not answer, or what answers
+is not a peer), or for a wrong command line (argparse's convention).
+
+    python -m onion_twisted tracker-key [DATA_DIR]
+
+prints the base64 public key of the tracker whose ``data_dir`` is DATA_DIR
+(default ``run/tracker``), making the key first if the tracker has not run
+yet: the value nodes and peers pin with ``--tracker-key``. It needs the
+package's ``cryptography`` (the project's ``.venv``).
 
 Standard library only: it runs wherever Python does, without Twisted.
 The members themselves run under ``twistd`` (``twistd onionpeer`` …).
@@ -21,13 +30,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
-DEFAULT_PEER = "http://127.0.0.1:5000"
+NETWORK_PORT = 5000
+DEFAULT_PEER = f"http://127.0.0.1:{NETWORK_PORT}"
 POLL_INTERVAL = 0.5
 UNREACHABLE_GRACE = 5.0     # seconds of failed polls before giving up on the peer
 BAR_WIDTH = 30
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NO_PEER = 2            # nothing usable at --peer: the only reason besides a bad command line
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -113,11 +124,18 @@ def parser() -> argparse.ArgumentParser:
         description="Talk to a running onion_twisted peer. (The members themselves run under twistd: "
                     "twistd onionpeer, twistd onionnode, twistd oniontracker.)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    key = sub.add_parser(
+        "tracker-key", help="print the tracker's public key (for --tracker-key), making it if needed",
+        description="Print the base64 Ed25519 public key of the tracker whose data_dir is DATA_DIR, making "
+                    "the key (mode 0600) if that tracker has not run yet; the tracker loads the same key "
+                    "when it starts. Nodes and peers pin it with --tracker-key.")
+    key.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default="run/tracker",
+                     help="the tracker's data_dir (default: run/tracker, as in conf/tracker.toml)")
     get = sub.add_parser(
         "get", help="ask a running peer to download a file and wait until it is verified",
         description="Ask a running peer to download NAME, show its progress, and exit 0 once the file is "
-                    "verified (1 if the download fails, 2 if the peer cannot be used). The finished "
-                    "file's URL is printed on stdout.")
+                    "verified (1 if the peer refuses, nobody shares NAME or the download fails; 2 only if "
+                    "no peer answers at --peer). The finished file's URL is printed on stdout.")
     get.add_argument("name", metavar="NAME", help="the file's name, as in the catalogue")
     get.add_argument("--peer", default=DEFAULT_PEER, metavar="URL",
                      help=f"the peer's page, where its API answers (default: {DEFAULT_PEER})")
@@ -128,10 +146,50 @@ def parser() -> argparse.ArgumentParser:
 
 
 def normalise_peer(url: str) -> str:
+    """``HOST``, ``HOST:PORT`` or a URL as the peer's base URL; a bare host means the
+    network's port (5000), as addresses do everywhere else, not HTTP's 80."""
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a port: left for the request to fail on, with its reason
+        return url
+    if port is None and parts.hostname and parts.scheme == "http":
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        url = urlunsplit(parts._replace(netloc=f"{host}:{NETWORK_PORT}"))
     return url
+
+
+def what_answers(base: str, fetch) -> str | None:
+    """None when a peer answers at ``base`` (its ``/identity`` says so), else what does instead."""
+    try:
+        status, identity = fetch("GET", base + "/identity", None)
+    except Unreachable:
+        status, identity = None, {}
+    role = identity.get("role") if status == 200 else None
+    if role == "peer":
+        return None
+    if role in ("node", "tracker"):
+        return f"it is an onion_twisted {role}"
+    return "it has no /identity, so it is no onion_twisted member"
+
+
+def tracker_key(data_dir: str, out, err) -> int:
+    """Print the public key of the tracker at ``data_dir``, made first if it is not there."""
+    try:
+        from . import crypto, keys
+    except ImportError as e:  # the command line itself runs without the package's dependencies
+        print(f"error: tracker-key needs the package installed with its dependencies (.venv): {e}", file=err)
+        return EXIT_USAGE
+    try:
+        key = keys.load_or_create_tracker_key(data_dir)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read or make the tracker key in {data_dir}: {e}", file=err)
+        return EXIT_FAILED
+    print(crypto.tracker_public_b64(key), file=out)
+    return EXIT_DONE
 
 
 def get(name: str, peer: str, sha256: str | None, timeout: float | None, *, fetch, sleep, clock,
@@ -144,11 +202,16 @@ def get(name: str, peer: str, sha256: str | None, timeout: float | None, *, fetc
         status, answer = fetch("POST", base + "/api/downloads", request)
     except Unreachable as e:
         print(f"error: the peer at {base} does not answer: {e}", file=err)
-        return EXIT_USAGE
+        return EXIT_NO_PEER
     if status != 202:
+        not_a_peer = what_answers(base, fetch)
+        if not_a_peer is not None:
+            print(f"error: {base} is not a peer ({not_a_peer}): give --peer the address of a peer's page",
+                  file=err)
+            return EXIT_NO_PEER
         detail = answer.get("detail") or answer.get("error") or "no detail"
         print(f"error: the peer refused the download ({status}): {detail}", file=err)
-        return EXIT_USAGE
+        return EXIT_FAILED
     bar = Bar(err)
     started = clock()
     last_answer = started
@@ -189,7 +252,7 @@ def get(name: str, peer: str, sha256: str | None, timeout: float | None, *, fetc
             bar.end()
             detail = answer.get("detail") or answer.get("error") or "no detail"
             print(f"error: the peer answered {status}: {detail}", file=err)
-            return EXIT_USAGE
+            return EXIT_FAILED
         downloads = answer.get("downloads")
         found = [x for x in downloads if isinstance(x, dict) and x.get("file") == name] \
             if isinstance(downloads, list) else []
@@ -211,6 +274,8 @@ def main(argv=None, *, fetch=http_fetch, sleep=time.sleep, clock=time.monotonic,
     if args.command is None:
         p.print_help(err)
         return EXIT_USAGE
+    if args.command == "tracker-key":
+        return tracker_key(args.data_dir, out, err)
     if args.sha256 is not None and not _SHA256.fullmatch(args.sha256):
         print("error: --sha256 must be 64 hexadecimal digits", file=err)
         return EXIT_USAGE

@@ -9,6 +9,7 @@ configuration in memory.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,8 @@ NODE = COMMON + [
     Key("create_work_burst", int, 1000, "burst of RSA decryptions this node does in all", 1),
     Key("register_interval", float, 30.0, "seconds between registrations at the tracker", 1),
     Key("control_max_skew", float, 60.0, "control messages issued further than this from our clock are refused", 1),
+    Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
+        "addresses or networks allowed to see the status page and /metrics (live byte counts)"),
 ]
 
 TRACKER = COMMON + [
@@ -72,9 +75,12 @@ TRACKER = COMMON + [
     Key("listing_refresh", float, 1.0, "a large catalogue's reply is rebuilt at most this often, seconds", 0),
     Key("max_pending", int, 10_000, "most requests being bridged at once", 1),
     Key("max_nodes", int, 10_000, "most nodes in the directory", 1),
+    Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
+        "addresses or networks allowed to see the network page and /metrics"),
 ]
 
 PEER = COMMON + [
+    Key("name", str, "", "a name for this peer, shown with its address in its page's title and heading"),
     Key("data_dir", str, "run/peer", "directory for the peer's state: hash cache, saved directory"),
     Key("tracker", str, "127.0.0.1:5000", "the network's tracker, HOST or HOST:PORT"),
     Key("tracker_key", str, "", "tracker's Ed25519 public key, base64; empty: trust /identity on first contact"),
@@ -100,6 +106,19 @@ class ConfigError(ValueError):
     pass
 
 
+class Refused(SystemExit):
+    """A configuration a member must not start with, as twistd's last word.
+
+    Raised from ``Options.postOptions`` instead of a ``UsageError``, for which
+    twistd prints its whole usage text (some fifty lines) before the one line
+    that matters. A ``SystemExit`` carrying a string is printed by Python to
+    stderr as that line alone, with exit status 1 and no traceback.
+    """
+
+    def __init__(self, role: str, message: str):
+        super().__init__(f"onion{role}: {message}")
+
+
 def parse(role: str, toml_text: str = "", overrides: dict | None = None) -> dict:
     """The full configuration of ``role``: defaults, then the TOML text, then overrides."""
     keys = {k.name: k for k in ROLES[role]}
@@ -115,6 +134,35 @@ def parse(role: str, toml_text: str = "", overrides: dict | None = None) -> dict
                 raise ConfigError(f"unknown configuration key {name!r} for a {role}")
             values[name] = _coerce(keys[name], value)
     return values
+
+
+def check_start(role: str, cfg: dict) -> None:
+    """What ``parse`` cannot see key by key, checked before a member starts (ConfigError).
+
+    A node or peer whose ``tracker`` is its own address would send its
+    registration and its circuits' exits to itself and log "next hop
+    answered 405" forever: the shipped defaults (both 127.0.0.1:5000) are
+    placeholders that collide, so it refuses to start instead.
+    """
+    from . import wire
+    from .errors import ProtocolError
+
+    try:
+        own = wire.parse_address(cfg["listen"], cfg["port"], field="listen")
+        tracker = wire.parse_address(cfg["tracker"], cfg["port"], field="tracker") if "tracker" in cfg else None
+    except ProtocolError as e:
+        raise ConfigError(e.detail) from None
+    if tracker is not None and tracker == own:
+        raise ConfigError(
+            f"tracker {tracker} is this {role}'s own address (listen {cfg['listen']}, port {cfg['port']}): "
+            f"give the network's tracker with --tracker HOST (and this {role} its own IP with --listen)")
+    for name, value in cfg.items():
+        if name.endswith("_allow"):
+            for entry in value:
+                try:
+                    ipaddress.ip_network(entry.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(f"{name}: {entry!r} is not an IP address or network") from None
 
 
 def _coerce(key: Key, value):
@@ -163,7 +211,7 @@ def options_for(role: str, description: str) -> type[usage.Options]:
                     with open(self["config"], encoding="utf-8") as f:
                         text = f.read()
                 except OSError as e:
-                    raise usage.UsageError(f"cannot read {self['config']}: {e.strerror}")
+                    raise Refused(role, f"cannot read {self['config']}: {e.strerror}") from None
             overrides = {}
             for k in keys:
                 value = self[k.option]
@@ -174,8 +222,9 @@ def options_for(role: str, description: str) -> type[usage.Options]:
                     overrides[k.name] = value
             try:
                 self.config = parse(role, text, overrides)
+                check_start(role, self.config)
             except ConfigError as e:
-                raise usage.UsageError(str(e))
+                raise Refused(role, str(e)) from None
 
     Options.__name__ = f"{role.capitalize()}Options"
     return Options

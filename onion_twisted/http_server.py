@@ -6,6 +6,8 @@
   passes the limit, without reading it whole.
 * ``QuietSite`` writes no access log and silences the channel's own
   messages, which carry client addresses (safe logging).
+* ``AllowList``: who may see a member's own views (the peer's page and API,
+  ``ui_allow``; a node's or the tracker's page and metrics, ``metrics_allow``).
 * ``DeadlineChannel``: a request (line, headers, body) must arrive whole
   within ``request_timeout`` seconds of its first byte, or the connection is
   closed. The idle timeout starts again with every byte, so on its own it
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
@@ -243,3 +246,42 @@ def respond(request, coroutine) -> defer.Deferred:
 
     d.addCallbacks(lambda answer: write_json(request, 200, answer), failed)
     return d
+
+
+# --- who may see a member's own views ---------------------------------------------------
+
+def parse_allow(entries, key: str = "ui_allow") -> list:
+    """An allow-list key as networks: a bare address is a /32 or /128; ValueError for a bad entry."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{key}: {entry!r} is not an IP address or network") from None
+    return networks
+
+
+def ip_allowed(host, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return False  # not an IP client (a UNIX socket, say): never an allowed one
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+class AllowList:
+    """The client addresses allowed to see a view; others get 403 ``forbidden``."""
+
+    def __init__(self, entries, key: str):
+        self.key = key
+        self.networks = parse_allow(entries, key)
+
+    def refusal(self, request) -> bytes | None:
+        """None when the client may see the view, else the 403 answer (written)."""
+        if ip_allowed(request.getClientAddress().host, self.networks):
+            return None
+        request.setHeader(b"Cache-Control", b"no-store")
+        return write_json(request, 403, wire.dumps({
+            "error": "forbidden", "detail": f"this address may not see this view ({self.key})"}))

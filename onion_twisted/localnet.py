@@ -138,7 +138,7 @@ class LocalNetwork:
 
         self._wait(all_nodes_listed, deadline, "the directory did not list every node")
         for name, ip in self.peer_ips.items():
-            self._spawn(name, "peer", ip, common + ["--data-dir", "data", "--share", "share",
+            self._spawn(name, "peer", ip, common + ["--name", name, "--data-dir", "data", "--share", "share",
                                                     "--downloads", "downloads", "--rescan-interval", "1",
                                                     "--refresh-interval", "5"])
         for name, ip in self.peer_ips.items():

@@ -115,11 +115,15 @@ class TrackerMetrics(MemberMetrics):
     """What the tracker counts: never an address, a CID or a file name."""
 
     MESSAGE_TYPES = ("ls", "list", "request", "file_chunk", "transfer_end")
+    # The error names the tracker answers a message with (catalogue.MessageError); a
+    # fixed set, so a hostile exit cannot grow the metrics with names of its own.
+    REFUSALS = ("not_found", "no_source", "busy", "source_failed", "too_many_files", "no_bridge", "bad_request")
 
     def __init__(self, clock):
         super().__init__(clock)
         self.messages = Counter()   # message type (known types only) -> count
         self.requests = Counter()   # outcome -> count
+        self.refusals = Counter()   # error name (known names only) -> count
 
     def message(self, kind) -> None:
         self.messages[kind if kind in self.MESSAGE_TYPES else "other"] += 1
@@ -127,16 +131,26 @@ class TrackerMetrics(MemberMetrics):
     def request(self, outcome: str) -> None:
         self.requests[outcome] += 1
 
+    def refused(self, reason) -> None:
+        """A message answered ``{"type": "error", "error": reason}``."""
+        self.refusals[reason if reason in self.REFUSALS else "other"] += 1
+
     def prometheus(self, *, nodes: int, circuits: int, entries: int, transfers: int) -> str:
         out = PrometheusText()
         out.family("onion_tracker_nodes", "gauge", "Nodes in the directory.", nodes)
         out.family("onion_tracker_circuits", "gauge", "Circuits known to the tracker.", circuits)
         out.family("onion_tracker_catalogue_entries", "gauge", "Distinct (name, sha256) entries.", entries)
-        out.family("onion_tracker_transfers", "gauge", "Transfers under way (estimated).", transfers)
+        out.family("onion_tracker_transfers", "gauge",
+                   "Transfers under way, estimated: bridged ones not yet past their size at 1 MiB/s plus "
+                   "60 s (the tracker never sees a transfer end).", transfers)
         out.family("onion_tracker_messages_total", "counter", "Messages from circuits, by type.",
                    [("type", kind, self.messages[kind]) for kind in (*self.MESSAGE_TYPES, "other")])
         out.family("onion_tracker_requests_total", "counter", "File requests, by outcome.",
                    [("outcome", o, self.requests[o]) for o in ("bridged", "failed")])
+        out.family("onion_tracker_refused_total", "counter",
+                   "Messages from circuits answered with an error, by reason (a refused request: "
+                   "not_found, no_source, busy ...).",
+                   [("reason", r, self.refusals[r]) for r in (*self.REFUSALS, "other")])
         self._errors_family(out, "onion_tracker")
         out.family("onion_tracker_uptime_seconds", "gauge", "Seconds since the tracker started.",
                    f"{self.uptime():.0f}")

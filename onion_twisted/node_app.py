@@ -3,6 +3,11 @@
 Routes: ``POST /`` (cells), ``GET /`` (status page), ``GET /identity``,
 ``GET /nodes`` (the tracker's signed directory, byte for byte),
 ``GET /metrics`` (Prometheus text).
+
+The status page and ``/metrics`` answer only ``metrics_allow`` (default
+loopback): their byte and cell counters, read once a second, show when a
+transfer crosses this node and how big it is, enough to follow it hop by
+hop. Every other client gets 403, as strangers do at the peer's API.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ from klein import Klein
 from . import PROTOCOL, __version__, crypto, wire
 from .directory_client import SIGNATURE_HEADER
 from .errors import Unavailable
-from .http_server import CellRoute, EMPTY_CONTENT, respond, write_error, write_json
+from .http_server import AllowList, CellRoute, EMPTY_CONTENT, respond, write_error, write_json
 from .relay import NodeRelay
 
 
 class NodeApp:
     app = Klein()
 
-    def __init__(self, relay: NodeRelay, directory):
+    def __init__(self, relay: NodeRelay, directory, metrics_allow=("127.0.0.0/8", "::1")):
         self.relay = relay
         self.directory = directory
+        self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
         key = relay.private_key.public_key()
         self.identity = wire.dumps({
             "role": "node",
@@ -59,12 +65,18 @@ class NodeApp:
 
     @app.route("/metrics", methods=["GET"])
     def get_metrics(self, request):
+        refused = self.metrics_allow.refusal(request)
+        if refused is not None:
+            return refused
         table = self.relay.table
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.relay.metrics.prometheus(len(table), table.bridge_count).encode("utf-8")
 
     @app.route("/", methods=["GET"])
     def get_status_page(self, request):
+        refused = self.metrics_allow.refusal(request)
+        if refused is not None:
+            return refused
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         return render_status(self).encode("utf-8")
 

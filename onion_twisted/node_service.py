@@ -23,6 +23,11 @@ from .ratelimit import RateLimiter
 from .relay import NodeRelay
 
 Options = config.options_for("node", "an onion relay node")
+# Seconds after start at which a node fetches the directory again, within its first period: a
+# network started all at once (the README's) would otherwise leave the first nodes mirroring a
+# directory that lists only the nodes registered before them, and peers asking them would see
+# too few nodes for a circuit until the next period.
+STARTUP_FETCHES = (1.0, 2.0, 4.0, 8.0, 16.0)
 log = Logger(namespace="onion_twisted.node")
 
 
@@ -48,23 +53,45 @@ class NodeService(MemberService):
             work_limiter=RateLimiter(self.reactor, cfg["create_work_rate"], cfg["create_work_burst"], max_keys=1),
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
             unsafe_logging=cfg["unsafe_logging"])
-        self.app = NodeApp(self.relay, self.directory)
+        self.app = NodeApp(self.relay, self.directory, metrics_allow=cfg["metrics_allow"])
         self.listen(self.app.resource())
+        self._retry = None          # the registration retry, while one is due
+        self._retry_delay = 1.0
+        self._startup_fetches = []
         self.every(cfg["register_interval"], self.register)
         self.every(min(30.0, cfg["circuit_idle_timeout"] / 4), self.expire)
 
     def register(self) -> defer.Deferred:
-        """Register at the tracker, then refresh the directory (start and every period)."""
+        """Register at the tracker, then refresh the directory (start and every period).
+
+        A failed registration is tried again after 1 s, 2 s, 4 s ... up to the
+        period: a node started beside its tracker (the README's network, a
+        reboot) would otherwise wait a whole ``register_interval`` to join.
+        """
         async def go():
             try:
                 await self.directory.register(self.address, crypto.public_key_pem(self.key))
+                self._retry_delay = 1.0
             except Exception as e:
                 log.warn("registration at the tracker failed: {why}", why=getattr(e, "detail", repr(e)))
+                self._register_again()
+            await self.fetch_directory()
+        return defer.ensureDeferred(go())
+
+    def fetch_directory(self) -> defer.Deferred:
+        async def go():
             try:
                 await self.directory.fetch()
             except Exception as e:
                 log.warn("directory fetch failed: {why}", why=getattr(e, "detail", repr(e)))
         return defer.ensureDeferred(go())
+
+    def _register_again(self) -> None:
+        if not self.running or (self._retry is not None and self._retry.active()):
+            return
+        delay = min(self._retry_delay, self.cfg["register_interval"])
+        self._retry_delay = delay * 2
+        self._retry = self.reactor.callLater(delay, self.register)
 
     def expire(self) -> None:
         for circuit in self.table.expire():
@@ -74,8 +101,13 @@ class NodeService(MemberService):
         log.info("onion node {fp} listening on port {port}", fp=crypto.fingerprint(self.key),
                  port=self.cfg["port"])
         super().startService()
+        self._startup_fetches = [self.reactor.callLater(delay, self.fetch_directory)
+                                 for delay in STARTUP_FETCHES if delay < self.cfg["register_interval"]]
 
     def stopService(self):
+        for call in [self._retry, *self._startup_fetches]:
+            if call is not None and call.active():
+                call.cancel()
         # Tell neighbours our circuits are gone; the base class then closes pooled connections.
         for circuit in list(self.table.by_in.values()):
             self.table.remove(circuit)

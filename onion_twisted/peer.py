@@ -23,7 +23,7 @@ from .circuit import Circuit
 from .directory import pick_path
 from .downloads import (ACTIVE, DONE, FAILED, QUEUED, RECEIVING, REQUESTING, SEEN_TRANSFERS, BadChunk, Download,
                         DownloadStore)
-from .errors import BadRequest, Forbidden, ProtocolError, RateLimited, UnknownCircuit, safe_os_error
+from .errors import BadRequest, Conflict, Forbidden, ProtocolError, RateLimited, UnknownCircuit, safe_os_error
 from .sharing import ChunkProducer, ShareDirectory, WindowedChunkSender
 
 EMPTY = b"{}"
@@ -428,6 +428,36 @@ class Peer:
         self.downloads[name] = d
         self._run(d)
         return d
+
+    def retry(self, name: str) -> Download:
+        """Start a failed download again (the page's Retry), keeping the chunks it has.
+
+        LookupError when no download of ``name`` is listed; Conflict unless it failed.
+        """
+        d = self.downloads.get(name)
+        if d is None:
+            raise LookupError(name)
+        if d.state != FAILED:
+            raise Conflict(f"the download is {d.state}: only a failed one is retried")
+        d = self.download(name, d.sha256)
+        d.save_record()  # no longer marked failed: a restart now resumes it
+        return d
+
+    def dismiss(self, name: str) -> None:
+        """Take a failed or finished download off the list (the page's Dismiss).
+
+        A failed one's partial data goes too (else a restart would list it
+        again); a finished file stays in ``downloads``. LookupError when none
+        is listed; Conflict while it is under way.
+        """
+        d = self.downloads.get(name)
+        if d is None:
+            raise LookupError(name)
+        if d.state in ACTIVE:
+            raise Conflict(f"the download is {d.state}: only a failed or finished one is dismissed")
+        del self.downloads[name]
+        if d.state == FAILED:
+            d.discard_partial()
 
     def _run(self, d: Download) -> None:
         defer.ensureDeferred(self._download(d)).addErrback(self._download_crashed, d)

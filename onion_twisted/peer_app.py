@@ -9,6 +9,8 @@ Routes:
 * ``GET /static/NAME``    the page's own files, nothing else.
 * ``GET /api/status``     ``peer.status()`` as JSON.
 * ``POST /api/downloads`` ``{"file": NAME, "sha256": H?}`` -> 202 and the download's status.
+* ``POST /api/downloads/NAME/retry``  a failed download again, with what it has -> 202.
+* ``DELETE /api/downloads/NAME``      a failed or finished download off the list -> 200.
 * ``GET /files/NAME``     a finished download, as an attachment.
 
 Everything but ``POST /`` and ``GET /identity`` is for the user only: a
@@ -17,12 +19,18 @@ pages the user visits from driving the API through the user's browser (the
 browser's address *is* allowed): the ``Host`` header must name an IP literal,
 ``localhost`` or the peer's own host (DNS rebinding), and a request that
 carries an ``Origin`` must come from the page's own origin (CSRF).
-``POST /api/downloads`` also wants ``Content-Type: application/json``, which
-no cross-origin form can send without a CORS preflight this app never grants.
+``POST /api/downloads`` (and ``.../retry``) also wants ``Content-Type:
+application/json``, which no cross-origin form can send without a CORS
+preflight this app never grants; nor can it send ``DELETE``.
+
+A download is known by its file name (the peer lists one download per name).
+The page's title and heading name the peer: its ``name`` key, if set, and its
+address, so a user with several peers' pages open knows which is which.
 """
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import os
 import re
@@ -39,7 +47,7 @@ from zope.interface import implementer
 
 from . import PROTOCOL, wire
 from .errors import BadRequest, ProtocolError
-from .http_server import CellRoute, respond, write_json
+from .http_server import CellRoute, ip_allowed, parse_allow, respond, write_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {
@@ -53,27 +61,6 @@ PAGE_CSP = (b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-anc
 FILE_CSP = b"default-src 'none'; sandbox"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _log = Logger(namespace="onion_twisted.peer_app")
-
-
-def parse_allow(entries) -> list:
-    """``ui_allow`` as networks: a bare address is a /32 or /128; ValueError for a bad entry."""
-    networks = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"ui_allow: {entry!r} is not an IP address or network") from None
-    return networks
-
-
-def ip_allowed(host, networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
-    except ValueError:
-        return False  # not an IP client (a UNIX socket, say): never the user's page
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in networks)
 
 
 def _host_of(authority: str) -> str:
@@ -195,12 +182,30 @@ class FileStreamer:
 class PeerApp:
     app = Klein()
 
-    def __init__(self, peer, ui_allow: list[str], address: str | None = None, clock=None):
+    def __init__(self, peer, ui_allow: list[str], address: str | None = None, clock=None, name: str = ""):
         self.peer = peer
         self.networks = parse_allow(ui_allow)
         own = getattr(peer, "own_address", None)
         self.address = str(own) if own is not None else address
         self.clock = clock if clock is not None else getattr(peer, "clock", None)
+        self.name = name.strip()
+
+    def who(self) -> dict:
+        """Which peer this is, for the page and ``/api/status``."""
+        return {"name": self.name or None, "address": self.address}
+
+    def _page(self, body: bytes) -> bytes:
+        """``index.html`` with the peer's name and address in its title and heading."""
+        e = html.escape
+        where = f"onion_twisted peer at {self.address}" if self.address else "onion_twisted peer"
+        title = f"{self.name} · {where}" if self.name else where
+        if self.name:
+            heading = f'{e(self.name)} <span class="where">{e(where)}</span>'
+        else:
+            heading = e(where)
+        body = body.replace(b"<title>onion_twisted peer</title>", f"<title>{e(title)}</title>".encode("utf-8"), 1)
+        return body.replace(b'<h1 id="peer-heading">onion_twisted peer</h1>',
+                            f'<h1 id="peer-heading">{heading}</h1>'.encode("utf-8"), 1)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
@@ -284,6 +289,7 @@ class PeerApp:
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Referrer-Policy", b"no-referrer")
         if name == "index.html":
+            body = self._page(body)
             request.setHeader(b"Content-Security-Policy", PAGE_CSP)
             request.setHeader(b"X-Frame-Options", b"DENY")
             request.setHeader(b"Cache-Control", b"no-store")
@@ -296,17 +302,16 @@ class PeerApp:
         refused = self._refusal(request)
         if refused is not None:
             return refused
-        return self._api(request, 200, self.peer.status())
+        return self._api(request, 200, dict(self.peer.status(), peer=self.who()))
 
     @app.route("/api/downloads", methods=["POST"])
     def post_api_download(self, request):
         refused = self._refusal(request)
         if refused is not None:
             return refused
-        kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
-        if kind != b"application/json":
-            return self._api(request, 415, {"error": "unsupported_media_type",
-                                            "detail": "send the request as Content-Type: application/json"})
+        unsupported = self._not_json(request)
+        if unsupported is not None:
+            return unsupported
         try:
             body = wire.loads_object(request.content.getvalue(), "the request")
             name, sha256 = body.get("file"), body.get("sha256")
@@ -323,6 +328,40 @@ class PeerApp:
         except ProtocolError as e:
             return self._api(request, e.status, e.body())
         return self._api(request, 202, download.status(self._now()))
+
+    def _not_json(self, request) -> bytes | None:
+        """None for a JSON request, else the 415 answer (no cross-origin form sends JSON)."""
+        kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if kind == b"application/json":
+            return None
+        return self._api(request, 415, {"error": "unsupported_media_type",
+                                        "detail": "send the request as Content-Type: application/json"})
+
+    @app.route("/api/downloads/<name>/retry", methods=["POST"])
+    def post_api_retry(self, request, name):
+        refused = self._refusal(request) or self._not_json(request)
+        if refused is not None:
+            return refused
+        try:
+            download = self.peer.retry(name)
+        except LookupError:
+            return self._api(request, 404, {"error": "not_found", "detail": "no download of that name is listed"})
+        except ProtocolError as e:
+            return self._api(request, e.status, e.body())
+        return self._api(request, 202, download.status(self._now()))
+
+    @app.route("/api/downloads/<name>", methods=["DELETE"])
+    def delete_api_download(self, request, name):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            self.peer.dismiss(name)
+        except LookupError:
+            return self._api(request, 404, {"error": "not_found", "detail": "no download of that name is listed"})
+        except ProtocolError as e:
+            return self._api(request, e.status, e.body())
+        return self._api(request, 200, {"dismissed": name})
 
     @app.route("/files/<path:name>", methods=["GET"])
     def get_finished_file(self, request, name):

@@ -37,7 +37,8 @@ class PeerService(MemberService):
                          stall_timeout=cfg["stall_timeout"], refresh_interval=cfg["refresh_interval"],
                          announce_interval=cfg["announce_interval"], unsafe_logging=cfg["unsafe_logging"],
                          max_uploads=cfg["max_uploads"])
-        self.listen(PeerApp(self.peer, ui_allow=cfg["ui_allow"], address=str(self.address)).resource())
+        self.listen(PeerApp(self.peer, ui_allow=cfg["ui_allow"], address=str(self.address),
+                            name=cfg["name"]).resource())
         self.every(cfg["rescan_interval"], lambda: defer.ensureDeferred(self.peer.tick()))
 
     def startService(self):

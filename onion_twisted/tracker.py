@@ -90,6 +90,7 @@ class Tracker:
                 raise MessageError("no_bridge", "no bridge for this transfer: chunks go to the requester's exit")
             raise MessageError("bad_request", "unknown message type")
         except MessageError as e:
+            self.metrics.refused(e.error)
             return reply_object(e.reply())
 
     # --- request: the bridge sequence (§8) ------------------------------------------------

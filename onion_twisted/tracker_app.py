@@ -3,6 +3,12 @@
 Routes: ``POST /`` (cells from exit nodes), ``POST /nodes`` (registration),
 ``GET /nodes`` (signed directory), ``GET /identity``, ``GET /`` (the
 network's page), ``GET /metrics``.
+
+The page and ``/metrics`` answer only ``metrics_allow`` (default loopback),
+like a node's: their counters move with every request bridged, and read
+once a second beside the nodes' they would help time a transfer. What the
+network needs from the tracker (``/nodes``, ``/identity``, cells) answers
+anyone it answered before.
 """
 
 from __future__ import annotations
@@ -15,15 +21,16 @@ import time
 from klein import Klein
 
 from . import PROTOCOL, __version__, wire
-from .http_server import CellRoute, respond, write_json
+from .http_server import AllowList, CellRoute, respond, write_json
 from .tracker import SIGNATURE_HEADER, Tracker
 
 
 class TrackerApp:
     app = Klein()
 
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker: Tracker, metrics_allow=("127.0.0.0/8", "::1")):
         self.tracker = tracker
+        self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
         self.identity = wire.dumps({
             "role": "tracker", "address": str(tracker.own_address),
             "public_key": tracker.public_key_b64,
@@ -56,6 +63,9 @@ class TrackerApp:
 
     @app.route("/metrics", methods=["GET"])
     def get_metrics(self, request):
+        refused = self.metrics_allow.refusal(request)
+        if refused is not None:
+            return refused
         t = self.tracker
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return t.metrics.prometheus(nodes=len(t.registry), circuits=len(t.catalogue.circuits),
@@ -64,6 +74,9 @@ class TrackerApp:
 
     @app.route("/", methods=["GET"])
     def get_network_page(self, request):
+        refused = self.metrics_allow.refusal(request)
+        if refused is not None:
+            return refused
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         return render_network(self.tracker).encode("utf-8")
 
@@ -93,8 +106,11 @@ table{{border-collapse:collapse;width:100%}}td,th{{padding:.2rem .6rem;border-bo
 td:nth-child(2){{white-space:nowrap}}</style></head><body>
 <h1>onion_twisted tracker</h1>
 <p>Key <code>{e(tracker.public_key_b64)}</code> · up {up // 3600} h {up % 3600 // 60} min ·
-{len(tracker.catalogue.circuits)} circuits · {tracker.catalogue.transfers_under_way()} transfers under way ·
+{len(tracker.catalogue.circuits)} circuits · {tracker.metrics.requests['bridged']} transfers bridged since start ·
 generated {time.strftime('%H:%M:%S', time.gmtime(now))} UTC</p>
+<p>About {tracker.catalogue.transfers_under_way()} transfers under way: an estimate. The tracker never sees a
+transfer end (its chunks and <code>transfer_end</code> cross the bridge between two exits), so each transfer
+it bridged counts for its size at 1 MiB/s plus a minute, or until the sharing circuit is gone.</p>
 <h2>Nodes ({len(tracker.registry)})</h2>
 <table><tr><th>address</th><th>fingerprint</th><th>last seen</th></tr>{nodes}</table>
 <h2>Catalogue ({len(tracker.catalogue.entries)} entries)</h2>

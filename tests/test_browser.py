@@ -11,10 +11,16 @@ alone and in any order. Every test opens alice's page as a person would and:
   follows the finished file's link and compares the SHA-256 of what the link
   serves with bob's copy on disk;
 * the catalogue: clicks an entry's Download button; the page asks for that
-  file with the catalogue's hash, and the download completes;
+  file with the catalogue's hash, and the download completes; alice's own
+  files are marked "shared by you", with no button, and a click on them asks
+  for nothing;
 * the narrow screen: at 375 px wide nothing overflows sideways and the input
   and button are on screen and clickable; an empty name, a name nobody shares
-  (a clear message shows) and a long name without a break are typed and sent.
+  (a clear message shows) and a long name without a break are typed and sent;
+  the failed download's Retry (it fails again) and Dismiss (it leaves the
+  list) are on screen and work.
+
+The page's title and heading name alice and her address.
 
 In every test: no console error nor uncaught exception over the whole
 session (the listeners are first shown to catch both), and every form
@@ -50,13 +56,14 @@ ALL_HOSTS = (TRACKER_HOST, *range(TRACKER_HOST + 1, TRACKER_HOST + 1 + NODES), A
 BIG_MIB = 2
 BIG_NAME = f"big-{BIG_MIB}MiB.bin"                  # bob's binary (LocalNetwork.make_samples)
 CLICKED_NAME = "poem.txt"                           # one of bob's SAMPLES
+OWN_NAME = "recipes.txt"                            # one of alice's SAMPLES
 LONG_NAME = "an_unusually_long_file_name_without_any_space_or_hyphen_anywhere_in_it.txt"
 UNKNOWN_NAME = "nobody-shares-this-file.txt"
 NARROW = (375, 740)
 START_TIMEOUT = 45         # seconds for the network to come up
 READY_MS = 25_000          # the page connected and bob's files in its catalogue
 TRANSFER_MS = 30_000       # one download, from the click to "done"
-assert CLICKED_NAME in SAMPLES["bob"]
+assert CLICKED_NAME in SAMPLES["bob"] and OWN_NAME in SAMPLES["alice"]
 
 
 def css_string(text: str) -> str:
@@ -146,7 +153,9 @@ class BrowserTests(unittest.TestCase):
         page = b.page
         response = page.goto(self.net.page("alice"))
         self.assertEqual(response.status, 200)
-        self.assertEqual(page.title(), "onion_twisted peer")
+        where = f"onion_twisted peer at {self.net.peer_ips['alice']}:{PORT}"
+        self.assertEqual(page.title(), f"alice · {where}")
+        expect(page.get_by_role("heading", level=1)).to_have_text(f"alice {where}")
         b.prove_error_capture()
         expect(page.locator("#connection")).to_have_text("Connected to the peer.", timeout=READY_MS)
         for name in (BIG_NAME, CLICKED_NAME, LONG_NAME):  # bob's files, as his announcement made them
@@ -263,6 +272,19 @@ class BrowserTests(unittest.TestCase):
             item = self.wait_done(page, CLICKED_NAME)
             b.shot("done")
             self.assertEqual(self.save_and_hash(b, item, CLICKED_NAME), bob_sha)
+
+            # Alice's own file: listed, marked as hers, nothing to click.
+            own = self.catalogue_row(page, OWN_NAME)
+            expect(own.locator(".yours")).to_have_text("shared by you", timeout=READY_MS)
+            expect(own.get_by_role("button")).to_have_count(0)
+            asked = []
+            page.on("request", lambda r: asked.append(r.url) if r.method == "POST" else None)
+            own.locator(".name").click()
+            # The page would say "Asking for ..." at once (startDownload) had the click asked.
+            expect(page.locator("#form-message")).not_to_contain_text(OWN_NAME)
+            self.assertEqual(asked, [], "a click on alice's own file asked for it")
+            expect(self.download_item(page, OWN_NAME)).to_have_count(0)
+            b.shot("own file")
         return self.in_browser(scenario)
 
     def test_narrow_screen_unknown_name_and_a_long_one(self):
@@ -296,6 +318,24 @@ class BrowserTests(unittest.TestCase):
             expect(item.locator("progress")).to_be_hidden()  # no bar still moving for a failed download
             self.assert_fits(page, width, file_input, button, message)
             b.shot("nobody shares it")
+
+            retry = item.get_by_role("button", name=f"Retry {UNKNOWN_NAME}", exact=True)
+            dismiss = item.get_by_role("button", name=f"Dismiss {UNKNOWN_NAME}", exact=True)
+            self.assert_fits(page, width, retry, dismiss)
+            self.assert_labelled(page)
+            with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/retry")) as asked:
+                retry.click()
+            self.assertEqual(asked.value.url, f"{self.net.page('alice').rstrip('/')}/api/downloads/"
+                             f"{quote(UNKNOWN_NAME, safe='')}/retry")
+            self.assertEqual(asked.value.response().status, 202)
+            expect(message).to_have_text(f"{UNKNOWN_NAME}: nobody shares this file", timeout=TRANSFER_MS)
+            expect(item.locator(".state")).to_have_text("failed")
+            with page.expect_request(lambda r: r.method == "DELETE") as asked:
+                dismiss.click()
+            self.assertEqual(asked.value.response().status, 200)
+            expect(item).to_have_count(0)
+            expect(message).to_have_text(f"{UNKNOWN_NAME} is off the list.")
+            b.shot("dismissed")
 
             file_input.fill(LONG_NAME)
             button.click()

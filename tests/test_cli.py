@@ -48,19 +48,25 @@ def status(*downloads):
     return {"circuit": {}, "shared": [], "catalogue": [], "downloads": list(downloads)}
 
 
-class ScriptedPeer:
-    """``fetch``: answers the POST with ``accept`` and each GET with the next of ``answers``
-    (an exception instance is raised; the last answer repeats)."""
+PEER_IDENTITY = (200, {"role": "peer", "address": "127.0.0.1:5000", "public_key": None})
 
-    def __init__(self, accept=(202, download("queued")), answers=()):
+
+class ScriptedPeer:
+    """``fetch``: answers the POST with ``accept``, ``GET /identity`` with ``identity``, and each
+    other GET with the next of ``answers`` (an exception instance is raised; the last answer repeats)."""
+
+    def __init__(self, accept=(202, download("queued")), answers=(), identity=PEER_IDENTITY):
         self.accept = accept
         self.answers = list(answers)
+        self.identity = identity
         self.requests: list[tuple] = []
 
     def __call__(self, method, url, body=None):
         self.requests.append((method, url, body))
         if method == "POST":
             answer = self.accept
+        elif url.endswith("/identity"):
+            answer = self.identity
         else:
             answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
@@ -140,13 +146,43 @@ class PeerTroubleTests(CLITestCase):
         self.assertIn("does not answer: Connection refused", self.err.getvalue())
         self.assertEqual(len(peer.requests), 1)
 
-    def test_a_refused_request_exits_2_with_the_peers_reason(self):
+    def test_a_refused_request_exits_1_with_the_peers_reason(self):
+        # The peer answered: it can be reached, so 2 would send a script looking for the wrong fault.
         for code, body in [(400, {"error": "bad_request", "detail": "file name is over 255 bytes"}),
-                           (403, {"error": "forbidden", "detail": "this address may not use the peer's page"})]:
+                           (403, {"error": "forbidden", "detail": "this address may not use the peer's page"}),
+                           (429, {"error": "rate_limited", "detail": "256 downloads are under way"})]:
             peer = ScriptedPeer(accept=(code, body))
-            self.assertEqual(self.run_cli(["get", "song.ogg"], peer), 2)
+            self.assertEqual(self.run_cli(["get", "song.ogg"], peer), 1)
             self.assertIn(f"({code}): {body['detail']}", self.err.getvalue())
-            self.assertEqual(len(peer.requests), 1)
+            self.assertEqual([m for m, _, _ in peer.requests], ["POST", "GET"])  # the refusal, then who refused
+
+    def test_a_name_nobody_shares_exits_1(self):
+        peer = ScriptedPeer(answers=[(200, status(download("failed", error="nobody shares this file")))])
+        self.assertEqual(self.run_cli(["get", "song.ogg"], peer), 1)
+        self.assertIn("song.ogg: nobody shares this file", self.err.getvalue())
+
+    def test_a_node_or_a_tracker_at_peer_is_named_and_exits_2(self):
+        for role in ("node", "tracker"):
+            peer = ScriptedPeer(accept=(404, {"error": "not_found", "detail": "Not Found"}),
+                                identity=(200, {"role": role, "address": "127.0.0.11:5000"}))
+            self.assertEqual(self.run_cli(["get", "song.ogg", "--peer", "127.0.0.11"], peer), 2)
+            self.assertIn(f"error: http://127.0.0.11:5000 is not a peer (it is an onion_twisted {role})",
+                          self.err.getvalue())
+
+    def test_something_else_at_peer_exits_2(self):
+        for identity in ((404, {}), (200, {"role": "printer"}), cli.Unreachable("reset")):
+            peer = ScriptedPeer(accept=(405, {}), identity=identity)
+            self.assertEqual(self.run_cli(["get", "song.ogg"], peer), 2)
+            self.assertIn("is not a peer (it has no /identity, so it is no onion_twisted member)",
+                          self.err.getvalue())
+
+    def test_a_bare_host_means_the_networks_port(self):
+        for given, base in [("127.0.0.21", "http://127.0.0.21:5000"), ("127.0.0.21:6000", "http://127.0.0.21:6000"),
+                            ("http://127.0.0.21/", "http://127.0.0.21:5000"), ("[::1]", "http://[::1]:5000"),
+                            ("http://localhost:8080", "http://localhost:8080")]:
+            peer = ScriptedPeer(answers=[(200, status(download("done", 1, 1)))])
+            self.assertEqual(self.run_cli(["get", "song.ogg", "--peer", given], peer), 0, given)
+            self.assertEqual(peer.requests[0][1], base + "/api/downloads", given)
 
     def test_a_moment_of_silence_is_forgiven(self):
         peer = ScriptedPeer(answers=[cli.Unreachable("reset"), cli.Unreachable("reset"),
@@ -160,9 +196,9 @@ class PeerTroubleTests(CLITestCase):
         self.assertGreaterEqual(self.clock.now - 100.0, cli.UNREACHABLE_GRACE)
         self.assertLessEqual(self.clock.now - 100.0, cli.UNREACHABLE_GRACE + 1.0)
 
-    def test_an_error_status_while_polling_exits_2(self):
+    def test_an_error_status_while_polling_exits_1(self):
         peer = ScriptedPeer(answers=[(500, {"error": "internal", "detail": "internal error"})])
-        self.assertEqual(self.run_cli(["get", "song.ogg"], peer), 2)
+        self.assertEqual(self.run_cli(["get", "song.ogg"], peer), 1)
         self.assertIn("500: internal error", self.err.getvalue())
 
     def test_a_download_the_peer_forgot_exits_1(self):
@@ -200,6 +236,30 @@ class UsageTests(CLITestCase):
                                 text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("get", result.stdout)
+
+
+class TrackerKeyTests(CLITestCase):
+    def test_makes_the_key_once_and_prints_it_as_the_tracker_will_show_it(self):
+        from onion_twisted import crypto, keys
+
+        data_dir = os.path.join(self.mktemp(), "tracker")
+        self.assertEqual(self.run_cli(["tracker-key", data_dir], ScriptedPeer()), 0, self.err.getvalue())
+        printed = self.out.getvalue().strip()
+        self.assertEqual(oct(os.stat(os.path.join(data_dir, "tracker_key")).st_mode & 0o777), "0o600")
+        self.assertEqual(oct(os.stat(data_dir).st_mode & 0o777), "0o700")
+        # The tracker started on that data_dir loads the same key, and shows this one.
+        self.assertEqual(crypto.tracker_public_b64(keys.load_or_create_tracker_key(data_dir)), printed)
+        self.assertEqual(self.run_cli(["tracker-key", data_dir], ScriptedPeer()), 0)
+        self.assertEqual(self.out.getvalue().strip(), printed)
+        crypto.load_tracker_public_b64(printed)  # a key nodes and peers accept as tracker_key
+
+    def test_a_damaged_key_file_exits_1(self):
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        with open(os.path.join(data_dir, "tracker_key"), "wb") as f:
+            f.write(b"short")
+        self.assertEqual(self.run_cli(["tracker-key", data_dir], ScriptedPeer()), 1)
+        self.assertIn("cannot read or make the tracker key", self.err.getvalue())
 
 
 class ProgressTests(unittest.TestCase):
@@ -241,13 +301,17 @@ class _FakePeerHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.posts.append((self.path, self.headers.get("Content-Type"), body))
         request = json.loads(body)
-        if request["file"] == "bad/name":
+        if self.server.role != "peer":
+            self._answer(404, b'{"error": "not_found", "detail": "Not Found"}')
+        elif request["file"] == "bad/name":
             self._answer(400, b'{"error": "bad_request", "detail": "file name has a path separator"}')
         else:
             self._answer(202, json.dumps(download("queued", file=request["file"])).encode())
 
     def do_GET(self):
-        if self.path == "/api/status":
+        if self.path == "/identity":
+            self._answer(200, json.dumps({"role": self.server.role}).encode())
+        elif self.path == "/api/status":
             self.server.polls += 1
             state = "done" if self.server.polls >= 2 else "receiving"
             self._answer(200, json.dumps(status(download(state, 5, 5, path="song.ogg"))).encode())
@@ -258,7 +322,7 @@ class _FakePeerHandler(http.server.BaseHTTPRequestHandler):
 class RealFetchTests(unittest.TestCase):
     def setUp(self):
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePeerHandler)
-        self.server.posts, self.server.polls = [], 0
+        self.server.posts, self.server.polls, self.server.role = [], 0, "peer"
         thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)
@@ -273,6 +337,13 @@ class RealFetchTests(unittest.TestCase):
         self.assertEqual(out.getvalue(), self.url + "/files/song.ogg\n")
         [(path, kind, body)] = self.server.posts
         self.assertEqual((path, kind, json.loads(body)), ("/api/downloads", "application/json", {"file": "song.ogg"}))
+
+    def test_a_node_at_peer_over_http(self):
+        self.server.role = "node"
+        err = io.StringIO()
+        code = cli.main(["get", "song.ogg", "--peer", self.url], sleep=lambda s: None, out=io.StringIO(), err=err)
+        self.assertEqual(code, 2)
+        self.assertIn(f"{self.url} is not a peer (it is an onion_twisted node)", err.getvalue())
 
     def test_error_statuses_come_back_as_answers(self):
         self.assertEqual(cli.http_fetch("POST", self.url + "/api/downloads", {"file": "bad/name"}),

@@ -55,12 +55,48 @@ class ConfigTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("max_circuits = 7\ncreate_burst = 3\n")
         options = Options()
-        options.parseOptions(["--config", path, "--create-burst", "9"])
+        options.parseOptions(["--config", path, "--create-burst", "9", "--tracker", "127.0.0.9"])
         self.assertEqual(options.config["max_circuits"], 7)
         self.assertEqual(options.config["create_burst"], 9)
 
-    def test_bad_option_value_is_a_usage_error(self):
-        self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "x"])
+    def test_bad_option_value_ends_twistd_with_one_line(self):
+        # Not a UsageError: twistd would print its whole usage text above the line that matters.
+        e = self.assertRaises(SystemExit, Options().parseOptions, ["--port", "x", "--tracker", "127.0.0.9"])
+        self.assertIsInstance(e, config.Refused)
+        self.assertEqual(e.code, "onionnode: port: 'x' is not a int")
+
+    def test_an_option_twistd_does_not_know_is_still_a_usage_error(self):
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--colour", "blue"])
+
+    def test_a_node_or_peer_whose_tracker_is_itself_is_refused(self):
+        from onion_twisted import peer_service
+        for options, argv in ((Options, []), (Options, ["--listen", "127.0.0.5", "--tracker", "127.0.0.5:5000"]),
+                              (peer_service.Options, ["--listen", "127.0.0.7", "--tracker", "127.0.0.7"])):
+            e = self.assertRaises(config.Refused, options().parseOptions, argv)
+            self.assertIn("own address", e.code)
+            self.assertEqual(len(e.code.splitlines()), 1)
+        # Another port is another member: allowed.
+        options = Options()
+        options.parseOptions(["--listen", "127.0.0.5", "--tracker", "127.0.0.5:6000"])
+        self.assertEqual(options.config["tracker"], "127.0.0.5:6000")
+
+    def test_check_start_on_parsed_configurations(self):
+        self.assertRaises(config.ConfigError, config.check_start, "node", config.parse("node"))
+        config.check_start("node", config.parse("node", "", {"tracker": "127.0.0.10"}))
+        config.check_start("tracker", config.parse("tracker"))  # the tracker has no tracker key
+        e = self.assertRaises(config.ConfigError, config.check_start, "node",
+                              config.parse("node", "", {"tracker": "127.0.0.10", "metrics_allow": "10.0.0.0/8,nope"}))
+        self.assertEqual(str(e), "metrics_allow: 'nope' is not an IP address or network")
+        e = self.assertRaises(config.ConfigError, config.check_start, "peer",
+                              config.parse("peer", "", {"tracker": "127.0.0.10", "listen": "300.1.1.1"}))
+        self.assertIn("listen", str(e))
+
+    def test_new_keys_and_their_defaults(self):
+        self.assertEqual(config.parse("node")["metrics_allow"], ["127.0.0.0/8", "::1"])
+        self.assertEqual(config.parse("tracker")["metrics_allow"], ["127.0.0.0/8", "::1"])
+        self.assertEqual(config.parse("peer")["name"], "")
+        self.assertEqual(config.parse("peer", 'name = "alice"\n')["name"], "alice")
+        self.assertNotIn("metrics_allow", config.parse("peer"))  # the peer's page is behind ui_allow
 
     def test_shipped_examples_list_every_key_with_its_default(self):
         here = os.path.dirname(os.path.abspath(__file__))

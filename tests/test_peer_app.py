@@ -38,6 +38,14 @@ SHA = "ab" * 32
 STATIC_DIR = Path(peer_app.__file__).resolve().parent / "static"
 
 
+def served_index() -> bytes:
+    """``index.html`` as the peer at PEER_URL serves it: its address in the title and heading."""
+    return (STATIC_DIR / "index.html").read_bytes() \
+        .replace(b"<title>onion_twisted peer</title>", b"<title>onion_twisted peer at 127.0.0.1:5000</title>") \
+        .replace(b'<h1 id="peer-heading">onion_twisted peer</h1>',
+                 b'<h1 id="peer-heading">onion_twisted peer at 127.0.0.1:5000</h1>')
+
+
 class Answer(NamedTuple):
     code: int
     headers: object
@@ -278,7 +286,7 @@ class StatusTests(PeerAppTestCase):
         self.assertEqual(answer.header("Content-Type"), "application/json")
         self.assertEqual(answer.header("Cache-Control"), "no-store")
         body = answer.json()
-        self.assertEqual(set(body), {"circuit", "shared", "catalogue", "downloads"})
+        self.assertEqual(set(body), {"peer", "circuit", "shared", "catalogue", "downloads"})
         self.assertEqual(len(body["circuit"]["nodes"]), 3)
         self.assertEqual(body["catalogue"], self.peer.catalogue)
         [d] = body["downloads"]
@@ -481,7 +489,7 @@ class PageTests(PeerAppTestCase):
         self.assertNotIn("unsafe", csp)
         self.assertEqual(answer.header("X-Content-Type-Options"), "nosniff")
         self.assertEqual(answer.header("Cache-Control"), "no-store")
-        self.assertEqual(answer.body, (STATIC_DIR / "index.html").read_bytes())
+        self.assertEqual(answer.body, served_index())
 
     def test_the_page_has_what_the_issue_asks_for(self):
         _, page = self.page()
@@ -533,7 +541,7 @@ class PageTests(PeerAppTestCase):
             self.assertEqual(answer.code, 200, name)
             self.assertEqual(answer.header("Content-Type"), kind)
             self.assertEqual(answer.header("X-Content-Type-Options"), "nosniff")
-            self.assertEqual(answer.body, (STATIC_DIR / name).read_bytes())
+            self.assertEqual(answer.body, served_index() if name == "index.html" else (STATIC_DIR / name).read_bytes())
         self.assertEqual(self.get("/favicon.ico").body, (STATIC_DIR / "favicon.png").read_bytes())
 
     def test_only_the_shipped_files(self):

@@ -129,7 +129,11 @@
 
   function catalogueKey(f) { return String(f.name) + "\u0000" + String(f.sha256 || ""); }
 
-  function renderCatalogue(files) {
+  // A file this peer shares itself (same name and sha256) gets no Download button:
+  // the tracker would find no other source, or fetch a copy of what is already here.
+  function renderCatalogue(files, shared) {
+    var own = new Set(shared.filter(function (f) { return f && typeof f.sha256 === "string"; })
+      .map(catalogueKey));
     files = files.filter(function (f) { return f && typeof f.name === "string"; });
     showEmpty("catalogue-empty", "catalogue-table", files.length === 0);
     setText($("catalogue-count"), files.length ? "(" + files.length + ")" : "");
@@ -143,10 +147,16 @@
         var button = el("button", "get", "Download");
         button.type = "button";
         td.appendChild(button);
+        td.appendChild(el("span", "yours", "shared by you"));
         tr.appendChild(td);
         return tr;
       },
       function (tr, f) {
+        var mine = own.has(catalogueKey(f));
+        tr.classList.toggle("own", mine);
+        tr.dataset.own = mine ? "1" : "";
+        tr.querySelector("button").hidden = mine;
+        tr.querySelector(".yours").hidden = !mine;
         tr.dataset.name = f.name;
         if (typeof f.sha256 === "string") { tr.dataset.sha256 = f.sha256; } else { delete tr.dataset.sha256; }
         var name = tr.querySelector(".name");
@@ -215,6 +225,18 @@
         var link = el("a", "file-link");
         link.hidden = true;
         li.appendChild(link);
+        // A failed download can be asked for again (it keeps the chunks it has) or taken off the list.
+        var actions = el("div", "actions");
+        actions.hidden = true;
+        var retry = el("button", "retry", "Retry");
+        retry.type = "button";
+        retry.setAttribute("aria-label", "Retry " + d.file);
+        var dismiss = el("button", "dismiss", "Dismiss");
+        dismiss.type = "button";
+        dismiss.setAttribute("aria-label", "Dismiss " + d.file);
+        actions.appendChild(retry);
+        actions.appendChild(dismiss);
+        li.appendChild(actions);
         return li;
       },
       function (li, d) {
@@ -244,6 +266,12 @@
         setText(error, d.error || "");
         error.hidden = !d.error;
         setAttr(error, "role", d.state === "failed" ? "alert" : null);
+        li.dataset.file = d.file;
+        var actions = li.querySelector(".actions");
+        actions.hidden = d.state !== "failed";
+        if (actions.hidden) {
+          actions.querySelectorAll("button").forEach(function (b) { b.disabled = false; });
+        }
         var link = li.querySelector(".file-link");
         link.hidden = !done;
         if (done) {
@@ -271,7 +299,7 @@
 
   function render(status, seq) {
     renderCircuit(status.circuit);
-    renderCatalogue(list(status.catalogue));
+    renderCatalogue(list(status.catalogue), list(status.shared));
     renderShared(list(status.shared));
     renderDownloads(list(status.downloads));
     followPending(list(status.downloads), seq);
@@ -360,9 +388,46 @@
     });
   }
 
+  function downloadAction(button, name) {
+    var retry = button.classList.contains("retry");
+    var url = "/api/downloads/" + encodeURIComponent(name) + (retry ? "/retry" : "");
+    var options = {method: retry ? "POST" : "DELETE", cache: "no-store", headers: {"Accept": "application/json"}};
+    if (retry) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = "{}";
+    }
+    button.disabled = true;
+    fetch(url, options).then(function (response) {
+      return response.json().catch(function () { return {}; }).then(function (answer) {
+        if (response.ok) {
+          if (retry) {
+            pending = {name: name, after: statusSeq};
+            message("Trying " + name + " again…", "ok");
+          } else {
+            message(name + " is off the list.", "ok");
+          }
+        } else {
+          button.disabled = false;
+          message(name + ": " + (answer.detail || answer.error || "the peer answered " + response.status), "error");
+        }
+        poll();
+      });
+    }).catch(function (e) {
+      button.disabled = false;
+      message("The peer does not answer: " + (e && e.message ? e.message : e), "error");
+    });
+  }
+
+  function onDownloadsClick(event) {
+    var button = event.target.closest ? event.target.closest(".actions button") : null;
+    var item = button ? button.closest("li[data-file]") : null;
+    if (!item || button.disabled) { return; }
+    downloadAction(button, item.dataset.file);
+  }
+
   function onCatalogueClick(event) {
     var row = event.target.closest ? event.target.closest("tr[data-key]") : null;
-    if (!row || !row.dataset.name) { return; }
+    if (!row || !row.dataset.name || row.dataset.own) { return; }
     if (event.target.closest("a")) { return; }
     startDownload(row.dataset.name, row.dataset.sha256 || null);
   }
@@ -370,6 +435,7 @@
   function init() {
     $("get-form").addEventListener("submit", onSubmit);
     $("catalogue-body").addEventListener("click", onCatalogueClick);
+    $("downloads-list").addEventListener("click", onDownloadsClick);
     poll();
   }
 

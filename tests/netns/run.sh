@@ -160,7 +160,10 @@ share.mkdir(parents=True, exist_ok=True)
 (share / ALICE_NAME).write_bytes(os.urandom(ALICE_SIZE))
 net = LocalNetwork(run_dir, base=f"{subnet}.{base_host}", port=5000, nodes=nodes, big_mib=BIG_MIB, key_bits=1024,
                    wrap=lambda name: ["ip", "netns", "exec", prefix + name],
-                   extra={"peer": {"ui_allow": f"127.0.0.0/8,{subnet}.0/24"}})
+                   # The check runs on the bridge: the peers' API and the tracker's page and
+                   # /metrics (metrics_allow, loopback by default) must let it in.
+                   extra={"peer": {"ui_allow": f"127.0.0.0/8,{subnet}.0/24"},
+                          "tracker": {"metrics_allow": f"127.0.0.0/8,{subnet}.1"}})
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `finally` stops the members
 try:
     started = time.monotonic()

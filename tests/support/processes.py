@@ -115,7 +115,9 @@ def _die_with_parent():  # pragma: no cover - runs in the child
 class Member:
     """One member running as its own process."""
 
-    def __init__(self, name: str, address: wire.Address, data_dir: Path, argv: list[str], log_path: Path):
+    def __init__(self, name: str, address: wire.Address, data_dir: Path, argv: list[str], log_path: Path,
+                 cwd: Path | None = None):
+        """``argv`` runs in ``cwd`` (default ``data_dir``); its stdout and stderr go to ``data_dir/stdio.log``."""
         self.name = name
         self.address = address
         self.data_dir = data_dir
@@ -126,7 +128,7 @@ class Member:
         env.pop("PYTHONSTARTUP", None)
         with open(self.stdio_path, "wb") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=data_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                argv, cwd=cwd or data_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     @property
