@@ -201,17 +201,22 @@ class Http10InteropTests(_Interop):
         self.assertOnlyFile(out, sha)
         log(f"16 MiB to the http.server peer in {elapsed:.2f} s ({SIZE / elapsed / 2**20:.1f} MiB/s)")
 
-    @inline
-    async def test_project_peer_downloads_from_an_http10_peer(self):
+    async def project_peer_downloads(self, http10_args=(), **peer_options):
+        """The http.server peer shares the file, the project peer downloads it through
+        its API: (the download's final status, seconds it took, the file's sha256)."""
         _, sha = self.write_file("http10")
-        self.start_http10_peer("--share", str(self.base / "http10" / "share"))
-        self.start_project_peer(chunk_size=CHUNK)
+        self.start_http10_peer("--share", str(self.base / "http10" / "share"), *http10_args)
+        self.start_project_peer(chunk_size=CHUNK, **peer_options)
         await poll_until(lambda: self.project_lists(sha), timeout=READY_DEADLINE,
                          what="the http.server peer's file in the project peer's catalogue")
         started = _reactor().seconds()
         await self.api_download(self.project.address, self.project.name, NAME, sha)
         done = await self.wait_project_done()
-        elapsed = _reactor().seconds() - started
+        return done, _reactor().seconds() - started, sha
+
+    @inline
+    async def test_project_peer_downloads_from_an_http10_peer(self):
+        done, elapsed, sha = await self.project_peer_downloads()
 
         self.assertEqual((done["bytes"], done["size"], done["sha256"], done["path"]), (SIZE, SIZE, sha, NAME))
         self.assertFalse(done["unverified"])
@@ -224,15 +229,8 @@ class Http10InteropTests(_Interop):
 
     @inline
     async def test_project_peer_recovers_when_the_sharer_stops(self):
-        _, sha = self.write_file("http10")
-        self.start_http10_peer("--share", str(self.base / "http10" / "share"), "--stop-after", str(STOP_AFTER))
-        self.start_project_peer(chunk_size=CHUNK, stall_timeout=STALL_TIMEOUT)
-        await poll_until(lambda: self.project_lists(sha), timeout=READY_DEADLINE,
-                         what="the http.server peer's file in the project peer's catalogue")
-        started = _reactor().seconds()
-        await self.api_download(self.project.address, self.project.name, NAME, sha)
-        done = await self.wait_project_done()
-        elapsed = _reactor().seconds() - started
+        done, elapsed, sha = await self.project_peer_downloads(("--stop-after", str(STOP_AFTER)),
+                                                               stall_timeout=STALL_TIMEOUT)
 
         self.assertEqual((done["bytes"], done["sha256"], done["path"]), (SIZE, sha, NAME))
         self.assertEqual(done["attempts"], 2, "not one stalled attempt and one that finished")
