@@ -9,7 +9,6 @@ configuration in memory.
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -156,13 +155,14 @@ def check_start(role: str, cfg: dict) -> None:
         raise ConfigError(
             f"tracker {tracker} is this {role}'s own address (listen {cfg['listen']}, port {cfg['port']}): "
             f"give the network's tracker with --tracker HOST (and this {role} its own IP with --listen)")
+    from .http_server import parse_allow
+
     for name, value in cfg.items():
         if name.endswith("_allow"):
-            for entry in value:
-                try:
-                    ipaddress.ip_network(entry.strip(), strict=False)
-                except ValueError:
-                    raise ConfigError(f"{name}: {entry!r} is not an IP address or network") from None
+            try:
+                parse_allow(value, name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _coerce(key: Key, value):

@@ -76,6 +76,7 @@ class NodeRelay:
         self.control_max_skew = control_max_skew
         self.unsafe_logging = unsafe_logging
         self._controls_seen: dict[bytes, float] = {}  # SHA-256 of the body -> issued, within the skew window
+        self._failures_logged: dict[str, list] = {}  # kind of relay failure -> [last logged at, how many since]
 
     # --- entry point ----------------------------------------------------------------
 
@@ -367,8 +368,6 @@ class NodeRelay:
 
     # --- relay failures in the log -----------------------------------------------------
 
-    _failures_logged: dict | None = None  # what -> [last logged at, how many since]
-
     @contextlib.contextmanager
     def _logging_failure(self, what: str, circuit: Circuit, neighbour=None):
         """Log a ProtocolError raised inside (a next hop that failed) and let it go on."""
@@ -387,8 +386,6 @@ class NodeRelay:
         others, so a neighbour that fails every cell cannot flood the log.
         """
         logged = self._failures_logged
-        if logged is None:
-            logged = self._failures_logged = {}
         now = self.clock.seconds()
         last = logged.get(what)
         if last is not None and now - last[0] < 1.0:
