@@ -2,7 +2,7 @@
 
 Starts, on its own 127.A.B.x addresses, the stand-in tracker
 (``stub_tracker.py``) and one real node (``twistd onionnode``, 2048-bit key,
-create budget lifted), then, from this process:
+create budgets lifted), then, from this process:
 
 1. builds ``--warmup`` circuits (CREATE, then EXTEND to the tracker as exit:
    full circuits with both directions set), so code paths, connection pools
@@ -56,7 +56,8 @@ async def run(reactor, args) -> dict:
         node = Proc("node", twistd_command(None) + [
             "-n", "--pidfile=", "onionnode", "--listen", node_ip, "--port", str(port),
             "--tracker", f"{tracker_ip}:{port}", "--tracker-key", tracker_pub, "--key-bits", str(args.key_bits),
-            "--data-dir", str(tmp / "node"), "--create-burst", "1000000", "--create-rate", "1000000"], logdir, cwd=tmp)
+            "--data-dir", str(tmp / "node"), "--create-burst", "1000000", "--create-rate", "1000000",
+            "--create-work-burst", "1000000", "--create-work-rate", "1000000"], logdir, cwd=tmp)
         procs.append(node)
         node_url = f"http://{node_ip}:{port}".encode()
         await wait_ready(reactor, client, node_url + b"/identity", node, timeout=60)
