@@ -12,7 +12,7 @@ object on stdout. From its own address (``--bind``), like a peer:
   the other and times each (the tracker's ``files`` reply comes back through
   the three layers).
 
-Every exchange goes through ``onion_twisted.circuit.Circuit`` and
+Every exchange goes through ``onion_twisted.peer.circuit.Circuit`` and
 ``HTTPOutbound``: the code a peer runs, with a persistent connection pool
 bound to ``--bind`` (PROTOCOL.md §1). The first build warms the pool.
 """
@@ -27,11 +27,11 @@ import time
 
 from twisted.internet import defer, task
 
-from onion_twisted import crypto, wire
-from onion_twisted.circuit import Circuit
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.protocol import crypto, wire
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.net.http_client import HTTPOutbound
 
 
 async def measure(reactor, args) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from twisted.web import server
 
-from onion_twisted.http_client import BytesProducer  # the node's own: written at once, then dropped
+from onion_twisted.net.http_client import BytesProducer  # the node's own: written at once, then dropped
 
 JSON = b"application/json"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -1,6 +1,6 @@
 """``make bench``: the figures a user weighs, each beside a baseline, in one run.
 
-Starts the demo's network (``onion_twisted.localnet``: tracker, six nodes,
+Starts the demo's network (``onion_twisted.ops.localnet``: tracker, six nodes,
 alice and bob, each a ``twistd`` process on its own 127.A.B.x address at one
 port, 2048-bit node keys), bob sharing a ``--mib`` MiB random file under
 ``--runs`` names (hard links: one file on disk, a distinct catalogue entry
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from common import cpu_seconds, machine, peer_api as api, vm
-from onion_twisted.localnet import LocalNetwork
+from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"

@@ -13,7 +13,7 @@ create budgets lifted), then, from this process:
 Prints ``{"idle_bytes", "loaded_bytes", "circuits", "bytes_per_circuit",
 "circuits_reported"}`` as JSON (the last from the node's /metrics, to show
 the circuits are really held). The figure includes the node's share of
-allocator slack (glibc keeps up to 16 MiB of freed heap, onion_twisted/malloc.py).
+allocator slack (glibc keeps up to 16 MiB of freed heap, onion_twisted/net/malloc.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peers' resident memory while a large file crosses the network.
 
-Starts the demo's network (onion_twisted.localnet) with bob sharing a file
+Starts the demo's network (onion_twisted.ops.localnet) with bob sharing a file
 of --mib MiB, has alice download it through her API, samples both peers'
 resident memory (VmRSS) every 0.2 s and reads their peak (VmHWM) at the
 end; also reports the transfer rate. Memory must not grow with file size:
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from common import peer_api as api, vm
-from onion_twisted.localnet import LocalNetwork
+from onion_twisted.ops.localnet import LocalNetwork
 
 
 def main() -> int:

@@ -7,7 +7,7 @@
 
 Two measurements in one invocation, on the same synthetic workload:
 
-1. **in process** (pure logic, no sockets): ``onion_twisted.tracker.Tracker`` with
+1. **in process** (pure logic, no sockets): ``onion_twisted.tracker.tracker.Tracker`` with
    a ``Catalogue`` and a ``NodeRegistry`` (``--exits`` fake exit nodes registered
    through ``Tracker.register_node``), and a fake outbound that answers every
    POST with ``{}`` at once, so the bridge steps of a ``request`` cost nothing
@@ -274,7 +274,7 @@ class FakeOutbound:
 
 
 def exit_keys(exits: list[str], port: int, bits: int = 1024) -> dict:
-    from onion_twisted import crypto, wire
+    from onion_twisted.protocol import crypto, wire
 
     keys = {}
     for ip in exits:
@@ -290,11 +290,11 @@ def exit_keys(exits: list[str], port: int, bits: int = 1024) -> dict:
 def make_inproc_tracker(exits: list[str], keys: dict, port: int):
     from twisted.internet import defer, task
 
-    from onion_twisted import crypto, wire
-    from onion_twisted.catalogue import Catalogue
-    from onion_twisted.config import parse
-    from onion_twisted.registry import NodeRegistry
-    from onion_twisted.tracker import Tracker
+    from onion_twisted.protocol import crypto, wire
+    from onion_twisted.tracker.catalogue import Catalogue
+    from onion_twisted.net.config import parse
+    from onion_twisted.tracker.registry import NodeRegistry
+    from onion_twisted.tracker.tracker import Tracker
 
     cfg = parse("tracker")  # the defaults of `twistd oniontracker`
     reactor = task.Clock()  # advanced by --gap-ms before each message (see _call)
@@ -408,7 +408,7 @@ def _gc_delta(a: dict, b: dict) -> dict:
 
 def rebuild_cost(catalogue, reps: int = 5) -> dict:
     """One rebuild of the files reply, timed alone: Catalogue._build_listing and its serialisation."""
-    from onion_twisted import wire
+    from onion_twisted.protocol import wire
 
     build, dump, cpu = [], [], []
     for _ in range(reps):
@@ -621,7 +621,7 @@ async def http_phase(reactor, clients: dict, url: bytes, items: list[tuple[str, 
 async def http_run(reactor, seed: int, args, keys: dict, tracker_ip: str, profile: Path | None = None) -> dict:
     from twisted.internet import defer, task
 
-    from onion_twisted import wire
+    from onion_twisted.protocol import wire
 
     exits = args.exit_ips
     port = args.port
@@ -970,7 +970,7 @@ def main(argv=None) -> int:
 
     import importlib
 
-    importlib.import_module("onion_twisted.tracker")  # fail early if the package is missing
+    importlib.import_module("onion_twisted.tracker.tracker")  # fail early if the package is missing
 
     t_start = time.perf_counter()
     if "http" in args.modes:

@@ -179,7 +179,8 @@ def what_answers(base: str, fetch) -> str | None:
 def tracker_key(data_dir: str, out, err) -> int:
     """Print the public key of the tracker at ``data_dir``, made first if it is not there."""
     try:
-        from . import crypto, keys
+        from onion_twisted.protocol import crypto
+        from onion_twisted.net import keys
     except ImportError as e:  # the command line itself runs without the package's dependencies
         print(f"error: tracker-key needs the package installed with its dependencies (.venv): {e}", file=err)
         return EXIT_USAGE

@@ -41,7 +41,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from onion_twisted.http_client import BytesProducer
+from onion_twisted.net.http_client import BytesProducer
 
 __all__ = ["MemoryAgent", "MemoryClient", "Pumps", "memory_client"]
 

@@ -38,18 +38,18 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from onion_twisted import cells, crypto, wire
-from onion_twisted.catalogue import Catalogue
-from onion_twisted.circuits import RelayTable
-from onion_twisted.directory_client import DirectoryClient
-from onion_twisted.downloads import DownloadStore
-from onion_twisted.errors import NextHopFailed, ProtocolError
-from onion_twisted.peer import CONNECTED, Peer
-from onion_twisted.ratelimit import RateLimiter
-from onion_twisted.registry import NodeRegistry
-from onion_twisted.relay import NodeRelay
-from onion_twisted.sharing import HashCache, ShareDirectory
-from onion_twisted.tracker import Tracker
+from onion_twisted.protocol import cells, crypto, wire
+from onion_twisted.tracker.catalogue import Catalogue
+from onion_twisted.node.circuits import RelayTable
+from onion_twisted.net.directory_client import DirectoryClient
+from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
+from onion_twisted.peer.peer import CONNECTED, Peer
+from onion_twisted.net.ratelimit import RateLimiter
+from onion_twisted.tracker.registry import NodeRegistry
+from onion_twisted.node.relay import NodeRelay
+from onion_twisted.peer.sharing import HashCache, ShareDirectory
+from onion_twisted.tracker.tracker import Tracker
 from tests.support.in_memory import MemberOutbound
 
 PORT = 5000

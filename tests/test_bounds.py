@@ -22,15 +22,17 @@ from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted import catalogue, cells, control, peer as peer_module, transfers, wire
-from onion_twisted import circuit as circuit_module
-from onion_twisted.circuits import RelayTable
-from onion_twisted.crypto import FORWARD
-from onion_twisted.downloads import FAILED, SEEN_TRANSFERS, BadChunk, Download, DownloadStore
-from onion_twisted.http_server import QuietSite
-from onion_twisted.node_app import NodeApp
-from onion_twisted.ratelimit import RateLimiter
-from onion_twisted.relay import NodeRelay
+from onion_twisted.tracker import catalogue
+from onion_twisted.protocol import cells, control, chunks as transfers, wire
+from onion_twisted.peer import peer as peer_module
+from onion_twisted.peer import circuit as circuit_module
+from onion_twisted.node.circuits import RelayTable
+from onion_twisted.protocol.crypto import FORWARD
+from onion_twisted.peer.downloads import FAILED, SEEN_TRANSFERS, BadChunk, Download, DownloadStore
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.node.app import NodeApp
+from onion_twisted.net.ratelimit import RateLimiter
+from onion_twisted.node.relay import NodeRelay
 from tests.support.fuzz import LoggedErrors, b64, exchange, post_json
 from tests.test_fuzz_node import HonestOutbound, fired
 from tests.test_fuzz_peer import CHUNK, ENTRY_IP, HOST as PEER_HOST, SERVER as PEER_SERVER, USER_IP, PeerWorld

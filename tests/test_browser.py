@@ -46,7 +46,7 @@ from urllib.parse import quote
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from onion_twisted.localnet import SAMPLES, LocalNetwork
+from onion_twisted.ops.localnet import SAMPLES, LocalNetwork
 from tests.support import browser
 from tests.support.processes import PORT, allocate_prefix, sha256_file, tail_files
 

@@ -11,8 +11,8 @@ import random
 from twisted.internet import task
 from twisted.trial import unittest
 
-from onion_twisted import wire
-from onion_twisted.catalogue import (DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MAX_RANGES, Catalogue, FileRequest,
+from onion_twisted.protocol import wire
+from onion_twisted.tracker.catalogue import (DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MAX_RANGES, Catalogue, FileRequest,
                                      MessageError, SharedFile, check_name, check_sha256, parse_files,
                                      parse_request)
 

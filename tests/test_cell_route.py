@@ -7,7 +7,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
-from onion_twisted.http_server import CellRoute
+from onion_twisted.net.http_server import CellRoute
 
 
 class Other(resource.Resource):

@@ -3,8 +3,8 @@
 import orjson
 from twisted.trial import unittest
 
-from onion_twisted import cells, wire
-from onion_twisted.errors import BadRequest
+from onion_twisted.protocol import cells, wire
+from onion_twisted.protocol.errors import BadRequest
 
 CID = "35ce8f75-6b57-4824-8597-dd756c75a9c5"
 

@@ -3,9 +3,9 @@
 from twisted.internet import task
 from twisted.trial import unittest
 
-from onion_twisted import crypto, wire
-from onion_twisted.circuits import EXIT, NODE, RelayTable
-from onion_twisted.errors import Conflict, Forbidden, RateLimited, UnknownCircuit
+from onion_twisted.protocol import crypto, wire
+from onion_twisted.node.circuits import EXIT, NODE, RelayTable
+from onion_twisted.protocol.errors import Conflict, Forbidden, RateLimited, UnknownCircuit
 
 PEER = "127.0.0.101"
 NEXT = wire.Address("127.0.0.12", 5000)

@@ -240,7 +240,8 @@ class UsageTests(CLITestCase):
 
 class TrackerKeyTests(CLITestCase):
     def test_makes_the_key_once_and_prints_it_as_the_tracker_will_show_it(self):
-        from onion_twisted import crypto, keys
+        from onion_twisted.protocol import crypto
+        from onion_twisted.net import keys
 
         data_dir = os.path.join(self.mktemp(), "tracker")
         self.assertEqual(self.run_cli(["tracker-key", data_dir], ScriptedPeer()), 0, self.err.getvalue())

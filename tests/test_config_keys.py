@@ -6,8 +6,9 @@ import stat
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from onion_twisted import config, crypto, keys
-from onion_twisted.node_service import Options
+from onion_twisted.net import config, keys
+from onion_twisted.protocol import crypto
+from onion_twisted.node.service import Options
 
 
 class ConfigTests(SynchronousTestCase):
@@ -69,7 +70,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--colour", "blue"])
 
     def test_a_node_or_peer_whose_tracker_is_itself_is_refused(self):
-        from onion_twisted import peer_service
+        from onion_twisted.peer import service as peer_service
         for options, argv in ((Options, []), (Options, ["--listen", "127.0.0.5", "--tracker", "127.0.0.5:5000"]),
                               (peer_service.Options, ["--listen", "127.0.0.7", "--tracker", "127.0.0.7"])):
             e = self.assertRaises(config.Refused, options().parseOptions, argv)
@@ -109,7 +110,8 @@ class ConfigTests(SynchronousTestCase):
                 self.assertIn(f"\n{key.name} = ", "\n" + text, f"{role}: {key.name}")
 
     def test_every_role_has_its_twistd_options(self):
-        from onion_twisted import peer_service, tracker_service
+        from onion_twisted.peer import service as peer_service
+        from onion_twisted.tracker import service as tracker_service
         for role, module in (("tracker", tracker_service), ("peer", peer_service)):
             options = module.Options()
             names = {o[0] for o in options.optParameters} | {f[0] for f in options.optFlags}

@@ -4,8 +4,8 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.trial import unittest
 
-from onion_twisted import control, crypto, wire
-from onion_twisted.errors import BadRequest, Forbidden
+from onion_twisted.protocol import control, crypto, wire
+from onion_twisted.protocol.errors import BadRequest, Forbidden
 
 TRACKER = ed25519.Ed25519PrivateKey.generate()
 OTHER = ed25519.Ed25519PrivateKey.generate()

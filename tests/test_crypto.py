@@ -7,8 +7,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from twisted.trial import unittest
 
-from onion_twisted import crypto
-from onion_twisted.errors import BadRequest
+from onion_twisted.protocol import crypto
+from onion_twisted.protocol.errors import BadRequest
 
 KEY_A = rsa.generate_private_key(public_exponent=65537, key_size=1024)
 KEY_B = rsa.generate_private_key(public_exponent=65537, key_size=1024)

@@ -4,9 +4,9 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.trial import unittest
 
-from onion_twisted import crypto, wire
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.errors import BadRequest, Forbidden
+from onion_twisted.protocol import crypto, wire
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.protocol.errors import BadRequest, Forbidden
 
 TRACKER = ed25519.Ed25519PrivateKey.generate()
 NODE_KEYS = [rsa.generate_private_key(public_exponent=65537, key_size=1024) for _ in range(2)]
@@ -93,11 +93,11 @@ class PathChoiceTests(unittest.SynchronousTestCase):
     The addresses are documentation and benchmarking ranges, used here as data only."""
 
     def entries(self, hosts):
-        from onion_twisted.directory import NodeEntry
+        from onion_twisted.protocol.directory import NodeEntry
         return [NodeEntry(wire.parse_address(h, 5000), "", str(i)) for i, h in enumerate(hosts)]
 
     def test_networks(self):
-        from onion_twisted.directory import network_of
+        from onion_twisted.protocol.directory import network_of
         cases = {"198.18.3.4": "198.18.0.0/16", "198.18.200.1": "198.18.0.0/16", "198.19.0.1": "198.19.0.0/16",
                  "[2001:db8:1::5]": "2001:db8::/32", "127.0.0.11": "ip 127.0.0.11", "127.0.1.11": "ip 127.0.1.11",
                  "Relay.Example": "name relay.example"}
@@ -106,7 +106,7 @@ class PathChoiceTests(unittest.SynchronousTestCase):
 
     def test_a_flooded_network_holds_at_most_one_hop(self):
         import random
-        from onion_twisted.directory import network_of, pick_path
+        from onion_twisted.protocol.directory import network_of, pick_path
         flood = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(60)]  # one operator's /16
         entries = self.entries(flood + ["192.0.2.1", "203.0.113.1", "198.51.100.1"])
         rng = random.Random(7)
@@ -120,7 +120,7 @@ class PathChoiceTests(unittest.SynchronousTestCase):
 
     def test_too_few_networks_still_distinct_ips(self):
         import random
-        from onion_twisted.directory import pick_path
+        from onion_twisted.protocol.directory import pick_path
         entries = self.entries(["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"])
         rng = random.Random(3)
         for _ in range(100):
@@ -129,7 +129,7 @@ class PathChoiceTests(unittest.SynchronousTestCase):
 
     def test_one_host_never_holds_two_hops(self):
         import random
-        from onion_twisted.directory import pick_path
+        from onion_twisted.protocol.directory import pick_path
         entries = self.entries(["192.0.2.1:5000", "192.0.2.1:5001", "192.0.2.1:5002", "203.0.113.1"])
         with self.assertRaises(ValueError):
             pick_path(entries, 3, random.Random(1))
@@ -140,7 +140,7 @@ class PathChoiceTests(unittest.SynchronousTestCase):
 
     def test_loopback_members_of_one_machine_are_exempt(self):
         import random
-        from onion_twisted.directory import pick_path
+        from onion_twisted.protocol.directory import pick_path
         entries = self.entries([f"127.0.0.{11 + i}" for i in range(6)])
         seen = set()
         for i in range(200):

@@ -1,6 +1,6 @@
 """The whole network end to end, started by the demo's own code (issue 5).
 
-``onion_twisted.localnet.LocalNetwork`` (what ``./scripts/demo`` runs)
+``onion_twisted.ops.localnet.LocalNetwork`` (what ``./scripts/demo`` runs)
 starts the real tracker, six nodes, alice and bob as ``twistd`` processes on
 a random ``127.R1.R2.x`` base of their own (tracker .10, nodes .11 to .16,
 alice .21, bob .22, all at port 5000), with small files: bob's 2 MiB random
@@ -43,9 +43,9 @@ from pathlib import Path
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from onion_twisted import wire
-from onion_twisted.http_client import HTTPOutbound
-from onion_twisted.localnet import SAMPLES, LocalNetwork
+from onion_twisted.protocol import wire
+from onion_twisted.net.http_client import HTTPOutbound
+from onion_twisted.ops.localnet import SAMPLES, LocalNetwork
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.processes import PORT, PeerApiMixin, allocate_prefix, poll_until, sha256_file, tail_files
 

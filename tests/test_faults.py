@@ -51,7 +51,7 @@ import sys
 
 from twisted.trial import unittest
 
-from onion_twisted.catalogue import Catalogue
+from onion_twisted.tracker.catalogue import Catalogue
 from tests.peer_network import BOB_IP
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.faults import DownloadWatch, FaultNetwork

@@ -39,16 +39,16 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from onion_twisted import cells, control, crypto, wire
-from onion_twisted.circuits import RelayTable
-from onion_twisted.crypto import BACKWARD, FORWARD, Layer
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.directory_client import DirectoryClient
-from onion_twisted.errors import NextHopFailed, ProtocolError
-from onion_twisted.http_server import QuietSite
-from onion_twisted.node_app import NodeApp
-from onion_twisted.ratelimit import RateLimiter
-from onion_twisted.relay import NodeRelay
+from onion_twisted.protocol import cells, control, crypto, wire
+from onion_twisted.node.circuits import RelayTable
+from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.net.directory_client import DirectoryClient
+from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.node.app import NodeApp
+from onion_twisted.net.ratelimit import RateLimiter
+from onion_twisted.node.relay import NodeRelay
 from tests.support.fuzz import (CELL_STATUSES, answer_to_everyone, check_answer, fired, LoggedErrors, addresses, b64, bad_base64, bad_cids,
                                 deep_nesting, exchange, fuzz_settings, good_base64, headers as header_lists, weighted,
                                 hostile_bodies, hosts, http_request, json_bytes, json_objects, json_values, methods,

@@ -35,16 +35,16 @@ from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted import cells, crypto, wire
-from onion_twisted.circuit import Circuit
-from onion_twisted.crypto import BACKWARD, FORWARD, Layer
-from onion_twisted.directory import NodeEntry
-from onion_twisted.downloads import DownloadStore
-from onion_twisted.errors import NextHopFailed
-from onion_twisted.http_server import QuietSite
-from onion_twisted.peer import CONNECTED, Peer
-from onion_twisted.peer_app import PeerApp
-from onion_twisted.sharing import HashCache, ShareDirectory
+from onion_twisted.protocol import cells, crypto, wire
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
+from onion_twisted.protocol.directory import NodeEntry
+from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.protocol.errors import NextHopFailed
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.peer.peer import CONNECTED, Peer
+from onion_twisted.peer.app import PeerApp
+from onion_twisted.peer.sharing import HashCache, ShareDirectory
 from tests.support.fuzz import (fired, LoggedErrors, b64, bad_base64, bad_cids, exchange, fuzz_settings, good_base64,
                                 headers as header_lists, hostile_bodies, hosts, http_request, json_objects,
                                 json_values, methods, paths, post_json, to_json, uuid4s, weighted)

@@ -29,12 +29,12 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted import control, crypto, wire
-from onion_twisted.catalogue import MAX_RANGES
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.errors import NextHopFailed, NextHopTimeout
-from onion_twisted.http_server import QuietSite
-from onion_twisted.tracker_app import TrackerApp
+from onion_twisted.protocol import control, crypto, wire
+from onion_twisted.tracker.catalogue import MAX_RANGES
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.tracker.app import TrackerApp
 from tests.support.fuzz import (CELL_STATUSES, answer_to_everyone, check_answer, LoggedErrors, addresses, bad_cids, exchange,
                                 fuzz_settings, headers as header_lists, hostile_bodies, hosts, http_request,
                                 json_objects, json_values, methods, paths, post_json, to_json, uuid4s, weighted)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from onion_twisted import wire
+from onion_twisted.protocol import wire
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.processes import PORT, Member, PeerApiMixin, ProcessesMixin, poll_until, sha256_file, tail_files
 

@@ -21,9 +21,9 @@ from twisted.trial import unittest
 from twisted.web import resource
 from twisted.web.http_headers import Headers
 
-from onion_twisted import wire
-from onion_twisted.http_client import HTTPOutbound, keeps_connection
-from onion_twisted.http_server import QuietSite
+from onion_twisted.protocol import wire
+from onion_twisted.net.http_client import HTTPOutbound, keeps_connection
+from onion_twisted.net.http_server import QuietSite
 from tests.support.deferreds import current_reactor, inline
 
 CLOSE_AFTER = 0.2  # seconds between a closing neighbour's answer and its close

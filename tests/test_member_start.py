@@ -21,7 +21,7 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from onion_twisted import wire
+from onion_twisted.protocol import wire
 from tests.support.processes import PORT, REPO, TWISTD, Member, ProcessesMixin, poll_until
 
 TRACKER_HOST, NODE_HOSTS, ADMIN_HOST = 1, (11, 12), 200

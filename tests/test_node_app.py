@@ -36,16 +36,17 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from onion_twisted import PROTOCOL, cells, control, crypto, wire
-from onion_twisted.circuits import EXIT, NODE, RelayTable
-from onion_twisted.crypto import BACKWARD, FORWARD, Layer
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.errors import NextHopFailed, NextHopTimeout, ProtocolError
-from onion_twisted.http_client import BytesProducer, HTTPOutbound
-from onion_twisted.http_server import QuietSite
-from onion_twisted.node_app import NodeApp
-from onion_twisted.ratelimit import RateLimiter
-from onion_twisted.relay import NodeRelay
+from onion_twisted import PROTOCOL
+from onion_twisted.protocol import cells, control, crypto, wire
+from onion_twisted.node.circuits import EXIT, NODE, RelayTable
+from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout, ProtocolError
+from onion_twisted.net.http_client import BytesProducer, HTTPOutbound
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.node.app import NodeApp
+from onion_twisted.net.ratelimit import RateLimiter
+from onion_twisted.node.relay import NodeRelay
 
 from .memory import MemoryAgent, Pumps, memory_client
 

@@ -18,11 +18,11 @@ import signal
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from onion_twisted import cells, crypto, wire
-from onion_twisted.circuit import Circuit
-from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.errors import BadRequest, Conflict, NextHopFailed, NextHopTimeout, ProtocolError
-from onion_twisted.http_client import HTTPOutbound
+from onion_twisted.protocol import cells, crypto, wire
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.protocol.errors import BadRequest, Conflict, NextHopFailed, NextHopTimeout, ProtocolError
+from onion_twisted.net.http_client import HTTPOutbound
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.peer_side import PeerSide
 from tests.support.processes import (PORT, ProcessesMixin, StatusOutbound, poll_until, raw_exchange,

@@ -19,9 +19,9 @@ import orjson
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted.http_server import QuietSite
-from onion_twisted.node_app import NodeApp
-from onion_twisted.tracker_app import TrackerApp
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.node.app import NodeApp
+from onion_twisted.tracker.app import TrackerApp
 from tests.support.deferreds import inline
 
 from .memory import memory_client

@@ -7,9 +7,9 @@ import os
 
 from twisted.trial import unittest
 
-from onion_twisted import wire
-from onion_twisted.downloads import DONE, FAILED
-from onion_twisted.peer import CONNECTED
+from onion_twisted.protocol import wire
+from onion_twisted.peer.downloads import DONE, FAILED
+from onion_twisted.peer.peer import CONNECTED
 
 from tests.support.deferreds import inline
 
@@ -187,7 +187,7 @@ class DownloadTests(PeerNetworkCase):
     @inline
     async def test_a_download_that_fails_on_disk_is_logged_without_its_path(self):
         from twisted.logger import formatEvent, globalLogPublisher
-        from onion_twisted import downloads
+        from onion_twisted.peer import downloads
         net = self.net
         await self.bob_shares_and_start("secret plans.bin", 1000)
 
@@ -560,7 +560,7 @@ class OrderTests(PeerNetworkCase):
     def test_chunks_nobody_asked_for_are_dropped(self):
         alice = self.alice
         store = alice.store
-        from onion_twisted.downloads import REQUESTING, Download
+        from onion_twisted.peer.downloads import REQUESTING, Download
         d = Download(store, "f.bin", None, CHUNK)
         d.state = REQUESTING
         alice.downloads["f.bin"] = d

@@ -22,11 +22,12 @@ from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted import PROTOCOL, peer_app
-from onion_twisted.downloads import DownloadStore
-from onion_twisted.errors import Forbidden
-from onion_twisted.http_server import QuietSite
-from onion_twisted.peer_app import PeerApp, content_disposition, ip_allowed, parse_allow
+from onion_twisted import PROTOCOL
+from onion_twisted.peer import app as peer_app
+from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.protocol.errors import Forbidden
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.peer.app import PeerApp, content_disposition, ip_allowed, parse_allow
 
 from .memory import Pumps, memory_client
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 
-from onion_twisted.downloads import DONE, FAILED, QUEUED, RECEIVING
-from onion_twisted.errors import Conflict
-from onion_twisted.peer_app import PeerApp
+from onion_twisted.peer.downloads import DONE, FAILED, QUEUED, RECEIVING
+from onion_twisted.protocol.errors import Conflict
+from onion_twisted.peer.app import PeerApp
 from tests.support.deferreds import inline
 
 from .peer_network import ALICE_IP, BOB_IP, CHUNK

@@ -3,7 +3,7 @@
 from twisted.internet import task
 from twisted.trial import unittest
 
-from onion_twisted.ratelimit import RateLimiter
+from onion_twisted.net.ratelimit import RateLimiter
 
 
 class RateLimiterTests(unittest.SynchronousTestCase):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from onion_twisted import wire
+from onion_twisted.protocol import wire
 from tests.support.processes import PORT, REPO, Member, ProcessesMixin, poll_until, tail_files
 
 README = REPO / "README.md"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.internet import task
 from twisted.trial import unittest
 
-from onion_twisted import crypto, wire
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.errors import Forbidden
-from onion_twisted.registry import NodeRegistry
+from onion_twisted.protocol import crypto, wire
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.protocol.errors import Forbidden
+from onion_twisted.tracker.registry import NodeRegistry
 
 from .tracker_fakes import NODE_ADDRESSES, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, TRACKER_KEY, pem
 

@@ -12,12 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from onion_twisted import cells, crypto, wire
-from onion_twisted.circuits import RelayTable
-from onion_twisted.directory import SignedDirectory
-from onion_twisted.errors import BadRequest, NextHopFailed, RateLimited
-from onion_twisted.ratelimit import RateLimiter
-from onion_twisted.relay import NodeRelay
+from onion_twisted.protocol import cells, crypto, wire
+from onion_twisted.node.circuits import RelayTable
+from onion_twisted.protocol.directory import SignedDirectory
+from onion_twisted.protocol.errors import BadRequest, NextHopFailed, RateLimited
+from onion_twisted.net.ratelimit import RateLimiter
+from onion_twisted.node.relay import NodeRelay
 from tests.support.deferreds import inline
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)

@@ -21,12 +21,12 @@ from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
-from onion_twisted import cells, control, crypto, wire
-from onion_twisted.circuits import EXIT, NODE, RelayTable
-from onion_twisted.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout,
+from onion_twisted.protocol import cells, control, crypto, wire
+from onion_twisted.node.circuits import EXIT, NODE, RelayTable
+from onion_twisted.protocol.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout,
                                   ProtocolError, RateLimited, UnknownCircuit)
-from onion_twisted.ratelimit import RateLimiter
-from onion_twisted.relay import NodeRelay
+from onion_twisted.net.ratelimit import RateLimiter
+from onion_twisted.node.relay import NodeRelay
 from tests.support.deferreds import inline
 from tests.support.in_memory import MemberOutbound
 
@@ -1247,7 +1247,7 @@ class RelayFailureLogTests(BridgeTestCase):
         self.closing: set = set()
         built = super().setUp()
         for node in self.net.nodes:
-            node.log = Logger(namespace="onion_twisted.relay.NodeRelay", observer=self.events.append)
+            node.log = Logger(namespace="onion_twisted.node.relay.NodeRelay", observer=self.events.append)
         network_post = self.net.post
 
         def post(sender_ip, address, body, headers=None, path="/"):

@@ -34,8 +34,8 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from onion_twisted.circuit import Circuit
-from onion_twisted.http_server import QuietSite
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.net.http_server import QuietSite
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.fuzz import LoggedErrors, exchange, http_request, parse_response
 from tests.support.peer_side import PeerSide

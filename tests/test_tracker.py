@@ -17,13 +17,14 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted import PROTOCOL, cells, control, crypto, wire
-from onion_twisted.control import verify_control
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, RateLimited,
+from onion_twisted import PROTOCOL
+from onion_twisted.protocol import cells, control, crypto, wire
+from onion_twisted.protocol.control import verify_control
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.protocol.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, RateLimited,
                                   UnknownCircuit)
-from onion_twisted.http_server import QuietSite
-from onion_twisted.tracker_app import TrackerApp
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.tracker.app import TrackerApp
 
 from tests.support.deferreds import inline
 

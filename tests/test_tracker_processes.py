@@ -28,8 +28,8 @@ import signal
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from onion_twisted import wire
-from onion_twisted.circuit import Circuit
+from onion_twisted.protocol import wire
+from onion_twisted.peer.circuit import Circuit
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.peer_side import PeerSide
 from tests.support.processes import PORT, ProcessesMixin, poll_until

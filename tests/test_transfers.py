@@ -12,8 +12,8 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from onion_twisted.catalogue import MessageError
-from onion_twisted.transfers import (ChunkMap, ranges_of, resolve_shared, unique_destination,
+from onion_twisted.tracker.catalogue import MessageError
+from onion_twisted.protocol.chunks import (ChunkMap, ranges_of, resolve_shared, unique_destination,
                                      wanted_indexes)
 
 

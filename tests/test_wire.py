@@ -4,8 +4,8 @@ import uuid
 
 from twisted.trial import unittest
 
-from onion_twisted import wire
-from onion_twisted.errors import BadRequest
+from onion_twisted.protocol import wire
+from onion_twisted.protocol.errors import BadRequest
 
 
 class ParseAddressTests(unittest.SynchronousTestCase):

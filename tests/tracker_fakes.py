@@ -17,11 +17,11 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet import defer, task
 
-from onion_twisted import cells, crypto, wire
-from onion_twisted.catalogue import Catalogue
-from onion_twisted.errors import NextHopFailed
-from onion_twisted.registry import NodeRegistry
-from onion_twisted.tracker import SIGNATURE_HEADER, Tracker
+from onion_twisted.protocol import cells, crypto, wire
+from onion_twisted.tracker.catalogue import Catalogue
+from onion_twisted.protocol.errors import NextHopFailed
+from onion_twisted.tracker.registry import NodeRegistry
+from onion_twisted.tracker.tracker import SIGNATURE_HEADER, Tracker
 
 PORT = 5000
 NOW = 1_700_000_000

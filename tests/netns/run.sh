@@ -122,7 +122,7 @@ echo "namespaces: $BR (bridge, $BRIDGE_IP) and ${#MEMBERS[@]} members ${PREFIX}t
 CHECK=$(cat <<'PY'
 import hashlib, json, os, re, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
-from onion_twisted.localnet import SAMPLES, LocalNetwork
+from onion_twisted.ops.localnet import SAMPLES, LocalNetwork
 
 prefix, subnet, base_host, nodes = os.environ["NS_PREFIX"], os.environ["NS_SUBNET"], int(os.environ["NS_BASE"]), int(os.environ["NS_NODES"])
 run_dir, deadline = Path(os.environ["NS_RUN_DIR"]), time.monotonic() + float(os.environ["NS_DEADLINE"])

@@ -32,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from onion_twisted import wire
+from onion_twisted.protocol import wire
 from tests.support.deferreds import current_reactor as _reactor
 from tests.support.processes import PORT, Member, poll_until, sha256_file, tail_files
 

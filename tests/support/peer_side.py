@@ -15,11 +15,11 @@ from __future__ import annotations
 from klein import Klein
 from twisted.internet import defer
 
-from onion_twisted import cells
-from onion_twisted.circuit import Circuit
-from onion_twisted.errors import Forbidden, ProtocolError, UnknownCircuit
-from onion_twisted.http_client import HTTPOutbound
-from onion_twisted.http_server import QuietSite, write_error, write_json
+from onion_twisted.protocol import cells
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.protocol.errors import Forbidden, ProtocolError, UnknownCircuit
+from onion_twisted.net.http_client import HTTPOutbound
+from onion_twisted.net.http_server import QuietSite, write_error, write_json
 from tests.support.deferreds import current_reactor
 from tests.support.processes import PORT, StatusOutbound, poll_until
 

@@ -38,10 +38,10 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.http_headers import Headers
 
-from onion_twisted import crypto, errors, wire
-from onion_twisted.directory import parse_signed_directory
-from onion_twisted.directory_client import SIGNATURE_HEADER
-from onion_twisted.http_client import BytesProducer, HTTPOutbound
+from onion_twisted.protocol import crypto, errors, wire
+from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.net.http_client import BytesProducer, HTTPOutbound
 from tests.support.deferreds import current_reactor as _reactor
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,46 @@
+"""Identity keys on disk: made on first start, mode 0600, reused after a restart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from onion_twisted.protocol import crypto
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_or_create_node_key(data_dir, bits: int = 2048):
+    path = Path(data_dir) / "node_key.pem"
+    if path.exists():
+        os.chmod(path, 0o600)
+        return crypto.load_private_key_pem(path.read_bytes())
+    key = crypto.generate_node_key(bits)
+    _write_private(path, crypto.private_key_pem(key))
+    return key
+
+
+def load_or_create_tracker_key(data_dir):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = Path(data_dir) / "tracker_key"
+    if path.exists():
+        os.chmod(path, 0o600)
+        return ed25519.Ed25519PrivateKey.from_private_bytes(path.read_bytes())
+    key = crypto.generate_tracker_key()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    _write_private(path, raw)
+    return key

@@ -1,0 +1,1 @@
+"""The relay node: its circuit table, relay logic, Klein app and service."""

@@ -1,0 +1,412 @@
+"""What a node does with one ``POST /`` cell (PROTOCOL.md §4, §5, §7, §9).
+
+``NodeRelay.handle`` is the whole dispatch: it reads and changes the relay
+table, and talks to neighbours only through the injected ``outbound``
+(``post(address, body, headers) -> Deferred[bytes]`` raising NextHopFailed /
+NextHopTimeout), so it is tested in memory with no sockets. Errors are
+ProtocolError exceptions carrying their §3 status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+from twisted.logger import Logger
+
+from onion_twisted.protocol import cells, control, wire
+from onion_twisted.node.circuits import EXIT, NODE, Circuit, RelayTable
+from onion_twisted.protocol.crypto import BACKWARD, open_session_key
+from onion_twisted.protocol.errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
+from onion_twisted.net.metrics import NodeMetrics
+from onion_twisted.net.ratelimit import RateLimiter
+
+EMPTY = b"{}"
+_ALL = "all"  # the work budget's one key
+DEFAULT_NODE_CREATE_RATE, DEFAULT_NODE_CREATE_BURST = 200.0, 1000
+DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST = 500.0, 1000
+BRIDGE_GONE = (b'{"payload":{"type":"error","error":"bridge_gone",'
+               b'"detail":"the other side of the bridge did not take the chunk"}}')
+_CHUNK_TYPES = ("file_chunk", "transfer_end")
+
+
+_CHUNK_DATA = (("data",),)  # a file chunk's base64, decoded in passing (wire.loads_with_base64)
+
+
+def reply_with(layer_bytes: bytes) -> bytes:
+    return wire.with_base64({}, "payload", layer_bytes)
+
+
+def cell_with_raw_object(cid: str, json_object: bytes) -> bytes:
+    """A cell whose payload is an already-serialised JSON object: spliced, not re-encoded."""
+    return b'{"CID":"' + cid.encode("ascii") + b'","payload":' + json_object + b"}"
+
+
+class NodeRelay:
+    log = Logger()
+
+    def __init__(self, *, clock, private_key, own_address: wire.Address, tracker: wire.Address,
+                 table: RelayTable, outbound, directory, limiter, node_limiter=None, work_limiter=None,
+                 metrics: NodeMetrics | None = None, resolve=None, control_max_skew: float = 60.0,
+                 unsafe_logging: bool = False):
+        self.clock = clock
+        self.private_key = private_key
+        self.own_address = own_address
+        self.port = own_address.port
+        self.tracker = tracker
+        self.table = table
+        self.outbound = outbound
+        self.directory = directory
+        # Three budgets of CREATE work, all spent before the RSA decryption
+        # (a CREATE that fails to decrypt costs the same CPU as one that works):
+        # ``limiter`` per source IP that is not a directory node (peers),
+        # ``node_limiter`` per directory node (each previous hop its own, larger
+        # budget: it extends for many peers), ``work_limiter`` the node's whole
+        # RSA budget per second, whoever asks.
+        self.limiter = limiter
+        # (``is None``, not ``or``: an empty RateLimiter has len() 0 and is false.)
+        if node_limiter is None:
+            node_limiter = RateLimiter(clock, DEFAULT_NODE_CREATE_RATE, DEFAULT_NODE_CREATE_BURST)
+        if work_limiter is None:
+            work_limiter = RateLimiter(clock, DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST, max_keys=1)
+        self.node_limiter = node_limiter
+        self.work_limiter = work_limiter
+        self.metrics = metrics or NodeMetrics(clock)
+        self.resolve = resolve or _literal_ip
+        self.control_max_skew = control_max_skew
+        self.unsafe_logging = unsafe_logging
+        self._controls_seen: dict[bytes, float] = {}  # SHA-256 of the body -> issued, within the skew window
+        self._failures_logged: dict[str, list] = {}  # kind of relay failure -> [last logged at, how many since]
+
+    # --- entry point ----------------------------------------------------------------
+
+    # A relayed chunk is held until the far end answers (store-and-forward), so
+    # the handlers below drop each large buffer (received body, layers,
+    # plaintext) as soon as the next one is made, before they await: a node
+    # then holds about one copy per chunk in flight, not five.
+
+    def handle(self, source_ip: str, body: bytes, signature=None):
+        """Answer one cell (a coroutine): the 200 body, or raise the ProtocolError to answer."""
+        return self.metrics.counting_errors(self._dispatch(source_ip, body, signature))
+
+    async def _dispatch(self, source_ip: str, body: bytes, signature) -> bytes:
+        cell = cells.parse_cell(body, chunks=True)
+        if cell.is_control:
+            return await self._control(body, signature, cell.payload)
+        del body
+        if cell.destroy:
+            return self._destroy(source_ip, cell.cid)
+        table = self.table
+        circuit = table.forward(cell.cid, source_ip)
+        if circuit is not None:
+            step = self._forward(circuit, cells.payload_bytes(cell))
+            del cell
+            return await step
+        circuit = table.backward(cell.cid, source_ip)
+        if circuit is not None:
+            step = self._backward(circuit, cell)
+            del cell
+            return await step
+        bridge = table.incoming_bridge(cell.cid, source_ip)
+        if bridge is not None:
+            step = self._from_bridge(bridge, cell)
+            del cell
+            return await step
+        return self._create(source_ip, cell)
+
+    # --- create (§4.5) -----------------------------------------------------------------
+
+    def _create(self, source_ip: str, cell: cells.Cell) -> bytes:
+        if cell.cid in self.table.bridges_out:
+            raise Forbidden("that CID is an outgoing bridge of this node")
+        if isinstance(cell.payload, dict):
+            # Objects travel only from the tracker and over bridges: this is
+            # traffic for a circuit or bridge that is gone (§3: 404).
+            raise UnknownCircuit("no circuit or bridge with that CID")
+        sealed = cells.payload_bytes(cell)
+        self._spend_create_budget(source_ip)
+        session_key = open_session_key(self.private_key, sealed)
+        circuit = self.table.create(source_ip, cell.cid, session_key)
+        self.metrics.created()
+        self._debug("created circuit {cid} from {ip}", cid=cell.cid, ip=source_ip)
+        return reply_with(circuit.layer.wrap(cells.CREATED, BACKWARD))
+
+    def _spend_create_budget(self, source_ip: str) -> None:
+        if self._is_directory_node(source_ip):
+            if not self.node_limiter.allow(source_ip):
+                raise RateLimited("too many new circuits from this node")
+        elif not self.limiter.allow(source_ip):
+            raise RateLimited("too many new circuits from this address")
+        if not self.work_limiter.allow(_ALL):
+            raise RateLimited("this node is at its budget of circuit handshakes; try again shortly")
+
+    # --- forward (§4.2) -------------------------------------------------------------
+
+    async def _forward(self, circuit: Circuit, layer: bytes) -> bytes:
+        plaintext = self.table.peel_forward(circuit, layer)
+        self.metrics.relayed("forward", len(layer))
+        del layer
+        if circuit.out_cid is None:
+            return await self._extend(circuit, plaintext)
+        if circuit.out_kind == NODE:
+            sent = self.outbound.post(circuit.out_addr, cells.encode_cell(circuit.out_cid, plaintext))
+            del plaintext
+            with self._logging_failure("a forward cell could not be delivered to the next hop", circuit):
+                reply = await sent
+                return self._wrap_reply(circuit, reply, from_node=True)
+        message, _ = wire.loads_with_base64(plaintext, _CHUNK_DATA, "message for the tracker")
+        message.pop("data", None)
+        if message.get("type") in _CHUNK_TYPES:
+            bridge = self.table.outgoing_bridge(circuit, message.get("transfer"))
+            if bridge is not None:
+                try:
+                    sent = self.outbound.post(bridge.peer_addr, cell_with_raw_object(bridge.bridge_cid, plaintext))
+                    del plaintext
+                    reply = await sent
+                except ProtocolError as e:
+                    # The requester's side is gone, not this circuit: say so to
+                    # the sharer (who stops this upload only) and drop the bridge.
+                    self._relay_failed("a chunk could not cross the bridge", e, circuit, bridge.peer_addr)
+                    self.table.remove_bridge(bridge)
+                    return self._wrap_reply(circuit, BRIDGE_GONE, from_node=False)
+                bridge.last_used = self.clock.seconds()
+                if message["type"] == "transfer_end":
+                    self.table.remove_bridge(bridge)
+                return self._wrap_reply(circuit, reply, from_node=False)
+        sent = self.outbound.post(circuit.out_addr, cell_with_raw_object(circuit.out_cid, plaintext))
+        del plaintext
+        with self._logging_failure("a message could not be delivered to the tracker", circuit):
+            reply = await sent
+        self.table.touch(circuit)
+        return self._wrap_reply(circuit, reply, from_node=False)
+
+    async def _extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
+        """EXTEND (§4.2); a circuit whose EXTEND fails is closed at once.
+
+        Left open, one circuit could ask again and again, and each attempt
+        costs the next hop an RSA decryption: a flood driven from a single
+        circuit through a directory node. Closed, every attempt costs the
+        sender a new circuit here, under its own CREATE budget. The previous
+        hop is told (a destroy), so it drops its part too.
+        """
+        if circuit.extending:
+            # Not an attempt: it costs no next hop anything, and the first one goes on.
+            raise Conflict("an extend is already in progress on this circuit")
+        try:
+            return await self._try_extend(circuit, plaintext)
+        except BaseException:
+            if self.table.remove(circuit):
+                self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+                self.metrics.extend_failed()
+            raise
+
+    async def _try_extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
+        extend = cells.parse_extend(plaintext, self.port)
+        circuit.extending = True
+        try:
+            if extend.to_tracker:
+                if extend.to != self.tracker:
+                    raise Forbidden("exit policy: this node exits only to the network's tracker")
+                kind = EXIT
+            else:
+                if extend.to == self.own_address:
+                    raise Forbidden("a node does not extend a circuit to itself")
+                if not await self.directory.knows(extend.to):
+                    raise Forbidden("extend target is not a node of the directory")
+                kind = NODE
+            out_ip = await self.resolve(extend.to)
+            out_cid = wire.new_circuit_id()
+            with self._logging_failure("a circuit could not be extended to the next hop", circuit, extend.to):
+                reply = await self.outbound.post(extend.to, cells.encode_cell(out_cid, extend.relay))
+            answer = self._wrap_reply(circuit, reply, from_node=kind == NODE)
+            try:
+                self.table.attach(circuit, extend.to, out_ip, out_cid, kind)
+            except Conflict:
+                # Destroyed while the extend was under way: pass the destroy on (§9)
+                # so the next hop (or the tracker) does not keep the half-built circuit.
+                self._notify(extend.to, cells.encode_destroy(out_cid))
+                raise
+        finally:
+            circuit.extending = False
+        self.table.touch(circuit)
+        return answer
+
+    def _wrap_reply(self, circuit: Circuit, reply: bytes, *, from_node: bool) -> bytes:
+        """§5: wrap the far end's reply payload in this hop's backward layer."""
+        try:
+            payload = cells.parse_reply(reply)
+        except BadRequest:
+            raise NextHopFailed("next hop sent a malformed reply") from None
+        if payload is None:
+            return EMPTY
+        if isinstance(payload, dict):
+            if from_node:
+                raise NextHopFailed("next hop sent an object where a layer was due")
+            data = wire.dumps(payload)
+        else:
+            try:
+                data = wire.b64decode(payload, "reply payload")
+            except BadRequest:
+                raise NextHopFailed("next hop sent a reply that is not base64") from None
+        self.metrics.relayed("backward", len(data))
+        return reply_with(circuit.layer.wrap(data, BACKWARD))
+
+    # --- backward (§4.3, §4.4) ------------------------------------------------------
+
+    async def _backward(self, circuit: Circuit, cell: cells.Cell) -> bytes:
+        if circuit.out_kind == EXIT:
+            step = self._send_backward(circuit, cell.object_bytes())
+        else:
+            step = self._send_backward(circuit, cells.payload_bytes(cell))
+        del cell
+        self.table.touch(circuit)
+        return await step
+
+    async def _from_bridge(self, bridge, cell: cells.Cell) -> bytes:
+        ends = cells.payload_object(cell).get("type") == "transfer_end"
+        circuit = bridge.circuit
+        bridge.last_used = self.clock.seconds()
+        self.table.touch(circuit)
+        step = self._send_backward(circuit, cell.object_bytes())
+        del cell
+        answer = await step
+        if ends:
+            self.table.remove_bridge(bridge)
+        return answer
+
+    async def _send_backward(self, circuit: Circuit, data: bytes) -> bytes:
+        layer = circuit.layer.wrap(data, BACKWARD)
+        del data
+        self.metrics.relayed("backward", len(layer))
+        sent = self.outbound.post(wire.Address(circuit.in_ip, self.port), cells.encode_cell(circuit.in_cid, layer))
+        del layer
+        with self._logging_failure("a backward cell could not be delivered to the previous hop", circuit,
+                                   circuit.in_ip):
+            await sent
+        return EMPTY
+
+    # --- destroy (§9) ----------------------------------------------------------------
+
+    def _destroy(self, source_ip: str, cid: str) -> bytes:
+        table = self.table
+        circuit = table.forward(cid, source_ip)
+        if circuit is not None:
+            table.remove(circuit)
+            if circuit.out_cid is not None:
+                self._notify(circuit.out_addr, cells.encode_destroy(circuit.out_cid))
+            return EMPTY
+        circuit = table.backward(cid, source_ip)
+        if circuit is not None:
+            table.remove(circuit)
+            self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+            return EMPTY
+        bridge = table.bridge_by_cid(cid)
+        if bridge is not None:
+            if bridge.peer_ip != source_ip:
+                raise Forbidden("not this bridge's other exit")
+            table.remove_bridge(bridge)
+            return EMPTY
+        raise UnknownCircuit("destroy for a circuit this node does not know")
+
+    def destroy_both_ways(self, circuit: Circuit) -> None:
+        """Tell both neighbours that a circuit is gone (idle expiry, shutdown)."""
+        self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+        if circuit.out_cid is not None:
+            self._notify(circuit.out_addr, cells.encode_destroy(circuit.out_cid))
+
+    def _notify(self, address: wire.Address, body: bytes):
+        """Best effort: the destroy is answered at once; the neighbour may be gone."""
+        d = self.outbound.post(address, body)
+        d.addErrback(lambda f: self._debug("destroy not delivered: {f}", f=f.getErrorMessage()))
+        return d
+
+    # --- control (§7) -------------------------------------------------------------------
+
+    async def _control(self, body: bytes, signature, payload) -> bytes:
+        key = await self.directory.tracker_key()
+        now = self.clock.seconds()
+        message = control.verify_control(body, signature, payload, key, now, self.control_max_skew, self.port)
+        self._refuse_replayed_control(body, message.issued, now)
+        table = self.table
+        if message.type == control.DROP_BRIDGE:
+            # Both ends, when both exits are this node (§7).
+            ends = [b for b in (table.bridges_in.get(message.bridge_cid),
+                                table.bridges_out.get(message.bridge_cid)) if b is not None]
+            if not ends:
+                raise UnknownCircuit("drop_bridge for a bridge this node does not know")
+            for bridge in ends:
+                table.remove_bridge(bridge)
+            return EMPTY
+        peer_ip = await self.resolve(message.peer)
+        if message.type == control.MAKE_BRIDGE:
+            table.make_bridge(message.cid, message.transfer, message.bridge_cid, message.peer, peer_ip)
+        else:
+            table.receive_bridge(message.cid, message.bridge_cid, message.peer, peer_ip)
+        return EMPTY
+
+    def _refuse_replayed_control(self, body: bytes, issued: float, now: float) -> None:
+        # A signed control message is valid for the whole skew window; one
+        # captured and replayed could re-create a dropped bridge. Bodies seen
+        # within the window are remembered and refused a second time. The key
+        # is the body's hash, not the signature's text: the signature is over
+        # the body, so a replay carries the same body whatever spelling of the
+        # signature it shows.
+        seen = self._controls_seen
+        if len(seen) > 1024:
+            for old in [s for s, at in seen.items() if abs(now - at) > self.control_max_skew]:
+                del seen[old]
+        digest = hashlib.sha256(body).digest()
+        if digest in seen:
+            raise Conflict("control message replayed")
+        seen[digest] = issued
+
+    def _is_directory_node(self, ip: str) -> bool:
+        # A node extending circuits for many peers sends every CREATE from its
+        # one IP: directory nodes get a budget of their own, larger than a peer's.
+        current = getattr(self.directory, "current", None)
+        return current is not None and ip in current.node_ips
+
+    # --- relay failures in the log -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _logging_failure(self, what: str, circuit: Circuit, neighbour=None):
+        """Log a ProtocolError raised inside (a next hop that failed) and let it go on."""
+        try:
+            yield
+        except ProtocolError as e:
+            self._relay_failed(what, e, circuit, neighbour)
+            raise
+
+    def _relay_failed(self, what: str, error: ProtocolError, circuit: Circuit, neighbour=None) -> None:
+        """Say what failed on the way, so a broken transfer is never silent.
+
+        Safe form: what failed and the error's detail (details never name an
+        address); the circuit id and the neighbour only with unsafe_logging.
+        At most one line a second per kind of failure, with the count of the
+        others, so a neighbour that fails every cell cannot flood the log.
+        """
+        logged = self._failures_logged
+        now = self.clock.seconds()
+        last = logged.get(what)
+        if last is not None and now - last[0] < 1.0:
+            last[1] += 1
+            return
+        more = f" ({last[1]} more since the last such line)" if last is not None and last[1] else ""
+        logged[what] = [now, 0]
+        if self.unsafe_logging:
+            self.log.warn("{what}: {why}{more} (circuit {cid}, neighbour {neighbour})", what=what, why=error.detail,
+                          more=more, cid=circuit.in_cid, neighbour=str(neighbour or circuit.out_addr))
+        else:
+            self.log.warn("{what}: {why}{more}", what=what, why=error.detail, more=more)
+
+    def _debug(self, fmt: str, **kw) -> None:
+        # Safe logging: circuit ids, addresses and names only with the debug switch.
+        if self.unsafe_logging:
+            self.log.debug(fmt, **kw)
+
+
+async def _literal_ip(address: wire.Address) -> str:
+    ip = address.ip
+    if ip is None:
+        raise NextHopFailed("next hop is a DNS name and this node has no resolver")
+    return ip

@@ -1,0 +1,1 @@
+"""Operator and developer tools that are no member's part: the local network."""

@@ -1,0 +1,1 @@
+"""The peer: its circuit, sharing, downloads, Klein app (the page) and service."""

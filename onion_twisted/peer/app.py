@@ -1,0 +1,421 @@
+"""The peer's HTTP face: a thin Klein app over ``Peer``.
+
+Routes:
+
+* ``POST /``              cells from the circuit's entry node (any address: the
+                          peer checks the neighbour itself, PROTOCOL.md §5).
+* ``GET /identity``       who this member is (§6), to any address.
+* ``GET /``               the page (``static/index.html``).
+* ``GET /static/NAME``    the page's own files, nothing else.
+* ``GET /api/status``     ``peer.status()`` as JSON.
+* ``POST /api/downloads`` ``{"file": NAME, "sha256": H?}`` -> 202 and the download's status.
+* ``POST /api/downloads/NAME/retry``  a failed download again, with what it has -> 202.
+* ``DELETE /api/downloads/NAME``      a failed or finished download off the list -> 200.
+* ``GET /files/NAME``     a finished download, as an attachment.
+
+Everything but ``POST /`` and ``GET /identity`` is for the user only: a
+client whose IP is outside ``ui_allow`` gets 403. Two more checks keep web
+pages the user visits from driving the API through the user's browser (the
+browser's address *is* allowed): the ``Host`` header must name an IP literal,
+``localhost`` or the peer's own host (DNS rebinding), and a request that
+carries an ``Origin`` must come from the page's own origin (CSRF).
+``POST /api/downloads`` (and ``.../retry``) also wants ``Content-Type:
+application/json``, which no cross-origin form can send without a CORS
+preflight this app never grants; nor can it send ``DELETE``.
+
+A download is known by its file name (the peer lists one download per name).
+The page's title and heading name the peer: its ``name`` key, if set, and its
+address, so a user with several peers' pages open knows which is which.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import os
+import re
+import time
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from werkzeug.exceptions import HTTPException
+from zope.interface import implementer
+
+from onion_twisted import PROTOCOL
+from onion_twisted.protocol import wire
+from onion_twisted.protocol.errors import BadRequest, ProtocolError
+from onion_twisted.net.http_server import CellRoute, ip_allowed, parse_allow, respond, write_json
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {
+    "index.html": b"text/html; charset=utf-8",
+    "app.js": b"text/javascript; charset=utf-8",
+    "style.css": b"text/css; charset=utf-8",
+    "favicon.png": b"image/png",
+}
+PAGE_CSP = (b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
+            b"object-src 'none'")
+FILE_CSP = b"default-src 'none'; sandbox"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_log = Logger(namespace="onion_twisted.peer.app")
+
+
+def _host_of(authority: str) -> str:
+    """The host part of ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``, lowercased."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    if authority.count(":") == 1:
+        return authority.split(":", 1)[0]
+    return authority
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def content_disposition(name: str) -> bytes:
+    """``attachment`` with an ASCII fallback name and the exact UTF-8 one (RFC 6266, 5987)."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in name) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}".encode("ascii")
+
+
+def parse_range(header, size: int):
+    """One ``bytes=A-B``, ``A-`` or ``-N`` range as (offset, length); None to send the whole file
+    (no header, another unit, several ranges, nonsense); "unsatisfiable" when it starts past the end."""
+    if not header:
+        return None
+    m = re.fullmatch(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if m is None or m.group(1) == m.group(2) == b"":
+        return None
+    first, last = m.group(1), m.group(2)
+    if first == b"":  # the last N bytes
+        n = int(last)
+        if n == 0:
+            return "unsatisfiable"
+        n = min(n, size)
+        return (size - n, n) if n else "unsatisfiable"
+    start = int(first)
+    end = size - 1 if last == b"" else min(int(last), size - 1)
+    if last != b"" and int(last) < start:
+        return None  # syntactically invalid: ignored (RFC 9110 §14.1.1)
+    if start >= size:
+        return "unsatisfiable"
+    return start, end - start + 1
+
+
+@implementer(IPushProducer)
+class FileStreamer:
+    """``length`` bytes of an open file from ``offset`` to a request, as a push producer:
+    it writes until the transport says pause, and goes on when it says resume.
+
+    ``start()`` returns a Deferred that fires once all is written (Klein then
+    finishes the request); cancelling it (the client went away) stops reading.
+    """
+
+    chunk = 64 * 1024
+
+    def __init__(self, request, f, offset: int, length: int):
+        self.request = request
+        self.file = f
+        self.remaining = length
+        self.paused = False
+        self.busy = False
+        self.done = False
+        f.seek(offset)
+        self.finished = defer.Deferred(lambda _: self._close())
+
+    def start(self) -> defer.Deferred:
+        self.request.registerProducer(self, True)
+        self.resumeProducing()
+        return self.finished
+
+    def resumeProducing(self):
+        self.paused = False
+        if self.busy:
+            return  # a write below called back into us: the loop goes on by itself
+        self.busy = True
+        try:
+            while not self.paused and not self.done:
+                data = self.file.read(min(self.chunk, self.remaining)) if self.remaining > 0 else b""
+                if not data:
+                    short = self.remaining > 0
+                    self._close()
+                    if short:  # the file shrank: never end a response that lies about its length
+                        self.request.loseConnection()
+                    self.finished.callback(None)
+                    return
+                self.remaining -= len(data)
+                self.request.write(data)
+        except OSError:
+            self._close()
+            self.request.loseConnection()
+            if not self.finished.called:
+                self.finished.callback(None)
+        finally:
+            self.busy = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def stopProducing(self):
+        self._close()
+
+    def _close(self):
+        if self.done:
+            return
+        self.done = True
+        self.file.close()
+        try:
+            self.request.unregisterProducer()
+        except Exception:  # the channel is already gone
+            pass
+
+
+class PeerApp:
+    app = Klein()
+
+    def __init__(self, peer, ui_allow: list[str], address: str | None = None, clock=None, name: str = ""):
+        self.peer = peer
+        self.networks = parse_allow(ui_allow)
+        own = getattr(peer, "own_address", None)
+        self.address = str(own) if own is not None else address
+        self.clock = clock if clock is not None else getattr(peer, "clock", None)
+        self.name = name.strip()
+
+    def who(self) -> dict:
+        """Which peer this is, for the page and ``/api/status``."""
+        return {"name": self.name or None, "address": self.address}
+
+    def _page(self, body: bytes) -> bytes:
+        """``index.html`` with the peer's name and address in its title and heading."""
+        e = html.escape
+        where = f"onion_twisted peer at {self.address}" if self.address else "onion_twisted peer"
+        title = f"{self.name} · {where}" if self.name else where
+        if self.name:
+            heading = f'{e(self.name)} <span class="where">{e(where)}</span>'
+        else:
+            heading = e(where)
+        body = body.replace(b"<title>onion_twisted peer</title>", f"<title>{e(title)}</title>".encode("utf-8"), 1)
+        return body.replace(b'<h1 id="peer-heading">onion_twisted peer</h1>',
+                            f'<h1 id="peer-heading">{heading}</h1>'.encode("utf-8"), 1)
+
+    def resource(self):
+        # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
+        return CellRoute(self.app.resource(), self.post_cell)
+
+    # --- guards ---------------------------------------------------------------------------
+
+    def _refusal(self, request) -> bytes | None:
+        """None when the request may use the page and the API, else the 403 answer."""
+        detail = None
+        if not ip_allowed(request.getClientAddress().host, self.networks):
+            detail = "this address may not use the peer's page or API (ui_allow)"
+        else:
+            host_header = (request.getHeader(b"host") or b"").decode("latin-1")
+            host = _host_of(host_header)
+            if host_header and not (_is_ip(host) or host == "localhost" or host.endswith(".localhost")
+                                    or (self.address and host == _host_of(self.address))):
+                detail = "the Host header must be an IP address or localhost"
+            origin = request.getHeader(b"origin")
+            if detail is None and origin is not None:
+                parts = urlsplit(origin.decode("latin-1"))
+                if parts.scheme not in ("http", "https") or parts.netloc.lower() != host_header.lower():
+                    detail = "cross-origin requests are refused"
+        if detail is None:
+            return None
+        request.setHeader(b"Cache-Control", b"no-store")
+        return write_json(request, 403, wire.dumps({"error": "forbidden", "detail": detail}))
+
+    @staticmethod
+    def _api(request, status: int, obj) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        return write_json(request, status, wire.dumps(obj))
+
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.time()
+
+    # --- the network's routes --------------------------------------------------------------
+
+    @app.route("/", methods=["POST"])
+    def post_cell(self, request):
+        body = request.content.getvalue()
+        return respond(request, self.peer.receive_cell(request.getClientAddress().host, body))
+
+    @app.route("/identity", methods=["GET"])
+    def get_identity(self, request):
+        address = self.address
+        if address is None:  # whatever the client reached us at
+            host = request.getHost()
+            address = str(wire.Address(host.host, host.port))
+        return write_json(request, 200, wire.dumps({
+            "role": "peer", "address": address, "public_key": None, "fingerprint": None,
+            "protocol": PROTOCOL}))
+
+    # --- the user's routes -------------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def get_page(self, request):
+        return self._static(request, "index.html")
+
+    @app.route("/favicon.ico", methods=["GET"])
+    def get_favicon(self, request):
+        return self._static(request, "favicon.png")
+
+    @app.route("/static/<path:name>", methods=["GET"])
+    def get_static(self, request, name):
+        return self._static(request, name)
+
+    def _static(self, request, name: str):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        kind = STATIC_TYPES.get(name)
+        try:
+            body = (STATIC_DIR / name).read_bytes() if kind is not None else None
+        except OSError:
+            body = None
+        if body is None:
+            return self._api(request, 404, {"error": "not_found", "detail": "no such page file"})
+        request.setHeader(b"Content-Type", kind)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        if name == "index.html":
+            body = self._page(body)
+            request.setHeader(b"Content-Security-Policy", PAGE_CSP)
+            request.setHeader(b"X-Frame-Options", b"DENY")
+            request.setHeader(b"Cache-Control", b"no-store")
+        else:
+            request.setHeader(b"Cache-Control", b"no-cache")
+        return body
+
+    @app.route("/api/status", methods=["GET"])
+    def get_api_status(self, request):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        return self._api(request, 200, dict(self.peer.status(), peer=self.who()))
+
+    @app.route("/api/downloads", methods=["POST"])
+    def post_api_download(self, request):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        unsupported = self._not_json(request)
+        if unsupported is not None:
+            return unsupported
+        try:
+            body = wire.loads_object(request.content.getvalue(), "the request")
+            name, sha256 = body.get("file"), body.get("sha256")
+            if not isinstance(name, str) or not name:
+                raise BadRequest("file must be a non-empty string")
+            if sha256 is not None:
+                if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+                    raise BadRequest("sha256 must be 64 hexadecimal digits")
+                sha256 = sha256.lower()
+            try:
+                download = self.peer.download(name, sha256)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        except ProtocolError as e:
+            return self._api(request, e.status, e.body())
+        return self._api(request, 202, download.status(self._now()))
+
+    def _not_json(self, request) -> bytes | None:
+        """None for a JSON request, else the 415 answer (no cross-origin form sends JSON)."""
+        kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if kind == b"application/json":
+            return None
+        return self._api(request, 415, {"error": "unsupported_media_type",
+                                        "detail": "send the request as Content-Type: application/json"})
+
+    @app.route("/api/downloads/<name>/retry", methods=["POST"])
+    def post_api_retry(self, request, name):
+        refused = self._refusal(request) or self._not_json(request)
+        if refused is not None:
+            return refused
+        try:
+            download = self.peer.retry(name)
+        except LookupError:
+            return self._api(request, 404, {"error": "not_found", "detail": "no download of that name is listed"})
+        except ProtocolError as e:
+            return self._api(request, e.status, e.body())
+        return self._api(request, 202, download.status(self._now()))
+
+    @app.route("/api/downloads/<name>", methods=["DELETE"])
+    def delete_api_download(self, request, name):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            self.peer.dismiss(name)
+        except LookupError:
+            return self._api(request, 404, {"error": "not_found", "detail": "no download of that name is listed"})
+        except ProtocolError as e:
+            return self._api(request, e.status, e.body())
+        return self._api(request, 200, {"dismissed": name})
+
+    @app.route("/files/<path:name>", methods=["GET"])
+    def get_finished_file(self, request, name):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        path = None
+        if name not in (".", "..") and not name.startswith(".") and "/" not in name and "\\" not in name \
+                and "\x00" not in name:
+            path = self.peer.store.file_path(name)
+        if path is None or not Path(path).is_file():
+            return self._api(request, 404, {"error": "not_found", "detail": "no finished download of that name"})
+        try:
+            f = open(path, "rb")
+        except OSError:
+            return self._api(request, 404, {"error": "not_found", "detail": "no finished download of that name"})
+        size = os.fstat(f.fileno()).st_size
+        request.setHeader(b"Content-Type", b"application/octet-stream")  # never rendered, never unzipped
+        request.setHeader(b"Content-Disposition", content_disposition(Path(path).name))
+        request.setHeader(b"Content-Security-Policy", FILE_CSP)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        wanted = parse_range(request.getHeader(b"range"), size) if request.getHeader(b"if-range") is None \
+            else None
+        if wanted == "unsatisfiable":
+            f.close()
+            request.setHeader(b"Content-Range", b"bytes */%d" % size)
+            return self._api(request, 416, {"error": "range_not_satisfiable", "detail": f"the file has {size} bytes"})
+        offset, length = wanted if wanted else (0, size)
+        if wanted:
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (offset, offset + length - 1, size))
+        request.setHeader(b"Content-Length", b"%d" % length)
+        if request.method == b"HEAD" or length == 0:
+            f.close()
+            return b""
+        return FileStreamer(request, f, offset, length).start()
+
+    # --- errors from the routing itself ------------------------------------------------------
+
+    @app.handle_errors(HTTPException)
+    def routing_error(self, request, failure):
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        e = failure.value
+        if e.code == 405:
+            request.setHeader(b"Allow", ", ".join(e.valid_methods or ()).encode("ascii"))
+            return self._api(request, 405, {"error": "method_not_allowed", "detail": e.name})
+        return self._api(request, 404, {"error": "not_found", "detail": "Not Found"})  # redirects too
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request, failure):
+        _log.failure("internal error while answering the page or the API", failure)
+        return self._api(request, 500, {"error": "internal", "detail": "internal error"})

@@ -1,0 +1,188 @@
+"""Transfer bookkeeping for peers (PROTOCOL.md §8), with no network I/O.
+
+* ``ChunkMap``: which chunks of a download are on disk, the ranges still
+  wanted (the ``chunks`` of a resumed ``request``), serialised beside the
+  partial file so a restarted peer asks only for what it lacks.
+* ``resolve_shared``: the sharer's name check: one regular file directly in
+  the share directory, by exact name, announced before, nothing that climbs
+  or links out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from onion_twisted.tracker.catalogue import MessageError, check_name
+
+#: Most chunks one download may have. The map costs a byte a chunk, and the size comes
+#: from the sharer (its ``ls``, its chunks): 2^22 chunks is a 4 MiB map, a file of
+#: 1 TiB at the default 256 KiB chunk (64 GiB at 16 KiB, 16 TiB at 4 MiB).
+MAX_CHUNKS = 1 << 22
+
+
+class ChunkMap:
+    """The received chunks of one file of ``size`` bytes in ``chunk_size`` chunks."""
+
+    def __init__(self, size: int, chunk_size: int, received: bytes | None = None):
+        if size < 0 or chunk_size <= 0:
+            raise ValueError("size must be >= 0 and chunk_size > 0")
+        self.size = size
+        self.chunk_size = chunk_size
+        self.count = (size + chunk_size - 1) // chunk_size
+        if self.count > MAX_CHUNKS:
+            raise ValueError(f"a file of more than {MAX_CHUNKS} chunks")
+        self.bits = bytearray(received) if received is not None else bytearray(self.count)
+        if len(self.bits) != self.count:
+            raise ValueError("record does not match the file's chunk count")
+        self.have = len(self.bits) - self.bits.count(0)
+
+    def chunk_length(self, index: int) -> int:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    def mark(self, index: int) -> bool:
+        """Record chunk ``index``; False if it was already there."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)  # a negative index would otherwise mark a chunk from the end
+        if self.bits[index]:
+            return False
+        self.bits[index] = 1
+        self.have += 1
+        return True
+
+    def __contains__(self, index: int) -> bool:
+        return 0 <= index < self.count and bool(self.bits[index])
+
+    @property
+    def complete(self) -> bool:
+        return self.have == self.count
+
+    @property
+    def bytes_received(self) -> int:
+        if self.complete:
+            return self.size
+        last = self.count - 1
+        full = self.have - (1 if self.count and self.bits[last] else 0)
+        return full * self.chunk_size + (self.chunk_length(last) if self.count and self.bits[last] else 0)
+
+    def missing_ranges(self) -> list[list[int]]:
+        """Half-open ranges [a, b) of chunk indexes not received yet."""
+        ranges, start = [], None
+        for i, b in enumerate(self.bits):
+            if not b and start is None:
+                start = i
+            elif b and start is not None:
+                ranges.append([start, i])
+                start = None
+        if start is not None:
+            ranges.append([start, self.count])
+        return ranges
+
+    # --- the record beside the partial file --------------------------------------------
+
+    def to_record(self) -> dict:
+        return {"size": self.size, "chunk_size": self.chunk_size, "received": ranges_of(self.bits)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ChunkMap":
+        """The map a record describes; ValueError for any malformed record."""
+        def integer(value) -> int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError("record field is not an integer")
+            return value
+
+        if not isinstance(record, dict):
+            raise ValueError("record is not an object")
+        try:
+            size, chunk_size, received = record["size"], record["chunk_size"], record["received"]
+        except KeyError as e:
+            raise ValueError(f"record lacks {e}") from None
+        chunk_map = cls(integer(size), integer(chunk_size))
+        if not isinstance(received, list):
+            raise ValueError("record received is not a list")
+        for r in received:
+            if not isinstance(r, list) or len(r) != 2:
+                raise ValueError("record range is not [first, end)")
+            a, b = integer(r[0]), integer(r[1])
+            if not 0 <= a < b <= chunk_map.count:
+                raise ValueError("record range out of bounds")
+            for i in range(a, b):
+                chunk_map.mark(i)
+        return chunk_map
+
+
+def ranges_of(bits) -> list[list[int]]:
+    """Half-open ranges of the set entries of ``bits``."""
+    ranges, start = [], None
+    for i, b in enumerate(bits):
+        if b and start is None:
+            start = i
+        elif not b and start is not None:
+            ranges.append([start, i])
+            start = None
+    if start is not None:
+        ranges.append([start, len(bits)])
+    return ranges
+
+
+def wanted_indexes(chunks, count: int):
+    """The chunk indexes a ``request`` asks for, in order (all when ``chunks`` is None)."""
+    if chunks is None:
+        yield from range(count)
+        return
+    seen_end = 0
+    for a, b in sorted(chunks):
+        for i in range(max(a, seen_end), min(b, count)):
+            yield i
+        seen_end = max(seen_end, b)
+
+
+def resolve_shared(share_dir, name, announced) -> Path:
+    """The path of a file the peer may serve, or MessageError("refused").
+
+    ``announced``: the announced names, or a mapping of each to its name on disk.
+
+    §8: a name with a path separator or ``..``, a name not announced, a
+    directory, a symlink leading out of ``share_dir``, anything not a regular
+    file is refused.
+    """
+    try:
+        name = check_name(name)
+    except MessageError as e:
+        raise MessageError("refused", e.detail) from None
+    if name not in announced:
+        raise MessageError("refused", "this peer does not share that name")
+    root = Path(share_dir).resolve()
+    # ``announced`` maps an announced (NFC) name to its name on disk where the two differ.
+    path = root / (announced[name] if isinstance(announced, Mapping) else name)
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise MessageError("refused", "no such file") from None
+    if real.parent != root:
+        raise MessageError("refused", "the name resolves outside the share directory")
+    if not real.is_file():
+        raise MessageError("refused", "not a regular file")
+    return real
+
+
+def unique_destination(directory: Path, name: str) -> Path:
+    """``NAME``, or ``NAME (1)``, ``NAME (2)`` … the first that does not exist."""
+    candidate = directory / name
+    stem, dot, ext = name.partition(".") if not name.startswith(".") else (name, "", "")
+    n = 1
+    while candidate.exists():
+        candidate = directory / (f"{stem} ({n}){dot}{ext}")
+        n += 1
+    return candidate
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

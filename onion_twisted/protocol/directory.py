@@ -1,0 +1,105 @@
+"""The signed directory of nodes (PROTOCOL.md §6), with no I/O.
+
+A ``SignedDirectory`` keeps the tracker's body and signature byte for byte,
+so a node can mirror it unchanged, and the parsed entries keyed by address
+for the exit policy and for peers choosing their three nodes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from onion_twisted.protocol import crypto, wire
+from onion_twisted.protocol.errors import BadRequest, Forbidden
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    address: wire.Address
+    public_key_pem: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignedDirectory:
+    body: bytes
+    signature: str
+    issued: float
+    nodes: dict  # Address -> NodeEntry
+    node_ips: frozenset = frozenset()  # literal IPs of the listed nodes
+
+    def __contains__(self, address: wire.Address) -> bool:
+        return address in self.nodes
+
+
+def parse_signed_directory(body: bytes, signature, tracker_key, default_port: int) -> SignedDirectory:
+    """Verify the tracker's signature over ``body`` and parse the node list."""
+    if not crypto.verify_body(tracker_key, body, signature):
+        raise Forbidden("directory signature does not verify with the tracker's key")
+    obj = wire.loads_object(body, "directory")
+    issued = obj.get("issued")
+    if not isinstance(issued, (int, float)) or isinstance(issued, bool):
+        raise BadRequest("directory: issued is not a number")
+    entries = obj.get("nodes")
+    if not isinstance(entries, list):
+        raise BadRequest("directory: nodes is not a list")
+    nodes = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise BadRequest("directory: a node entry is not an object")
+        address = wire.parse_address(entry.get("address"), default_port, field="directory address")
+        pem = entry.get("public_key")
+        key = crypto.load_public_key_pem(pem)
+        fp = crypto.fingerprint(key)
+        if entry.get("fingerprint") not in (None, fp):
+            raise BadRequest("directory: fingerprint does not match the key")
+        nodes[address] = NodeEntry(address, pem, fp)
+    if isinstance(signature, bytes):
+        signature = signature.decode("ascii")
+    node_ips = frozenset(a.ip for a in nodes if a.ip is not None)
+    return SignedDirectory(body, signature, issued, nodes, node_ips)
+
+
+# --- choosing a circuit's nodes (§6, §15) -----------------------------------------------
+
+
+def network_of(address: wire.Address) -> str:
+    """The network a node's address counts in, for path diversity (PROTOCOL.md §15).
+
+    IPv4 /16, IPv6 /32: one operator's hosts usually share one. Loopback
+    addresses are exempt (all the members of a test or demo network live in
+    127.0.0.0/8): each counts as its own network. A DNS name counts as its own
+    network too: the peer does not resolve names to choose a path.
+    """
+    if address.ip is None:
+        return "name " + address.host.lower()
+    ip = ipaddress.ip_address(address.ip)
+    if ip.is_loopback:
+        return "ip " + str(ip)
+    prefix = 16 if ip.version == 4 else 32
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def pick_path(entries, count: int, rng) -> list:
+    """``count`` entries at distinct IPs, from distinct networks when the directory has enough.
+
+    Hop by hop, as Tor does: each hop is drawn uniformly from the entries whose
+    network no earlier hop has. When no such entry is left, the hop is drawn
+    from those whose address no earlier hop has: one host (or one DNS name)
+    never holds two hops. ValueError when not even that is possible.
+    """
+    entries = list(entries)
+    path, networks, hosts = [], set(), set()
+    for _ in range(count):
+        fresh = [e for e in entries if network_of(e.address) not in networks and e.address.host not in hosts]
+        if not fresh:
+            fresh = [e for e in entries if e.address.host not in hosts]
+        if not fresh:
+            raise ValueError(f"the directory lists {len(hosts)} nodes at distinct addresses; "
+                             f"a circuit needs {count}")
+        chosen = rng.choice(fresh)
+        path.append(chosen)
+        networks.add(network_of(chosen.address))
+        hosts.add(chosen.address.host)
+    return path

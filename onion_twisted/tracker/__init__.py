@@ -1,0 +1,1 @@
+"""The tracker: node registry, catalogue, bridges, Klein app and service."""
