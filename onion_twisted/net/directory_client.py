@@ -14,14 +14,17 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.directory import SignedDirectory, parse_signed_directory
 from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
+from onion_twisted.protocol.interfaces import IDirectorySource
 
 SIGNATURE_HEADER = b"X-Onion-Signature"
 
 
+@implementer(IDirectorySource)
 class DirectoryClient:
     log = Logger()
 

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
+from onion_twisted.protocol.interfaces import IOutbound
 from onion_twisted.net.http_server import IDLE_TIMEOUT
 
 JSON_HEADERS = {b"Content-Type": [b"application/json"]}
@@ -203,6 +204,7 @@ class CappedBody:
         return b"".join(self.parts)
 
 
+@implementer(IOutbound)
 class HTTPOutbound:
     def __init__(self, reactor, *, bind_ip: str | None, timeout: float = 30.0,
                  max_response: int = 16 * 1024 * 1024, max_per_host: int = 64, agent=None):
