@@ -50,6 +50,7 @@ from onion_twisted.tracker.registry import NodeRegistry
 from onion_twisted.node.relay import NodeRelay
 from onion_twisted.peer.sharing import HashCache, ShareDirectory
 from onion_twisted.tracker.tracker import Tracker
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from tests.support.in_memory import MemberOutbound
 
 PORT = 5000
@@ -61,7 +62,6 @@ NODE_ADDRESSES = [wire.Address(ip, PORT) for ip in NODE_IPS]
 ALICE_IP, BOB_IP = "127.0.0.101", "127.0.0.102"
 CHUNK = 16384
 WINDOW = 4
-SIGNATURE_HEADER = "X-Onion-Signature"
 
 # Generated once per module: RSA generation is the slow part of a network.
 NODE_KEYS = [rsa.generate_private_key(public_exponent=65537, key_size=1024) for _ in NODE_IPS]

@@ -1,4 +1,5 @@
-"""The tracker's catalogue with no I/O (PROTOCOL.md §8).
+"""The tracker's catalogue with no I/O (PROTOCOL.md §8); the messages' own checks
+are in test_messages.
 
 Circuits are (exit IP, CID); time is a ``task.Clock``; randomness a seeded
 ``random.Random``.
@@ -12,10 +13,10 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from onion_twisted.protocol import wire
-from onion_twisted.tracker.catalogue import (DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MAX_RANGES, Catalogue, FileRequest,
-                                     MessageError, SharedFile, check_name, check_sha256, parse_files,
-                                     parse_request)
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, FileRequest, MessageError, SharedFile, parse_files
+from onion_twisted.tracker.catalogue import Catalogue
 
+from .test_messages import ErrorCase
 from .tracker_fakes import NOW, SHA_A, SHA_B, SHA_C
 
 EXIT_1, EXIT_2, EXIT_3 = "127.0.0.11", "127.0.0.12", "127.0.0.13"
@@ -49,119 +50,6 @@ def request(name, sha256=None, chunk_size=DEFAULT_CHUNK, chunks=None):
 def entry(catalogue, name, sha256):
     rows = [r for r in catalogue.listing() if r["name"] == name and r["sha256"] == sha256]
     return rows[0] if rows else None
-
-
-class ErrorCase:
-    def assertMessageError(self, error, f, *args):
-        e = self.assertRaises(MessageError, f, *args)
-        self.assertEqual(e.error, error)
-        self.assertEqual(e.reply(), {"type": "error", "error": error, "detail": e.detail})
-        return e
-
-
-class NameTests(ErrorCase, unittest.SynchronousTestCase):
-    def test_plain_names_accepted(self):
-        for name in ("a.txt", "résumé.pdf", "..hidden", "a..b", ".profile", "x" * 255, "é" * 127):
-            self.assertEqual(check_name(name), name)
-
-    def test_path_separators_and_dots_refused(self):
-        for name in ("a/b", "/etc", "dir/", "a\\b", ".", "..", "../x"):
-            self.assertMessageError("bad_request", check_name, name)
-
-    def test_nul_and_control_characters_refused(self):
-        for name in ("a\x00b", "\x00", "a\nb", "tab\there", "\x1f"):
-            self.assertMessageError("bad_request", check_name, name)
-
-    def test_look_alike_and_invisible_characters_refused(self):
-        for char in ("\x7f", "\x85", "\x9f", "\u202e", "\u202a", "\u2066", "\u2069", "\u200b", "\u200c",
-                     "\u200d", "\u2060", "\ufeff", "\u200e", "\u200f", "\u061c"):
-            e = self.assertMessageError("bad_request", check_name, f"invoice{char}gpj.exe")
-            self.assertIn("invisible", e.detail)
-
-    def test_names_are_normalised_to_nfc(self):
-        decomposed = "re\u0301sume\u0301.pdf"  # e + combining acute
-        self.assertEqual(check_name(decomposed), "r\u00e9sum\u00e9.pdf")
-        self.assertEqual(check_name("r\u00e9sum\u00e9.pdf"), "r\u00e9sum\u00e9.pdf")
-        # Both spellings announced by two circuits are one catalogue entry.
-        files = parse_files([decomposed, "r\u00e9sum\u00e9.pdf"], 10)
-        self.assertEqual([f.name for f in files], ["r\u00e9sum\u00e9.pdf"])
-
-    def test_too_long_refused_in_bytes(self):
-        self.assertMessageError("bad_request", check_name, "x" * 256)
-        self.assertMessageError("bad_request", check_name, "é" * 128)  # 256 UTF-8 bytes
-
-    def test_empty_or_not_a_string_refused(self):
-        for name in ("", None, 3, ["a"], {"name": "a"}):
-            self.assertMessageError("bad_request", check_name, name)
-
-    def test_sha256_must_be_64_lowercase_hex(self):
-        self.assertEqual(check_sha256(SHA_A), SHA_A)
-        for bad in ("A" * 64, "a" * 63, "a" * 65, "g" * 64, "", None, 5, " " + "a" * 63):
-            self.assertMessageError("bad_request", check_sha256, bad)
-
-
-class ParseFilesTests(ErrorCase, unittest.SynchronousTestCase):
-    def test_both_forms(self):
-        files = parse_files(["a", {"name": "b", "size": 3, "sha256": SHA_A}, {"name": "c"}], 10)
-        self.assertEqual(files, (SharedFile("a", None, None), SharedFile("b", 3, SHA_A),
-                                 SharedFile("c", None, None)))
-
-    def test_duplicates_collapse(self):
-        files = parse_files(["a", "a", {"name": "a", "sha256": SHA_A}, {"name": "a", "size": 1, "sha256": SHA_A}], 10)
-        self.assertEqual(len(files), 2)
-        self.assertEqual({f.key for f in files}, {("a", None), ("a", SHA_A)})
-
-    def test_bad_names_refused(self):
-        for bad in ("a/b", "..", ".", "a\x00", "x" * 256, {"name": "../etc"}, {"name": "a/b", "sha256": SHA_A},
-                    {"size": 3}):
-            self.assertMessageError("bad_request", parse_files, ["ok", bad], 10)
-
-    def test_bad_sha256_refused(self):
-        self.assertMessageError("bad_request", parse_files, [{"name": "a", "sha256": "ABC"}], 10)
-        self.assertMessageError("bad_request", parse_files, [{"name": "a", "sha256": "A" * 64}], 10)
-
-    def test_bad_size_refused(self):
-        for size in (-1, 1.5, True, "3", 2 ** 53 + 1, [1]):
-            self.assertMessageError("bad_request", parse_files, [{"name": "a", "size": size}], 10)
-        self.assertEqual(parse_files([{"name": "a", "size": 0}], 10)[0].size, 0)
-
-    def test_too_many_files(self):
-        self.assertEqual(len(parse_files([f"f{i}" for i in range(3)], 3)), 3)
-        self.assertMessageError("too_many_files", parse_files, [f"f{i}" for i in range(4)], 3)
-
-    def test_not_a_list_or_odd_elements(self):
-        for files in (None, "a", {"a": 1}, 3):
-            self.assertMessageError("bad_request", parse_files, files, 10)
-        for element in (3, None, ["a"], True):
-            self.assertMessageError("bad_request", parse_files, [element], 10)
-
-
-class ParseRequestTests(ErrorCase, unittest.SynchronousTestCase):
-    def test_defaults(self):
-        self.assertEqual(parse_request({"file": "a"}), FileRequest("a", None, DEFAULT_CHUNK, None))
-        self.assertEqual(parse_request({"file": "a", "chunk_size": None}).chunk_size, DEFAULT_CHUNK)
-
-    def test_chunk_size_bounds(self):
-        self.assertEqual(parse_request({"file": "a", "chunk_size": MIN_CHUNK}).chunk_size, 16 * 1024)
-        self.assertEqual(parse_request({"file": "a", "chunk_size": MAX_CHUNK}).chunk_size, 4 * 1024 * 1024)
-        for bad in (MIN_CHUNK - 1, MAX_CHUNK + 1, 0, -1, 65536.0, True, "65536"):
-            self.assertMessageError("bad_request", parse_request, {"file": "a", "chunk_size": bad})
-
-    def test_chunk_ranges(self):
-        ok = parse_request({"file": "a", "sha256": SHA_A, "chunks": [[0, 1], [5, 9]]})
-        self.assertEqual(ok, FileRequest("a", SHA_A, DEFAULT_CHUNK, [[0, 1], [5, 9]]))
-        for bad in ([[1, 1]], [[2, 1]], [[-1, 3]], [[0, 1, 2]], [[0]], [0, 1], [["0", 1]], [[0, True]],
-                    [[0, 1.5]], "0-1", {"0": 1}, [[0, 2 ** 53 + 1]]):
-            self.assertMessageError("bad_request", parse_request, {"file": "a", "chunks": bad})
-
-    def test_too_many_ranges(self):
-        many = [[2 * i, 2 * i + 1] for i in range(MAX_RANGES + 1)]
-        self.assertMessageError("bad_request", parse_request, {"file": "a", "chunks": many})
-
-    def test_bad_file_or_sha256(self):
-        for message in ({}, {"file": "a/b"}, {"file": ".."}, {"file": "a", "sha256": "x"},
-                        {"file": "a", "sha256": SHA_A.upper()}):
-            self.assertMessageError("bad_request", parse_request, message)
 
 
 class MergeTests(unittest.SynchronousTestCase):

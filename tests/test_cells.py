@@ -1,10 +1,14 @@
-"""cells.py: the POST / cell and the EXTEND message (PROTOCOL.md §3, §4)."""
+"""cells.py: the POST / cell, the EXTEND message and the 200 answers (PROTOCOL.md §3, §4, §5);
+and the defaults every role shares beside them in wire.py and identity.py."""
 
 import orjson
+from twisted.internet import defer
 from twisted.trial import unittest
 
+from onion_twisted import PROTOCOL
 from onion_twisted.protocol import cells, wire
-from onion_twisted.protocol.errors import BadRequest
+from onion_twisted.protocol.errors import BadRequest, NextHopFailed
+from onion_twisted.protocol.identity import identity_json
 
 CID = "35ce8f75-6b57-4824-8597-dd756c75a9c5"
 
@@ -131,6 +135,49 @@ class EncodeTests(unittest.SynchronousTestCase):
 
     def test_created_constant(self):
         self.assertEqual(orjson.loads(cells.CREATED), {"type": "created"})
+
+    def test_object_cell_is_spliced_and_parses_back_with_its_bytes(self):
+        obj = b'{"type":"request","file":"a"}'
+        encoded = cells.encode_object_cell(CID, obj)
+        self.assertEqual(encoded, b'{"CID":"' + CID.encode() + b'","payload":' + obj + b"}")
+        cell = cells.parse_cell(encoded)
+        self.assertEqual((cell.payload, cell.raw_object), ({"type": "request", "file": "a"}, obj))
+
+
+class ReplyEncodeTests(unittest.SynchronousTestCase):
+    """Every 200 answer of a node and of the tracker, read back by parse_reply."""
+
+    def test_empty(self):
+        self.assertEqual(cells.EMPTY, b"{}")
+        self.assertIsNone(cells.parse_reply(cells.EMPTY))
+
+    def test_layer_reply(self):
+        encoded = cells.encode_reply_layer(b"\x00layer")
+        self.assertEqual(encoded, b'{"payload":"AGxheWVy"}')
+        self.assertEqual(wire.b64decode(cells.parse_reply(encoded)), b"\x00layer")
+
+    def test_object_reply(self):
+        encoded = cells.encode_reply_object({"type": "files", "files": []})
+        self.assertEqual(encoded, b'{"payload":{"type":"files","files":[]}}')
+        self.assertEqual(cells.parse_reply(encoded), {"type": "files", "files": []})
+        self.assertEqual(cells.encode_reply_object_bytes(b'{"type":"list"}'), b'{"payload":{"type":"list"}}')
+
+
+class SharedDefaultsTests(unittest.SynchronousTestCase):
+    def test_literal_ip_resolves_only_ip_literals(self):
+        ip = self.successResultOf(defer.ensureDeferred(wire.literal_ip(wire.Address("::1", 5000))))
+        self.assertEqual(ip, "::1")
+        self.failureResultOf(defer.ensureDeferred(wire.literal_ip(wire.Address("relay.test", 5000))),
+                             NextHopFailed)
+
+    def test_signature_header_is_read_as_bytes(self):
+        self.assertEqual(wire.SIGNATURE_HEADER, b"X-Onion-Signature")
+
+    def test_identity_json(self):
+        self.assertEqual(identity_json("peer", "127.0.0.1:5000"),
+                         b'{"role":"peer","address":"127.0.0.1:5000","public_key":null,"fingerprint":null,'
+                         b'"protocol":"' + PROTOCOL.encode() + b'"}')
+        self.assertEqual(orjson.loads(identity_json("node", "a:1", "PEM", "f"))["public_key"], "PEM")
 
 
 class ParseExtendTests(unittest.SynchronousTestCase):

@@ -30,7 +30,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from onion_twisted.protocol import control, crypto, wire
-from onion_twisted.tracker.catalogue import MAX_RANGES
+from onion_twisted.protocol.messages import MAX_RANGES
 from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.net.http_server import QuietSite

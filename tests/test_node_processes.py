@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.peer.circuit import Circuit
-from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.protocol.errors import BadRequest, Conflict, NextHopFailed, NextHopTimeout, ProtocolError
 from onion_twisted.net.http_client import HTTPOutbound
 from tests.support.deferreds import current_reactor as _reactor, inline

@@ -23,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from onion_twisted.tracker.catalogue import MAX_CHUNK, MessageError
+from onion_twisted.protocol.messages import MAX_CHUNK, MessageError
 from onion_twisted.peer.sharing import (ChunkProducer, HashCache, ShareDirectory, WindowedChunkSender, open_regular,
                                    sha256_file)
 

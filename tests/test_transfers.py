@@ -12,7 +12,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from onion_twisted.tracker.catalogue import MessageError
+from onion_twisted.protocol.messages import MessageError
 from onion_twisted.protocol.chunks import (ChunkMap, ranges_of, resolve_shared, unique_destination,
                                      wanted_indexes)
 

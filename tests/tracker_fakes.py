@@ -21,7 +21,8 @@ from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.protocol.errors import NextHopFailed
 from onion_twisted.tracker.registry import NodeRegistry
-from onion_twisted.tracker.tracker import SIGNATURE_HEADER, Tracker
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
+from onion_twisted.tracker.tracker import Tracker
 
 PORT = 5000
 NOW = 1_700_000_000

@@ -20,8 +20,7 @@ from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.directory import SignedDirectory, parse_signed_directory
 from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.protocol.interfaces import IDirectorySource
-
-SIGNATURE_HEADER = b"X-Onion-Signature"
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 
 
 @implementer(IDirectorySource)

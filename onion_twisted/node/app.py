@@ -17,9 +17,10 @@ import html
 from klein import Klein
 
 from onion_twisted import PROTOCOL, __version__
-from onion_twisted.protocol import crypto, wire
-from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.protocol import crypto
 from onion_twisted.protocol.errors import Unavailable
+from onion_twisted.protocol.identity import identity_json
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.http_server import AllowList, CellRoute, EMPTY_CONTENT, respond, write_error, write_json
 from onion_twisted.node.relay import NodeRelay
 
@@ -32,14 +33,8 @@ class NodeApp:
         self.directory = directory
         self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
         key = relay.private_key.public_key()
-        self.identity = wire.dumps({
-            "role": "node",
-            "address": str(relay.own_address),
-            "public_key": crypto.public_key_pem(key),
-            "fingerprint": crypto.fingerprint(key),
-            "protocol": PROTOCOL,
-        })
         self.fingerprint = crypto.fingerprint(key)
+        self.identity = identity_json("node", str(relay.own_address), crypto.public_key_pem(key), self.fingerprint)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.

@@ -14,32 +14,20 @@ import hashlib
 
 from twisted.logger import Logger
 
-from onion_twisted.protocol import cells, control, wire
+from onion_twisted.protocol import cells, control, messages, wire
+from onion_twisted.protocol.cells import EMPTY, encode_object_cell, encode_reply_layer
 from onion_twisted.node.circuits import EXIT, NODE, Circuit, RelayTable
 from onion_twisted.protocol.crypto import BACKWARD, open_session_key
 from onion_twisted.protocol.errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
 from onion_twisted.net.metrics import NodeMetrics
 from onion_twisted.net.ratelimit import RateLimiter
 
-EMPTY = b"{}"
 _ALL = "all"  # the work budget's one key
 DEFAULT_NODE_CREATE_RATE, DEFAULT_NODE_CREATE_BURST = 200.0, 1000
 DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST = 500.0, 1000
-BRIDGE_GONE = (b'{"payload":{"type":"error","error":"bridge_gone",'
-               b'"detail":"the other side of the bridge did not take the chunk"}}')
-_CHUNK_TYPES = ("file_chunk", "transfer_end")
-
-
+BRIDGE_GONE = cells.encode_reply_object(messages.error_message(
+    "bridge_gone", "the other side of the bridge did not take the chunk"))
 _CHUNK_DATA = (("data",),)  # a file chunk's base64, decoded in passing (wire.loads_with_base64)
-
-
-def reply_with(layer_bytes: bytes) -> bytes:
-    return wire.with_base64({}, "payload", layer_bytes)
-
-
-def cell_with_raw_object(cid: str, json_object: bytes) -> bytes:
-    """A cell whose payload is an already-serialised JSON object: spliced, not re-encoded."""
-    return b'{"CID":"' + cid.encode("ascii") + b'","payload":' + json_object + b"}"
 
 
 class NodeRelay:
@@ -72,7 +60,7 @@ class NodeRelay:
         self.node_limiter = node_limiter
         self.work_limiter = work_limiter
         self.metrics = metrics or NodeMetrics(clock)
-        self.resolve = resolve or _literal_ip
+        self.resolve = resolve or wire.literal_ip
         self.control_max_skew = control_max_skew
         self.unsafe_logging = unsafe_logging
         self._controls_seen: dict[bytes, float] = {}  # SHA-256 of the body -> issued, within the skew window
@@ -129,7 +117,7 @@ class NodeRelay:
         circuit = self.table.create(source_ip, cell.cid, session_key)
         self.metrics.created()
         self._debug("created circuit {cid} from {ip}", cid=cell.cid, ip=source_ip)
-        return reply_with(circuit.layer.wrap(cells.CREATED, BACKWARD))
+        return encode_reply_layer(circuit.layer.wrap(cells.CREATED, BACKWARD))
 
     def _spend_create_budget(self, source_ip: str) -> None:
         if self._is_directory_node(source_ip):
@@ -156,11 +144,11 @@ class NodeRelay:
                 return self._wrap_reply(circuit, reply, from_node=True)
         message, _ = wire.loads_with_base64(plaintext, _CHUNK_DATA, "message for the tracker")
         message.pop("data", None)
-        if message.get("type") in _CHUNK_TYPES:
+        if message.get("type") in messages.CHUNK_TYPES:
             bridge = self.table.outgoing_bridge(circuit, message.get("transfer"))
             if bridge is not None:
                 try:
-                    sent = self.outbound.post(bridge.peer_addr, cell_with_raw_object(bridge.bridge_cid, plaintext))
+                    sent = self.outbound.post(bridge.peer_addr, encode_object_cell(bridge.bridge_cid, plaintext))
                     del plaintext
                     reply = await sent
                 except ProtocolError as e:
@@ -170,10 +158,10 @@ class NodeRelay:
                     self.table.remove_bridge(bridge)
                     return self._wrap_reply(circuit, BRIDGE_GONE, from_node=False)
                 bridge.last_used = self.clock.seconds()
-                if message["type"] == "transfer_end":
+                if message["type"] == messages.TRANSFER_END:
                     self.table.remove_bridge(bridge)
                 return self._wrap_reply(circuit, reply, from_node=False)
-        sent = self.outbound.post(circuit.out_addr, cell_with_raw_object(circuit.out_cid, plaintext))
+        sent = self.outbound.post(circuit.out_addr, encode_object_cell(circuit.out_cid, plaintext))
         del plaintext
         with self._logging_failure("a message could not be delivered to the tracker", circuit):
             reply = await sent
@@ -249,7 +237,7 @@ class NodeRelay:
             except BadRequest:
                 raise NextHopFailed("next hop sent a reply that is not base64") from None
         self.metrics.relayed("backward", len(data))
-        return reply_with(circuit.layer.wrap(data, BACKWARD))
+        return encode_reply_layer(circuit.layer.wrap(data, BACKWARD))
 
     # --- backward (§4.3, §4.4) ------------------------------------------------------
 
@@ -263,7 +251,7 @@ class NodeRelay:
         return await step
 
     async def _from_bridge(self, bridge, cell: cells.Cell) -> bytes:
-        ends = cells.payload_object(cell).get("type") == "transfer_end"
+        ends = cells.payload_object(cell).get("type") == messages.TRANSFER_END
         circuit = bridge.circuit
         bridge.last_used = self.clock.seconds()
         self.table.touch(circuit)
@@ -404,9 +392,3 @@ class NodeRelay:
         if self.unsafe_logging:
             self.log.debug(fmt, **kw)
 
-
-async def _literal_ip(address: wire.Address) -> str:
-    ip = address.ip
-    if ip is None:
-        raise NextHopFailed("next hop is a DNS name and this node has no resolver")
-    return ip

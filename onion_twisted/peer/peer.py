@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from onion_twisted.protocol import cells, wire
-from onion_twisted.tracker.catalogue import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError, check_name, check_sha256
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError, check_name, check_sha256
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol.directory import pick_path
 from onion_twisted.peer.downloads import (ACTIVE, DONE, FAILED, QUEUED, RECEIVING, REQUESTING, SEEN_TRANSFERS, BadChunk, Download,

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from onion_twisted.tracker.catalogue import MAX_CHUNK, MessageError, check_name
+from onion_twisted.protocol.messages import MAX_CHUNK, MessageError, check_name
 from onion_twisted.protocol.errors import safe_os_error
 from onion_twisted.protocol.chunks import resolve_shared, wanted_indexes
 

@@ -1,7 +1,9 @@
 """The cell of PROTOCOL.md §3 and the messages carried inside it, with no I/O.
 
 ``parse_cell`` validates every field of a ``POST /`` body and raises the
-precise BadRequest; the builders produce the bytes sent on the wire.
+precise BadRequest; the builders produce the bytes sent on the wire: every
+cell (``encode_*``) and every 200 answer (§5: ``EMPTY``, ``encode_reply_*``)
+of every role is written here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import BadRequest
 
 CREATED = b'{"type":"created"}'
+EMPTY = b"{}"  # the 200 answer with no payload (§5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +100,30 @@ def encode_cell(cid: str, payload: bytes | dict | str) -> bytes:
     return wire.dumps({"CID": cid, "payload": payload})
 
 
+def encode_object_cell(cid: str, object_bytes: bytes) -> bytes:
+    """A cell whose payload is an already-serialised JSON object: spliced, not re-encoded."""
+    return b'{"CID":"' + cid.encode("ascii") + b'","payload":' + object_bytes + b"}"
+
+
 def encode_destroy(cid: str) -> bytes:
     return wire.dumps({"CID": cid, "destroy": True})
+
+
+# --- the 200 answers (§5) -------------------------------------------------------------------
+
+def encode_reply_layer(layer: bytes) -> bytes:
+    """``{"payload": "<base64>"}``: a hop's answer, one backward layer."""
+    return wire.with_base64({}, "payload", layer)
+
+
+def encode_reply_object(obj: dict) -> bytes:
+    """``{"payload": {...}}``: the tracker's answer to a message (plaintext at the exit)."""
+    return encode_reply_object_bytes(wire.dumps(obj))
+
+
+def encode_reply_object_bytes(object_bytes: bytes) -> bytes:
+    """``encode_reply_object`` for an object serialised already (a cached ``files`` reply)."""
+    return b'{"payload":' + object_bytes + b"}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from onion_twisted.tracker.catalogue import MessageError, check_name
+from onion_twisted.protocol.messages import MessageError, check_name
 
 #: Most chunks one download may have. The map costs a byte a chunk, and the size comes
 #: from the sharer (its ``ls``, its chunks): 2^22 chunks is a 4 MiB map, a file of

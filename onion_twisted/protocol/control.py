@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.errors import BadRequest, Forbidden
+from onion_twisted.protocol.messages import is_transfer_id
 
 MAKE_BRIDGE = "make_bridge"
 RECEIVE_BRIDGE = "receive_bridge"
@@ -54,7 +55,7 @@ def verify_control(body: bytes, signature, payload, tracker_key, now: float, max
         raise BadRequest("control: CID is not a UUIDv4")
     if kind == MAKE_BRIDGE:
         transfer = payload.get("transfer")
-        if not isinstance(transfer, str) or not 0 < len(transfer) <= 128:
+        if not is_transfer_id(transfer):
             raise BadRequest("control: transfer is not a string of 1 to 128 characters")
         peer = wire.parse_address(payload.get("to"), default_port, field="control.to")
         return ControlMessage(kind, issued, bridge_cid, cid, transfer, peer)

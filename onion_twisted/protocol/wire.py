@@ -15,10 +15,14 @@ from typing import NamedTuple
 import orjson
 import pybase64
 
-from onion_twisted.protocol.errors import BadRequest
+from onion_twisted.protocol.errors import BadRequest, NextHopFailed
 
 DEFAULT_PORT = 5000
 CONTROL_CID = "control"
+# The tracker's Ed25519 signature (base64) of a body: a control cell (§7) or the
+# directory (§6). Bytes, so that a received value is read as bytes and never
+# decoded by Twisted (a value that is not UTF-8 would raise there, not be refused).
+SIGNATURE_HEADER = b"X-Onion-Signature"
 
 _UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
@@ -211,6 +215,21 @@ class Address(NamedTuple):
             return str(ipaddress.ip_address(self.host))
         except ValueError:
             return None
+
+
+async def literal_ip(address: Address) -> str:
+    """The IP of an address given as an IP literal: the resolver of a member with
+    no DNS (tests, in-memory networks).
+
+    A DNS name raises NextHopFailed (502), as a real resolver raises when a name
+    does not resolve (net.member_service): the member cannot reach that host.
+    (The tracker's copy raised BadRequest, 400, for a node registering under a
+    name; the real tracker resolves with the member service, which says 502.)
+    """
+    ip = address.ip
+    if ip is None:
+        raise NextHopFailed("a DNS name, and no resolver here")
+    return ip
 
 
 def parse_address(text, default_port: int = DEFAULT_PORT, field: str = "address") -> Address:

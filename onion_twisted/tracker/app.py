@@ -21,9 +21,10 @@ import time
 from klein import Klein
 
 from onion_twisted import PROTOCOL, __version__
-from onion_twisted.protocol import wire
+from onion_twisted.protocol.identity import identity_json
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.http_server import AllowList, CellRoute, respond, write_json
-from onion_twisted.tracker.tracker import SIGNATURE_HEADER, Tracker
+from onion_twisted.tracker.tracker import Tracker
 
 
 class TrackerApp:
@@ -32,11 +33,8 @@ class TrackerApp:
     def __init__(self, tracker: Tracker, metrics_allow=("127.0.0.0/8", "::1")):
         self.tracker = tracker
         self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
-        self.identity = wire.dumps({
-            "role": "tracker", "address": str(tracker.own_address),
-            "public_key": tracker.public_key_b64,
-            "fingerprint": hashlib.sha256(base64.b64decode(tracker.public_key_b64)).hexdigest(), "protocol": PROTOCOL,
-        })
+        self.identity = identity_json("tracker", str(tracker.own_address), tracker.public_key_b64,
+                                      hashlib.sha256(base64.b64decode(tracker.public_key_b64)).hexdigest())
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.

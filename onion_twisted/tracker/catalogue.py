@@ -9,137 +9,11 @@ Time comes from an injected clock; randomness from an injected ``random.Random``
 from __future__ import annotations
 
 import random
-import re
-import unicodedata
-from dataclasses import dataclass
-from typing import NamedTuple
 
-from onion_twisted.protocol import wire
+from onion_twisted.protocol import cells, wire
+from onion_twisted.protocol.messages import FileRequest, MessageError, SharedFile, files_message
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_SEPARATOR = re.compile(r"[/\\\x00]")
-_CONTROL = re.compile(r"[\x00-\x1f]")
-# Characters that make one name look like another, or look like nothing at all:
-# DEL and the C1 controls; the bidi embeddings, overrides and isolates
-# (U+202A-U+202E, U+2066-U+2069: "gpj.exe" shown as "exe.jpg") and the bidi
-# marks (U+061C, U+200E, U+200F); the zero-width and invisible characters
-# (U+200B-U+200D, U+2060-U+2064, U+FEFF).
-_LOOKALIKE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
-MIN_CHUNK = 16 * 1024
-MAX_CHUNK = 4 * 1024 * 1024
-DEFAULT_CHUNK = 256 * 1024
-MAX_RANGES = 65536
-MAX_NAME_BYTES = 255
-MAX_SIZE = 2 ** 53  # JSON-safe integers
 MAX_TRANSFERS = 1024  # transfers counted as under way per source circuit (the estimate saturates)
-
-
-class MessageError(Exception):
-    """A message the tracker answers with ``{"type": "error", ...}``."""
-
-    def __init__(self, error: str, detail: str):
-        super().__init__(detail)
-        self.error = error
-        self.detail = detail
-
-    def reply(self) -> dict:
-        return {"type": "error", "error": self.error, "detail": self.detail}
-
-
-class SharedFile(NamedTuple):
-    # A tuple of atomic values: the garbage collector stops tracking it, which
-    # matters with 100 000s of them (bench/tracker.py: full collections 4x shorter).
-    name: str
-    size: int | None
-    sha256: str | None
-
-    @property
-    def key(self) -> tuple[str, str | None]:
-        return (self.name, self.sha256)
-
-
-def check_name(name) -> str:
-    """A file name as §8 allows it, in NFC: one path component, nothing that climbs
-    out, nothing invisible or direction-changing (docs/protocol.md, file names).
-
-    Names are compared in Unicode normal form C, so "é" typed as one code point
-    or as e + U+0301 is one name: the tracker, the sharer and the requester all
-    use the form this returns.
-    """
-    if not isinstance(name, str) or not name:
-        raise MessageError("bad_request", "file name is not a non-empty string")
-    if _LOOKALIKE.search(name):
-        raise MessageError("bad_request", "file name has invisible, control or direction-changing characters")
-    try:
-        name = unicodedata.normalize("NFC", name)
-    except UnicodeError:
-        raise MessageError("bad_request", "file name is not valid Unicode") from None
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise MessageError("bad_request", "file name is over 255 bytes")
-    if name in (".", "..") or _SEPARATOR.search(name):
-        raise MessageError("bad_request", "file name has a path separator or is . or ..")
-    if _CONTROL.search(name):
-        raise MessageError("bad_request", "file name has control characters")
-    return name
-
-
-def check_sha256(value) -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise MessageError("bad_request", "sha256 is not 64 lowercase hex digits")
-    return value
-
-
-def parse_files(files, max_files: int) -> tuple[SharedFile, ...]:
-    """The ``files`` of an ``ls``: names (seed form) or {name, size, sha256} objects."""
-    if not isinstance(files, list):
-        raise MessageError("bad_request", "ls: files is not a list")
-    if len(files) > max_files:
-        raise MessageError("too_many_files", f"ls: at most {max_files} files per circuit")
-    parsed = {}
-    for f in files:
-        if isinstance(f, str):
-            shared = SharedFile(check_name(f), None, None)
-        elif isinstance(f, dict):
-            size = f.get("size")
-            if size is not None and (not isinstance(size, int) or isinstance(size, bool)
-                                     or not 0 <= size <= MAX_SIZE):
-                raise MessageError("bad_request", "ls: size is not a non-negative integer")
-            sha = f.get("sha256")
-            shared = SharedFile(check_name(f.get("name")), size, None if sha is None else check_sha256(sha))
-        else:
-            raise MessageError("bad_request", "ls: a file is neither a name nor an object")
-        parsed[shared.key] = shared
-    return tuple(parsed.values())
-
-
-@dataclass(frozen=True, slots=True)
-class FileRequest:
-    file: str
-    sha256: str | None
-    chunk_size: int
-    chunks: list | None
-
-
-def parse_request(message: dict) -> FileRequest:
-    name = check_name(message.get("file"))
-    sha = message.get("sha256")
-    if sha is not None:
-        check_sha256(sha)
-    chunk_size = message.get("chunk_size", DEFAULT_CHUNK)
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-        raise MessageError("bad_request", "chunk_size must be an integer from 16 KiB to 4 MiB")
-    chunks = message.get("chunks")
-    if chunks is not None:
-        if not isinstance(chunks, list) or len(chunks) > MAX_RANGES:
-            raise MessageError("bad_request", f"chunks must be a list of at most {MAX_RANGES} ranges")
-        for r in chunks:
-            if (not isinstance(r, list) or len(r) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
-                    or not 0 <= r[0] < r[1] <= MAX_SIZE):
-                raise MessageError("bad_request", "chunks: each range is [first, end) with 0 <= first < end")
-    return FileRequest(name, sha, chunk_size, chunks)
 
 
 class TrackedCircuit:
@@ -266,14 +140,14 @@ class Catalogue:
         """``{"type": "files", ...}`` serialised once per listing, not once per reply."""
         listing = self.listing()
         if self._listing_json is None:
-            self._listing_json = wire.dumps({"type": "files", "files": listing})
+            self._listing_json = wire.dumps(files_message(listing))
         return self._listing_json
 
     def files_answer(self) -> bytes:
         """The whole 200 body ``{"payload": {"type": "files", ...}}``, cached with the listing."""
         reply = self.files_reply_json()
         if self._answer is None:
-            self._answer = b'{"payload":' + reply + b"}"
+            self._answer = cells.encode_reply_object_bytes(reply)
         return self._answer
 
     def _build_listing(self) -> list[dict]:

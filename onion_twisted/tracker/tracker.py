@@ -12,19 +12,13 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from onion_twisted.protocol import cells, control, crypto, wire
-from onion_twisted.tracker.catalogue import Catalogue, MessageError, parse_files, parse_request
+from onion_twisted.protocol import cells, control, crypto, messages, wire
+from onion_twisted.protocol.cells import EMPTY, encode_reply_object
 from onion_twisted.protocol.errors import BadRequest, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
+from onion_twisted.protocol.messages import MessageError, parse_files, parse_request
 from onion_twisted.net.metrics import TrackerMetrics
+from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.tracker.registry import NodeRegistry
-from onion_twisted.node.relay import cell_with_raw_object
-
-EMPTY = b"{}"
-SIGNATURE_HEADER = "X-Onion-Signature"
-
-
-def reply_object(obj: dict) -> bytes:
-    return b'{"payload":' + wire.dumps(obj) + b"}"
 
 
 class Tracker:
@@ -40,7 +34,7 @@ class Tracker:
         self.catalogue = catalogue
         self.registry = registry
         self.outbound = outbound
-        self.resolve = resolve or _literal_ip
+        self.resolve = resolve or wire.literal_ip
         self.max_pending = max_pending
         self.pending = 0
         self.metrics = metrics or TrackerMetrics(clock)
@@ -68,7 +62,7 @@ class Tracker:
         exit_address = wire.Address(source_ip, self.port)
         try:
             # A message is checked before its circuit is recorded: a bad one changes nothing (§3).
-            if kind == "ls":
+            if kind == messages.LS:
                 files = parse_files(message.get("files"), self.catalogue.max_files)
                 new = key not in self.catalogue.circuits
                 circuit = self.catalogue.circuit(key, exit_address)
@@ -79,19 +73,19 @@ class Tracker:
                         self.catalogue.forget(key)
                     raise
                 return self.catalogue.files_answer()
-            if kind == "list":
+            if kind == messages.LIST:
                 self.catalogue.circuit(key, exit_address)
                 return self.catalogue.files_answer()
-            if kind == "request":
+            if kind == messages.REQUEST:
                 request = parse_request(message)
                 circuit = self.catalogue.circuit(key, exit_address)
-                return reply_object(await self._request(circuit, request))
-            if kind in ("file_chunk", "transfer_end"):
+                return encode_reply_object(await self._request(circuit, request))
+            if kind in messages.CHUNK_TYPES:
                 raise MessageError("no_bridge", "no bridge for this transfer: chunks go to the requester's exit")
             raise MessageError("bad_request", "unknown message type")
         except MessageError as e:
             self.metrics.refused(e.error)
-            return reply_object(e.reply())
+            return encode_reply_object(e.reply())
 
     # --- request: the bridge sequence (§8) ------------------------------------------------
 
@@ -112,11 +106,8 @@ class Tracker:
                 "type": control.MAKE_BRIDGE, "CID": source.key[1], "transfer": transfer,
                 "to": str(requester.exit), "bridge_CID": bridge_cid})
             bridged.append(source.exit)
-            ask = {"type": "request", "file": request.file, "transfer": transfer,
-                   "chunk_size": request.chunk_size, "sha256": shared.sha256}
-            if request.chunks is not None:
-                ask["chunks"] = request.chunks
-            await self.outbound.post(source.exit, cell_with_raw_object(source.key[1], wire.dumps(ask)))
+            ask = messages.source_request_message(request, transfer, shared.sha256)
+            await self.outbound.post(source.exit, cells.encode_object_cell(source.key[1], wire.dumps(ask)))
         except ProtocolError as e:
             self.metrics.request("failed")
             for exit_address in set(bridged):
@@ -126,13 +117,12 @@ class Tracker:
             self.pending -= 1
         self.catalogue.start_transfer(source, transfer, shared.size)
         self.metrics.request("bridged")
-        return {"type": "transfer", "transfer": transfer, "file": request.file, "size": shared.size,
-                "sha256": shared.sha256, "chunk_size": request.chunk_size}
+        return messages.transfer_message(transfer, request.file, shared.size, shared.sha256, request.chunk_size)
 
     def _control(self, exit_address: wire.Address, payload: dict) -> defer.Deferred:
         payload["issued"] = int(self.clock.seconds())
         body, signature = control.sign_control(self.signing_key, payload)
-        return self.outbound.post(exit_address, body, headers={SIGNATURE_HEADER: signature})
+        return self.outbound.post(exit_address, body, headers={wire.SIGNATURE_HEADER: signature})
 
     def _drop_bridge(self, exit_address: wire.Address, bridge_cid: str) -> None:
         d = self._control(exit_address, {"type": control.DROP_BRIDGE, "bridge_CID": bridge_cid})
@@ -174,8 +164,3 @@ class Tracker:
         for address in self.registry.expire():
             self.log.info("a node left the directory (unseen for three heartbeats)")
 
-
-async def _literal_ip(address: wire.Address) -> str:
-    if address.ip is None:
-        raise BadRequest("DNS names are not resolved here")
-    return address.ip

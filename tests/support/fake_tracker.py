@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from onion_twisted import PROTOCOL
 from onion_twisted.protocol import cells, control, crypto, wire
 from onion_twisted.net import keys
-from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.protocol.errors import BadRequest, Forbidden, NextHopFailed, ProtocolError, UnknownCircuit
 from onion_twisted.net.http_client import BytesProducer, HTTPOutbound
 from onion_twisted.net.http_server import QuietSite, write_error, write_json

@@ -40,7 +40,7 @@ from twisted.web.http_headers import Headers
 
 from onion_twisted.protocol import crypto, errors, wire
 from onion_twisted.protocol.directory import parse_signed_directory
-from onion_twisted.net.directory_client import SIGNATURE_HEADER
+from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.http_client import BytesProducer, HTTPOutbound
 from tests.support.deferreds import current_reactor as _reactor
 
