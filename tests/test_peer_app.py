@@ -24,10 +24,12 @@ from twisted.trial import unittest
 
 from onion_twisted import PROTOCOL
 from onion_twisted.peer import app as peer_app
+from onion_twisted.peer import page
 from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.peer.finished_files import FileStreamer, content_disposition
 from onion_twisted.protocol.errors import Forbidden
-from onion_twisted.net.http_server import QuietSite
-from onion_twisted.peer.app import PeerApp, content_disposition, ip_allowed, parse_allow
+from onion_twisted.net.http_server import QuietSite, ip_allowed, parse_allow
+from onion_twisted.peer.app import PeerApp
 
 from .memory import Pumps, memory_client
 
@@ -546,7 +548,7 @@ class PageTests(PeerAppTestCase):
         self.assertEqual(self.get("/favicon.ico").body, (STATIC_DIR / "favicon.png").read_bytes())
 
     def test_only_the_shipped_files(self):
-        for path in ("/static/peer_app.py", "/static/../peer_app.py", "/static/%2E%2E%2Fpeer_app.py",
+        for path in ("/static/app.py", "/static/../app.py", "/static/%2E%2E%2Fapp.py", "/static/../page.py",
                      "/static/", "/static/app.js.map", "/static/APP.JS"):
             answer = self.get(path)
             self.assertEqual(answer.code, 404, path)
@@ -554,7 +556,7 @@ class PageTests(PeerAppTestCase):
 
     def test_nothing_from_the_internet(self):
         shipped = sorted(p for p in STATIC_DIR.iterdir() if p.is_file())
-        self.assertEqual({p.name for p in shipped}, set(peer_app.STATIC_TYPES))
+        self.assertEqual({p.name for p in shipped}, set(page.STATIC_TYPES))
         for path in shipped:
             data = path.read_bytes().lower()
             self.assertNotIn(b"http://", data, path.name)
@@ -614,7 +616,7 @@ class FileStreamerTests(unittest.TestCase):
         return open(name, "rb")
 
     def streamer(self, request, data, offset=0, length=None):
-        s = peer_app.FileStreamer(request, self.open_file(data), offset, len(data) - offset
+        s = FileStreamer(request, self.open_file(data), offset, len(data) - offset
                                   if length is None else length)
         s.chunk = 4
         return s

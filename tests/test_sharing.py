@@ -24,8 +24,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from onion_twisted.protocol.messages import MAX_CHUNK, MessageError
-from onion_twisted.peer.sharing import (ChunkProducer, HashCache, ShareDirectory, WindowedChunkSender, open_regular,
-                                   sha256_file)
+from onion_twisted.net.files import sha256_file
+from onion_twisted.peer.hash_cache import HashCache
+from onion_twisted.peer.sharing import ShareDirectory
+from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender, open_regular
 
 
 def sync_run(f, *args):

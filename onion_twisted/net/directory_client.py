@@ -8,7 +8,6 @@ stream of unknown extend targets cannot make a node hammer the tracker.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from twisted.internet import defer
@@ -21,6 +20,7 @@ from onion_twisted.protocol.directory import SignedDirectory, parse_signed_direc
 from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.protocol.interfaces import IDirectorySource
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
+from onion_twisted.net.files import atomic_write
 
 
 @implementer(IDirectorySource)
@@ -100,10 +100,9 @@ class DirectoryClient:
         """Keep the verified directory on disk: a restarted peer asks a node, not the tracker."""
         if self.current is None:
             return
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(wire.dumps({"body": wire.b64encode(self.current.body), "signature": self.current.signature}))
-        os.replace(tmp, path)
+        # Signed public data: readable by others, as a plain write left it.
+        atomic_write(path, wire.dumps({"body": wire.b64encode(self.current.body),
+                                       "signature": self.current.signature}), mode=0o644)
 
     def load(self, path) -> bool:
         """Reload a directory saved earlier, checking its signature again."""

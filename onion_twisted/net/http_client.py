@@ -17,14 +17,14 @@ import functools
 
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
-from treq.response import _Response
 try:
     from treq.cookies import IndexableCookieJar
 except ImportError:  # older treq
     from http.cookiejar import CookieJar as IndexableCookieJar
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import (Agent, RequestTransmissionFailed, ResponseFailed,
+                                ResponseNeverReceived)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -33,6 +33,7 @@ from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.protocol.interfaces import IOutbound
 from onion_twisted.net.http_server import IDLE_TIMEOUT
+from onion_twisted.net.twisted_compat import ConnectionPool, PoolClientFactory, finished_response_head, treq_response
 
 JSON_HEADERS = {b"Content-Type": [b"application/json"]}
 # A pooled connection left idle is closed by this side, 10 s before a member's
@@ -118,13 +119,19 @@ class RelayHTTPClient(HTTPClient):
     through the bound Agent and wraps the answer in treq's response.
     """
 
+    def __init__(self, agent, cookiejar):
+        super().__init__(agent, cookiejar=cookiejar)
+        # Our own references: treq keeps its own in private attributes.
+        self.agent = agent
+        self.cookiejar = cookiejar
+
     def request(self, method, url, *, headers=None, data=None, unbuffered=False,
                 allow_redirects=False, **unsupported):
         if unsupported or allow_redirects or not unbuffered:
             raise TypeError("RelayHTTPClient sends unbuffered requests only, without redirects, "
                             f"cookies, params or auth (got {sorted(unsupported)})")
-        d = self._agent.request(method.encode("ascii"), _request_uri(url), headers, data)
-        return d.addCallback(_Response, self._cookiejar)
+        d = self.agent.request(method.encode("ascii"), _request_uri(url), headers, data)
+        return d.addCallback(treq_response, self.cookiejar)
 
 
 def keeps_connection(version: tuple, connection_headers: Headers) -> bool:
@@ -142,50 +149,29 @@ def keeps_connection(version: tuple, connection_headers: Headers) -> bool:
     return tuple(version[1:3]) >= (1, 1) or b"keep-alive" in tokens
 
 
-# --- the one place that reads Twisted's private names ----------------------------------
-# Checked against Twisted 26.10.0: twisted/web/_newclient.py
-# (HTTP11ClientProtocol._finishResponse_WAITING, HTTP11ClientProtocol._parser,
-# HTTPClientParser.response and .connHeaders) and twisted/web/client.py
-# (_HTTP11ClientFactory, built by HTTPConnectionPool._newConnection with the
-# pool's quiescent callback).
-#
-# Why: HTTP11ClientProtocol hands its connection back to the pool (the
-# quiescent callback) after every response that does not say exactly
-# "Connection: close"; it never looks at the response's version. An HTTP/1.0
-# server (Python's http.server as it comes, a simple Flask-style peer)
-# answers without "Connection: close" and closes the connection right after.
-# Pooled anyway, that connection took the next cell a moment before its close
-# was seen, and with retries off (a cell must not be delivered twice) the cell
-# failed: 502 "next hop closed the connection", and a transfer to such a peer
-# stopped after a few chunks. Only a response that keeps its connection
-# (``keeps_connection``) goes back to the pool now; any other closes its own.
+# Why only a response that keeps its connection goes back to the pool:
+# HTTP11ClientProtocol hands its connection back after every response that does
+# not say exactly "Connection: close"; it never looks at the response's version
+# (net.twisted_compat.PoolClientFactory). An HTTP/1.0 server (Python's
+# http.server as it comes, a simple Flask-style peer) answers without
+# "Connection: close" and closes the connection right after. Pooled anyway, that
+# connection took the next cell a moment before its close was seen, and with
+# retries off (a cell must not be delivered twice) the cell failed: 502 "next
+# hop closed the connection", and a transfer to such a peer stopped after a few
+# chunks. Only a response that keeps its connection (``keeps_connection``) goes
+# back to the pool now; any other closes its own.
 
-def _response_keeps_connection(protocol) -> bool:
-    """``keeps_connection`` of the response ``protocol`` just finished reading."""
-    parser = getattr(protocol, "_parser", None)
-    response = getattr(parser, "response", None)
-    headers = getattr(parser, "connHeaders", None)
-    if response is None or headers is None:
-        return False  # not the Twisted this was checked against: a fresh connection is always safe
-    return keeps_connection(response.version, headers)
+class _QuietClientFactory(PoolClientFactory):
+    def returns_to_pool(self, protocol) -> bool:
+        """``keeps_connection`` of the response ``protocol`` just finished reading."""
+        head = finished_response_head(protocol)
+        if head is None:
+            return False  # not the Twisted this was checked against: a fresh connection is always safe
+        return keeps_connection(*head)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # "Starting factory ..." lines would name the neighbour's endpoint
-
-    def __init__(self, quiescentCallback, metadata):
-        def back_to_pool(protocol):
-            if _response_keeps_connection(protocol):
-                quiescentCallback(protocol)
-            else:
-                protocol.transport.loseConnection()
-        super().__init__(back_to_pool, metadata)
-
-# --- end of the private names ---------------------------------------------------------
-
-
-class QuietConnectionPool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
+class QuietConnectionPool(ConnectionPool):
+    connection_factory = _QuietClientFactory
 
 
 class CappedBody:
@@ -282,7 +268,6 @@ def _map_failure(failure):
     if failure.check(defer.TimeoutError, defer.CancelledError):
         raise NextHopTimeout("next hop did not answer in time")
     from twisted.internet import error as net_error
-    from twisted.web import _newclient
 
     if failure.check(net_error.ConnectionRefusedError):
         raise NextHopFailed("next hop refused the connection")
@@ -290,8 +275,8 @@ def _map_failure(failure):
         raise NextHopTimeout("next hop did not accept the connection in time")
     if failure.check(net_error.ConnectError, net_error.DNSLookupError):
         raise NextHopFailed("next hop is unreachable")
-    if failure.check(_newclient.ResponseNeverReceived, _newclient.ResponseFailed,
-                     _newclient.RequestTransmissionFailed, net_error.ConnectionLost, net_error.ConnectionDone):
+    if failure.check(ResponseNeverReceived, ResponseFailed,
+                     RequestTransmissionFailed, net_error.ConnectionLost, net_error.ConnectionDone):
         inner = getattr(failure.value, "reasons", None)
         if inner and any(r.check(defer.CancelledError) for r in inner):
             raise NextHopTimeout("next hop did not answer in time")

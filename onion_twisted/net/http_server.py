@@ -26,6 +26,7 @@ from twisted.web import http, resource, server
 
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import ProtocolError, TooLarge
+from onion_twisted.net.twisted_compat import handling_request, http_channel, request_disconnected, silence_channel
 
 _SILENT = Logger(observer=lambda event: None)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -128,7 +129,7 @@ class DeadlineChannel(http.HTTPChannel):
     _deadline = None
 
     def dataReceived(self, data):
-        if self._deadline is None and not self._handlingRequest:
+        if self._deadline is None and not handling_request(self):
             self._deadline = self.callLater(self.request_timeout, self._too_slow)
         super().dataReceived(data)
 
@@ -169,8 +170,8 @@ class QuietSite(server.Site):
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
-        channel = getattr(protocol, "_channel", protocol)
-        channel._log = _SILENT
+        channel = http_channel(protocol)
+        silence_channel(channel, _SILENT)
         channel.request_timeout = self.request_timeout
         return protocol
 
@@ -203,7 +204,7 @@ class CellRoute(resource.Resource):
 
 
 def _write_and_finish(body: bytes, request) -> None:
-    if not request._disconnected and not request.finished:
+    if not request_disconnected(request) and not request.finished:
         request.write(body)
         request.finish()
 
@@ -212,7 +213,7 @@ def _unexpected(failure, request) -> None:
     if failure.check(defer.CancelledError):
         return  # the client went away
     _log.failure("internal error while answering a cell", failure)
-    if not request._disconnected and not request.finished:
+    if not request_disconnected(request) and not request.finished:
         request.write(write_json(request, 500, INTERNAL_ERROR))
         request.finish()
 

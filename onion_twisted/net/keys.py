@@ -6,19 +6,13 @@ import os
 from pathlib import Path
 
 from onion_twisted.protocol import crypto
+from onion_twisted.net.files import atomic_write
 
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    # atomic_write's temporary file is 0600 before a byte of the key is in it.
+    atomic_write(path, data, mode=0o600)
 
 
 def load_or_create_node_key(data_dir, bits: int = 2048):

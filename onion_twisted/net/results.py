@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 
 class SharedResult:
-    def __init__(self, start: Callable[[], defer.Deferred]):
+    def __init__(self, start: Callable[..., defer.Deferred]):
         self._start = start
         self._waiters: list[defer.Deferred] | None = None
 
@@ -22,14 +22,18 @@ class SharedResult:
     def running(self) -> bool:
         return self._waiters is not None
 
-    def get(self) -> defer.Deferred:
-        """A Deferred of the running work's result, starting the work if none runs."""
+    def get(self, *args, **kwargs) -> defer.Deferred:
+        """A Deferred of the running work's result, starting the work if none runs.
+
+        ``args`` and ``kwargs`` go to ``start`` when this call starts the work;
+        a call that joins running work gets its result and its own are unused.
+        """
         waiter = defer.Deferred()
         if self._waiters is not None:
             self._waiters.append(waiter)
             return waiter
         self._waiters = [waiter]
-        d = defer.maybeDeferred(self._start)
+        d = defer.maybeDeferred(self._start, *args, **kwargs)
         d.addBoth(self._finished)
         return waiter
 

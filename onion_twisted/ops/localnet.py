@@ -88,6 +88,7 @@ class LocalNetwork:
         if "bob" in self.peer_ips and self.big_mib:
             big = self.run_dir / "bob" / "share" / f"big-{self.big_mib}MiB.bin"
             if not big.exists() or big.stat().st_size != self.big_mib * 1024 * 1024:
+                # Not net.files.atomic_write: a sample of many MiB, written as it is made, not state.
                 tmp = big.with_suffix(".tmp")
                 with open(tmp, "wb") as f:
                     for _ in range(self.big_mib):

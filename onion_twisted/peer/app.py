@@ -24,43 +24,32 @@ application/json``, which no cross-origin form can send without a CORS
 preflight this app never grants; nor can it send ``DELETE``.
 
 A download is known by its file name (the peer lists one download per name).
-The page's title and heading name the peer: its ``name`` key, if set, and its
-address, so a user with several peers' pages open knows which is which.
+The page's files and the name it shows are ``page``; how a finished download
+reaches the browser is ``finished_files``.
 """
 
 from __future__ import annotations
 
-import html
 import ipaddress
 import os
-import re
+
 import time
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from klein import Klein
-from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
-from zope.interface import implementer
 
 from onion_twisted import PROTOCOL
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import BadRequest, ProtocolError
+from onion_twisted.protocol.identity import identity_json
+from onion_twisted.protocol.messages import SHA256_HEX
 from onion_twisted.net.http_server import CellRoute, ip_allowed, parse_allow, respond, write_json
+from onion_twisted.peer.finished_files import FILE_CSP, FileStreamer, content_disposition, parse_range
+from onion_twisted.peer.page import PAGE_CSP, named_page, static_file
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-STATIC_TYPES = {
-    "index.html": b"text/html; charset=utf-8",
-    "app.js": b"text/javascript; charset=utf-8",
-    "style.css": b"text/css; charset=utf-8",
-    "favicon.png": b"image/png",
-}
-PAGE_CSP = (b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
-            b"object-src 'none'")
-FILE_CSP = b"default-src 'none'; sandbox"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _log = Logger(namespace="onion_twisted.peer.app")
 
 
@@ -82,104 +71,6 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def content_disposition(name: str) -> bytes:
-    """``attachment`` with an ASCII fallback name and the exact UTF-8 one (RFC 6266, 5987)."""
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in name) or "download"
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}".encode("ascii")
-
-
-def parse_range(header, size: int):
-    """One ``bytes=A-B``, ``A-`` or ``-N`` range as (offset, length); None to send the whole file
-    (no header, another unit, several ranges, nonsense); "unsatisfiable" when it starts past the end."""
-    if not header:
-        return None
-    m = re.fullmatch(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
-    if m is None or m.group(1) == m.group(2) == b"":
-        return None
-    first, last = m.group(1), m.group(2)
-    if first == b"":  # the last N bytes
-        n = int(last)
-        if n == 0:
-            return "unsatisfiable"
-        n = min(n, size)
-        return (size - n, n) if n else "unsatisfiable"
-    start = int(first)
-    end = size - 1 if last == b"" else min(int(last), size - 1)
-    if last != b"" and int(last) < start:
-        return None  # syntactically invalid: ignored (RFC 9110 §14.1.1)
-    if start >= size:
-        return "unsatisfiable"
-    return start, end - start + 1
-
-
-@implementer(IPushProducer)
-class FileStreamer:
-    """``length`` bytes of an open file from ``offset`` to a request, as a push producer:
-    it writes until the transport says pause, and goes on when it says resume.
-
-    ``start()`` returns a Deferred that fires once all is written (Klein then
-    finishes the request); cancelling it (the client went away) stops reading.
-    """
-
-    chunk = 64 * 1024
-
-    def __init__(self, request, f, offset: int, length: int):
-        self.request = request
-        self.file = f
-        self.remaining = length
-        self.paused = False
-        self.busy = False
-        self.done = False
-        f.seek(offset)
-        self.finished = defer.Deferred(lambda _: self._close())
-
-    def start(self) -> defer.Deferred:
-        self.request.registerProducer(self, True)
-        self.resumeProducing()
-        return self.finished
-
-    def resumeProducing(self):
-        self.paused = False
-        if self.busy:
-            return  # a write below called back into us: the loop goes on by itself
-        self.busy = True
-        try:
-            while not self.paused and not self.done:
-                data = self.file.read(min(self.chunk, self.remaining)) if self.remaining > 0 else b""
-                if not data:
-                    short = self.remaining > 0
-                    self._close()
-                    if short:  # the file shrank: never end a response that lies about its length
-                        self.request.loseConnection()
-                    self.finished.callback(None)
-                    return
-                self.remaining -= len(data)
-                self.request.write(data)
-        except OSError:
-            self._close()
-            self.request.loseConnection()
-            if not self.finished.called:
-                self.finished.callback(None)
-        finally:
-            self.busy = False
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def stopProducing(self):
-        self._close()
-
-    def _close(self):
-        if self.done:
-            return
-        self.done = True
-        self.file.close()
-        try:
-            self.request.unregisterProducer()
-        except Exception:  # the channel is already gone
-            pass
-
-
 class PeerApp:
     app = Klein()
 
@@ -194,19 +85,6 @@ class PeerApp:
     def who(self) -> dict:
         """Which peer this is, for the page and ``/api/status``."""
         return {"name": self.name or None, "address": self.address}
-
-    def _page(self, body: bytes) -> bytes:
-        """``index.html`` with the peer's name and address in its title and heading."""
-        e = html.escape
-        where = f"onion_twisted peer at {self.address}" if self.address else "onion_twisted peer"
-        title = f"{self.name} · {where}" if self.name else where
-        if self.name:
-            heading = f'{e(self.name)} <span class="where">{e(where)}</span>'
-        else:
-            heading = e(where)
-        body = body.replace(b"<title>onion_twisted peer</title>", f"<title>{e(title)}</title>".encode("utf-8"), 1)
-        return body.replace(b'<h1 id="peer-heading">onion_twisted peer</h1>',
-                            f'<h1 id="peer-heading">{heading}</h1>'.encode("utf-8"), 1)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
@@ -257,9 +135,7 @@ class PeerApp:
         if address is None:  # whatever the client reached us at
             host = request.getHost()
             address = str(wire.Address(host.host, host.port))
-        return write_json(request, 200, wire.dumps({
-            "role": "peer", "address": address, "public_key": None, "fingerprint": None,
-            "protocol": PROTOCOL}))
+        return write_json(request, 200, identity_json("peer", address))
 
     # --- the user's routes -------------------------------------------------------------------
 
@@ -279,18 +155,15 @@ class PeerApp:
         refused = self._refusal(request)
         if refused is not None:
             return refused
-        kind = STATIC_TYPES.get(name)
-        try:
-            body = (STATIC_DIR / name).read_bytes() if kind is not None else None
-        except OSError:
-            body = None
-        if body is None:
+        found = static_file(name)
+        if found is None:
             return self._api(request, 404, {"error": "not_found", "detail": "no such page file"})
+        body, kind = found
         request.setHeader(b"Content-Type", kind)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Referrer-Policy", b"no-referrer")
         if name == "index.html":
-            body = self._page(body)
+            body = named_page(body, self.name, self.address)
             request.setHeader(b"Content-Security-Policy", PAGE_CSP)
             request.setHeader(b"X-Frame-Options", b"DENY")
             request.setHeader(b"Cache-Control", b"no-store")
@@ -319,7 +192,7 @@ class PeerApp:
             if not isinstance(name, str) or not name:
                 raise BadRequest("file must be a non-empty string")
             if sha256 is not None:
-                if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+                if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256.lower()):
                     raise BadRequest("sha256 must be 64 hexadecimal digits")
                 sha256 = sha256.lower()
             try:

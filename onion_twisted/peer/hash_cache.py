@@ -1,0 +1,96 @@
+"""``<data_dir>/hashes.json``: the SHA-256 of each shared file, kept across restarts.
+
+Entries are keyed by absolute path and hold the size and mtime the file was
+hashed with, so a restarted peer does not hash its files again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from onion_twisted.protocol.messages import is_sha256
+from onion_twisted.net.files import atomic_write
+
+log = Logger(namespace="onion_twisted.peer.sharing")  # the namespace the log had before the split
+
+
+
+def stamp_of(st) -> tuple[int, int]:
+    """What says a file is unchanged since it was hashed: its size and mtime (ns)."""
+    return (st.st_size, st.st_mtime_ns)
+
+
+class HashCache:
+    """``<data_dir>/hashes.json``: absolute path -> {"size", "mtime_ns", "sha256"}.
+
+    An entry counts only while the file's size and mtime (nanoseconds) are
+    those it was hashed with. A missing or unreadable cache file is an empty
+    cache (the files are hashed again), never an error.
+    """
+
+    FILE_NAME = "hashes.json"
+
+    def __init__(self, data_dir):
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / self.FILE_NAME
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        self._load()
+
+    @staticmethod
+    def key(path) -> str:
+        return os.path.abspath(os.fspath(path))
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                raw = json.loads(f.read())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warn("hash cache {path} unreadable ({error}); files will be hashed again",
+                     path=str(self.path), error=str(e))
+            return
+        if not isinstance(raw, dict):
+            log.warn("hash cache {path} is not an object; ignored", path=str(self.path))
+            return
+        for path, entry in raw.items():
+            if (isinstance(entry, dict)
+                    and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
+                            for k in ("size", "mtime_ns"))
+                    and isinstance(entry.get("sha256"), str) and is_sha256(entry["sha256"])):
+                self.entries[path] = {"size": entry["size"], "mtime_ns": entry["mtime_ns"],
+                                      "sha256": entry["sha256"]}
+            else:
+                self.dirty = True  # rewrite without the bad entry
+
+    def lookup(self, path, st) -> str | None:
+        """The cached SHA-256 of ``path`` if ``st`` (an ``os.stat_result``) still matches."""
+        entry = self.entries.get(self.key(path))
+        if entry is None or (entry["size"], entry["mtime_ns"]) != stamp_of(st):
+            return None
+        return entry["sha256"]
+
+    def store(self, path, st, sha256: str) -> None:
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+        key = self.key(path)
+        if self.entries.get(key) != entry:
+            self.entries[key] = entry
+            self.dirty = True
+
+    def forget(self, path) -> None:
+        if self.entries.pop(self.key(path), None) is not None:
+            self.dirty = True
+
+    def save(self) -> None:
+        """Prune entries of files that no longer exist and write the cache atomically (0600)."""
+        for path in [p for p in self.entries if not os.path.exists(p)]:
+            del self.entries[path]
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = json.dumps(self.entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        atomic_write(self.path, data, mode=0o600)
+        self.dirty = False
