@@ -77,7 +77,7 @@ class ConnectTests(PeerNetworkCase):
 class UploadWatch:
     """What a sharer hands to its circuit: chunks in flight, chunks and transfer_ends sent.
 
-    Wraps ``peer._send_on`` (every upload message goes through it), so it
+    Wraps ``peer.uploader.send_on`` (every upload message goes through it), so it
     counts what the peer really keeps unacknowledged, independently of the
     sender's own bookkeeping.
     """
@@ -87,7 +87,7 @@ class UploadWatch:
         self.max_in_flight = 0
         self.chunks: list[tuple[str, int, int]] = []   # (transfer, chunk_idx, bytes)
         self.ends: list[dict] = []
-        original = peer._send_on
+        original = peer.uploader.send_on
 
         async def send_on(circuit, message, refusable=False):
             sent = message
@@ -107,7 +107,7 @@ class UploadWatch:
                 if kind == "file_chunk":
                     self.in_flight -= 1
 
-        peer._send_on = send_on
+        peer.uploader.send_on = send_on
 
     def bytes_sent(self, transfer=None) -> int:
         return sum(n for t, _, n in self.chunks if transfer is None or t == transfer)
@@ -560,34 +560,34 @@ class OrderTests(PeerNetworkCase):
     def test_chunks_nobody_asked_for_are_dropped(self):
         alice = self.alice
         store = alice.store
-        from onion_twisted.peer.downloads import REQUESTING, Download
+        from onion_twisted.peer.downloads import Download
         d = Download(store, "f.bin", None, CHUNK)
-        d.state = REQUESTING
+        d.start_request()
         alice.downloads["f.bin"] = d
 
         def chunk(transfer, index, name="f.bin"):
             return {"type": "file_chunk", "transfer": transfer, "file": name, "chunk_idx": index,
                     "chunk_size": CHUNK, "size": 2 * CHUNK, "data": wire.b64encode(bytes([index]) * CHUNK)}
 
-        alice._on_chunk(chunk("t1", 0))                 # before the reply: taken
+        alice.downloader.on_chunk(chunk("t1", 0))                 # before the reply: taken
         self.assertEqual(d.chunks.have, 1)
         self.assertEqual(d.seen_transfers, {"t1"})
-        alice._on_chunk(chunk("t1", 0, name="other.bin"))  # a file nobody asked for
+        alice.downloader.on_chunk(chunk("t1", 0, name="other.bin"))  # a file nobody asked for
         self.assertNotIn("other.bin", alice.downloads)
-        d.transfer = "t2"                               # the reply names another transfer
-        alice._on_chunk(chunk("t1", 1))                 # an earlier transfer's chunk: dropped
+        d.take_transfer("t2")                           # the reply names another transfer
+        alice.downloader.on_chunk(chunk("t1", 1))                 # an earlier transfer's chunk: dropped
         self.assertEqual(d.chunks.have, 1)
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t1", "status": "ok"})
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t1", "status": "ok"})
         self.assertIsNone(d.outcome)                    # nor does its end end this attempt
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t9", "status": "ok"})
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t9", "status": "ok"})
         self.assertIsNone(d.outcome)                    # nobody's transfer: kept aside, no effect
         self.assertIn("t9", alice._orphan_ends)
-        alice._on_chunk(chunk("t2", 1))
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t2", "status": "ok"})
+        alice.downloader.on_chunk(chunk("t2", 1))
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t2", "status": "ok"})
         self.assertEqual(d.outcome, "ok")
         self.assertTrue(d.chunks.complete)
         net = self.net
         net.clock.advance(121)
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t10", "status": "ok"})
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t10", "status": "ok"})
         self.assertNotIn("t9", alice._orphan_ends)      # old orphans are forgotten
         d.close()
