@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from onion_twisted.protocol import wire
-from onion_twisted.peer.downloads import DONE, FAILED
+from onion_twisted.peer.downloads import (DONE, FAILED, QUEUED, RECEIVING, REQUESTING, VERIFYING, Download,
+                                          DownloadState, DownloadStore, IllegalTransition)
 from onion_twisted.peer.peer import CONNECTED
 
 from tests.support.deferreds import inline
@@ -560,7 +562,6 @@ class OrderTests(PeerNetworkCase):
     def test_chunks_nobody_asked_for_are_dropped(self):
         alice = self.alice
         store = alice.store
-        from onion_twisted.peer.downloads import Download
         d = Download(store, "f.bin", None, CHUNK)
         d.start_request()
         alice.downloads["f.bin"] = d
@@ -591,3 +592,108 @@ class OrderTests(PeerNetworkCase):
         alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t10", "status": "ok"})
         self.assertNotIn("t9", alice._orphan_ends)      # old orphans are forgotten
         d.close()
+
+
+# --- a download's lifecycle ----------------------------------------------------------------------
+
+
+class DownloadLifecycleTests(unittest.TestCase):
+    """Only a Download moves its state, and only along downloads.NEXT_STATES."""
+
+    def setUp(self):
+        self.store = DownloadStore(self.mktemp())
+
+    def download(self, name="f.bin", sha256=None) -> Download:
+        d = Download(self.store, name, sha256, CHUNK)
+        self.addCleanup(d.close)
+        return d
+
+    def refused(self, d: Download, *moves) -> None:
+        """Each move raises IllegalTransition and leaves the state, error and attempts as they were."""
+        before = (d.state, d.error, d.attempts)
+        for move in moves:
+            self.assertRaises(IllegalTransition, move)
+            self.assertEqual((d.state, d.error, d.attempts), before, move)
+
+    def finish(self, d: Download, thread=None) -> defer.Deferred:
+        return d.finish(thread or (lambda f, *args: defer.maybeDeferred(f, *args)))
+
+    def test_the_states_are_the_words_the_page_shows(self):
+        self.assertEqual([s.value for s in DownloadState],
+                         ["queued", "requesting", "receiving", "verifying", "done", "failed"])
+        d = self.download()
+        status = d.status(0)
+        self.assertEqual(status["state"], "queued")
+        self.assertEqual(wire.loads_object(wire.dumps(status))["state"], "queued")
+
+    def test_a_download_from_request_to_done(self):
+        data = os.urandom(CHUNK + 5)
+        d = self.download(sha256=sha(data))
+        d.start_request()
+        self.assertEqual((d.state, d.attempts), (REQUESTING, 1))
+        d.expect(len(data), CHUNK, None)
+        for index in (0, 1):
+            d.write_chunk({"chunk_idx": index, "chunk_size": CHUNK, "size": len(data),
+                           "data": wire.b64encode(data[index * CHUNK:(index + 1) * CHUNK])}, 0)
+            self.assertEqual(d.state, RECEIVING)
+        self.assertTrue(self.successResultOf(self.finish(d)))
+        self.assertEqual(d.state, DONE)
+
+    def test_nothing_leaves_done(self):
+        d = self.download()
+        d.start_request()
+        d.expect(0, CHUNK, None)
+        self.assertTrue(self.successResultOf(self.finish(d)))
+        self.assertEqual(d.state, DONE)
+        self.refused(d, lambda: d.fail("late"), d.start_request, d.requeue, d.restart,
+                     lambda: self.finish(d))
+
+    def test_a_queued_download_is_neither_requeued_restarted_nor_verified(self):
+        d = self.download()
+        d.expect(0, CHUNK, None)
+        self.refused(d, d.requeue, d.restart, lambda: self.finish(d))
+        self.assertEqual(d.state, QUEUED)
+
+    def test_a_failed_download_only_restarts(self):
+        d = self.download()
+        d.start_request()
+        d.fail("nobody shares this file")
+        self.assertEqual((d.state, d.error), (FAILED, "nobody shares this file"))
+        self.refused(d, d.start_request, d.requeue, lambda: self.finish(d))
+        d.restart()
+        self.assertEqual((d.state, d.error, d.attempts), (QUEUED, None, 0))
+        d.start_request()
+        self.refused(d, d.restart)  # only a failed one restarts
+        d.fail("again")
+        d.restart()
+        self.assertEqual((d.state, d.error, d.attempts), (QUEUED, None, 0))
+
+    def test_a_verifying_download_takes_no_request_and_no_chunk(self):
+        d = self.download()
+        d.start_request()
+        d.expect(2 * CHUNK, CHUNK, None)
+        d.write_chunk({"chunk_idx": 0, "chunk_size": CHUNK, "size": 2 * CHUNK,
+                       "data": wire.b64encode(b"a" * CHUNK)}, 0)
+        d.write_chunk({"chunk_idx": 1, "chunk_size": CHUNK, "size": 2 * CHUNK,
+                       "data": wire.b64encode(b"b" * CHUNK)}, 0)
+        hashing = defer.Deferred()
+        self.finish(d, thread=lambda f, *args: hashing)  # the hash never comes back
+        self.assertEqual(d.state, VERIFYING)
+        self.refused(d, d.start_request, lambda: d.write_chunk(
+            {"chunk_idx": 1, "chunk_size": CHUNK, "size": 2 * CHUNK, "data": wire.b64encode(b"c" * CHUNK)}, 0))
+        with open(d.part_path, "rb") as f:
+            self.assertEqual(f.read()[CHUNK:], b"b" * CHUNK)  # the refused chunk wrote nothing
+
+    def test_a_file_that_does_not_match_goes_back_to_the_queue(self):
+        d = self.download(sha256="0" * 64)
+        d.start_request()
+        d.expect(0, CHUNK, None)
+        self.assertFalse(self.successResultOf(self.finish(d)))
+        self.assertEqual(d.state, QUEUED)
+        self.assertIsNone(d.chunks)
+
+    def test_the_state_is_not_set_from_outside(self):
+        d = self.download()
+        with self.assertRaises(AttributeError):
+            d.state = DONE
+        self.assertEqual(d.state, QUEUED)

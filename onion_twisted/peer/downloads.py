@@ -98,9 +98,12 @@ class Download:
     def state(self) -> DownloadState:
         return self._state
 
-    def _move(self, to: DownloadState) -> None:
+    def _check(self, to: DownloadState) -> None:
         if to not in NEXT_STATES[self._state]:
             raise IllegalTransition(f"a {self._state.value} download cannot become {to.value}")
+
+    def _move(self, to: DownloadState) -> None:
+        self._check(to)
         self._state = to
 
     def start_request(self) -> None:
@@ -118,10 +121,14 @@ class Download:
 
     def requeue(self) -> None:
         """This attempt ended; a later one tries again."""
+        if self._state == FAILED:
+            raise IllegalTransition("a failed download is queued again only by restart")
         self._move(QUEUED)
 
     def restart(self) -> None:
         """A failed download queued again (the user's retry), keeping its chunks."""
+        if self._state != FAILED:
+            raise IllegalTransition(f"a {self._state.value} download is not restarted: only a failed one")
         self._move(QUEUED)
         self.attempts, self.error = 0, None
 
@@ -221,6 +228,7 @@ class Download:
 
     def write_chunk(self, message: dict, now: float) -> bool:
         """Write one ``file_chunk`` at its offset; False if it was a duplicate."""
+        self._check(RECEIVING)  # before anything is written
         index = message.get("chunk_idx")
         size = message.get("size")
         chunk_size = message.get("chunk_size")

@@ -106,8 +106,8 @@ class CircuitKeeper:
 
     def adopt(self, circuit: Circuit) -> None:
         """A circuit connected elsewhere (tests and tools build one by hand) becomes ours."""
-        self.circuit = circuit
         self._move(CONNECTED, "connected")
+        self.circuit = circuit
         self.since = self.clock.seconds()
 
     @property
