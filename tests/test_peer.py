@@ -598,7 +598,7 @@ class OrderTests(PeerNetworkCase):
 
 
 class DownloadLifecycleTests(unittest.TestCase):
-    """Only a Download moves its state, and only along downloads.NEXT_STATES."""
+    """Only a Download moves its state, and only by the moves downloads.TRANSITIONS lists."""
 
     def setUp(self):
         self.store = DownloadStore(self.mktemp())

@@ -16,7 +16,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from onion_twisted.peer.downloads import ACTIVE, DONE, FAILED, WAITING, BadChunk, Download, DownloadStore
+from onion_twisted.peer.downloads import ACTIVE, DONE, FAILED, IN_TRANSFER, BadChunk, Download, DownloadStore
 from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.protocol.errors import Conflict, ProtocolError, RateLimited, safe_os_error
@@ -74,7 +74,7 @@ class Downloader:
         # Our transfers came back on that circuit: they are over. Their attempts end now
         # and ask again, on the next circuit, for what is missing (not after stall_timeout).
         for d in self.downloads.values():
-            if d.state in WAITING:
+            if d.state in IN_TRANSFER:
                 d.end_transfer(f"circuit broken ({why})")
 
     # --- what the user asks ----------------------------------------------------------------
@@ -231,7 +231,7 @@ class Downloader:
 
     def _find(self, message: dict) -> Download | None:
         d = self.downloads.get(message.get("file")) if isinstance(message.get("file"), str) else None
-        if d is None or d.state not in WAITING:
+        if d is None or d.state not in IN_TRANSFER:
             return None
         transfer = message.get("transfer")
         if d.transfer is not None and transfer != d.transfer:
@@ -261,7 +261,7 @@ class Downloader:
         for d in self.downloads.values():
             # Before the tracker's reply, any transfer whose chunks came for this file; after it,
             # only the transfer it named (an earlier attempt's end must not end this one).
-            if d.state in WAITING and (d.transfer == transfer or (
+            if d.state in IN_TRANSFER and (d.transfer == transfer or (
                     d.transfer is None and transfer in d.seen_transfers)):
                 _end(d, message)
                 return

@@ -7,7 +7,7 @@ chunks received, so a restarted peer asks only for what it lacks. A file
 appears under its name only after its sha256 matched, by one rename.
 
 A download's lifecycle is its own: only ``Download`` changes its state,
-through its named transitions, and it refuses any move ``NEXT_STATES`` does
+through its named transitions, and it refuses any move ``TRANSITIONS`` does
 not list: ``queued -> requesting -> receiving -> verifying -> done``; an
 attempt that ends short goes back to ``queued`` or asks again
 (``requesting``); any unfinished state may end ``failed``, and a failed one
@@ -46,17 +46,19 @@ class DownloadState(str, enum.Enum):
 
 QUEUED, REQUESTING, RECEIVING, VERIFYING, DONE, FAILED = DownloadState
 ACTIVE = (QUEUED, REQUESTING, RECEIVING, VERIFYING)
-WAITING = (REQUESTING, RECEIVING)  # an attempt waits for its transfer's chunks and end
+IN_TRANSFER = (REQUESTING, RECEIVING)  # an attempt waits for its transfer's chunks and end
 
-# The moves a download may make. A chunk may be written to a queued download
-# (a store filled directly, as tests and tools do); nothing leaves "done".
-NEXT_STATES = {
-    QUEUED: {REQUESTING, RECEIVING, FAILED},
-    REQUESTING: {REQUESTING, RECEIVING, VERIFYING, QUEUED, FAILED},
-    RECEIVING: {REQUESTING, RECEIVING, VERIFYING, QUEUED, FAILED},
-    VERIFYING: {DONE, QUEUED, FAILED},
-    DONE: set(),
-    FAILED: {QUEUED, FAILED},
+# Each named transition: the states it may start from, and the state it leads to.
+# A chunk may be written to a queued download (a store filled directly, as tests
+# and tools do); nothing leaves "done".
+TRANSITIONS = {
+    "start_request": ({QUEUED, REQUESTING, RECEIVING}, REQUESTING),
+    "receive": ({QUEUED, REQUESTING, RECEIVING}, RECEIVING),
+    "verify": ({REQUESTING, RECEIVING}, VERIFYING),
+    "done": ({VERIFYING}, DONE),
+    "requeue": ({REQUESTING, RECEIVING, VERIFYING}, QUEUED),
+    "restart": ({FAILED}, QUEUED),
+    "fail": ({QUEUED, REQUESTING, RECEIVING, VERIFYING, FAILED}, FAILED),
 }
 
 
@@ -98,17 +100,18 @@ class Download:
     def state(self) -> DownloadState:
         return self._state
 
-    def _check(self, to: DownloadState) -> None:
-        if to not in NEXT_STATES[self._state]:
-            raise IllegalTransition(f"a {self._state.value} download cannot become {to.value}")
+    def _check(self, transition: str) -> DownloadState:
+        sources, to = TRANSITIONS[transition]
+        if self._state not in sources:
+            raise IllegalTransition(f"{transition}: a {self._state.value} download cannot become {to.value}")
+        return to
 
-    def _move(self, to: DownloadState) -> None:
-        self._check(to)
-        self._state = to
+    def _move(self, transition: str) -> None:
+        self._state = self._check(transition)
 
     def start_request(self) -> None:
         """A new attempt asks the tracker: what the last transfer left is forgotten."""
-        self._move(REQUESTING)
+        self._move("start_request")
         self.attempts += 1
         self.transfer = None
         self.seen_transfers.clear()
@@ -116,20 +119,16 @@ class Download:
 
     def fail(self, reason: str) -> None:
         """The download ends without its file: ``reason`` is shown to the user."""
-        self._move(FAILED)
+        self._move("fail")
         self.error = reason
 
     def requeue(self) -> None:
         """This attempt ended; a later one tries again."""
-        if self._state == FAILED:
-            raise IllegalTransition("a failed download is queued again only by restart")
-        self._move(QUEUED)
+        self._move("requeue")
 
     def restart(self) -> None:
         """A failed download queued again (the user's retry), keeping its chunks."""
-        if self._state != FAILED:
-            raise IllegalTransition(f"a {self._state.value} download is not restarted: only a failed one")
-        self._move(QUEUED)
+        self._move("restart")
         self.attempts, self.error = 0, None
 
     def attempt_failed(self, why: str, max_attempts: int) -> None:
@@ -228,7 +227,7 @@ class Download:
 
     def write_chunk(self, message: dict, now: float) -> bool:
         """Write one ``file_chunk`` at its offset; False if it was a duplicate."""
-        self._check(RECEIVING)  # before anything is written
+        self._check("receive")  # before anything is written
         index = message.get("chunk_idx")
         size = message.get("size")
         chunk_size = message.get("chunk_size")
@@ -258,7 +257,7 @@ class Download:
         self.chunks.mark(index)
         self.bytes_this_run += len(data)
         self.samples.append((now, len(data)))
-        self._move(RECEIVING)
+        self._move("receive")
         self._unsaved += 1
         if self._unsaved >= 32:
             self.save_record()
@@ -306,7 +305,7 @@ class Download:
         Fires with True when the file is in place, False when it did not match
         (the partial file is then deleted: nothing wrong is kept).
         """
-        self._move(VERIFYING)
+        self._move("verify")
         self.save_record()
         self.close()
         if not self.part_path.exists():
@@ -329,7 +328,7 @@ class Download:
             self.record_path.unlink()
         except FileNotFoundError:
             pass
-        self._move(DONE)
+        self._move("done")
         self.error = None
         return True
 
