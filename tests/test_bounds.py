@@ -24,7 +24,7 @@ from twisted.trial import unittest
 
 from onion_twisted.tracker import catalogue
 from onion_twisted.protocol import cells, control, chunks as transfers, wire
-from onion_twisted.peer import peer as peer_module
+from onion_twisted.peer import downloader as downloader_module
 from onion_twisted.peer import circuit as circuit_module
 from onion_twisted.node.circuits import RelayTable
 from onion_twisted.protocol.crypto import FORWARD
@@ -289,12 +289,12 @@ class PeerBoundsTests(PeerBoundsCase):
         self.assertIn("busy", refusal["detail"])
 
     def test_downloads_past_max_downloads_make_room_or_are_429(self):
-        self.patch(peer_module, "MAX_DOWNLOADS", 3)  # wanted.bin and named.bin are under way
+        self.patch(downloader_module, "MAX_DOWNLOADS", 3)  # wanted.bin and named.bin are under way
         self.assertEqual(self.api_download("third.bin")[0], 202)
         status, answer = self.api_download("fourth.bin")
         self.assertEqual((status, answer["error"]), (429, "rate_limited"))
         self.assertEqual(sorted(self.peer.downloads), ["named.bin", "third.bin", "wanted.bin"])
-        self.peer.downloads["named.bin"].state = FAILED  # one ends: the oldest ended makes room
+        self.peer.downloads["named.bin"].fail("it ended")  # one ends: the oldest ended makes room
         self.assertEqual(self.api_download("fourth.bin")[0], 202)
         self.assertEqual(sorted(self.peer.downloads), ["fourth.bin", "third.bin", "wanted.bin"])
 

@@ -42,7 +42,7 @@ from onion_twisted.protocol.directory import NodeEntry
 from onion_twisted.peer.downloads import DownloadStore
 from onion_twisted.protocol.errors import NextHopFailed
 from onion_twisted.net.http_server import QuietSite
-from onion_twisted.peer.peer import CONNECTED, Peer
+from onion_twisted.peer.peer import Peer
 from onion_twisted.peer.app import PeerApp
 from onion_twisted.peer.sharing import HashCache, ShareDirectory
 from tests.support.fuzz import (fired, LoggedErrors, b64, bad_base64, bad_cids, exchange, fuzz_settings, good_base64,
@@ -135,7 +135,7 @@ class PeerWorld:
         circuit.layers = [Layer(k) for k in keys]
         circuit._nonces = [set() for _ in keys]
         circuit.connected = True
-        self.peer.circuit, self.peer.circuit_state = circuit, CONNECTED
+        self.peer.keeper.adopt(circuit)
         self.app = PeerApp(self.peer, ui_allow=["127.0.0.0/24"], address=f"{PEER_IP}:{PORT}")
         self.site = QuietSite(self.app.resource(), max_body=65536, reactor=MemoryReactorClock())
         self.wanted = self.peer.download("wanted.bin", WANTED_SHA)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from onion_twisted.protocol import wire
-from onion_twisted.peer.downloads import DONE, FAILED
+from onion_twisted.peer.downloads import (DONE, FAILED, QUEUED, RECEIVING, REQUESTING, VERIFYING, Download,
+                                          DownloadState, DownloadStore, IllegalTransition)
 from onion_twisted.peer.peer import CONNECTED
 
 from tests.support.deferreds import inline
@@ -77,7 +79,7 @@ class ConnectTests(PeerNetworkCase):
 class UploadWatch:
     """What a sharer hands to its circuit: chunks in flight, chunks and transfer_ends sent.
 
-    Wraps ``peer._send_on`` (every upload message goes through it), so it
+    Wraps ``peer.uploader.send_on`` (every upload message goes through it), so it
     counts what the peer really keeps unacknowledged, independently of the
     sender's own bookkeeping.
     """
@@ -87,7 +89,7 @@ class UploadWatch:
         self.max_in_flight = 0
         self.chunks: list[tuple[str, int, int]] = []   # (transfer, chunk_idx, bytes)
         self.ends: list[dict] = []
-        original = peer._send_on
+        original = peer.uploader.send_on
 
         async def send_on(circuit, message, refusable=False):
             sent = message
@@ -107,7 +109,7 @@ class UploadWatch:
                 if kind == "file_chunk":
                     self.in_flight -= 1
 
-        peer._send_on = send_on
+        peer.uploader.send_on = send_on
 
     def bytes_sent(self, transfer=None) -> int:
         return sum(n for t, _, n in self.chunks if transfer is None or t == transfer)
@@ -560,34 +562,138 @@ class OrderTests(PeerNetworkCase):
     def test_chunks_nobody_asked_for_are_dropped(self):
         alice = self.alice
         store = alice.store
-        from onion_twisted.peer.downloads import REQUESTING, Download
         d = Download(store, "f.bin", None, CHUNK)
-        d.state = REQUESTING
+        d.start_request()
         alice.downloads["f.bin"] = d
 
         def chunk(transfer, index, name="f.bin"):
             return {"type": "file_chunk", "transfer": transfer, "file": name, "chunk_idx": index,
                     "chunk_size": CHUNK, "size": 2 * CHUNK, "data": wire.b64encode(bytes([index]) * CHUNK)}
 
-        alice._on_chunk(chunk("t1", 0))                 # before the reply: taken
+        alice.downloader.on_chunk(chunk("t1", 0))                 # before the reply: taken
         self.assertEqual(d.chunks.have, 1)
         self.assertEqual(d.seen_transfers, {"t1"})
-        alice._on_chunk(chunk("t1", 0, name="other.bin"))  # a file nobody asked for
+        alice.downloader.on_chunk(chunk("t1", 0, name="other.bin"))  # a file nobody asked for
         self.assertNotIn("other.bin", alice.downloads)
-        d.transfer = "t2"                               # the reply names another transfer
-        alice._on_chunk(chunk("t1", 1))                 # an earlier transfer's chunk: dropped
+        d.take_transfer("t2")                           # the reply names another transfer
+        alice.downloader.on_chunk(chunk("t1", 1))                 # an earlier transfer's chunk: dropped
         self.assertEqual(d.chunks.have, 1)
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t1", "status": "ok"})
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t1", "status": "ok"})
         self.assertIsNone(d.outcome)                    # nor does its end end this attempt
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t9", "status": "ok"})
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t9", "status": "ok"})
         self.assertIsNone(d.outcome)                    # nobody's transfer: kept aside, no effect
         self.assertIn("t9", alice._orphan_ends)
-        alice._on_chunk(chunk("t2", 1))
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t2", "status": "ok"})
+        alice.downloader.on_chunk(chunk("t2", 1))
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t2", "status": "ok"})
         self.assertEqual(d.outcome, "ok")
         self.assertTrue(d.chunks.complete)
         net = self.net
         net.clock.advance(121)
-        alice._on_transfer_end({"type": "transfer_end", "transfer": "t10", "status": "ok"})
+        alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t10", "status": "ok"})
         self.assertNotIn("t9", alice._orphan_ends)      # old orphans are forgotten
         d.close()
+
+
+# --- a download's lifecycle ----------------------------------------------------------------------
+
+
+class DownloadLifecycleTests(unittest.TestCase):
+    """Only a Download moves its state, and only by the moves downloads.TRANSITIONS lists."""
+
+    def setUp(self):
+        self.store = DownloadStore(self.mktemp())
+
+    def download(self, name="f.bin", sha256=None) -> Download:
+        d = Download(self.store, name, sha256, CHUNK)
+        self.addCleanup(d.close)
+        return d
+
+    def refused(self, d: Download, *moves) -> None:
+        """Each move raises IllegalTransition and leaves the state, error and attempts as they were."""
+        before = (d.state, d.error, d.attempts)
+        for move in moves:
+            self.assertRaises(IllegalTransition, move)
+            self.assertEqual((d.state, d.error, d.attempts), before, move)
+
+    def finish(self, d: Download, thread=None) -> defer.Deferred:
+        return d.finish(thread or (lambda f, *args: defer.maybeDeferred(f, *args)))
+
+    def test_the_states_are_the_words_the_page_shows(self):
+        self.assertEqual([s.value for s in DownloadState],
+                         ["queued", "requesting", "receiving", "verifying", "done", "failed"])
+        d = self.download()
+        status = d.status(0)
+        self.assertEqual(status["state"], "queued")
+        self.assertEqual(wire.loads_object(wire.dumps(status))["state"], "queued")
+
+    def test_a_download_from_request_to_done(self):
+        data = os.urandom(CHUNK + 5)
+        d = self.download(sha256=sha(data))
+        d.start_request()
+        self.assertEqual((d.state, d.attempts), (REQUESTING, 1))
+        d.expect(len(data), CHUNK, None)
+        for index in (0, 1):
+            d.write_chunk({"chunk_idx": index, "chunk_size": CHUNK, "size": len(data),
+                           "data": wire.b64encode(data[index * CHUNK:(index + 1) * CHUNK])}, 0)
+            self.assertEqual(d.state, RECEIVING)
+        self.assertTrue(self.successResultOf(self.finish(d)))
+        self.assertEqual(d.state, DONE)
+
+    def test_nothing_leaves_done(self):
+        d = self.download()
+        d.start_request()
+        d.expect(0, CHUNK, None)
+        self.assertTrue(self.successResultOf(self.finish(d)))
+        self.assertEqual(d.state, DONE)
+        self.refused(d, lambda: d.fail("late"), d.start_request, d.requeue, d.restart,
+                     lambda: self.finish(d))
+
+    def test_a_queued_download_is_neither_requeued_restarted_nor_verified(self):
+        d = self.download()
+        d.expect(0, CHUNK, None)
+        self.refused(d, d.requeue, d.restart, lambda: self.finish(d))
+        self.assertEqual(d.state, QUEUED)
+
+    def test_a_failed_download_only_restarts(self):
+        d = self.download()
+        d.start_request()
+        d.fail("nobody shares this file")
+        self.assertEqual((d.state, d.error), (FAILED, "nobody shares this file"))
+        self.refused(d, d.start_request, d.requeue, lambda: self.finish(d))
+        d.restart()
+        self.assertEqual((d.state, d.error, d.attempts), (QUEUED, None, 0))
+        d.start_request()
+        self.refused(d, d.restart)  # only a failed one restarts
+        d.fail("again")
+        d.restart()
+        self.assertEqual((d.state, d.error, d.attempts), (QUEUED, None, 0))
+
+    def test_a_verifying_download_takes_no_request_and_no_chunk(self):
+        d = self.download()
+        d.start_request()
+        d.expect(2 * CHUNK, CHUNK, None)
+        d.write_chunk({"chunk_idx": 0, "chunk_size": CHUNK, "size": 2 * CHUNK,
+                       "data": wire.b64encode(b"a" * CHUNK)}, 0)
+        d.write_chunk({"chunk_idx": 1, "chunk_size": CHUNK, "size": 2 * CHUNK,
+                       "data": wire.b64encode(b"b" * CHUNK)}, 0)
+        hashing = defer.Deferred()
+        self.finish(d, thread=lambda f, *args: hashing)  # the hash never comes back
+        self.assertEqual(d.state, VERIFYING)
+        self.refused(d, d.start_request, lambda: d.write_chunk(
+            {"chunk_idx": 1, "chunk_size": CHUNK, "size": 2 * CHUNK, "data": wire.b64encode(b"c" * CHUNK)}, 0))
+        with open(d.part_path, "rb") as f:
+            self.assertEqual(f.read()[CHUNK:], b"b" * CHUNK)  # the refused chunk wrote nothing
+
+    def test_a_file_that_does_not_match_goes_back_to_the_queue(self):
+        d = self.download(sha256="0" * 64)
+        d.start_request()
+        d.expect(0, CHUNK, None)
+        self.assertFalse(self.successResultOf(self.finish(d)))
+        self.assertEqual(d.state, QUEUED)
+        self.assertIsNone(d.chunks)
+
+    def test_the_state_is_not_set_from_outside(self):
+        d = self.download()
+        with self.assertRaises(AttributeError):
+            d.state = DONE
+        self.assertEqual(d.state, QUEUED)

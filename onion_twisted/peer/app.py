@@ -41,7 +41,6 @@ from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
 
-from onion_twisted import PROTOCOL
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import BadRequest, ProtocolError
 from onion_twisted.protocol.identity import identity_json

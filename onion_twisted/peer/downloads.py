@@ -5,10 +5,18 @@ Layout: ``<downloads>/.partial/NAME.part`` holds the chunks written at their
 offsets; ``NAME.json`` beside it records size, chunk size, sha256 and the
 chunks received, so a restarted peer asks only for what it lacks. A file
 appears under its name only after its sha256 matched, by one rename.
+
+A download's lifecycle is its own: only ``Download`` changes its state,
+through its named transitions, and it refuses any move ``TRANSITIONS`` does
+not list: ``queued -> requesting -> receiving -> verifying -> done``; an
+attempt that ends short goes back to ``queued`` or asks again
+(``requesting``); any unfinished state may end ``failed``, and a failed one
+is queued again by the user's retry, keeping its chunks.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 from pathlib import Path
@@ -16,28 +24,50 @@ from pathlib import Path
 from twisted.internet import defer, threads
 
 from onion_twisted.protocol import wire
-from onion_twisted.protocol.chunks import ChunkMap, fsync_dir, unique_destination
+from onion_twisted.protocol.chunks import ChunkMap
+from onion_twisted.net.files import atomic_write, fsync_dir, sha256_file, unique_destination
 
-# A name may have 255 bytes, and NAME.json.tmp must fit in a file name too: the
-# partial files of longer names are .partial/long/SHA256-OF-NAME.part, .json.
-MAX_STEM = 255 - len(".json.tmp")
+# A name may have 255 bytes, and the record's temporary file (atomic_write's
+# ".NAME.json.XXXXXXXX.tmp") must fit in a file name too: the partial files of
+# longer names are .partial/long/SHA256-OF-NAME.part, .json.
+MAX_STEM = 255 - len("." + ".json" + ".XXXXXXXX.tmp")
 SEEN_TRANSFERS = 16  # transfer ids remembered from chunks that came before the tracker's reply
 
-QUEUED, REQUESTING, RECEIVING, VERIFYING, DONE, FAILED = (
-    "queued", "requesting", "receiving", "verifying", "done", "failed")
+
+class DownloadState(str, enum.Enum):
+    """Where a download is; the values are what the API and the page show."""
+    QUEUED = "queued"
+    REQUESTING = "requesting"
+    RECEIVING = "receiving"
+    VERIFYING = "verifying"
+    DONE = "done"
+    FAILED = "failed"
+
+
+QUEUED, REQUESTING, RECEIVING, VERIFYING, DONE, FAILED = DownloadState
 ACTIVE = (QUEUED, REQUESTING, RECEIVING, VERIFYING)
+IN_TRANSFER = (REQUESTING, RECEIVING)  # an attempt waits for its transfer's chunks and end
+
+# Each named transition: the states it may start from, and the state it leads to.
+# A chunk may be written to a queued download (a store filled directly, as tests
+# and tools do); nothing leaves "done".
+TRANSITIONS = {
+    "start_request": ({QUEUED, REQUESTING, RECEIVING}, REQUESTING),
+    "receive": ({QUEUED, REQUESTING, RECEIVING}, RECEIVING),
+    "verify": ({REQUESTING, RECEIVING}, VERIFYING),
+    "done": ({VERIFYING}, DONE),
+    "requeue": ({REQUESTING, RECEIVING, VERIFYING}, QUEUED),
+    "restart": ({FAILED}, QUEUED),
+    "fail": ({QUEUED, REQUESTING, RECEIVING, VERIFYING, FAILED}, FAILED),
+}
+
+
+class IllegalTransition(Exception):
+    """A download was asked to move where its lifecycle does not go (a bug in the caller)."""
 
 
 class BadChunk(Exception):
     pass
-
-
-def sha256_of(path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 class Download:
@@ -50,7 +80,7 @@ class Download:
         self.chunk_size = chunk_size
         self.size: int | None = None
         self.chunks: ChunkMap | None = None
-        self.state = QUEUED
+        self._state = QUEUED
         self.error: str | None = None
         self.attempts = 0
         self.transfer: str | None = None
@@ -62,7 +92,83 @@ class Download:
         self._unsaved = 0
         self.samples: list[tuple[float, int]] = []  # (time, bytes) for the speed shown
         self.outcome: str | None = None    # how the current attempt's transfer ended
-        self.wake = None                   # Deferred the attempt waits on
+        self.wake: defer.Deferred | None = None  # what the attempt waits on
+
+    # --- the lifecycle ------------------------------------------------------------------
+
+    @property
+    def state(self) -> DownloadState:
+        return self._state
+
+    def _check(self, transition: str) -> DownloadState:
+        sources, to = TRANSITIONS[transition]
+        if self._state not in sources:
+            raise IllegalTransition(f"{transition}: a {self._state.value} download cannot become {to.value}")
+        return to
+
+    def _move(self, transition: str) -> None:
+        self._state = self._check(transition)
+
+    def start_request(self) -> None:
+        """A new attempt asks the tracker: what the last transfer left is forgotten."""
+        self._move("start_request")
+        self.attempts += 1
+        self.transfer = None
+        self.seen_transfers.clear()
+        self.outcome = None
+
+    def fail(self, reason: str) -> None:
+        """The download ends without its file: ``reason`` is shown to the user."""
+        self._move("fail")
+        self.error = reason
+
+    def requeue(self) -> None:
+        """This attempt ended; a later one tries again."""
+        self._move("requeue")
+
+    def restart(self) -> None:
+        """A failed download queued again (the user's retry), keeping its chunks."""
+        self._move("restart")
+        self.attempts, self.error = 0, None
+
+    def attempt_failed(self, why: str, max_attempts: int) -> None:
+        """An attempt ended short: said on the page while the next one waits."""
+        self.error = f"attempt {self.attempts} of {max_attempts}: {why}"
+
+    # --- the current attempt's transfer -------------------------------------------------
+
+    def take_transfer(self, transfer: str) -> None:
+        """The tracker's reply names this attempt's transfer: only its chunks count now."""
+        self.transfer = transfer
+
+    def saw_transfer(self, transfer: str) -> None:
+        """A chunk came before the tracker's reply: its transfer may be ours (bounded)."""
+        if len(self.seen_transfers) < SEEN_TRANSFERS:
+            self.seen_transfers.add(transfer)
+
+    def learn_sha256(self, sha256: str) -> None:
+        if not self.sha256:
+            self.sha256 = sha256
+
+    def end_transfer(self, outcome: str) -> None:
+        """The attempt's transfer is over ("ok" or why not); the first outcome counts."""
+        if self.outcome is None:
+            self.outcome = outcome
+            if self.wake is not None and not self.wake.called:
+                self.wake.callback(None)
+
+    async def wait_for_end(self, clock, stall_timeout: float) -> str:
+        """Until ``end_transfer``, or ``stall_timeout`` seconds without a new chunk."""
+        while self.outcome is None:
+            had = self.chunks.have if self.chunks else 0
+            wake = self.wake = defer.Deferred()
+            timer = clock.callLater(stall_timeout, lambda: wake.called or wake.callback(None))
+            await wake
+            if timer.active():
+                timer.cancel()
+            if self.outcome is None and (self.chunks.have if self.chunks else 0) == had:
+                self.outcome = f"stalled: no chunk for {stall_timeout:.0f} s"
+        return self.outcome
 
     # --- paths ----------------------------------------------------------------------
 
@@ -88,7 +194,7 @@ class Download:
         return self.chunks.bytes_received if self.chunks else 0
 
     def status(self, now: float) -> dict:
-        return {"file": self.name, "state": self.state, "bytes": self.bytes, "size": self.size,
+        return {"file": self.name, "state": self.state.value, "bytes": self.bytes, "size": self.size,
                 "sha256": self.sha256, "error": self.error, "attempts": self.attempts,
                 "speed": self.speed(now), "unverified": self.unverified,
                 "path": self.final_path.name if self.final_path else None,
@@ -121,6 +227,7 @@ class Download:
 
     def write_chunk(self, message: dict, now: float) -> bool:
         """Write one ``file_chunk`` at its offset; False if it was a duplicate."""
+        self._check("receive")  # before anything is written
         index = message.get("chunk_idx")
         size = message.get("size")
         chunk_size = message.get("chunk_size")
@@ -150,7 +257,7 @@ class Download:
         self.chunks.mark(index)
         self.bytes_this_run += len(data)
         self.samples.append((now, len(data)))
-        self.state = RECEIVING
+        self._move("receive")
         self._unsaved += 1
         if self._unsaved >= 32:
             self.save_record()
@@ -177,9 +284,7 @@ class Download:
         if self.state == FAILED:
             record["failed"] = self.error
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_name(self.record_path.name + ".tmp")
-        tmp.write_bytes(wire.dumps(record))
-        os.replace(tmp, self.record_path)
+        atomic_write(self.record_path, wire.dumps(record))
         self._unsaved = 0
 
     def discard_partial(self) -> None:
@@ -200,19 +305,20 @@ class Download:
         Fires with True when the file is in place, False when it did not match
         (the partial file is then deleted: nothing wrong is kept).
         """
-        self.state = VERIFYING
+        self._move("verify")
         self.save_record()
         self.close()
         if not self.part_path.exists():
             self.part_path.parent.mkdir(parents=True, exist_ok=True)
             self.part_path.touch(mode=0o600)
-        d = run_in_thread(sha256_of, self.part_path)
+        d = run_in_thread(sha256_file, self.part_path)
         d.addCallback(self._verified)
         return d
 
     def _verified(self, digest: str) -> bool:
         if self.sha256 is not None and digest != self.sha256:
             self.discard_partial()
+            self.requeue()
             return False
         if self.sha256 is None:
             self.sha256 = digest
@@ -222,7 +328,7 @@ class Download:
             self.record_path.unlink()
         except FileNotFoundError:
             pass
-        self.state = DONE
+        self._move("done")
         self.error = None
         return True
 
@@ -238,7 +344,7 @@ class DownloadStore:
     def place(self, part: Path, name: str, digest: str) -> Path:
         """Move a verified file to ``NAME``, never over a different file (``NAME (1)`` …)."""
         target = self.downloads_dir / name
-        if target.exists() and target.is_file() and sha256_of(target) == digest:
+        if target.exists() and target.is_file() and sha256_file(target) == digest:
             part.unlink()
             return target
         target = unique_destination(self.downloads_dir, name)
@@ -266,7 +372,7 @@ class DownloadStore:
         d.chunks = ChunkMap.from_record(record)
         d.size = d.chunks.size
         if isinstance(record.get("failed"), str):
-            d.state, d.error = FAILED, record["failed"]
+            d.fail(record["failed"])
         return d
 
     def file_path(self, name: str) -> Path | None:

@@ -25,9 +25,6 @@ from onion_twisted.net.files import sha256_file
 from onion_twisted.net.results import SharedResult
 from onion_twisted.peer.hash_cache import HashCache, stamp_of
 
-# Until the peer split lands: peer/peer.py still imports the upload stream from here.
-from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender  # noqa: F401
-
 log = Logger()
 
 

@@ -24,7 +24,7 @@ import sys
 def _patch() -> None:
     from twisted.logger import Logger
 
-    from onion_twisted.peer import sharing
+    from onion_twisted.peer import upload_stream as sharing
 
     if "pread" not in inspect.signature(sharing.ChunkProducer).parameters:
         sys.exit("lying_peer: ChunkProducer takes no pread= any more; update tests/support/lying_peer.py")

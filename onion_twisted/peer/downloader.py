@@ -1,0 +1,279 @@
+"""The peer's downloader (PROTOCOL.md §8): what its user asks for, fetched and verified.
+
+A download is a series of attempts (at most ``max_attempts``, a growing
+pause between them). An attempt asks the tracker, through the circuit, for
+the chunks still missing; the sharer's chunks and its ``transfer_end`` come
+back on the circuit (``on_chunk``, ``on_transfer_end``). The attempt ends
+with the transfer, after ``stall_timeout`` seconds without a chunk, or when
+the circuit breaks; a complete file is then verified and moved into place.
+A download's state is its own (``downloads.Download``): this module only
+asks it to move.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from onion_twisted.peer.downloads import ACTIVE, DONE, FAILED, IN_TRANSFER, BadChunk, Download, DownloadStore
+from onion_twisted.peer.keeper import CircuitKeeper
+from onion_twisted.peer.safe_log import log_unexpected
+from onion_twisted.protocol.errors import Conflict, ProtocolError, RateLimited, safe_os_error
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, MessageError, check_name, check_sha256
+
+MAX_DOWNLOADS = 256     # downloads listed at once; the oldest finished or failed make room
+MAX_ORPHAN_ENDS = 1000  # transfer_end messages kept for a reply still under way
+ORPHAN_END_TTL = 120.0  # seconds one is kept
+MAX_PAUSE = 30          # seconds between attempts, at most
+
+
+class Downloader:
+    log = Logger()
+
+    def __init__(self, *, clock, keeper: CircuitKeeper, store: DownloadStore, chunk_size: int = DEFAULT_CHUNK,
+                 max_attempts: int = 5, stall_timeout: float = 60.0, run_in_thread=threads.deferToThread,
+                 unsafe_logging: bool = False):
+        self.clock = clock
+        self.keeper = keeper
+        self.store = store
+        self.chunk_size = chunk_size
+        self.max_attempts = max_attempts
+        self.stall_timeout = stall_timeout
+        self.run_in_thread = run_in_thread
+        self.unsafe_logging = unsafe_logging
+        self.downloads: dict[str, Download] = {}
+        self.orphan_ends: dict[str, tuple[float, dict]] = {}  # transfer_end that beat the reply
+        self.stopped = False
+
+    # --- the lifecycle ---------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """The downloads an earlier run left unfinished, listed again."""
+        for record in self.store.resumable():
+            d = self.store.restore(record, self.chunk_size)
+            self.downloads[d.name] = d
+
+    def resume(self) -> None:
+        """Run every listed download that did not fail."""
+        for d in list(self.downloads.values()):
+            if d.state != FAILED:
+                self._run(d)
+
+    def stop(self) -> None:
+        self.stopped = True
+        for d in self.downloads.values():
+            if d.state in ACTIVE:
+                d.save_record()
+                # Wake the attempt waiting for its transfer_end now: left to its stall
+                # timer it would write its record again later, over a newer run's.
+                d.end_transfer("the peer stopped")
+            d.close()
+
+    def circuit_broken(self, why: str) -> None:
+        # Our transfers came back on that circuit: they are over. Their attempts end now
+        # and ask again, on the next circuit, for what is missing (not after stall_timeout).
+        for d in self.downloads.values():
+            if d.state in IN_TRANSFER:
+                d.end_transfer(f"circuit broken ({why})")
+
+    # --- what the user asks ----------------------------------------------------------------
+
+    def download(self, name, sha256=None) -> Download:
+        """Start (or return the running) download of ``name``; ValueError for bad input,
+        RateLimited when MAX_DOWNLOADS are listed and none of them has finished or failed."""
+        try:
+            name = check_name(name)  # NFC, as the tracker and the sharers name it
+            if sha256 is not None:
+                check_sha256(sha256)
+        except MessageError as e:
+            raise ValueError(e.detail) from None
+        current = self.downloads.get(name)
+        if current is not None and current.state in ACTIVE:
+            return current
+        if current is not None and current.state == DONE and current.final_path is not None \
+                and current.final_path.exists() and sha256 in (None, current.sha256):
+            return current  # already here and verified: no second transfer
+        d = Download(self.store, name, sha256, self.chunk_size)
+        if current is not None and current.state == FAILED and current.chunks is not None \
+                and (sha256 is None or sha256 == current.sha256):
+            d = current  # keep what the failed attempts already wrote
+            d.restart()
+        if current is None and len(self.downloads) >= MAX_DOWNLOADS:
+            over = [n for n, old in self.downloads.items() if old.state not in ACTIVE]
+            if not over:
+                raise RateLimited(f"{MAX_DOWNLOADS} downloads are under way; wait for one to end")
+            del self.downloads[over[0]]  # the oldest that ended (its file or record stays on disk)
+        self.downloads[name] = d
+        self._run(d)
+        return d
+
+    def retry(self, name: str) -> Download:
+        """Start a failed download again (the page's Retry), keeping the chunks it has.
+
+        LookupError when no download of ``name`` is listed; Conflict unless it failed.
+        """
+        d = self.downloads.get(name)
+        if d is None:
+            raise LookupError(name)
+        if d.state != FAILED:
+            raise Conflict(f"the download is {d.state.value}: only a failed one is retried")
+        d = self.download(name, d.sha256)
+        d.save_record()  # no longer marked failed: a restart now resumes it
+        return d
+
+    def dismiss(self, name: str) -> None:
+        """Take a failed or finished download off the list (the page's Dismiss).
+
+        A failed one's partial data goes too (else a restart would list it
+        again); a finished file stays in ``downloads``. LookupError when none
+        is listed; Conflict while it is under way.
+        """
+        d = self.downloads.get(name)
+        if d is None:
+            raise LookupError(name)
+        if d.state in ACTIVE:
+            raise Conflict(f"the download is {d.state.value}: only a failed or finished one is dismissed")
+        del self.downloads[name]
+        if d.state == FAILED:
+            d.discard_partial()
+
+    def status(self, now: float) -> list[dict]:
+        return [d.status(now) for d in self.downloads.values()]
+
+    # --- attempts ----------------------------------------------------------------------------
+
+    def _run(self, d: Download) -> None:
+        defer.ensureDeferred(self._download(d)).addErrback(self._crashed, d)
+
+    def _crashed(self, failure: Failure, d: Download) -> None:
+        log_unexpected(self.log, "a download stopped unexpectedly", failure, self.unsafe_logging)
+        d.fail(f"stopped unexpectedly: {safe_os_error(failure.value)}")
+        d.close()
+
+    async def _download(self, d: Download) -> None:
+        why = None
+        while d.attempts < self.max_attempts and not self.stopped:
+            why = await self._attempt(d)
+            if d.state in (DONE, FAILED):
+                return
+            d.attempt_failed(why, self.max_attempts)
+            await task.deferLater(self.clock, min(2 ** (d.attempts - 1), MAX_PAUSE), lambda: None)
+        if not self.stopped:
+            d.fail(f"gave up after {d.attempts} attempts: {why}")
+            d.save_record()  # marked failed: a restart shows it, and does not try again by itself
+            d.close()
+
+    async def _attempt(self, d: Download) -> str:
+        """One attempt; why it ended. Whether the download is over, its state says."""
+        d.start_request()
+        request = {"type": "request", "file": d.name, "chunk_size": d.chunk_size}
+        if d.sha256:
+            request["sha256"] = d.sha256
+        if d.chunks is not None and d.chunks.have:
+            request["chunks"] = d.chunks.missing_ranges()
+        try:
+            reply = await self.keeper.send(request)
+        except ProtocolError as e:
+            d.requeue()
+            return f"circuit failed: {e.detail}"
+        if not isinstance(reply, dict):
+            return "the tracker gave no answer"
+        if reply.get("type") == "error":
+            return self._refused(d, reply)
+        if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):
+            return "the tracker's answer is not a transfer"
+        d.take_transfer(reply["transfer"])
+        size, sha = reply.get("size"), reply.get("sha256")
+        chunk_size = reply.get("chunk_size", d.chunk_size)
+        if isinstance(size, int) and isinstance(chunk_size, int):
+            try:
+                d.expect(size, chunk_size, sha if isinstance(sha, str) else None)
+            except ValueError as e:  # more chunks than a download may have (transfers.MAX_CHUNKS)
+                d.fail(f"this peer does not download that file: {e}")
+                return d.error
+        elif isinstance(sha, str):
+            d.learn_sha256(sha)
+        orphan = self.orphan_ends.pop(d.transfer, None)
+        if orphan is not None:
+            _end(d, orphan[1])
+        if d.chunks is not None and d.chunks.complete:
+            d.end_transfer("ok")  # nothing was missing (or a zero-byte file)
+        outcome = await d.wait_for_end(self.clock, self.stall_timeout)
+        if self.stopped:
+            return outcome  # stop() saved the record: a stopped peer writes nothing more
+        if outcome != "ok":
+            d.save_record()
+            return outcome
+        if d.chunks is None or not d.chunks.complete:
+            d.save_record()
+            return "the transfer ended with chunks missing"
+        if await d.finish(self.run_in_thread):
+            return "done"
+        return "the file's sha256 did not match; partial data discarded"  # finish queued it again
+
+    @staticmethod
+    def _refused(d: Download, reply: dict) -> str:
+        """The tracker answered the request with an error: why the attempt ended."""
+        if reply.get("error") not in ("not_found", "no_source"):
+            return str(reply.get("detail") or reply.get("error"))
+        why = "nobody shares this file" if reply.get("error") == "not_found" else "only this peer shares this file"
+        if d.chunks is not None and d.chunks.have:
+            # Part of the file is on disk, so someone shared it: its sharer may be
+            # rebuilding its circuit (our own restart breaks it). Try again later.
+            d.requeue()
+            return why
+        d.fail(why)
+        d.save_record()  # a record left by an earlier run stays failed across restarts
+        return why
+
+    # --- chunks and transfer_end arriving on the circuit ---------------------------------------
+
+    def _find(self, message: dict) -> Download | None:
+        d = self.downloads.get(message.get("file")) if isinstance(message.get("file"), str) else None
+        if d is None or d.state not in IN_TRANSFER:
+            return None
+        transfer = message.get("transfer")
+        if d.transfer is not None and transfer != d.transfer:
+            return None  # a chunk of an earlier transfer of the same file
+        return d
+
+    def on_chunk(self, message: dict) -> None:
+        d = self._find(message)
+        if d is None:
+            return  # nobody asked: dropped (§8)
+        if d.transfer is None and isinstance(message.get("transfer"), str):
+            d.saw_transfer(message["transfer"])  # chunks may overtake the tracker's reply
+        try:
+            d.write_chunk(message, self.clock.seconds())
+        except BadChunk as e:
+            self.log.warn("a chunk was refused: {why}", why=str(e))
+        except OSError as e:
+            # The disk, not the sharer (full, read-only, gone): this attempt ends, and
+            # a later one resumes from what was written. Safe logging: no path.
+            self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
+            d.end_transfer(f"cannot write the download: {safe_os_error(e)}")
+
+    def on_transfer_end(self, message: dict) -> None:
+        transfer = message.get("transfer")
+        if not isinstance(transfer, str):
+            return
+        for d in self.downloads.values():
+            # Before the tracker's reply, any transfer whose chunks came for this file; after it,
+            # only the transfer it named (an earlier attempt's end must not end this one).
+            if d.state in IN_TRANSFER and (d.transfer == transfer or (
+                    d.transfer is None and transfer in d.seen_transfers)):
+                _end(d, message)
+                return
+        now = self.clock.seconds()
+        for t in [t for t, (at, _) in self.orphan_ends.items() if now - at > ORPHAN_END_TTL]:
+            del self.orphan_ends[t]
+        if len(self.orphan_ends) < MAX_ORPHAN_ENDS:
+            self.orphan_ends[transfer] = (now, message)
+
+
+def _end(d: Download, message: dict) -> None:
+    if message.get("status") == "ok":
+        d.end_transfer("ok")
+    else:
+        d.end_transfer(f"the sharer stopped: {message.get('detail') or 'error'}")

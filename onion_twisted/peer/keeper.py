@@ -1,0 +1,242 @@
+"""The peer's circuit keeper (PROTOCOL.md §5, §6, §9): one connected circuit at a time.
+
+The keeper builds a circuit through nodes picked from a fresh directory,
+retrying with a growing delay; every caller that needs the circuit while a
+build runs shares that one build. When a message on the circuit fails
+(502, 504, refused) the circuit is destroyed, its nodes are avoided a while
+and another is built through other nodes.
+
+The keeper's lifecycle is ``CircuitState`` (what the page shows): waiting
+(no circuit: starting, or after a failure), building, connected. Only the
+keeper moves it, and only along ``NEXT_STATES``. What the rest of the peer
+does on those moves (announce, take the catalogue, end the downloads'
+waits) it is told through the callbacks it is given.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+from typing import Callable
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from onion_twisted.net.results import SharedResult
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.protocol import wire
+from onion_twisted.protocol.directory import pick_path
+from onion_twisted.protocol.errors import BadRequest, ProtocolError, UnknownCircuit
+
+SUSPECT_AFTER_BUILD = 60.0   # seconds a node of a failed build is avoided
+SUSPECT_AFTER_BREAK = 30.0   # seconds a node of a broken circuit is avoided
+MAX_BACKOFF = 30.0           # seconds between build attempts, at most
+DIRECTORY_SOURCES = 4        # known nodes asked for the directory before the tracker
+
+
+class CircuitState(enum.Enum):
+    WAITING = "waiting"
+    BUILDING = "building"
+    CONNECTED = "connected"
+
+
+WAITING, BUILDING, CONNECTED = CircuitState
+
+NEXT_STATES = {
+    WAITING: {BUILDING, CONNECTED},     # connected at once: a circuit built elsewhere (adopt)
+    BUILDING: {CONNECTED, WAITING},
+    # Building again from connected: the circuit became unusable without a failure
+    # being seen (destroyed by hand); its replacement is built all the same.
+    CONNECTED: {WAITING, BUILDING},
+}
+
+
+class IllegalCircuitTransition(Exception):
+    """The keeper was asked to move where its lifecycle does not go (a bug)."""
+
+
+class CircuitKeeper:
+    log = Logger()
+
+    def __init__(self, *, clock, outbound, directory, tracker: wire.Address, data_dir, bootstrap=(),
+                 hops: int = 3, rng: random.Random | None = None,
+                 first_message: Callable[[], dict],
+                 on_connected: Callable[[dict, object], None],
+                 on_broken: Callable[[str], None]):
+        """``first_message()`` is the ``ls`` a new circuit carries to the tracker;
+        ``on_connected(that message, the tracker's reply)`` runs once a circuit is
+        connected, ``on_broken(why)`` once the connected one broke."""
+        self.clock = clock
+        self.outbound = outbound
+        self.directory = directory
+        self.tracker = tracker
+        self.data_dir = data_dir
+        self.bootstrap = [wire.parse_address(a, tracker.port, field="bootstrap") for a in bootstrap]
+        self.hops = hops
+        self.rng = rng or random.SystemRandom()
+        self.first_message = first_message
+        self.on_connected = on_connected
+        self.on_broken = on_broken
+
+        self.circuit: Circuit | None = None
+        self._state = WAITING
+        self.detail = "starting"
+        self.since = clock.seconds()
+        self.stopped = False
+        self._build = SharedResult(lambda: defer.ensureDeferred(self._build_until_connected()))
+        self._backoff = 1.0
+        self._suspect: dict[wire.Address, float] = {}  # nodes that failed lately -> until
+
+    # --- the lifecycle ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> CircuitState:
+        return self._state
+
+    def _move(self, to: CircuitState, detail: str) -> None:
+        if to not in NEXT_STATES[self._state]:
+            raise IllegalCircuitTransition(f"a {self._state.value} circuit keeper cannot become {to.value}")
+        self._state = to
+        self.detail = detail
+
+    def note(self, detail: str) -> None:
+        """Say something of the circuit on the page without changing its state."""
+        self.detail = detail
+
+    def adopt(self, circuit: Circuit) -> None:
+        """A circuit connected elsewhere (tests and tools build one by hand) becomes ours."""
+        self._move(CONNECTED, "connected")
+        self.circuit = circuit
+        self.since = self.clock.seconds()
+
+    @property
+    def directory_path(self) -> str:
+        return os.path.join(self.data_dir, "directory.json")
+
+    def load_directory(self) -> None:
+        self.directory.load(self.directory_path)
+
+    async def stop(self) -> None:
+        """No more building; the circuit is destroyed (its destroy may fail: nobody waits)."""
+        self.stopped = True
+        circuit, self.circuit = self.circuit, None
+        if circuit is not None:
+            try:
+                await circuit.destroy()
+            except ProtocolError:
+                pass
+
+    # --- building ---------------------------------------------------------------------------
+
+    def ready(self) -> defer.Deferred:
+        """The connected circuit, building one (with retries) if there is none."""
+        if self.circuit is not None and self.circuit.connected:
+            return defer.succeed(self.circuit)
+        return self._build.get()
+
+    async def _build_until_connected(self) -> Circuit:
+        while not self.stopped:
+            self._move(BUILDING, self.detail)
+            nodes, circuit = [], None
+            try:
+                nodes = await self._pick_nodes()
+                self.detail = f"building a circuit through {len(nodes)} nodes"
+                circuit = Circuit(self.outbound, nodes, self.tracker)
+                announcement = self.first_message()
+                reply = await circuit.build(announcement)
+            except (ProtocolError, ValueError) as e:
+                detail = getattr(e, "detail", str(e))
+                for node in nodes:
+                    self._suspect[node.address] = self.clock.seconds() + SUSPECT_AFTER_BUILD
+                if circuit is not None and circuit.built:
+                    self.destroy_quietly(circuit)
+                delay = self._backoff
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+                self._move(WAITING, f"circuit failed ({detail}); retrying in {delay:.0f} s")
+                self.log.warn("circuit build failed: {why}; retrying in {delay} s", why=detail, delay=delay)
+                await task.deferLater(self.clock, delay, lambda: None)
+                continue
+            self._backoff = 1.0
+            self.circuit = circuit
+            self._move(CONNECTED, "connected")
+            self.since = self.clock.seconds()
+            self.on_connected(announcement, reply)
+            self.log.info("circuit connected through {n} nodes", n=len(circuit.hops))
+            return circuit
+        raise UnknownCircuit("the peer is stopping")
+
+    async def _pick_nodes(self):
+        directory = await self._fresh_directory()
+        now = self.clock.seconds()
+        candidates = [n for n in directory.nodes.values() if self._suspect.get(n.address, 0) <= now]
+        if len({n.address.host for n in candidates}) < self.hops:
+            candidates = list(directory.nodes.values())  # everyone failed lately: try anyway
+        try:
+            return pick_path(candidates, self.hops, self.rng)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    async def _fresh_directory(self):
+        """The directory from a node's mirror when any node is known; the tracker only at first (§6)."""
+        known = list(self.directory.current.nodes) if self.directory.current else []
+        sources = self.rng.sample(known, len(known)) + [a for a in self.bootstrap if a not in known]
+        for source in sources[:DIRECTORY_SOURCES]:
+            try:
+                directory = await self.directory.fetch_from(source)
+                self.directory.save(self.directory_path)
+                return directory
+            except ProtocolError:
+                continue
+        # No known node answers (or none is known yet): the tracker, once.
+        if sources:
+            self.log.warn("no known node serves the directory; asking the tracker")
+        try:
+            directory = await self.directory.fetch_from(self.tracker)
+        except ProtocolError:
+            if self.directory.current is None:
+                raise
+            return self.directory.current
+        self.directory.save(self.directory_path)
+        return directory
+
+    # --- using and losing the circuit -------------------------------------------------------
+
+    async def send(self, message: dict) -> dict | None:
+        """A message to the tracker through the circuit; a failure breaks the circuit."""
+        circuit = await self.ready()
+        try:
+            return await circuit.send(message)
+        except ProtocolError as e:
+            self.broken(circuit, e.detail)
+            raise
+
+    def broken(self, circuit: Circuit, why: str) -> None:
+        """A message on ``circuit`` failed: drop it, tell the peer, build another."""
+        if self.circuit is not circuit:
+            return
+        if not self.stopped:
+            self.log.warn("circuit broken ({why}); building another", why=why)
+        for hop in circuit.hops:
+            self._suspect[hop.address] = self.clock.seconds() + SUSPECT_AFTER_BREAK
+        self.circuit = None
+        self._move(WAITING, f"circuit broken ({why}); rebuilding")
+        self.destroy_quietly(circuit)
+        self.on_broken(why)
+        if not self.stopped:
+            self.ready().addErrback(lambda f: None)
+
+    @staticmethod
+    def destroy_quietly(circuit: Circuit) -> None:
+        defer.ensureDeferred(circuit.destroy()).addErrback(lambda f: None)
+
+    def status(self, now: float) -> dict:
+        """The circuit as the page and the API show it."""
+        circuit = self.circuit
+        return {
+            "state": self._state.value,
+            "detail": self.detail,
+            "nodes": [{"address": str(h.address), "fingerprint": h.fingerprint} for h in circuit.hops]
+            if circuit else [],
+            "age": int(now - self.since) if circuit else None,
+        }

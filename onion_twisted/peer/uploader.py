@@ -1,0 +1,136 @@
+"""The peer's uploader (PROTOCOL.md §8): serving the tracker's requests, the sharer's side.
+
+A ``request`` that reaches the peer on its circuit names a shared file, a
+chunk size and maybe the chunk ranges wanted; the chunks go back on the same
+circuit (the tracker bridges them to the requester), a window of them
+unacknowledged at a time, then ``transfer_end``. At most ``max_uploads``
+run at once; a request past them is answered ``transfer_end`` "busy".
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.peer.keeper import CircuitKeeper
+from onion_twisted.peer.safe_log import log_unexpected
+from onion_twisted.peer.sharing import ShareDirectory
+from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender
+from onion_twisted.protocol import wire
+from onion_twisted.protocol.errors import ProtocolError
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError
+
+MAX_TRANSFER_ID = 128  # characters of a transfer id we keep as a key
+
+
+class TransferRefused(Exception):
+    """The far end answered a chunk with an error: the bridge is gone."""
+
+
+class Uploader:
+    log = Logger()
+
+    def __init__(self, *, clock, keeper: CircuitKeeper, share: ShareDirectory, window: int = 8,
+                 stall_timeout: float = 60.0, max_uploads: int = 16,
+                 take_reply: Callable[[object], None] = lambda reply: None, unsafe_logging: bool = False):
+        """``take_reply`` gets the tracker's reply to the ``list`` that probes a circuit."""
+        self.clock = clock
+        self.keeper = keeper
+        self.share = share
+        self.window = window
+        self.stall_timeout = stall_timeout
+        self.max_uploads = max_uploads  # uploads served at once; more get transfer_end "busy"
+        self.take_reply = take_reply
+        self.unsafe_logging = unsafe_logging
+        self.uploads: dict[str, defer.Deferred] = {}
+        self._probing: set[Circuit] = set()
+
+    def serve(self, circuit: Circuit, message: dict) -> None:
+        transfer = message.get("transfer")
+        if not isinstance(transfer, str) or not 0 < len(transfer) <= MAX_TRANSFER_ID or transfer in self.uploads:
+            return
+        if len(self.uploads) >= self.max_uploads:
+            busy = {"type": "transfer_end", "transfer": transfer, "status": "error",
+                    "detail": "the sharer is busy; ask again later"}
+            defer.ensureDeferred(self.send_on(circuit, busy)).addErrback(lambda f: None)
+            return
+        d = defer.ensureDeferred(self._upload(circuit, transfer, message))
+        self.uploads[transfer] = d
+        d.addErrback(lambda f: f.trap(ProtocolError, TransferRefused))  # the circuit is rebuilt already
+        d.addErrback(lambda f: log_unexpected(self.log, "an upload failed", f, self.unsafe_logging))
+        d.addBoth(lambda _: self.uploads.pop(transfer, None))
+
+    async def _upload(self, circuit: Circuit, transfer: str, message: dict) -> None:
+        name = message.get("file")
+        try:
+            chunk_size = message.get("chunk_size", DEFAULT_CHUNK)
+            if not isinstance(chunk_size, int) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+                raise MessageError("refused", "chunk_size out of bounds")
+            chunks = message.get("chunks")
+            if chunks is not None and (not isinstance(chunks, list) or not all(
+                    isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) for r in chunks)):
+                raise MessageError("refused", "chunks is not a list of ranges")
+            path = self.share.path_of(name)
+            wanted = message.get("sha256")
+            ours = (self.share.entry(name) or {}).get("sha256")
+            if wanted is not None and wanted != ours:
+                raise MessageError("refused", "this peer's copy has another content")
+            producer = ChunkProducer.open(path, chunk_size, chunks)
+        except (MessageError, OSError, ValueError) as e:
+            detail = getattr(e, "detail", "cannot open the file")
+            await self.send_on(circuit, {"type": "transfer_end", "transfer": transfer, "status": "error",
+                                         "detail": detail})
+            return
+        size = producer.size
+
+        def send_chunk(index: int, data: bytes):
+            message = wire.with_base64({"type": "file_chunk", "transfer": transfer, "file": name,
+                                        "chunk_idx": index, "chunk_size": chunk_size, "size": size}, "data", data)
+            return defer.ensureDeferred(self.send_on(circuit, message, refusable=True))
+
+        sender = WindowedChunkSender(send_chunk, window=self.window, clock=self.clock,
+                                     ack_timeout=self.stall_timeout * 2)
+        done = sender.start(producer)
+        try:
+            await done
+        except TransferRefused as e:
+            self.log.info("an upload stopped: {why}", why=str(e))
+            return
+        except (ProtocolError, defer.TimeoutError, OSError):
+            return  # the circuit broke or the file went away; the requester asks again for what it lacks
+        await self.send_on(circuit, {"type": "transfer_end", "transfer": transfer, "status": "ok"})
+
+    async def send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False):
+        """``message`` on the circuit the request came on. A failed chunk (``refusable``)
+        may mean only the requester's side is gone: the circuit is probed before it is
+        given up; a refused one raises TransferRefused."""
+        sending = circuit.send(message)
+        del message  # a chunk: not held while its acknowledgement is awaited
+        try:
+            reply = await sending
+        except ProtocolError as e:
+            if refusable:
+                self._probe(circuit, e.detail)
+            else:
+                self.keeper.broken(circuit, e.detail)
+            raise
+        if refusable and isinstance(reply, dict) and reply.get("type") == "error":
+            raise TransferRefused(str(reply.get("detail") or reply.get("error")))
+        return reply
+
+    def _probe(self, circuit: Circuit, why: str) -> None:
+        if self.keeper.circuit is not circuit or circuit in self._probing:
+            return
+        self._probing.add(circuit)
+
+        async def probe():
+            try:
+                self.take_reply(await circuit.send({"type": "list"}))
+            except ProtocolError as e:
+                self.keeper.broken(circuit, f"{why}; then {e.detail}")
+            finally:
+                self._probing.discard(circuit)
+        defer.ensureDeferred(probe())
