@@ -21,6 +21,7 @@ from onion_twisted.protocol.errors import Forbidden, NextHopFailed
 from onion_twisted.protocol.interfaces import IDirectorySource, IOutbound
 from tests.support.fakes import FakeDirectory, FakeOutbound, Sent, listing
 from tests.support.in_memory import MemberOutbound
+from tests.support.processes import StatusOutbound
 
 TRACKER = wire.Address("127.0.0.1", 5000)
 NODE = wire.Address("127.0.0.11", 5000)
@@ -43,6 +44,11 @@ class InterfaceTests(unittest.TestCase):
         outbound = HTTPOutbound(MemoryReactorClock(), bind_ip="127.0.0.1")
         self.addCleanup(outbound.close)
         self.assertTrue(verifyObject(IOutbound, outbound))
+
+    def test_the_status_outbound_of_the_process_tests_provides_IOutbound(self):
+        outbound = HTTPOutbound(MemoryReactorClock(), bind_ip="127.0.0.1")
+        self.addCleanup(outbound.close)
+        self.assertTrue(verifyObject(IOutbound, StatusOutbound(outbound)))
 
     def test_the_fake_directory_provides_IDirectorySource(self):
         self.assertTrue(verifyObject(IDirectorySource, FakeDirectory()))
