@@ -33,12 +33,13 @@ from onion_twisted.net.http_server import QuietSite
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
+from tests.support.fakes import FakeDirectory, FakeOutbound
 from tests.support.fuzz import LoggedErrors, b64, exchange, post_json
-from tests.test_fuzz_node import HonestOutbound, fired
+from tests.test_fuzz_node import fired
 from tests.test_fuzz_peer import CHUNK, ENTRY_IP, HOST as PEER_HOST, SERVER as PEER_SERVER, USER_IP, PeerWorld
 from tests.test_node_app import (NEXT_ADDR, NEXT_KEY, NODE_ADDR, NODE_IP, NODE_KEY, NOW, PEER_ADDR, PEER_IP, PORT,
                                  SHARER_EXIT_IP, SIGNED_DIRECTORY, TRACKER_ADDR, TRACKER_IP, TRACKER_KEY,
-                                 FakeDirectory, FakeNextNode, FakeTracker, Recorder, create_cell, extend_message)
+                                 FakeNextNode, FakeTracker, Recorder, create_cell, extend_message)
 from tests.tracker_fakes import NODE_IPS, SHA_A, TrackerHarness, new_cid
 
 HOST = f"{NODE_IP}:{PORT}".encode("ascii")
@@ -53,7 +54,7 @@ class NodeBoundsTests(unittest.TestCase):
         self.clock.advance(NOW)
         self.table = RelayTable(self.clock, **table_options)
         self.tracker = FakeTracker()
-        self.outbound = HonestOutbound({NEXT_ADDR: FakeNextNode(NEXT_KEY), TRACKER_ADDR: self.tracker,
+        self.outbound = FakeOutbound({NEXT_ADDR: FakeNextNode(NEXT_KEY), TRACKER_ADDR: self.tracker,
                                         PEER_ADDR: Recorder()})
         self.relay = NodeRelay(clock=self.clock, private_key=NODE_KEY, own_address=NODE_ADDR, tracker=TRACKER_ADDR,
                                table=self.table, outbound=self.outbound,

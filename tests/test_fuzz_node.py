@@ -44,11 +44,12 @@ from onion_twisted.node.circuits import RelayTable
 from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
 from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.net.directory_client import DirectoryClient
-from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
+from onion_twisted.protocol.errors import ProtocolError
 from onion_twisted.net.http_server import QuietSite
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
+from tests.support.fakes import FakeDirectory, FakeOutbound
 from tests.support.fuzz import (CELL_STATUSES, answer_to_everyone, check_answer, fired, LoggedErrors, addresses, b64, bad_base64, bad_cids,
                                 deep_nesting, exchange, fuzz_settings, good_base64, headers as header_lists, weighted,
                                 hostile_bodies, hosts, http_request, json_bytes, json_objects, json_values, methods,
@@ -56,7 +57,7 @@ from tests.support.fuzz import (CELL_STATUSES, answer_to_everyone, check_answer,
 from tests.test_node_app import (DIRECTORY_BODY, DIRECTORY_SIGNATURE, FORGER_KEY, NEXT_ADDR, NEXT_IP, NEXT_KEY,
                                  NODE_ADDR, NODE_IP, NODE_KEY, NOW, OTHER_PEER_IP, PEER_ADDR, PEER_IP, PORT,
                                  SHARER_EXIT_IP, SIGNED_DIRECTORY, STRANGER_IP, TRACKER_ADDR, TRACKER_IP, TRACKER_KEY,
-                                 FakeDirectory, FakeNextNode, FakeTracker, Recorder, create_cell, extend_message,
+                                 FakeNextNode, FakeTracker, Recorder, create_cell, extend_message,
                                  sealed_create)
 
 MAX_BODY = 65536
@@ -72,29 +73,6 @@ OTHER_ROUTE_STATUSES = frozenset({200, 400, 404, 405, 413})
 NEVER_STATUSES = frozenset({500})
 
 
-class HonestOutbound:
-    """Like test_node_app's FakeOutbound, but a neighbour's refusal reaches the node
-    as HTTPOutbound reports it: NextHopFailed with the status it answered."""
-
-    def __init__(self, routes):
-        self.routes = routes
-        self.sent: list[tuple[wire.Address, bytes]] = []
-
-    def post(self, address, body, headers=None, path="/"):
-        self.sent.append((address, bytes(body)))
-        route = self.routes.get(address)
-        if route is None:
-            return defer.fail(NextHopFailed("next hop refused the connection"))
-        try:
-            return defer.succeed(route(bytes(body)))
-        except ProtocolError as e:
-            error = NextHopFailed(f"next hop answered {e.status} {e.error}")
-            error.answered = e.status
-            return defer.fail(error)
-
-
-
-
 class NodeWorld:
     """The node, its neighbours, four circuits and a bridge (see the module docstring)."""
 
@@ -106,7 +84,7 @@ class NodeWorld:
         self.tracker = FakeTracker()
         self.peer = Recorder()
         self.other_exit = Recorder()
-        self.outbound = HonestOutbound({NEXT_ADDR: self.next_node, TRACKER_ADDR: self.tracker, PEER_ADDR: self.peer,
+        self.outbound = FakeOutbound({NEXT_ADDR: self.next_node, TRACKER_ADDR: self.tracker, PEER_ADDR: self.peer,
                                         OTHER_PEER: self.peer, SHARER_EXIT: self.other_exit})
         self.directory = FakeDirectory(SIGNED_DIRECTORY, TRACKER_KEY.public_key())
         self.relay = NodeRelay(clock=self.clock, private_key=NODE_KEY, own_address=NODE_ADDR, tracker=TRACKER_ADDR,
@@ -289,7 +267,7 @@ class NodeFuzzTests(unittest.TestCase):
             closed = self.closed_by_failed_extend(world, before, recorded)
             self.assertEqual(world.state(), before if closed is None else closed,
                              f"{response.status} for {context!r} changed the table")
-            sent = world.outbound.sent
+            sent = [(s.address, s.body) for s in world.outbound.sent]
             if closed is not None:
                 # The circuit's own neighbour is told it is closed; nothing else is new.
                 destroy = (wire.Address(world.NEIGHBOURS[layer_of], NODE_ADDR.port), cells.encode_destroy(recorded))
@@ -494,14 +472,15 @@ class NodeFuzzTests(unittest.TestCase):
 # --- the signed directory a node (or a peer) fetches --------------------------------------------
 
 
-class DirectorySource:
-    """A tracker or a mirror that answers ``GET /nodes`` with whatever the test says."""
+class DirectorySource(FakeOutbound):
+    """A tracker or a mirror that answers ``GET /nodes`` with whatever the test says (``page``)."""
 
     def __init__(self):
-        self.answer = (200, Headers(), b"{}")
+        super().__init__(record=False)
+        self.page = (200, Headers(), b"{}")
 
     def get(self, address, path):
-        return defer.succeed(self.answer)
+        return defer.succeed(self.page)
 
 
 def signed_directory(nodes, issued, key=TRACKER_KEY) -> tuple[bytes, str]:
@@ -528,7 +507,7 @@ class DirectoryFuzzTests(unittest.TestCase):
         self.source = DirectorySource()
         self.client = DirectoryClient(task.Clock(), self.source, TRACKER_ADDR,
                                       tracker_key=crypto.tracker_public_b64(TRACKER_KEY), default_port=PORT)
-        self.source.answer = (200, Headers({b"X-Onion-Signature": [DIRECTORY_SIGNATURE.encode("ascii")]}),
+        self.source.page = (200, Headers({b"X-Onion-Signature": [DIRECTORY_SIGNATURE.encode("ascii")]}),
                               DIRECTORY_BODY)
         self.held = fired(defer.ensureDeferred(self.client.fetch_from(TRACKER_ADDR)))
 
@@ -549,7 +528,7 @@ class DirectoryFuzzTests(unittest.TestCase):
             headers.setRawHeaders(b"X-Onion-Signature", [b"!" + signature.encode("ascii")])
         elif how != "none":
             headers.setRawHeaders(b"X-Onion-Signature", [signature.encode("ascii")])
-        self.source.answer = (status, headers, body)
+        self.source.page = (status, headers, body)
         with LoggedErrors() as errors:
             d = defer.ensureDeferred(self.client.fetch_from(NEXT_ADDR))
             outcome = []

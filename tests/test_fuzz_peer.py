@@ -40,11 +40,11 @@ from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
 from onion_twisted.protocol.directory import NodeEntry
 from onion_twisted.peer.downloads import DownloadStore
-from onion_twisted.protocol.errors import NextHopFailed
 from onion_twisted.net.http_server import QuietSite
 from onion_twisted.peer.peer import Peer
 from onion_twisted.peer.app import PeerApp
 from onion_twisted.peer.sharing import HashCache, ShareDirectory
+from tests.support.fakes import FakeDirectory, FakeOutbound
 from tests.support.fuzz import (fired, LoggedErrors, b64, bad_base64, bad_cids, exchange, fuzz_settings, good_base64,
                                 headers as header_lists, hostile_bodies, hosts, http_request, json_objects,
                                 json_values, methods, paths, post_json, to_json, uuid4s, weighted)
@@ -69,34 +69,19 @@ def synchronous(f, *args, **kwargs):
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-class NoDirectory:
-    """The peer never needs a directory here; a rebuild (after a destroy) just fails and waits."""
-
-    current = None
-
-    def load(self, path):
-        return False
-
-    def save(self, path):
-        pass
-
-    def fetch_from(self, source):
-        return defer.fail(NextHopFailed("no directory in this test"))
-
-
-class NetworkBehindTheEntry:
+class NetworkBehindTheEntry(FakeOutbound):
     """The peer's outbound: its messages peel with the hop keys; the 'tracker' answers them."""
 
     def __init__(self, world):
+        super().__init__()
         self.world = world
-        self.sent: list[dict] = []
 
-    def post(self, address, body, headers=None, path="/"):
+    def answer(self, sent):
+        body = sent.body
         cell = cells.parse_cell(body)
         if cell.destroy:
             return defer.succeed(b"{}")
         message = orjson.loads(self.world.peel_forward(body))
-        self.sent.append(message)
         kind = message.get("type")
         if kind == "request":
             name = message["file"]
@@ -122,7 +107,7 @@ class PeerWorld:
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.outbound = NetworkBehindTheEntry(self)
-        self.peer = Peer(clock=self.clock, outbound=self.outbound, directory=NoDirectory(), tracker=TRACKER_ADDRESS,
+        self.peer = Peer(clock=self.clock, outbound=self.outbound, directory=FakeDirectory(), tracker=TRACKER_ADDRESS,
                          share=ShareDirectory(share, HashCache(data), run_in_thread=synchronous),
                          store=DownloadStore(downloads), data_dir=data, chunk_size=CHUNK, window=4,
                          rng=random.Random(1), run_in_thread=synchronous, max_uploads=MAX_UPLOADS)

@@ -14,11 +14,11 @@ from twisted.trial import unittest
 
 from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.node.circuits import RelayTable
-from onion_twisted.protocol.directory import SignedDirectory
 from onion_twisted.protocol.errors import BadRequest, NextHopFailed, RateLimited
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
 from tests.support.deferreds import inline
+from tests.support.fakes import FakeDirectory, listing
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)
 NEIGHBOUR_NODE_IP = "127.0.0.12"
@@ -41,19 +41,6 @@ class CountingKey:
         return self.key.public_key()
 
 
-class Directory:
-    def __init__(self):
-        ips = (NEIGHBOUR_NODE_IP, OTHER_NODE_IP)
-        nodes = {wire.Address(ip, 5000): None for ip in ips}
-        self.current = SignedDirectory(b"{}", "", 0, nodes, frozenset(ips))
-
-    async def knows(self, address):
-        return address in self.current.nodes
-
-    async def tracker_key(self):
-        return None
-
-
 def create_body(sealed=None):
     sealed = sealed or crypto.seal_session_key(KEY.public_key(), crypto.new_session_key())
     return cells.encode_cell(wire.new_circuit_id(), sealed)
@@ -65,7 +52,8 @@ class CreateBudgetTests(unittest.TestCase):
         self.key = CountingKey(KEY)
         self.relay = NodeRelay(clock=self.clock, private_key=self.key, own_address=wire.Address("127.0.0.11", 5000),
                                tracker=wire.Address("127.0.0.1", 5000), table=RelayTable(self.clock),
-                               outbound=None, directory=Directory(),
+                               outbound=None, directory=FakeDirectory(listing(
+                                   wire.Address(ip, 5000) for ip in (NEIGHBOUR_NODE_IP, OTHER_NODE_IP))),
                                limiter=RateLimiter(self.clock, rate=1.0, burst=2),
                                node_limiter=RateLimiter(self.clock, rate=1.0, burst=5),
                                work_limiter=RateLimiter(self.clock, rate=1.0, burst=8, max_keys=1))
@@ -122,7 +110,7 @@ class FloodThroughACircuitTests(unittest.TestCase):
 
     @inline
     async def test_a_failed_extend_closes_the_circuit_so_one_circuit_costs_the_next_hop_one_decryption(self):
-        from tests.test_relay_memory import Network
+        from tests.support.relay_network import Network
         net = Network(burst=5)
         x, y = net.nodes[0], net.nodes[1]
         counting = y.private_key = CountingKey(y.private_key)

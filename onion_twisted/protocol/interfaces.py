@@ -14,7 +14,7 @@ class IOutbound(Interface):
     """HTTP to other members: ``net.http_client.HTTPOutbound`` in a member."""
 
     def post(address, body, headers=None, path="/"):
-        """POST ``body`` to ``address``; a Deferred of ``(status, headers, body)``.
+        """POST ``body`` to ``address``; a Deferred of the body of its 200 answer.
 
         Fails with ``protocol.errors.NextHopFailed`` (or ``NextHopTimeout``)
         when the member cannot be reached or answers other than 200.

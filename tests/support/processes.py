@@ -37,11 +37,13 @@ from pathlib import Path
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from onion_twisted.protocol import crypto, errors, wire
 from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.http_client import BytesProducer, HTTPOutbound
+from onion_twisted.protocol.interfaces import IOutbound
 from tests.support.deferreds import current_reactor as _reactor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -393,6 +395,7 @@ async def post_status(outbound, address: wire.Address, body: bytes, headers: dic
     return response.code, await content
 
 
+@implementer(IOutbound)
 class StatusOutbound:
     """``post`` like HTTPOutbound, but a non-200 answer raises the errors class of its status.
 
@@ -420,6 +423,9 @@ class StatusOutbound:
 
     def get(self, address, path):
         return self.outbound.get(address, path)
+
+    def close(self):
+        return self.outbound.close()
 
 
 # --- raw HTTP ------------------------------------------------------------------------------
