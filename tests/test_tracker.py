@@ -30,7 +30,7 @@ from tests.support.deferreds import inline
 
 from .memory import memory_client
 from .tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, SHA_A, SHA_B,
-                            STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, FakeOutbound, TrackerHarness,
+                            STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness,
                             cell, dumps, identity_body, new_cid, pem)
 
 REQUESTER_IP, SHARER_IP, OTHER_IP = NODE_IPS[0], NODE_IPS[1], NODE_IPS[2]

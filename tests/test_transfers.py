@@ -1,8 +1,8 @@
 """Transfer bookkeeping with no network I/O (PROTOCOL.md §8).
 
 ChunkMap and its record (resume), wanted_indexes (the ``chunks`` of a
-request), resolve_shared (the sharer's name check) and
-unique_destination. Files live in a fresh temporary directory per test.
+request) and resolve_shared (the sharer's name check; the unique
+destination is tested in test_files). Files live in a fresh temporary directory per test.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from onion_twisted.protocol.messages import MessageError
-from onion_twisted.protocol.chunks import (ChunkMap, ranges_of, resolve_shared, unique_destination,
-                                     wanted_indexes)
+from onion_twisted.protocol.chunks import ChunkMap, ranges_of, wanted_indexes
+from onion_twisted.peer.sharing import resolve_shared
 
 
 class ChunkMapTests(unittest.SynchronousTestCase):
@@ -206,28 +206,3 @@ class ResolveSharedTests(unittest.SynchronousTestCase):
     def test_a_symlink_into_a_subdirectory_is_refused(self):
         e = self.assertRefused("sub-link")
         self.assertIn("outside", e.detail)
-
-
-class UniqueDestinationTests(unittest.SynchronousTestCase):
-    def setUp(self):
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
-
-    def test_free_name_is_kept(self):
-        self.assertEqual(unique_destination(self.dir, "a.txt"), self.dir / "a.txt")
-
-    def test_numbers_before_the_extension(self):
-        (self.dir / "a.txt").write_bytes(b"")
-        self.assertEqual(unique_destination(self.dir, "a.txt"), self.dir / "a (1).txt")
-        (self.dir / "a (1).txt").write_bytes(b"")
-        self.assertEqual(unique_destination(self.dir, "a.txt"), self.dir / "a (2).txt")
-
-    def test_without_extension_and_dotfiles(self):
-        (self.dir / "NAME").write_bytes(b"")
-        self.assertEqual(unique_destination(self.dir, "NAME"), self.dir / "NAME (1)")
-        (self.dir / ".rc").write_bytes(b"")
-        self.assertEqual(unique_destination(self.dir, ".rc"), self.dir / ".rc (1)")
-
-    def test_a_directory_counts_as_taken(self):
-        (self.dir / "x.tar.gz").mkdir()
-        self.assertEqual(unique_destination(self.dir, "x.tar.gz"), self.dir / "x (1).tar.gz")

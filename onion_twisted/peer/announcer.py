@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.protocol.errors import ProtocolError
+from onion_twisted.protocol.messages import list_message, parse_files_reply
 
 NEVER = float("-inf")
 
@@ -65,7 +66,7 @@ class Announcer:
                 self._note_listed(announcement, reply)
             elif now - self._last_list >= self.refresh_interval:
                 self._last_list = now
-                reply = await self.keeper.send({"type": "list"})
+                reply = await self.keeper.send(list_message())
                 self.take_catalogue(reply)
                 if self._forgotten(reply):
                     # A restarted tracker knows our old circuit only from this list, with no
@@ -77,8 +78,9 @@ class Announcer:
 
     def take_catalogue(self, reply) -> None:
         """The tracker's listing from a ``files`` reply; its refusal, said on the page."""
-        if isinstance(reply, dict) and reply.get("type") == "files" and isinstance(reply.get("files"), list):
-            self.catalogue = [f for f in reply["files"] if isinstance(f, dict)]
+        listing = parse_files_reply(reply)
+        if listing is not None:
+            self.catalogue = listing
         elif isinstance(reply, dict) and reply.get("type") == "error":
             self.keeper.note(f"the tracker refused our announcement: {reply.get('detail') or reply.get('error')}")
             self.log.warn("the tracker refused a message: {why}", why=str(reply.get("error")))
@@ -98,6 +100,7 @@ class Announcer:
 
 def _listed_keys(reply) -> set | None:
     """The (name, sha256) pairs of a ``files`` reply; None for any other reply."""
-    if not (isinstance(reply, dict) and reply.get("type") == "files" and isinstance(reply.get("files"), list)):
+    listing = parse_files_reply(reply)
+    if listing is None:
         return None
-    return {(f.get("name"), f.get("sha256")) for f in reply["files"] if isinstance(f, dict)}
+    return {(f.get("name"), f.get("sha256")) for f in listing}

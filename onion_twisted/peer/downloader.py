@@ -20,7 +20,7 @@ from onion_twisted.peer.downloads import ACTIVE, DONE, FAILED, IN_TRANSFER, BadC
 from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.protocol.errors import Conflict, ProtocolError, RateLimited, safe_os_error
-from onion_twisted.protocol.messages import DEFAULT_CHUNK, MessageError, check_name, check_sha256
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, MessageError, check_name, check_sha256, request_message
 
 MAX_DOWNLOADS = 256     # downloads listed at once; the oldest finished or failed make room
 MAX_ORPHAN_ENDS = 1000  # transfer_end messages kept for a reply still under way
@@ -167,11 +167,8 @@ class Downloader:
     async def _attempt(self, d: Download) -> str:
         """One attempt; why it ended. Whether the download is over, its state says."""
         d.start_request()
-        request = {"type": "request", "file": d.name, "chunk_size": d.chunk_size}
-        if d.sha256:
-            request["sha256"] = d.sha256
-        if d.chunks is not None and d.chunks.have:
-            request["chunks"] = d.chunks.missing_ranges()
+        resuming = d.chunks is not None and d.chunks.have
+        request = request_message(d.name, d.chunk_size, d.sha256, d.chunks.missing_ranges() if resuming else None)
         try:
             reply = await self.keeper.send(request)
         except ProtocolError as e:

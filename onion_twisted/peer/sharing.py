@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import os
 import stat as stat_module
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from onion_twisted.protocol.messages import MessageError, check_name
+from onion_twisted.protocol.messages import MessageError, check_name, ls_message
 from onion_twisted.protocol.errors import safe_os_error
-from onion_twisted.protocol.chunks import resolve_shared
 from onion_twisted.net.files import sha256_file
 from onion_twisted.net.results import SharedResult
 from onion_twisted.peer.hash_cache import HashCache, stamp_of
@@ -65,7 +65,7 @@ class ShareDirectory:
         return self._by_name.get(name)
 
     def ls_message(self) -> dict:
-        return {"type": "ls", "files": [dict(f) for f in (self.files or [])]}
+        return ls_message([dict(f) for f in (self.files or [])])
 
     def path_of(self, name) -> Path:
         """The path to serve for a requested name, or MessageError("refused") (§8)."""
@@ -159,3 +159,32 @@ class ShareDirectory:
         self._by_name = {f["name"]: f for f in files}
         self._disk_names = {name: os.path.basename(path) for name, path, _ in candidates}
         return files
+
+
+def resolve_shared(share_dir, name, announced) -> Path:
+    """The path of a file the peer may serve, or MessageError("refused").
+
+    ``announced``: the announced names, or a mapping of each to its name on disk.
+
+    §8: a name with a path separator or ``..``, a name not announced, a
+    directory, a symlink leading out of ``share_dir``, anything not a regular
+    file is refused.
+    """
+    try:
+        name = check_name(name)
+    except MessageError as e:
+        raise MessageError("refused", e.detail) from None
+    if name not in announced:
+        raise MessageError("refused", "this peer does not share that name")
+    root = Path(share_dir).resolve()
+    # ``announced`` maps an announced (NFC) name to its name on disk where the two differ.
+    path = root / (announced[name] if isinstance(announced, Mapping) else name)
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise MessageError("refused", "no such file") from None
+    if real.parent != root:
+        raise MessageError("refused", "the name resolves outside the share directory")
+    if not real.is_file():
+        raise MessageError("refused", "not a regular file")
+    return real

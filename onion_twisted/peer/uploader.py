@@ -19,11 +19,9 @@ from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender
-from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import ProtocolError
-from onion_twisted.protocol.messages import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, MessageError
-
-MAX_TRANSFER_ID = 128  # characters of a transfer id we keep as a key
+from onion_twisted.protocol.messages import (MessageError, file_chunk_message, is_transfer_id, list_message,
+                                            parse_source_request, transfer_end_message)
 
 
 class TransferRefused(Exception):
@@ -50,11 +48,10 @@ class Uploader:
 
     def serve(self, circuit: Circuit, message: dict) -> None:
         transfer = message.get("transfer")
-        if not isinstance(transfer, str) or not 0 < len(transfer) <= MAX_TRANSFER_ID or transfer in self.uploads:
-            return
+        if not is_transfer_id(transfer) or transfer in self.uploads:
+            return  # nothing to answer to, or already under way
         if len(self.uploads) >= self.max_uploads:
-            busy = {"type": "transfer_end", "transfer": transfer, "status": "error",
-                    "detail": "the sharer is busy; ask again later"}
+            busy = transfer_end_message(transfer, "the sharer is busy; ask again later")
             defer.ensureDeferred(self.send_on(circuit, busy)).addErrback(lambda f: None)
             return
         d = defer.ensureDeferred(self._upload(circuit, transfer, message))
@@ -64,31 +61,23 @@ class Uploader:
         d.addBoth(lambda _: self.uploads.pop(transfer, None))
 
     async def _upload(self, circuit: Circuit, transfer: str, message: dict) -> None:
-        name = message.get("file")
         try:
-            chunk_size = message.get("chunk_size", DEFAULT_CHUNK)
-            if not isinstance(chunk_size, int) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-                raise MessageError("refused", "chunk_size out of bounds")
-            chunks = message.get("chunks")
-            if chunks is not None and (not isinstance(chunks, list) or not all(
-                    isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) for r in chunks)):
-                raise MessageError("refused", "chunks is not a list of ranges")
+            # Checked as strictly as the tracker checks the requester's request.
+            request = parse_source_request(message)
+            name, chunk_size = request.file, request.chunk_size
             path = self.share.path_of(name)
-            wanted = message.get("sha256")
             ours = (self.share.entry(name) or {}).get("sha256")
-            if wanted is not None and wanted != ours:
+            if request.sha256 is not None and request.sha256 != ours:
                 raise MessageError("refused", "this peer's copy has another content")
-            producer = ChunkProducer.open(path, chunk_size, chunks)
+            producer = ChunkProducer.open(path, chunk_size, request.chunks)
         except (MessageError, OSError, ValueError) as e:
             detail = getattr(e, "detail", "cannot open the file")
-            await self.send_on(circuit, {"type": "transfer_end", "transfer": transfer, "status": "error",
-                                         "detail": detail})
+            await self.send_on(circuit, transfer_end_message(transfer, detail))
             return
         size = producer.size
 
         def send_chunk(index: int, data: bytes):
-            message = wire.with_base64({"type": "file_chunk", "transfer": transfer, "file": name,
-                                        "chunk_idx": index, "chunk_size": chunk_size, "size": size}, "data", data)
+            message = file_chunk_message(transfer, name, index, chunk_size, size, data)
             return defer.ensureDeferred(self.send_on(circuit, message, refusable=True))
 
         sender = WindowedChunkSender(send_chunk, window=self.window, clock=self.clock,
@@ -101,7 +90,7 @@ class Uploader:
             return
         except (ProtocolError, defer.TimeoutError, OSError):
             return  # the circuit broke or the file went away; the requester asks again for what it lacks
-        await self.send_on(circuit, {"type": "transfer_end", "transfer": transfer, "status": "ok"})
+        await self.send_on(circuit, transfer_end_message(transfer))
 
     async def send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False):
         """``message`` on the circuit the request came on. A failed chunk (``refusable``)
@@ -128,7 +117,7 @@ class Uploader:
 
         async def probe():
             try:
-                self.take_reply(await circuit.send({"type": "list"}))
+                self.take_reply(await circuit.send(list_message()))
             except ProtocolError as e:
                 self.keeper.broken(circuit, f"{why}; then {e.detail}")
             finally:

@@ -3,18 +3,9 @@
 * ``ChunkMap``: which chunks of a download are on disk, the ranges still
   wanted (the ``chunks`` of a resumed ``request``), serialised beside the
   partial file so a restarted peer asks only for what it lacks.
-* ``resolve_shared``: the sharer's name check: one regular file directly in
-  the share directory, by exact name, announced before, nothing that climbs
-  or links out.
 """
 
 from __future__ import annotations
-
-import os
-from collections.abc import Mapping
-from pathlib import Path
-
-from onion_twisted.protocol.messages import MessageError, check_name
 
 #: Most chunks one download may have. The map costs a byte a chunk, and the size comes
 #: from the sharer (its ``ls``, its chunks): 2^22 chunks is a 4 MiB map, a file of
@@ -138,51 +129,3 @@ def wanted_indexes(chunks, count: int):
         for i in range(max(a, seen_end), min(b, count)):
             yield i
         seen_end = max(seen_end, b)
-
-
-def resolve_shared(share_dir, name, announced) -> Path:
-    """The path of a file the peer may serve, or MessageError("refused").
-
-    ``announced``: the announced names, or a mapping of each to its name on disk.
-
-    §8: a name with a path separator or ``..``, a name not announced, a
-    directory, a symlink leading out of ``share_dir``, anything not a regular
-    file is refused.
-    """
-    try:
-        name = check_name(name)
-    except MessageError as e:
-        raise MessageError("refused", e.detail) from None
-    if name not in announced:
-        raise MessageError("refused", "this peer does not share that name")
-    root = Path(share_dir).resolve()
-    # ``announced`` maps an announced (NFC) name to its name on disk where the two differ.
-    path = root / (announced[name] if isinstance(announced, Mapping) else name)
-    try:
-        real = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise MessageError("refused", "no such file") from None
-    if real.parent != root:
-        raise MessageError("refused", "the name resolves outside the share directory")
-    if not real.is_file():
-        raise MessageError("refused", "not a regular file")
-    return real
-
-
-def unique_destination(directory: Path, name: str) -> Path:
-    """``NAME``, or ``NAME (1)``, ``NAME (2)`` … the first that does not exist."""
-    candidate = directory / name
-    stem, dot, ext = name.partition(".") if not name.startswith(".") else (name, "", "")
-    n = 1
-    while candidate.exists():
-        candidate = directory / (f"{stem} ({n}){dot}{ext}")
-        n += 1
-    return candidate
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
