@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import urllib.error
 import urllib.request
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from onion_twisted.protocol.messages import SHA256_HEX
 
 NETWORK_PORT = 5000
 DEFAULT_PEER = f"http://127.0.0.1:{NETWORK_PORT}"
@@ -40,7 +41,6 @@ BAR_WIDTH = 30
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NO_PEER = 2            # nothing usable at --peer: the only reason besides a bad command line
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class Unreachable(Exception):
@@ -277,7 +277,7 @@ def main(argv=None, *, fetch=http_fetch, sleep=time.sleep, clock=time.monotonic,
         return EXIT_USAGE
     if args.command == "tracker-key":
         return tracker_key(args.data_dir, out, err)
-    if args.sha256 is not None and not _SHA256.fullmatch(args.sha256):
+    if args.sha256 is not None and not SHA256_HEX.fullmatch(args.sha256.lower()):
         print("error: --sha256 must be 64 hexadecimal digits", file=err)
         return EXIT_USAGE
     if args.timeout is not None and args.timeout <= 0:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from onion_twisted.protocol import crypto, wire
@@ -21,6 +20,7 @@ from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.protocol.interfaces import IDirectorySource
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.files import atomic_write
+from onion_twisted.net.results import SharedResult
 
 
 @implementer(IDirectorySource)
@@ -42,7 +42,7 @@ class DirectoryClient:
             self._tracker_key = crypto.load_tracker_public_b64(self.pin_path.read_text().strip())
         self.current: SignedDirectory | None = None
         self._last_fetch = None
-        self._waiters: list[defer.Deferred] = []
+        self._fetching = SharedResult(lambda: defer.ensureDeferred(self._fetch()))
 
     async def tracker_key(self):
         if self._tracker_key is None:
@@ -65,19 +65,7 @@ class DirectoryClient:
 
     def fetch(self) -> defer.Deferred:
         """Fetch and verify the directory; concurrent callers share one request."""
-        waiter = defer.Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            defer.ensureDeferred(self._fetch()).addBoth(self._release)
-        return waiter
-
-    def _release(self, result) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        return self._fetching.get()
 
     async def _fetch(self) -> SignedDirectory:
         return await self.fetch_from(self.tracker)
@@ -124,7 +112,7 @@ class DirectoryClient:
         # before does not stop the one fetch owed to an unknown target (§6).
         now = self.clock.seconds()
         recently = self._last_fetch is not None and now - self._last_fetch < self.refetch_interval
-        if not recently or self._waiters:
+        if not recently or self._fetching.running:
             self._last_fetch = now
             try:
                 await self.fetch()

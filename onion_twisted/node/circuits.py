@@ -16,7 +16,9 @@ NODE = "node"
 EXIT = "exit"
 
 
-class Circuit:
+class RelayCircuit:
+    """The node's record of one circuit through it (the peer's own is peer.circuit.Circuit)."""
+
     __slots__ = (
         "in_ip", "in_cid", "layer", "out_addr", "out_ip", "out_cid", "out_kind",
         "last_used", "nonces", "extending", "bridges_out",
@@ -66,8 +68,8 @@ class RelayTable:
         self.max_circuits = max_circuits
         self.max_nonces = max_nonces
         self.max_bridges = max_bridges
-        self.by_in: dict[str, Circuit] = {}
-        self.by_out: dict[str, Circuit] = {}
+        self.by_in: dict[str, RelayCircuit] = {}
+        self.by_out: dict[str, RelayCircuit] = {}
         self.bridges_in: dict[str, Bridge] = {}
         self.bridges_out: dict[str, Bridge] = {}  # bridge_cid -> outgoing bridge
 
@@ -80,35 +82,35 @@ class RelayTable:
 
     # --- circuits ---------------------------------------------------------------
 
-    def create(self, in_ip: str, in_cid: str, session_key: bytes) -> Circuit:
+    def create(self, in_ip: str, in_cid: str, session_key: bytes) -> RelayCircuit:
         if in_cid in self.by_in or in_cid in self.by_out:
             raise Conflict("circuit id already in use")
         if len(self.by_in) >= self.max_circuits:
             raise RateLimited("node is at its circuit limit")
-        circuit = Circuit(in_ip, in_cid, Layer(session_key), self.clock.seconds())
+        circuit = RelayCircuit(in_ip, in_cid, Layer(session_key), self.clock.seconds())
         self.by_in[in_cid] = circuit
         return circuit
 
-    def attach(self, circuit: Circuit, out_addr: Address, out_ip: str, out_cid: str, kind: str) -> None:
+    def attach(self, circuit: RelayCircuit, out_addr: Address, out_ip: str, out_cid: str, kind: str) -> None:
         if circuit.in_cid not in self.by_in:
             # Destroyed while the extend was under way: leave nothing behind.
             raise Conflict("circuit was destroyed during extend")
         circuit.out_addr, circuit.out_ip, circuit.out_cid, circuit.out_kind = out_addr, out_ip, out_cid, kind
         self.by_out[out_cid] = circuit
 
-    def forward(self, in_cid: str, source_ip: str) -> Circuit | None:
+    def forward(self, in_cid: str, source_ip: str) -> RelayCircuit | None:
         circuit = self.by_in.get(in_cid)
         if circuit is not None and circuit.in_ip != source_ip:
             raise Forbidden("not this circuit's inbound neighbour")
         return circuit
 
-    def backward(self, out_cid: str, source_ip: str) -> Circuit | None:
+    def backward(self, out_cid: str, source_ip: str) -> RelayCircuit | None:
         circuit = self.by_out.get(out_cid)
         if circuit is not None and circuit.out_ip != source_ip:
             raise Forbidden("not this circuit's outbound neighbour")
         return circuit
 
-    def peel_forward(self, circuit: Circuit, layer: bytes) -> bytes:
+    def peel_forward(self, circuit: RelayCircuit, layer: bytes) -> bytes:
         """Remove this hop's forward layer, refusing a nonce seen before (409)."""
         nonce, plaintext = circuit.layer.peel(layer, FORWARD)
         nonces = circuit.nonces
@@ -122,10 +124,10 @@ class RelayTable:
         self.touch(circuit)
         return plaintext
 
-    def touch(self, circuit: Circuit) -> None:
+    def touch(self, circuit: RelayCircuit) -> None:
         circuit.last_used = self.clock.seconds()
 
-    def remove(self, circuit: Circuit) -> bool:
+    def remove(self, circuit: RelayCircuit) -> bool:
         """Drop a circuit, its nonce set and its bridges; False if it was already gone."""
         if self.by_in.get(circuit.in_cid) is not circuit:
             return False
@@ -172,7 +174,7 @@ class RelayTable:
         self.bridges_in[bridge_cid] = bridge
         return bridge
 
-    def outgoing_bridge(self, circuit: Circuit, transfer) -> Bridge | None:
+    def outgoing_bridge(self, circuit: RelayCircuit, transfer) -> Bridge | None:
         if not circuit.bridges_out or not isinstance(transfer, str):
             return None
         return circuit.bridges_out.get(transfer)
@@ -197,7 +199,7 @@ class RelayTable:
 
     # --- expiry -------------------------------------------------------------------
 
-    def expire(self) -> list[Circuit]:
+    def expire(self) -> list[RelayCircuit]:
         """Drop idle circuits and idle bridges; return the circuits dropped."""
         now = self.clock.seconds()
         idle = [c for c in self.by_in.values() if now - c.last_used > self.idle_timeout and not c.extending]

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from onion_twisted.protocol import cells, control, messages, wire
 from onion_twisted.protocol.cells import EMPTY, encode_object_cell, encode_reply_layer
-from onion_twisted.node.circuits import EXIT, NODE, Circuit, RelayTable
+from onion_twisted.node.circuits import EXIT, NODE, RelayCircuit, RelayTable
 from onion_twisted.protocol.crypto import BACKWARD, open_session_key
 from onion_twisted.protocol.errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
 from onion_twisted.net.metrics import NodeMetrics
@@ -130,7 +130,7 @@ class NodeRelay:
 
     # --- forward (§4.2) -------------------------------------------------------------
 
-    async def _forward(self, circuit: Circuit, layer: bytes) -> bytes:
+    async def _forward(self, circuit: RelayCircuit, layer: bytes) -> bytes:
         plaintext = self.table.peel_forward(circuit, layer)
         self.metrics.relayed("forward", len(layer))
         del layer
@@ -168,7 +168,7 @@ class NodeRelay:
         self.table.touch(circuit)
         return self._wrap_reply(circuit, reply, from_node=False)
 
-    async def _extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
+    async def _extend(self, circuit: RelayCircuit, plaintext: bytes) -> bytes:
         """EXTEND (§4.2); a circuit whose EXTEND fails is closed at once.
 
         Left open, one circuit could ask again and again, and each attempt
@@ -188,7 +188,7 @@ class NodeRelay:
                 self.metrics.extend_failed()
             raise
 
-    async def _try_extend(self, circuit: Circuit, plaintext: bytes) -> bytes:
+    async def _try_extend(self, circuit: RelayCircuit, plaintext: bytes) -> bytes:
         extend = cells.parse_extend(plaintext, self.port)
         circuit.extending = True
         try:
@@ -219,7 +219,7 @@ class NodeRelay:
         self.table.touch(circuit)
         return answer
 
-    def _wrap_reply(self, circuit: Circuit, reply: bytes, *, from_node: bool) -> bytes:
+    def _wrap_reply(self, circuit: RelayCircuit, reply: bytes, *, from_node: bool) -> bytes:
         """§5: wrap the far end's reply payload in this hop's backward layer."""
         try:
             payload = cells.parse_reply(reply)
@@ -241,7 +241,7 @@ class NodeRelay:
 
     # --- backward (§4.3, §4.4) ------------------------------------------------------
 
-    async def _backward(self, circuit: Circuit, cell: cells.Cell) -> bytes:
+    async def _backward(self, circuit: RelayCircuit, cell: cells.Cell) -> bytes:
         if circuit.out_kind == EXIT:
             step = self._send_backward(circuit, cell.object_bytes())
         else:
@@ -262,7 +262,7 @@ class NodeRelay:
             self.table.remove_bridge(bridge)
         return answer
 
-    async def _send_backward(self, circuit: Circuit, data: bytes) -> bytes:
+    async def _send_backward(self, circuit: RelayCircuit, data: bytes) -> bytes:
         layer = circuit.layer.wrap(data, BACKWARD)
         del data
         self.metrics.relayed("backward", len(layer))
@@ -296,7 +296,7 @@ class NodeRelay:
             return EMPTY
         raise UnknownCircuit("destroy for a circuit this node does not know")
 
-    def destroy_both_ways(self, circuit: Circuit) -> None:
+    def destroy_both_ways(self, circuit: RelayCircuit) -> None:
         """Tell both neighbours that a circuit is gone (idle expiry, shutdown)."""
         self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
         if circuit.out_cid is not None:
@@ -351,13 +351,13 @@ class NodeRelay:
     def _is_directory_node(self, ip: str) -> bool:
         # A node extending circuits for many peers sends every CREATE from its
         # one IP: directory nodes get a budget of their own, larger than a peer's.
-        current = getattr(self.directory, "current", None)
+        current = self.directory.current
         return current is not None and ip in current.node_ips
 
     # --- relay failures in the log -----------------------------------------------------
 
     @contextlib.contextmanager
-    def _logging_failure(self, what: str, circuit: Circuit, neighbour=None):
+    def _logging_failure(self, what: str, circuit: RelayCircuit, neighbour=None):
         """Log a ProtocolError raised inside (a next hop that failed) and let it go on."""
         try:
             yield
@@ -365,7 +365,7 @@ class NodeRelay:
             self._relay_failed(what, e, circuit, neighbour)
             raise
 
-    def _relay_failed(self, what: str, error: ProtocolError, circuit: Circuit, neighbour=None) -> None:
+    def _relay_failed(self, what: str, error: ProtocolError, circuit: RelayCircuit, neighbour=None) -> None:
         """Say what failed on the way, so a broken transfer is never silent.
 
         Safe form: what failed and the error's detail (details never name an
