@@ -36,7 +36,6 @@ from onion_twisted.protocol.messages import DEFAULT_CHUNK
 __all__ = ["Peer", "CircuitState", "BUILDING", "CONNECTED", "WAITING"]
 
 
-
 class Peer:
     def __init__(self, *, clock, outbound, directory, tracker: wire.Address, share: ShareDirectory,
                  store: DownloadStore, data_dir, bootstrap=(), hops: int = 3, window: int = 8,
