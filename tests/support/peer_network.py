@@ -51,6 +51,7 @@ from onion_twisted.node.relay import NodeRelay
 from onion_twisted.peer.sharing import HashCache, ShareDirectory
 from onion_twisted.tracker.tracker import Tracker
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
+from tests.support.fakes import FakeDirectory
 from tests.support.in_memory import MemberOutbound
 
 PORT = 5000
@@ -92,19 +93,19 @@ class PeerDirs:
     downloads: str
 
 
-class NodeDirectory:
-    """A node's view of the directory: the tracker's registry and key, read directly."""
+class NodeDirectory(FakeDirectory):
+    """A node's view of the directory: the tracker's registry and key, read directly.
 
-    current = None  # no CREATE is exempt from the rate limit
+    ``current`` stays None, so no CREATE is exempt from the rate limit.
+    """
 
     def __init__(self, tracker: Tracker):
+        super().__init__(None, TRACKER_KEY.public_key())
         self.tracker = tracker
 
     async def knows(self, address: wire.Address) -> bool:
+        self.asked.append(address)
         return address in self.tracker.registry.nodes
-
-    async def tracker_key(self):
-        return TRACKER_KEY.public_key()
 
 
 class Network:
