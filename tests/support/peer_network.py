@@ -34,25 +34,23 @@ import random
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.tracker.catalogue import Catalogue
-from onion_twisted.node.circuits import RelayTable
 from onion_twisted.net.directory_client import DirectoryClient
 from onion_twisted.peer.downloads import DownloadStore
 from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.peer.peer import CONNECTED, Peer
-from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.tracker.registry import NodeRegistry
 from onion_twisted.node.relay import NodeRelay
 from onion_twisted.peer.sharing import HashCache, ShareDirectory
 from onion_twisted.tracker.tracker import Tracker
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from tests.support.fakes import FakeDirectory
-from tests.support.in_memory import MemberOutbound
+from tests.support.in_memory import InMemoryWorld, MemberOutbound
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -108,10 +106,9 @@ class NodeDirectory(FakeDirectory):
         return address in self.tracker.registry.nodes
 
 
-class Network:
+class Network(InMemoryWorld):
     def __init__(self, base_dir: str, *, seed: int = 7, peer_options: dict | None = None):
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
+        super().__init__(NOW)
         self.base_dir = os.path.abspath(base_dir)
         self.seed = seed
         self.peer_options = dict(peer_options or {})
@@ -130,10 +127,8 @@ class Network:
                                registry=NodeRegistry(self.clock, TRACKER_KEY), outbound=MemberOutbound(self, TRACKER_IP))
         self.nodes: dict[str, NodeRelay] = {}
         for ip, key, address in zip(NODE_IPS, NODE_KEYS, NODE_ADDRESSES):
-            self.nodes[ip] = NodeRelay(clock=self.clock, private_key=key, own_address=address, tracker=TRACKER,
-                                       table=RelayTable(self.clock), outbound=MemberOutbound(self, ip),
-                                       directory=NodeDirectory(self.tracker),
-                                       limiter=RateLimiter(self.clock, rate=100.0, burst=10_000))
+            self.nodes[ip] = self.new_relay(key, address, TRACKER, NodeDirectory(self.tracker), rate=100.0,
+                                            burst=10_000)
             public = key.public_key()
             self.tracker.registry.register(address, crypto.public_key_pem(public), crypto.fingerprint(public), ip)
         self.peers: dict[str, Peer] = {}      # IP -> the peer listening there now
