@@ -40,7 +40,7 @@ from tests.test_fuzz_peer import CHUNK, ENTRY_IP, HOST as PEER_HOST, SERVER as P
 from tests.test_node_app import (NEXT_ADDR, NEXT_KEY, NODE_ADDR, NODE_IP, NODE_KEY, NOW, PEER_ADDR, PEER_IP, PORT,
                                  SHARER_EXIT_IP, SIGNED_DIRECTORY, TRACKER_ADDR, TRACKER_IP, TRACKER_KEY,
                                  FakeNextNode, FakeTracker, Recorder, create_cell, extend_message)
-from tests.tracker_fakes import NODE_IPS, SHA_A, TrackerHarness, new_cid
+from tests.support.tracker_fakes import NODE_IPS, SHA_A, TrackerHarness, new_cid
 
 HOST = f"{NODE_IP}:{PORT}".encode("ascii")
 

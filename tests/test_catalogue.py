@@ -17,7 +17,7 @@ from onion_twisted.protocol.messages import DEFAULT_CHUNK, FileRequest, MessageE
 from onion_twisted.tracker.catalogue import Catalogue
 
 from .test_messages import ErrorCase
-from .tracker_fakes import NOW, SHA_A, SHA_B
+from tests.support.tracker_fakes import NOW, SHA_A, SHA_B
 
 EXIT_1, EXIT_2, EXIT_3 = "127.0.0.11", "127.0.0.12", "127.0.0.13"
 CID_1 = "11111111-1111-4111-8111-111111111111"

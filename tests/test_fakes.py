@@ -21,7 +21,9 @@ from onion_twisted.protocol.errors import Forbidden, NextHopFailed
 from onion_twisted.protocol.interfaces import IDirectorySource, IOutbound
 from tests.support.fakes import FakeDirectory, FakeOutbound, Sent, listing
 from tests.support.in_memory import MemberOutbound
+from tests.support.peer_network import NodeDirectory
 from tests.support.processes import StatusOutbound
+from tests.support.tracker_fakes import NODE_KEYS, TrackerHarness, TrackerOutbound, cell, new_cid
 
 TRACKER = wire.Address("127.0.0.1", 5000)
 NODE = wire.Address("127.0.0.11", 5000)
@@ -40,6 +42,9 @@ class InterfaceTests(unittest.TestCase):
     def test_a_member_outbound_of_an_in_memory_network_provides_IOutbound(self):
         self.assertTrue(verifyObject(IOutbound, MemberOutbound(network=None, ip="127.0.0.11")))
 
+    def test_the_tracker_tests_outbound_provides_IOutbound(self):
+        self.assertTrue(verifyObject(IOutbound, TrackerOutbound()))
+
     def test_the_real_outbound_provides_IOutbound(self):
         outbound = HTTPOutbound(MemoryReactorClock(), bind_ip="127.0.0.1")
         self.addCleanup(outbound.close)
@@ -52,6 +57,9 @@ class InterfaceTests(unittest.TestCase):
 
     def test_the_fake_directory_provides_IDirectorySource(self):
         self.assertTrue(verifyObject(IDirectorySource, FakeDirectory()))
+
+    def test_the_node_directory_of_the_peer_network_provides_IDirectorySource(self):
+        self.assertTrue(verifyObject(IDirectorySource, NodeDirectory(TrackerHarness().tracker)))
 
     def test_the_real_directory_client_provides_IDirectorySource(self):
         client = DirectoryClient(task.Clock(), FakeOutbound(), TRACKER)
@@ -143,3 +151,32 @@ class FakeDirectoryTests(unittest.TestCase):
         self.assertFalse(result_of(directory.knows(NODE)))
         self.assertIsInstance(result_of(directory.fetch_from(TRACKER)).value, NextHopFailed)
         self.assertFalse(directory.load("anywhere"))
+
+
+class NodeDirectoryTests(unittest.TestCase):
+    def test_knows_what_the_tracker_registry_lists_and_records_the_question(self):
+        harness = TrackerHarness(nodes=[(NODE, NODE_KEYS[0])])
+        directory = NodeDirectory(harness.tracker)
+        self.assertEqual((result_of(directory.knows(NODE)), result_of(directory.knows(TRACKER))), (True, False))
+        self.assertEqual(directory.asked, [NODE, TRACKER])
+        self.assertIsNone(directory.current)  # so no CREATE is exempt from the rate limit
+
+
+class TrackerOutboundTests(unittest.TestCase):
+    def test_fails_a_kind_holds_or_answers_empty_and_gets_pages(self):
+        outbound = TrackerOutbound()
+        outbound.failures["ping"] = NextHopFailed("down")
+        ping = cell(new_cid(), {"type": "ping"})
+        pong = cell(new_cid(), {"type": "pong"})
+        self.assertIsInstance(result_of(outbound.post(NODE, ping)).value, NextHopFailed)
+        self.assertEqual(result_of(outbound.post(NODE, pong, {"H": "v"})), b"{}")
+        outbound.holding = True
+        held = outbound.post(NODE, pong)
+        self.assertFalse(held.called)
+        outbound.posts[-1].deferred.callback(b"late")
+        self.assertEqual(result_of(held), b"late")
+        self.assertEqual(outbound.kinds(), ["ping", "pong", "pong"])
+        self.assertEqual(outbound.posts[1].headers, {"H": "v"})
+        outbound.pages[NODE] = (200, b"{}")
+        self.assertEqual(result_of(outbound.get(NODE, "/identity")), (200, {}, b"{}"))
+        self.assertEqual(str(result_of(outbound.get(TRACKER, "/identity")).value), "next hop is unreachable")

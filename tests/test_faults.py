@@ -24,7 +24,7 @@ an 8 MiB random file) and, for the lying sharer, carol. Timers are short
   again; the requester's download resumes. (The requester restarted, by
   SIGTERM and SIGKILL, is ``tests/test_peer_processes.py``'s
   ``test_resume_after_sigterm`` / ``test_resume_after_sigkill``.)
-* ``ForgetfulTrackerTests`` (in memory, ``tests/peer_network.py``): what
+* ``ForgetfulTrackerTests`` (in memory, ``tests/support/peer_network.py``): what
   makes a peer announce again on a circuit the tracker forgot, and only then.
 * ``LyingSharerTests``: a sharer whose chunks are wrong (``lying_peer.py``):
   the requester rejects the file at its sha256 check, nothing wrong appears
@@ -52,7 +52,7 @@ import sys
 from twisted.trial import unittest
 
 from onion_twisted.tracker.catalogue import Catalogue
-from tests.peer_network import BOB_IP
+from tests.support.peer_network import BOB_IP
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.faults import DownloadWatch, FaultNetwork
 from tests.support.processes import PeerApiMixin, ProcessesMixin, poll_until
@@ -428,7 +428,7 @@ class ForgetfulTrackerTests(unittest.TestCase):
     """
 
     def setUp(self):
-        from tests.peer_network import Network
+        from tests.support.peer_network import Network
         self.net = Network(self.mktemp())
 
     def tearDown(self):

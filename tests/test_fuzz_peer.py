@@ -48,7 +48,7 @@ from tests.support.fakes import FakeDirectory, FakeOutbound
 from tests.support.fuzz import (fired, LoggedErrors, b64, bad_base64, bad_cids, exchange, fuzz_settings, good_base64,
                                 headers as header_lists, hostile_bodies, hosts, http_request, json_objects,
                                 json_values, methods, paths, post_json, to_json, uuid4s, weighted)
-from tests.tracker_fakes import NODE_ADDRESSES, NODE_KEYS, NOW, PORT, SHA_A, STRANGER_IP, TRACKER_ADDRESS
+from tests.support.tracker_fakes import NODE_ADDRESSES, NODE_KEYS, NOW, PORT, SHA_A, STRANGER_IP, TRACKER_ADDRESS
 
 PEER_IP = "127.0.0.101"
 SERVER = (PEER_IP, PORT)

@@ -3,8 +3,8 @@
 The tracker is the real ``Tracker`` (catalogue, registry, bridge sequence)
 behind its real Klein app and ``QuietSite``; requests are raw bytes written
 into in-memory connections from chosen client IPs (``tests/support/fuzz.py``).
-Its outbound is ``tests/tracker_fakes.FakeOutbound``: control messages and
-requests to sharers succeed, or fail the way the example says.
+Its outbound is ``tests/support/tracker_fakes.TrackerOutbound``: control
+messages and requests to sharers succeed, or fail the way the example says.
 
 The world: four directory nodes, a sharing circuit (two files: one with its
 sha256, one by name only) and a requesting circuit, at small limits
@@ -38,8 +38,8 @@ from onion_twisted.tracker.app import TrackerApp
 from tests.support.fuzz import (CELL_STATUSES, answer_to_everyone, check_answer, LoggedErrors, addresses, bad_cids, exchange,
                                 fuzz_settings, headers as header_lists, hostile_bodies, hosts, http_request,
                                 json_objects, json_values, methods, paths, post_json, to_json, uuid4s, weighted)
-from tests.tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, PORT, SHA_A, SHA_B, STRANGER_IP,
-                                 STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness, identity_body, pem)
+from tests.support.tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, PORT, SHA_A, SHA_B, STRANGER_IP,
+                                         STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness, identity_body, pem)
 
 MAX_BODY = 65536
 SERVER = (TRACKER_IP, PORT)
@@ -69,7 +69,7 @@ class TrackerWorld:
             {"name": "f", "size": SIZE, "sha256": SHA_A}, "g", {"name": "f", "size": 5, "sha256": SHA_B}]})
         self._send(REQUESTER_IP, self.requester, {"type": "ls", "files": ["mine"]})
         for address, key in NEW_NODES:
-            self.h.outbound.identities[address] = (200, identity_body(key))
+            self.h.outbound.pages[address] = (200, identity_body(key))
         self.h.outbound.posts.clear()
         self.pristine = self.state()
 
@@ -286,7 +286,7 @@ class TrackerFuzzTests(unittest.TestCase):
         nodes = NEW_NODES + list(zip(NODE_ADDRESSES, NODE_KEYS))
         node_address, node_key = nodes[which]
         if identity != "right":
-            world.h.outbound.identities[node_address] = {
+            world.h.outbound.pages[node_address] = {
                 "other": (200, identity_body(NODE_KEYS[(which + 1) % 4])), "404": (404, b"{}"),
                 "junk": (200, b"\xff{"), "down": NextHopFailed("next hop refused the connection"),
                 "slow": NextHopTimeout("next hop did not answer in time")}[identity]

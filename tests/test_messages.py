@@ -13,7 +13,7 @@ from onion_twisted.protocol import messages, wire
 from onion_twisted.protocol.messages import (DEFAULT_CHUNK, MAX_CHUNK, MAX_RANGES, MIN_CHUNK, FileRequest, MessageError,
                                              SharedFile, check_name, check_sha256, parse_files, parse_request)
 
-from .tracker_fakes import SHA_A
+from tests.support.tracker_fakes import SHA_A
 
 TRANSFER = "5e0c1c5e-0000-4000-8000-000000000001"
 

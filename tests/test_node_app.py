@@ -1,7 +1,7 @@
 """The node's Klein app over a real twisted.web Site, in memory (issue 2).
 
-Every request goes through ``tests.memory``: a real HTTP/1.1 client (treq over
-``twisted.web.client.Agent``) talks to ``QuietSite(NodeApp.resource(),
+Every request goes through ``tests/support/memory_http.py``: a real HTTP/1.1
+client (treq over ``twisted.web.client.Agent``) talks to ``QuietSite(NodeApp.resource(),
 max_body=65536)`` over an ``iosim`` transport pair whose server side reports
 the chosen client IP, so the node tells its neighbours apart exactly as over
 TCP. Nothing touches a socket or the global reactor, and nothing waits: with
@@ -41,14 +41,15 @@ from onion_twisted.protocol import cells, control, crypto, wire
 from onion_twisted.node.circuits import EXIT, NODE, RelayTable
 from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
 from onion_twisted.protocol.directory import parse_signed_directory
-from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout, ProtocolError
+from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.net.http_client import BytesProducer, HTTPOutbound
 from onion_twisted.net.http_server import QuietSite
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
 
-from .memory import MemoryAgent, Pumps, memory_client
+from tests.support.fakes import FakeDirectory, FakeOutbound
+from tests.support.memory_http import MemoryAgent, Pumps, memory_client
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -125,44 +126,7 @@ def peel_reply(raw: bytes, layers: list[Layer]) -> bytes:
 
 
 # --- the fakes around the node ----------------------------------------------------------
-
-
-class Sent(NamedTuple):
-    address: wire.Address
-    body: bytes
-    headers: dict | None
-    path: str
-
-    @property
-    def cell(self) -> cells.Cell:
-        return cells.parse_cell(self.body)
-
-
-class FakeOutbound:
-    """``post`` records every request and answers from ``routes[address](body)``.
-
-    A route returns the 200 body (bytes) or a Deferred of it, or raises a
-    ProtocolError (NextHopFailed, NextHopTimeout) as HTTPOutbound does. An
-    address without a route is unreachable.
-    """
-
-    def __init__(self):
-        self.sent: list[Sent] = []
-        self.routes = {}
-
-    def post(self, address, body, headers=None, path="/"):
-        self.sent.append(Sent(address, bytes(body), headers, path))
-        route = self.routes.get(address)
-        if route is None:
-            return defer.fail(NextHopFailed("next hop is unreachable"))
-        try:
-            answer = route(bytes(body))
-        except ProtocolError:
-            return defer.fail()
-        return answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
-
-    def to(self, address) -> list[Sent]:
-        return [s for s in self.sent if s.address == address]
+# The outbound and the directory are tests/support/fakes.py's; these are the members its routes reach.
 
 
 class CellTaker:
@@ -223,20 +187,6 @@ class Recorder:
     def __call__(self, body: bytes) -> bytes:
         self.received.append(cells.parse_cell(body))
         return b"{}"
-
-
-class FakeDirectory:
-    def __init__(self, current, tracker_public_key):
-        self.current = current
-        self._tracker_key = tracker_public_key
-        self.asked: list[wire.Address] = []
-
-    async def knows(self, address) -> bool:
-        self.asked.append(address)
-        return self.current is not None and address in self.current
-
-    async def tracker_key(self):
-        return self._tracker_key
 
 
 class NextHopResource(Resource):
@@ -320,7 +270,9 @@ class NodeAppCase(unittest.TestCase):
         self.clock.advance(NOW)
         self.table = RelayTable(self.clock)
         self.limiter = RateLimiter(self.clock, rate=1.0, burst=BURST)
-        self.outbound = FakeOutbound()
+        # A route's refusal (NextHopFailed, NextHopTimeout) reaches the node as the route raised it.
+        self.outbound = FakeOutbound(as_http=False)
+        self.outbound.unreachable = "next hop is unreachable"
         self.next_node = FakeNextNode(NEXT_KEY)
         self.tracker = FakeTracker()
         self.peer_member = Recorder()

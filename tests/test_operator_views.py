@@ -10,7 +10,7 @@
   it counts; and how many transfers it bridged, which it knows.
 
 Each request goes through the member's real Klein app and ``QuietSite``
-from a chosen client address (``tests/memory.py``).
+from a chosen client address (``tests/support/memory_http.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from onion_twisted.net.http_server import QuietSite
 from onion_twisted.node.app import NodeApp
 from onion_twisted.tracker.app import TrackerApp
 from tests.support.deferreds import inline
-
-from .memory import memory_client
+from tests.support.memory_http import memory_client
 from .test_node_app import NodeAppCase, PEER_IP, onion_cell
-from .tracker_fakes import NODE_IPS, PORT, SHA_A, TRACKER_IP, TrackerHarness, cell, new_cid
+from tests.support.tracker_fakes import NODE_IPS, PORT, SHA_A, TRACKER_IP, TrackerHarness, cell, new_cid
 
 OUTSIDE_IP = "192.0.2.7"     # not loopback: a stranger on the network
 OPERATOR_IP = "127.0.0.1"

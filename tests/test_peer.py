@@ -1,4 +1,4 @@
-"""Peer in a whole in-memory network (see tests/peer_network.py)."""
+"""Peer in a whole in-memory network (see tests/support/peer_network.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from onion_twisted.peer.peer import CONNECTED
 
 from tests.support.deferreds import inline
 
-from .peer_network import ALICE_IP, BOB_IP, CHUNK, NODE_IPS, NOW, WINDOW, Network
+from tests.support.peer_network import ALICE_IP, BOB_IP, CHUNK, NODE_IPS, NOW, WINDOW, Network
 
 
 def sha(data: bytes) -> str:

@@ -2,9 +2,9 @@
 
 A fake peer (``status()``, ``download()``, ``store.file_path()``,
 ``receive_cell()``) stands behind ``PeerApp``; every request goes through
-``tests.memory`` (a real HTTP/1.1 client and the site's real channel, from a
-chosen client IP), so the allow-list sees the connection's source address as
-it would over TCP. Nothing waits: with nothing held, each answer is there once
+``tests/support/memory_http.py`` (a real HTTP/1.1 client and the site's real
+channel, from a chosen client IP), so the allow-list sees the connection's
+source address as it would over TCP. Nothing waits: with nothing held, each answer is there once
 the connections have been pumped (``successResultOf``).
 """
 
@@ -30,8 +30,7 @@ from onion_twisted.peer.finished_files import FileStreamer, content_disposition
 from onion_twisted.protocol.errors import Forbidden
 from onion_twisted.net.http_server import QuietSite, ip_allowed, parse_allow
 from onion_twisted.peer.app import PeerApp
-
-from .memory import Pumps, memory_client
+from tests.support.memory_http import Pumps, memory_client
 
 PEER_URL = "http://127.0.0.1:5000"
 USER_IP = "127.0.0.1"

@@ -1,5 +1,5 @@
 """The peer's circuit (peer/circuit.py) and its keeper (peer/keeper.py) in the in-memory network
-of tests/peer_network.py: real nodes and a real tracker, one clock, no socket.
+of tests/support/peer_network.py: real nodes and a real tracker, one clock, no socket.
 
 Carol (127.0.0.103) is no ``Peer``: her circuits are built by hand, one hop at
 a time, or by a ``CircuitKeeper`` alone, so each step and each move of the
@@ -24,7 +24,7 @@ from onion_twisted.protocol.errors import Conflict, NextHopFailed, UnknownCircui
 from tests.support.deferreds import inline
 from tests.support.in_memory import MemberOutbound
 
-from .peer_network import NODE_ADDRESSES, NODE_IPS, NODE_KEYS, PORT, TRACKER, TRACKER_KEY_B64, Network
+from tests.support.peer_network import NODE_ADDRESSES, NODE_IPS, NODE_KEYS, PORT, TRACKER, TRACKER_KEY_B64, Network
 
 CAROL_IP = "127.0.0.103"
 LS = {"type": "ls", "files": []}

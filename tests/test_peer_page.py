@@ -10,7 +10,7 @@
 
 The routes are tested over the real Klein app with a fake peer
 (``tests/test_peer_app.py``'s harness); ``Peer.retry`` and ``Peer.dismiss``
-in a whole in-memory network (``tests/peer_network.py``). The page's own
+in a whole in-memory network (``tests/support/peer_network.py``). The page's own
 rules (no Download button for the peer's own files, the Retry and Dismiss
 buttons) are in the browser tests (``tests/test_browser.py``).
 """
@@ -25,7 +25,7 @@ from onion_twisted.protocol.errors import Conflict
 from onion_twisted.peer.app import PeerApp
 from tests.support.deferreds import inline
 
-from .peer_network import ALICE_IP, BOB_IP, CHUNK
+from tests.support.peer_network import ALICE_IP, BOB_IP, CHUNK
 from .test_peer import PeerNetworkCase, UploadWatch, downloaded, finished, partial_files
 from .test_peer_app import JSON, STRANGER_IP, FakeDownload, PeerAppTestCase
 

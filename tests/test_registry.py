@@ -10,7 +10,7 @@ from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.protocol.errors import Forbidden
 from onion_twisted.tracker.registry import NodeRegistry
 
-from .tracker_fakes import NODE_ADDRESSES, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, TRACKER_KEY, pem
+from tests.support.tracker_fakes import NODE_ADDRESSES, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, TRACKER_KEY, pem
 
 
 def make_registry(heartbeat=30.0, **options):

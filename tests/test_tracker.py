@@ -1,10 +1,10 @@
 """The tracker in memory (PROTOCOL.md §3, §6, §7, §8, §9).
 
-``Tracker`` talks to nodes only through ``FakeOutbound``, which records every
+``Tracker`` talks to nodes only through ``TrackerOutbound``, which records every
 POST with its address, body and headers; time is a ``task.Clock`` and the
 catalogue's randomness a seeded ``random.Random``. The last tests go through
 the Klein app over a real ``QuietSite`` with the in-memory HTTP client of
-``tests/memory.py`` (chosen client IP, no sockets).
+``tests/support/memory_http.py`` (chosen client IP, no sockets).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from onion_twisted.net.http_server import QuietSite
 from onion_twisted.tracker.app import TrackerApp
 
 from tests.support.deferreds import inline
-
-from .memory import memory_client
-from .tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, SHA_A, SHA_B,
-                            STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness,
-                            cell, dumps, identity_body, new_cid, pem)
+from tests.support.memory_http import memory_client
+from tests.support.tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, SHA_A,
+                                         SHA_B, STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness,
+                                         cell, dumps, identity_body, new_cid, pem)
 
 REQUESTER_IP, SHARER_IP, OTHER_IP = NODE_IPS[0], NODE_IPS[1], NODE_IPS[2]
 REQUESTER_EXIT, SHARER_EXIT = NODE_ADDRESSES[0], NODE_ADDRESSES[1]
@@ -436,7 +435,7 @@ class ExpiryTests(TrackerCase):
     async def test_nodes_unseen_three_heartbeats_dropped(self):
         self.h = TrackerHarness(heartbeat=30.0, idle_timeout=10_000.0)
         key = NODE_KEYS[0]
-        self.h.outbound.identities[REQUESTER_EXIT] = (200, identity_body(key))
+        self.h.outbound.pages[REQUESTER_EXIT] = (200, identity_body(key))
         registration = dumps({"address": str(REQUESTER_EXIT), "public_key": pem(key)})
         before, signature = self.h.registry.signed()
         for _ in range(4):
@@ -469,7 +468,7 @@ class RegistrationTests(unittest.TestCase):
 
     @inline
     async def test_accepted_and_listed(self):
-        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        self.h.outbound.pages[self.address] = (200, identity_body(self.key))
         answer = orjson.loads(await self.register())
         self.assertEqual(answer, {"registered": True, "heartbeat": 30.0})
         self.assertEqual(self.h.outbound.gets, [(self.address, "/identity")])
@@ -478,9 +477,9 @@ class RegistrationTests(unittest.TestCase):
 
     @inline
     async def test_heartbeat_with_the_same_key_does_not_fetch_identity_again(self):
-        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        self.h.outbound.pages[self.address] = (200, identity_body(self.key))
         await self.register()
-        del self.h.outbound.identities[self.address]  # a fetch now would fail
+        del self.h.outbound.pages[self.address]  # a fetch now would fail
         for _ in range(5):
             self.h.clock.advance(30)
             await self.register()
@@ -490,27 +489,27 @@ class RegistrationTests(unittest.TestCase):
 
     @inline
     async def test_heartbeat_with_a_new_key_fetches_identity_again(self):
-        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        self.h.outbound.pages[self.address] = (200, identity_body(self.key))
         await self.register()
         other = NODE_KEYS[1]
         body = dumps({"address": str(self.address), "public_key": pem(other)})
         await self.assertFailure(self.register(body=body), Forbidden)  # /identity still shows the old key
         self.assertEqual(len(self.h.outbound.gets), 2)
         self.assertEqual(self.listed()[self.address].fingerprint, crypto.fingerprint(self.key))
-        self.h.outbound.identities[self.address] = (200, identity_body(other))
+        self.h.outbound.pages[self.address] = (200, identity_body(other))
         await self.register(body=body)
         self.assertEqual(self.listed()[self.address].fingerprint, crypto.fingerprint(other))
 
     @inline
     async def test_source_ip_differs_from_the_address_host(self):
-        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        self.h.outbound.pages[self.address] = (200, identity_body(self.key))
         e = await self.assertFailure(self.register(source_ip=STRANGER_IP), Forbidden)
         self.assertEqual(e.status, 403)
         self.assertEqual((self.h.outbound.gets, self.listed()), ([], {}))
 
     @inline
     async def test_identity_shows_another_key(self):
-        self.h.outbound.identities[self.address] = (200, identity_body(STRANGER_KEY))
+        self.h.outbound.pages[self.address] = (200, identity_body(STRANGER_KEY))
         e = await self.assertFailure(self.register(), Forbidden)
         self.assertEqual(e.status, 403)
         self.assertEqual(self.listed(), {})
@@ -518,7 +517,7 @@ class RegistrationTests(unittest.TestCase):
     @inline
     async def test_identity_shows_no_valid_key(self):
         for body in (b"{}", b"garbage", dumps({"public_key": "-----BEGIN nothing"})):
-            self.h.outbound.identities[self.address] = (200, body)
+            self.h.outbound.pages[self.address] = (200, body)
             await self.assertFailure(self.register(), Forbidden)
         self.assertEqual(self.listed(), {})
 
@@ -526,10 +525,10 @@ class RegistrationTests(unittest.TestCase):
     async def test_identity_unreachable(self):
         e = await self.assertFailure(self.register(), NextHopFailed)
         self.assertEqual(e.status, 502)
-        self.h.outbound.identities[self.address] = (404, b"{}")
+        self.h.outbound.pages[self.address] = (404, b"{}")
         e = await self.assertFailure(self.register(), NextHopFailed)
         self.assertEqual(e.status, 502)
-        self.h.outbound.identities[self.address] = NextHopTimeout("next hop did not answer in time")
+        self.h.outbound.pages[self.address] = NextHopTimeout("next hop did not answer in time")
         e = await self.assertFailure(self.register(), NextHopTimeout)
         self.assertEqual(e.status, 504)
         self.assertEqual(self.listed(), {})
@@ -546,18 +545,18 @@ class RegistrationTests(unittest.TestCase):
     @inline
     async def test_directory_full(self):
         self.h.registry.max_nodes = 0
-        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        self.h.outbound.pages[self.address] = (200, identity_body(self.key))
         e = await self.assertFailure(self.register(), RateLimited)
         self.assertEqual(e.status, 429)
 
     @inline
     async def test_one_node_per_ip_on_the_network_port(self):
         # One host with many ports (or many names) must not fill the directory (§15).
-        self.h.outbound.identities[self.address] = (200, identity_body(self.key))
+        self.h.outbound.pages[self.address] = (200, identity_body(self.key))
         await self.register()
         for port in (PORT + 1, PORT + 2):
             other = wire.Address(self.address.host, port)
-            self.h.outbound.identities[other] = (200, identity_body(NODE_KEYS[1]))
+            self.h.outbound.pages[other] = (200, identity_body(NODE_KEYS[1]))
             e = await self.assertFailure(
                 self.register(body=dumps({"address": str(other), "public_key": pem(NODE_KEYS[1])})), Forbidden)
             self.assertIn("network's port", e.detail)
@@ -573,8 +572,8 @@ class RegistrationTests(unittest.TestCase):
 
         self.h = TrackerHarness(nodes=[], resolve=resolve)
         first, second = wire.Address("relay-a.test", PORT), wire.Address("relay-b.test", PORT)
-        self.h.outbound.identities[first] = (200, identity_body(NODE_KEYS[0]))
-        self.h.outbound.identities[second] = (200, identity_body(NODE_KEYS[1]))
+        self.h.outbound.pages[first] = (200, identity_body(NODE_KEYS[0]))
+        self.h.outbound.pages[second] = (200, identity_body(NODE_KEYS[1]))
         body_a = dumps({"address": "relay-a.test", "public_key": pem(NODE_KEYS[0])})
         body_b = dumps({"address": "relay-b.test", "public_key": pem(NODE_KEYS[1])})
         await self.h.tracker.register_node("127.0.0.21", body_a)
@@ -596,7 +595,7 @@ class RegistrationTests(unittest.TestCase):
 
         self.h = TrackerHarness(nodes=[], resolve=resolve)
         address = wire.Address("relay-a.test", PORT)
-        self.h.outbound.identities[address] = (200, identity_body(self.key))
+        self.h.outbound.pages[address] = (200, identity_body(self.key))
         body = dumps({"address": "relay-a.test", "public_key": pem(self.key)})
         await self.assertFailure(defer.ensureDeferred(self.h.tracker.register_node("127.0.0.22", body)), Forbidden)
         await self.h.tracker.register_node("127.0.0.21", body)
@@ -711,7 +710,7 @@ class AppTests(unittest.TestCase):
         h = TrackerHarness(nodes=[])
         self.site = QuietSite(TrackerApp(h.tracker).resource(), reactor=MemoryReactorClock())
         key, address = NODE_KEYS[2], NODE_ADDRESSES[2]
-        h.outbound.identities[address] = (200, identity_body(key))
+        h.outbound.pages[address] = (200, identity_body(key))
         body = dumps({"address": str(address), "public_key": pem(key)})
         response, answer = await self.fetch("POST", "/nodes", client_ip=STRANGER_IP, data=body)
         self.assertEqual((response.code, orjson.loads(answer)["error"]), (403, "forbidden"))

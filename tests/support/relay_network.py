@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from onion_twisted.protocol import cells, control, crypto, wire
-from onion_twisted.node.circuits import RelayTable
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout, ProtocolError
-from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
 from tests.support.fakes import FakeDirectory, listing
-from tests.support.in_memory import MemberOutbound
+from tests.support.in_memory import InMemoryWorld
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -80,10 +78,9 @@ class Recorder:
         return self.answer
 
 
-class Network:
+class Network(InMemoryWorld):
     def __init__(self, burst=20):
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
+        super().__init__(NOW)
         self.members = {}
         self.log: list[tuple[str, wire.Address, bytes]] = []  # every POST between members
         self.refusals: list[tuple[wire.Address, int]] = []    # non-200 answers between members
@@ -96,10 +93,8 @@ class Network:
         addresses = [wire.Address(ip, PORT) for ip in NODE_IPS]
         self.directory = FakeDirectory(listing(addresses), TRACKER_KEY.public_key())
         self.nodes = []
-        for ip, key, address in zip(NODE_IPS, NODE_KEYS, addresses):
-            node = NodeRelay(clock=self.clock, private_key=key, own_address=address, tracker=TRACKER,
-                             table=RelayTable(self.clock), outbound=MemberOutbound(self, ip),
-                             directory=self.directory, limiter=RateLimiter(self.clock, rate=1.0, burst=burst))
+        for key, address in zip(NODE_KEYS, addresses):
+            node = self.new_relay(key, address, TRACKER, self.directory, rate=1.0, burst=burst)
             self.members[address] = node
             self.nodes.append(node)
         self.peers = [Peer(self, ip) for ip in PEER_IPS]

@@ -1,9 +1,10 @@
 """In-memory fakes for the tracker's tests (PROTOCOL.md §6, §7, §8, §9).
 
-``FakeOutbound`` stands for the tracker's HTTP client: it records every POST
-(address, exact body bytes, headers) and every GET, answers ``{}`` unless a
-test asked it to fail a kind of message or to hold its Deferreds, and answers
-``GET /identity`` from a table the test fills. ``TrackerHarness`` builds a
+``TrackerOutbound`` (a ``tests.support.fakes.FakeOutbound``) stands for the
+tracker's HTTP client: it records every POST (address, exact body bytes,
+headers) and every GET, answers ``{}`` unless a test asked it to fail a kind
+of message or to hold its Deferreds, and answers ``GET /identity`` from
+``pages``, a table the test fills. ``TrackerHarness`` builds a
 Tracker on a ``task.Clock`` with a seeded ``random.Random`` and nodes
 already in its directory, and sends it cells as an exit node would.
 """
@@ -11,7 +12,7 @@ already in its directory, and sends it cells as an exit node would.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -19,10 +20,10 @@ from twisted.internet import defer, task
 
 from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.tracker.catalogue import Catalogue
-from onion_twisted.protocol.errors import NextHopFailed
 from onion_twisted.tracker.registry import NodeRegistry
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.tracker.tracker import Tracker
+from tests.support.fakes import FakeOutbound, Sent
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -91,16 +92,23 @@ class Post:
         return self.headers.get(SIGNATURE_HEADER)
 
 
-@dataclass
-class FakeOutbound:
-    posts: list = field(default_factory=list)
-    gets: list = field(default_factory=list)
-    failures: dict = field(default_factory=dict)   # message kind -> exception to fail it with
-    holding: bool = False                          # answer with Deferreds the test fires
-    identities: dict = field(default_factory=dict)  # address -> (status, body) or exception
+class TrackerOutbound(FakeOutbound):
+    """The tracker's HTTP client: every POST answers ``{}``, unless its kind is in
+    ``failures`` (message kind -> exception to fail it with) or ``holding`` is set
+    (the POST waits for the test to fire ``Post.deferred``). ``GET /identity``
+    answers from ``pages`` (address -> (status, body) or exception).
+    """
 
-    def post(self, address, body, headers=None) -> defer.Deferred:
-        post = Post(address, bytes(body), dict(headers or {}))
+    unreachable = "next hop is unreachable"
+
+    def __init__(self):
+        super().__init__()
+        self.posts: list[Post] = []
+        self.failures: dict = {}
+        self.holding = False
+
+    def answer(self, sent: Sent) -> defer.Deferred:
+        post = Post(sent.address, sent.body, dict(sent.headers or {}))
         self.posts.append(post)
         failure = self.failures.get(post.kind)
         if failure is not None:
@@ -109,16 +117,6 @@ class FakeOutbound:
             post.deferred = defer.Deferred()
             return post.deferred
         return defer.succeed(b"{}")
-
-    def get(self, address, path) -> defer.Deferred:
-        self.gets.append((address, path))
-        answer = self.identities.get(address)
-        if answer is None:
-            return defer.fail(NextHopFailed("next hop is unreachable"))
-        if isinstance(answer, Exception):
-            return defer.fail(answer)
-        status, body = answer
-        return defer.succeed((status, {}, body))
 
     def kinds(self) -> list:
         return [p.kind for p in self.posts]
@@ -134,7 +132,7 @@ class TrackerHarness:
         self.registry = NodeRegistry(self.clock, TRACKER_KEY, heartbeat=heartbeat)
         for address, key in (nodes if nodes is not None else zip(NODE_ADDRESSES, NODE_KEYS)):
             self.registry.register(address, pem(key), crypto.fingerprint(key))
-        self.outbound = FakeOutbound()
+        self.outbound = TrackerOutbound()
         self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER_ADDRESS,
                                catalogue=self.catalogue, registry=self.registry, outbound=self.outbound,
                                resolve=resolve, max_pending=max_pending)

@@ -34,24 +34,23 @@ import random
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.tracker.catalogue import Catalogue
-from onion_twisted.node.circuits import RelayTable
 from onion_twisted.net.directory_client import DirectoryClient
 from onion_twisted.peer.downloads import DownloadStore
 from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.peer.peer import CONNECTED, Peer
-from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.tracker.registry import NodeRegistry
 from onion_twisted.node.relay import NodeRelay
 from onion_twisted.peer.sharing import HashCache, ShareDirectory
 from onion_twisted.tracker.tracker import Tracker
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
-from tests.support.in_memory import MemberOutbound
+from tests.support.fakes import FakeDirectory
+from tests.support.in_memory import InMemoryWorld, MemberOutbound
 
 PORT = 5000
 NOW = 1_700_000_000
@@ -92,25 +91,24 @@ class PeerDirs:
     downloads: str
 
 
-class NodeDirectory:
-    """A node's view of the directory: the tracker's registry and key, read directly."""
+class NodeDirectory(FakeDirectory):
+    """A node's view of the directory: the tracker's registry and key, read directly.
 
-    current = None  # no CREATE is exempt from the rate limit
+    ``current`` stays None, so no CREATE is exempt from the rate limit.
+    """
 
     def __init__(self, tracker: Tracker):
+        super().__init__(None, TRACKER_KEY.public_key())
         self.tracker = tracker
 
     async def knows(self, address: wire.Address) -> bool:
+        self.asked.append(address)
         return address in self.tracker.registry.nodes
 
-    async def tracker_key(self):
-        return TRACKER_KEY.public_key()
 
-
-class Network:
+class Network(InMemoryWorld):
     def __init__(self, base_dir: str, *, seed: int = 7, peer_options: dict | None = None):
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
+        super().__init__(NOW)
         self.base_dir = os.path.abspath(base_dir)
         self.seed = seed
         self.peer_options = dict(peer_options or {})
@@ -129,10 +127,8 @@ class Network:
                                registry=NodeRegistry(self.clock, TRACKER_KEY), outbound=MemberOutbound(self, TRACKER_IP))
         self.nodes: dict[str, NodeRelay] = {}
         for ip, key, address in zip(NODE_IPS, NODE_KEYS, NODE_ADDRESSES):
-            self.nodes[ip] = NodeRelay(clock=self.clock, private_key=key, own_address=address, tracker=TRACKER,
-                                       table=RelayTable(self.clock), outbound=MemberOutbound(self, ip),
-                                       directory=NodeDirectory(self.tracker),
-                                       limiter=RateLimiter(self.clock, rate=100.0, burst=10_000))
+            self.nodes[ip] = self.new_relay(key, address, TRACKER, NodeDirectory(self.tracker), rate=100.0,
+                                            burst=10_000)
             public = key.public_key()
             self.tracker.registry.register(address, crypto.public_key_pem(public), crypto.fingerprint(public), ip)
         self.peers: dict[str, Peer] = {}      # IP -> the peer listening there now
