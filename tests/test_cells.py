@@ -176,8 +176,13 @@ class SharedDefaultsTests(unittest.SynchronousTestCase):
     def test_identity_json(self):
         self.assertEqual(identity_json("peer", "127.0.0.1:5000"),
                          b'{"role":"peer","address":"127.0.0.1:5000","public_key":null,"fingerprint":null,'
-                         b'"protocol":"' + PROTOCOL.encode() + b'"}')
+                         b'"protocol":"onion-http/2","protocols":["onion-http/1","onion-http/2"]}')
+        self.assertEqual(PROTOCOL, "onion-http/2")
         self.assertEqual(orjson.loads(identity_json("node", "a:1", "PEM", "f"))["public_key"], "PEM")
+        only_v2 = orjson.loads(identity_json("node", "a:1", "PEM", "f", protocols=("onion-http/2",),
+                                             onion_key=bytes(range(32))))
+        self.assertEqual(only_v2["protocols"], ["onion-http/2"])
+        self.assertEqual(only_v2["onion_key"], "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
 
 
 class ParseExtendTests(unittest.SynchronousTestCase):

@@ -419,7 +419,7 @@ class ReadOnlyRoutesTests(NodeAppCase):
         der = NODE_KEY.public_key().public_bytes(serialization.Encoding.DER,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
         self.assertEqual(identity["role"], "node")
-        self.assertEqual(identity["protocol"], "onion-http/1")
+        self.assertEqual(identity["protocol"], "onion-http/2")
         self.assertEqual(identity["protocol"], PROTOCOL)
         self.assertEqual(identity["address"], "127.0.0.11:5000")
         self.assertEqual(identity["fingerprint"], hashlib.sha256(der).hexdigest())

@@ -214,7 +214,8 @@ class AllowListTests(PeerAppTestCase):
         answer = self.get("/identity", ip=STRANGER_IP)
         self.assertEqual(answer.code, 200)
         self.assertEqual(answer.json(), {"role": "peer", "address": "127.0.0.1:5000", "public_key": None,
-                                         "fingerprint": None, "protocol": PROTOCOL})
+                                         "fingerprint": None, "protocol": PROTOCOL,
+                                         "protocols": ["onion-http/1", "onion-http/2"]})
 
     def test_identity_prefers_the_peers_own_address(self):
         self.peer.own_address = "127.0.0.21:5000"

@@ -38,3 +38,33 @@ def load_or_create_tracker_key(data_dir):
                             serialization.NoEncryption())
     _write_private(path, raw)
     return key
+
+
+ONION_KEYS_FILE = "onion_keys.json"
+
+
+def load_or_create_onion_keys(data_dir, clock, lifetime: float):
+    """The member's X25519 onion keys (§11), rotated if due; saved at once, mode 0600.
+
+    An unreadable state file is replaced by a fresh ring: clients holding the
+    old key then fail their handshake and fetch the directory again.
+    """
+    from onion_twisted.protocol.onion_keys import OnionKeyRing
+
+    path = Path(data_dir) / ONION_KEYS_FILE
+    ring = None
+    if path.exists():
+        os.chmod(path, 0o600)
+        try:
+            ring = OnionKeyRing.from_json(clock, path.read_bytes(), lifetime)
+        except ValueError:
+            ring = None
+    if ring is None:
+        ring = OnionKeyRing(clock, lifetime)
+    save_onion_keys(data_dir, ring)
+    return ring
+
+
+def save_onion_keys(data_dir, ring) -> None:
+    """Write the ring after a rotation (the retired key must not outlive its grace on disk)."""
+    _write_private(Path(data_dir) / ONION_KEYS_FILE, ring.to_json())

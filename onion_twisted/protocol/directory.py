@@ -7,11 +7,13 @@ for the exit policy and for peers choosing their three nodes.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass
 
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.errors import BadRequest, Forbidden
+from onion_twisted.protocol.onion_keys import parse_onion_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +21,11 @@ class NodeEntry:
     address: wire.Address
     public_key_pem: str
     fingerprint: str
+    onion_key: bytes | None = None  # X25519, raw: the node speaks onion-http/2 (§10, §11)
+
+    @property
+    def speaks_v2(self) -> bool:
+        return self.onion_key is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +35,7 @@ class SignedDirectory:
     issued: float
     nodes: dict  # Address -> NodeEntry
     node_ips: frozenset = frozenset()  # literal IPs of the listed nodes
+    tracker_onion_key: bytes | None = None  # X25519, raw: the tracker as a sealed last hop (§12)
 
     def __contains__(self, address: wire.Address) -> bool:
         return address in self.nodes
@@ -54,11 +62,29 @@ def parse_signed_directory(body: bytes, signature, tracker_key, default_port: in
         fp = crypto.fingerprint(key)
         if entry.get("fingerprint") not in (None, fp):
             raise BadRequest("directory: fingerprint does not match the key")
-        nodes[address] = NodeEntry(address, pem, fp)
+        nodes[address] = NodeEntry(address, pem, fp, _onion_key(entry.get("onion_key"), "directory onion_key"))
     if isinstance(signature, bytes):
         signature = signature.decode("ascii")
     node_ips = frozenset(a.ip for a in nodes if a.ip is not None)
-    return SignedDirectory(body, signature, issued, nodes, node_ips)
+    tracker_onion_key = _onion_key(obj.get("tracker_onion_key"), "directory tracker_onion_key")
+    return SignedDirectory(body, signature, issued, nodes, node_ips, tracker_onion_key)
+
+
+def _onion_key(value, field: str) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return parse_onion_key(value, field)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def entry_json(address, public_key_pem: str, fingerprint: str, onion_key: bytes | None) -> dict:
+    """One node's entry in ``GET /nodes``: /1's three fields, and ``onion_key`` for a /2 node."""
+    entry = {"address": str(address), "public_key": public_key_pem, "fingerprint": fingerprint}
+    if onion_key is not None:
+        entry["onion_key"] = base64.b64encode(onion_key).decode("ascii")
+    return entry
 
 
 # --- choosing a circuit's nodes (§6, §15) -----------------------------------------------
