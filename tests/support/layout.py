@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 PACKAGE = "onion_twisted"
-ROOT_NAMES = frozenset({"PROTOCOL", "__version__"})
+ROOT_NAMES = frozenset({"PROTOCOL", "PROTOCOL_V1", "PROTOCOL_V2", "PROTOCOLS", "__version__"})
 ROLES = ("node", "tracker", "peer")
 MAX_LINES = 400
 
