@@ -210,12 +210,7 @@ class Circuit:
         if len(self.layers) != len(self.hops):
             raise BadRequest("backward cell on a circuit that is not built")
         data = self._peel(wire.b64decode(payload_b64), len(self.layers))
-        message = self._open_exit(data, "backward message", object_ok=True)
-        if self.sealed and isinstance(message, dict) and message.get("type") not in messages.CHUNK_TYPES:
-            # Only bridged chunks travel outside the tracker's layer: an exit
-            # cannot speak for the tracker (a request naming a file, say).
-            raise BadRequest("only bridged chunks travel outside the tracker's layer")
-        return message
+        return self._open_exit(data, "backward message", object_ok=True, only_chunks=True)
 
     async def destroy(self) -> None:
         """``{"CID": cid, "destroy": true}`` to the first hop (§9); the circuit is unusable after."""
@@ -323,7 +318,7 @@ class Circuit:
         except Conflict as e:
             raise NextHopFailed(f"the reply is a replay: {e.detail}") from None
 
-    def _open_exit(self, data: bytes, what: str, *, object_ok: bool) -> dict:
+    def _open_exit(self, data: bytes, what: str, *, object_ok: bool, only_chunks: bool = False) -> dict:
         """The object inside the exit's layer: /1 plaintext, or an exit frame (§12).
 
         A file chunk's data comes back decoded (bytes): one pass over it, no JSON copy.
@@ -335,7 +330,12 @@ class Circuit:
         if kind == onion2.FRAME_OBJECT:
             if not object_ok:
                 raise BadRequest("an object where the tracker's sealed layer was due")
-            return wire.loads_with_base64(body, (("data",),), what)[0]
+            message = wire.loads_with_base64(body, (("data",),), what)[0]
+            if only_chunks and self.tracker_layer is not None and message.get("type") not in messages.CHUNK_TYPES:
+                # Only bridged chunks travel outside the tracker's layer: an exit
+                # cannot speak for the tracker (a request naming a file, say).
+                raise BadRequest("only bridged chunks travel outside the tracker's layer")
+            return message
         if self.tracker_layer is None:
             raise BadRequest("a sealed frame on a circuit whose tracker link is not sealed")
         plaintext = self.tracker_layer.open_backward(body)
