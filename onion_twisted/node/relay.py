@@ -220,13 +220,15 @@ class NodeRelay(OnionV2Relay, RelayFailureLog):
                 if not await self.directory.knows(extend.to):
                     raise Forbidden("extend target is not a node of the directory")
                 kind = NODE
-            out_ip = await self.resolve(extend.to)
+            # An exit keeps the relay's one tracker address: a copy per circuit would cost ~150 bytes.
+            to = self.tracker if kind == EXIT else extend.to
+            out_ip = await self.resolve(to)
             out_cid = wire.new_circuit_id()
             with self._logging_failure("a circuit could not be extended to the next hop", circuit, extend.to):
                 reply = await self.outbound.post(extend.to, cells.encode_cell(out_cid, extend.relay))
             answer = self._wrap_reply(circuit, reply, from_node=kind == NODE or sealed, extend=True)
             try:
-                self.table.attach(circuit, extend.to, out_ip, out_cid, kind)
+                self.table.attach(circuit, to, out_ip, out_cid, kind)
                 circuit.sealed = sealed
             except Conflict:
                 # Destroyed while the extend was under way: pass the destroy on (§9)
