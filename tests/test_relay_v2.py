@@ -316,3 +316,36 @@ class Quiet:
 class NoLog(list):
     def append(self, item):
         pass
+
+
+class BridgeV2Tests(V2TestCase):
+    """Requester R = X, Y, Z and sharer S = Y, X, W, both /2 and sealed; bridge W -> Z (§12:
+    bridged chunks travel as OBJECT frames, outside the tracker's layer)."""
+
+    @inline
+    async def test_chunks_cross_the_bridge_framed_and_padded(self):
+        requester, sharer = self.client, self.client2
+        r = await requester.build([self.x, self.y, self.z], tracker=self.tracker)
+        s = await sharer.build([self.y, self.x, self.w], tracker=self.tracker)
+        bridge_cid, now = wire.new_circuit_id(), self.net.clock.seconds()
+        await self.net.control(self.z, {"type": "receive_bridge", "issued": now, "CID": r.tracker_cid,
+                                        "bridge_CID": bridge_cid, "from": str(self.w.own_address)})
+        await self.net.control(self.w, {"type": "make_bridge", "issued": now, "CID": s.tracker_cid,
+                                        "transfer": "t1", "to": str(self.z.own_address), "bridge_CID": bridge_cid})
+        received = len(self.tracker.received)
+        short = {"type": "file_chunk", "transfer": "t1", "file": "a", "chunk_idx": 1, "chunk_size": 16384,
+                 "size": 5, "data": wire.b64encode(b"hello")}
+        end = {"type": "transfer_end", "transfer": "t1", "status": "ok"}
+        before = len(self.net.log)
+        self.assertIsNone(await sharer.request(s, short))
+        self.assertIsNone(await sharer.request(s, end))
+        self.assertEqual(requester.backward(r), [short, end])
+        self.assertEqual(len(self.tracker.received), received)  # the tracker never saw them
+        self.assertEqual((self.z.table.bridge_count, self.w.table.bridge_count), (0, 0))
+        # Backward from the requester's middle hop to its entry: a short chunk has a full one's size.
+        out_cid = self.x.table.by_in[r.cid].out_cid
+        [chunk_layer, _] = [cells.payload_bytes(cell) for cell in
+                            (cells.parse_cell(b) for sender, a, b in self.net.log[before:]
+                             if sender == self.y.own_address.host and a == self.x.own_address)
+                            if cell.cid == out_cid]
+        self.assertEqual(len(chunk_layer), 1 + onion2.chunk_class(16384) + 2 * onion2.OVERHEAD)
