@@ -33,8 +33,7 @@ class TrackerApp:
     def __init__(self, tracker: Tracker, metrics_allow=("127.0.0.0/8", "::1")):
         self.tracker = tracker
         self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
-        self.identity = identity_json("tracker", str(tracker.own_address), tracker.public_key_b64,
-                                      hashlib.sha256(base64.b64decode(tracker.public_key_b64)).hexdigest())
+        self._identity: tuple[bytes, bytes] | None = None  # (onion key, body)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
@@ -55,6 +54,18 @@ class TrackerApp:
         body, signature = self.tracker.registry.signed()
         request.setHeader(SIGNATURE_HEADER, signature)
         return write_json(request, 200, body)
+
+    @property
+    def identity(self) -> bytes:
+        """The ``/identity`` body, made again when the onion key rotates."""
+        onion_key = self.tracker.onion_keys.current_public
+        if self._identity is None or self._identity[0] != onion_key:
+            t = self.tracker
+            body = identity_json("tracker", str(t.own_address), t.public_key_b64,
+                                 hashlib.sha256(base64.b64decode(t.public_key_b64)).hexdigest(),
+                                 onion_key=onion_key)
+            self._identity = (onion_key, body)
+        return self._identity[1]
 
     @app.route("/identity", methods=["GET"])
     def get_identity(self, request):

@@ -11,6 +11,7 @@ already in its directory, and sends it cells as an exit node would.
 
 from __future__ import annotations
 
+import base64
 import random
 from dataclasses import dataclass
 
@@ -58,9 +59,14 @@ def pem(key) -> str:
     return crypto.public_key_pem(key)
 
 
-def identity_body(key) -> bytes:
+def identity_body(key, onion_key: bytes | None = None) -> bytes:
+    """A node's /identity: /1's, or /2's with its onion key (raw) when given."""
+    if onion_key is None:
+        return dumps({"role": "node", "public_key": pem(key), "fingerprint": crypto.fingerprint(key),
+                      "protocol": "onion-http/1"})
     return dumps({"role": "node", "public_key": pem(key), "fingerprint": crypto.fingerprint(key),
-                  "protocol": "onion-http/1"})
+                  "protocol": "onion-http/2", "protocols": ["onion-http/1", "onion-http/2"],
+                  "onion_key": base64.b64encode(onion_key).decode("ascii")})
 
 
 @dataclass
