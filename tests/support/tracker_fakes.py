@@ -86,8 +86,10 @@ class Post:
 
     @property
     def kind(self) -> str:
-        """The control type of a control cell, else the type of the message carried."""
-        return self.payload.get("type")
+        """The control type of a control cell, else the type of the message carried
+        ("sealed" for a message inside a circuit's tracker layer, which only its peer reads)."""
+        payload = self.payload
+        return payload.get("type") if isinstance(payload, dict) else "sealed"
 
     @property
     def is_control(self) -> bool:
@@ -130,7 +132,7 @@ class TrackerOutbound(FakeOutbound):
 
 class TrackerHarness:
     def __init__(self, *, seed: int = 1, nodes=None, heartbeat: float = 30.0, max_pending: int = 10_000,
-                 resolve=None, **catalogue_options):
+                 resolve=None, onion_keys=None, **catalogue_options):
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.rng = random.Random(seed)
@@ -141,7 +143,7 @@ class TrackerHarness:
         self.outbound = TrackerOutbound()
         self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER_ADDRESS,
                                catalogue=self.catalogue, registry=self.registry, outbound=self.outbound,
-                               resolve=resolve, max_pending=max_pending)
+                               resolve=resolve, max_pending=max_pending, onion_keys=onion_keys)
 
     def handle(self, exit_ip: str, body: bytes) -> defer.Deferred:
         return defer.ensureDeferred(self.tracker.handle_cell(exit_ip, body))
