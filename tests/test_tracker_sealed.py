@@ -10,13 +10,14 @@ to ``TrackerOutbound``.
 from __future__ import annotations
 
 import base64
+import random
 
 import orjson
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from onion_twisted.protocol import cells, onion2
-from onion_twisted.protocol.errors import BadRequest, Conflict, RateLimited, UnknownCircuit
+from onion_twisted.protocol.errors import BadRequest, Conflict, ProtocolError, RateLimited, UnknownCircuit
 from onion_twisted.protocol.onion2 import HopKeys
 from onion_twisted.protocol.onion_keys import OnionKeyRing
 
@@ -245,3 +246,29 @@ class SealedTeardownTests(SealedCase):
         self.h.tracker.expire()
         self.assertEqual(len(self.h.tracker.sealed), 0)
         self.assertEqual(self.h.catalogue.circuits, {})
+
+
+class SealedFuzzTests(SealedCase):
+    @inline
+    async def test_mangled_sealed_cells_are_refused_with_a_status_and_change_nothing(self):
+        rng = random.Random(7)
+        refused = 0
+        for _ in range(300):
+            if self.sharer.key not in self.h.tracker.sealed:
+                # A mangled "payload" name can leave a bare destroy, which closes the circuit: a new one.
+                self.sharer = SealedClient(self.h, SHARER_IP)
+                await self.sharer.handshake()
+                await self.sharer.send({"type": "ls", "files": FILES})
+            body = bytearray(rng.choice([
+                string_cell(self.sharer.cid, self.sharer.layer(dumps({"type": "ls", "files": []}))),
+                self.sharer.destroy_body()]))
+            for _ in range(rng.randint(1, 4)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+            before = self.h.snapshot()
+            try:
+                await self.handle(SHARER_IP, bytes(body))
+            except ProtocolError as e:
+                refused += 1
+                self.assertIn(e.status, (400, 404, 409))
+                self.assertEqual(self.h.snapshot(), before)
+        self.assertGreater(refused, 250)
