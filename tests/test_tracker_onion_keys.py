@@ -19,11 +19,13 @@ from onion_twisted.protocol import crypto
 from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.protocol.errors import BadRequest, Forbidden
 from onion_twisted.protocol.onion_keys import OnionKeyRing
+from onion_twisted.tracker.app import TrackerApp
 from onion_twisted.tracker.service import TrackerService
 
 from tests.support.deferreds import inline
-from tests.support.tracker_fakes import (NODE_ADDRESSES, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, TRACKER_KEY,
-                                         TrackerHarness, dumps, identity_body, pem)
+from tests.support.sealed_client import SealedClient
+from tests.support.tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, TRACKER_KEY,
+                                         TrackerHarness, dumps, identity_body, new_cid, pem)
 
 
 def b64(raw: bytes) -> str:
@@ -177,3 +179,33 @@ class TrackerServiceOnionKeyTests(unittest.TestCase):
         self.reactor.advance(86400 + 60)
         self.assertIsNone(self.on_disk()["previous"])  # past it: gone from the disk
         self.assertIsNone(service.onion_keys.private_for(old))
+
+
+class V1TrackerTests(unittest.TestCase):
+    """``sealed_hop=False``: a tracker of onion-http/1, as /2 peers and nodes must still meet one."""
+
+    @inline
+    async def test_no_key_published_no_sealed_circuit_and_v1_messages_as_before(self):
+        h = TrackerHarness(sealed_hop=False)
+        body, signature = h.registry.signed()
+        self.assertIsNone(parse_signed_directory(body, signature, TRACKER_KEY.public_key(), PORT).tracker_onion_key)
+        self.assertNotIn(b"tracker_onion_key", body)
+        identity = orjson.loads(TrackerApp(h.tracker).identity)
+        self.assertEqual((identity["protocol"], identity["protocols"]), ("onion-http/1", ["onion-http/1"]))
+        self.assertNotIn("onion_key", identity)
+        self.assertFalse(h.tracker.rotate_onion_key())
+        client = SealedClient(h, NODE_IPS[0])
+        e = await self.assertFailure(defer.ensureDeferred(client.handshake(onion=new_onion_key())), BadRequest)
+        self.assertIn("onion-http/1", e.detail)
+        self.assertEqual(len(h.tracker.sealed), 0)
+        self.assertEqual((await h.ls(NODE_IPS[0], new_cid(), []))["type"], "files")
+
+    def test_a_v2_tracker_shows_both_protocols_and_its_onion_key(self):
+        h = TrackerHarness()
+        identity = orjson.loads(TrackerApp(h.tracker).identity)
+        self.assertEqual(identity["protocols"], ["onion-http/1", "onion-http/2"])
+        self.assertEqual(base64.b64decode(identity["onion_key"]), h.tracker.onion_keys.current_public)
+        h.clock.advance(7 * 86400)
+        h.tracker.rotate_onion_key()
+        rotated = orjson.loads(TrackerApp(h.tracker).identity)  # a new app: the cached body is per app
+        self.assertEqual(base64.b64decode(rotated["onion_key"]), h.tracker.onion_keys.current_public)

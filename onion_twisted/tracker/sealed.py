@@ -47,6 +47,8 @@ class SealedCircuits:
         BadRequest for a handshake to another member or with an unknown
         onion key (nothing kept); RateLimited when the table is full.
         """
+        if self.onion_keys is None:
+            raise BadRequest("this tracker speaks onion-http/1: no sealed circuits")
         if len(self.hops) >= self.max_circuits:
             raise RateLimited("the tracker is at its sealed circuit limit")
         hop, reply = ntor.server_reply(self.own_id, self.onion_keys.private_for, data)

@@ -28,7 +28,8 @@ class Tracker:
 
     def __init__(self, *, clock, signing_key, own_address: wire.Address, catalogue: Catalogue,
                  registry: NodeRegistry, outbound, resolve=None, max_pending: int = 10_000,
-                 metrics: TrackerMetrics | None = None, onion_keys: OnionKeyRing | None = None):
+                 metrics: TrackerMetrics | None = None, onion_keys: OnionKeyRing | None = None,
+                 sealed_hop: bool = True):
         self.clock = clock
         self.signing_key = signing_key
         self.own_address = own_address
@@ -42,18 +43,22 @@ class Tracker:
         self.metrics = metrics or TrackerMetrics(clock)
         self.public_key_b64 = crypto.tracker_public_b64(signing_key)
         # The tracker's X25519 onion keys (§11): the service passes the ring kept
-        # on disk; without one (tests, benches) a ring lives in memory.
-        self.onion_keys = onion_keys or OnionKeyRing(clock)
+        # on disk; without one (tests, benches) a ring lives in memory. Without
+        # ``sealed_hop`` the tracker is one of onion-http/1 (no key published, no
+        # sealed circuits), as peers and nodes of /2 must still meet.
+        self.onion_keys = (onion_keys or OnionKeyRing(clock)) if sealed_hop else None
         self.member_id = ntor.member_id(signing_key.public_key())
         self.sealed = sealed.SealedCircuits(clock, self.onion_keys, self.member_id,
                                             max_circuits=catalogue.max_circuits,
                                             idle_timeout=catalogue.idle_timeout)
-        self.registry.tracker_onion_key = self.onion_keys.current_public
+        self.registry.tracker_onion_key = self.onion_keys.current_public if sealed_hop else None
 
     def rotate_onion_key(self) -> bool:
         """Rotate the onion key when due (the directory is signed again with the new one),
         and drop a previous key past its grace; True when the ring changed (save it)."""
         ring = self.onion_keys
+        if ring is None:
+            return False
         before = (ring.current_public, ring.retired)
         ring.rotate_if_due()
         self.registry.tracker_onion_key = ring.current_public

@@ -132,7 +132,8 @@ class TrackerOutbound(FakeOutbound):
 
 class TrackerHarness:
     def __init__(self, *, seed: int = 1, nodes=None, heartbeat: float = 30.0, max_pending: int = 10_000,
-                 resolve=None, onion_keys=None, **catalogue_options):
+                 resolve=None, onion_keys=None, sealed_hop=True,
+                 **catalogue_options):
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.rng = random.Random(seed)
@@ -143,7 +144,8 @@ class TrackerHarness:
         self.outbound = TrackerOutbound()
         self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER_ADDRESS,
                                catalogue=self.catalogue, registry=self.registry, outbound=self.outbound,
-                               resolve=resolve, max_pending=max_pending, onion_keys=onion_keys)
+                               resolve=resolve, max_pending=max_pending, onion_keys=onion_keys,
+                               sealed_hop=sealed_hop)
 
     def handle(self, exit_ip: str, body: bytes) -> defer.Deferred:
         return defer.ensureDeferred(self.tracker.handle_cell(exit_ip, body))
