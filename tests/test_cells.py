@@ -81,8 +81,11 @@ class ParseCellTests(unittest.SynchronousTestCase):
                 self.assertBad(body(CID=CID, destroy=destroy), "destroy")
 
     def test_destroy_with_payload(self):
-        self.assertBad(body(CID=CID, destroy=True, payload="AAAA"), "no payload")
+        # /2's layered destroy (§14) carries one base64 layer; nothing else.
+        cell = cells.parse_cell(body(CID=CID, destroy=True, payload="AAAA"))
+        self.assertEqual((cell.destroy, cells.payload_bytes(cell)), (True, b"\0\0\0"))
         self.assertBad(body(CID=CID, destroy=True, payload={}), "no payload")
+        self.assertBad(body(CID=CID, destroy=True, payload=[1]), "no payload")
 
     def test_destroy_on_control(self):
         self.assertBad(body(CID="control", destroy=True), "control")

@@ -21,6 +21,7 @@ nothing was relayed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -426,6 +427,18 @@ class ReadOnlyRoutesTests(NodeAppCase):
         published = serialization.load_pem_public_key(identity["public_key"].encode("ascii"))
         self.assertEqual(published.public_numbers(), NODE_KEY.public_key().public_numbers())
         self.assertTrue(identity["public_key"].startswith("-----BEGIN PUBLIC KEY-----"))
+
+    def test_identity_shows_protocols_and_the_current_onion_key(self):
+        identity = self.get("/identity").json
+        self.assertEqual(identity["protocols"], ["onion-http/1", "onion-http/2"])
+        self.assertEqual(base64.b64decode(identity["onion_key"]), self.relay.onion_keys.current_public)
+        # A rotated key shows at once; a node refusing /1 lists only /2.
+        self.clock.advance(self.relay.onion_keys.lifetime)
+        self.assertTrue(self.relay.onion_keys.rotate_if_due())
+        self.relay.accept_v1 = False
+        identity = self.get("/identity").json
+        self.assertEqual(base64.b64decode(identity["onion_key"]), self.relay.onion_keys.current_public)
+        self.assertEqual((identity["protocol"], identity["protocols"]), ("onion-http/2", ["onion-http/2"]))
 
     def test_nodes_mirrors_the_tracker_body_and_signature_byte_for_byte(self):
         answer = self.get("/nodes")

@@ -91,7 +91,7 @@ class UploadWatch:
         self.ends: list[dict] = []
         original = peer.uploader.send_on
 
-        async def send_on(circuit, message, refusable=False):
+        async def send_on(circuit, message, refusable=False, **options):
             sent = message
             if isinstance(message, bytes):  # chunks are serialised by the peer itself
                 message = wire.loads_object(message)
@@ -104,7 +104,7 @@ class UploadWatch:
             elif kind == "transfer_end":
                 self.ends.append(dict(message))
             try:
-                return await original(circuit, sent, refusable)
+                return await original(circuit, sent, refusable, **options)
             finally:
                 if kind == "file_chunk":
                     self.in_flight -= 1

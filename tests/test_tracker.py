@@ -38,6 +38,10 @@ SIZE = 1000
 STEPS = (control.RECEIVE_BRIDGE, control.MAKE_BRIDGE, "request")
 
 
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
 def verify(harness, post, body=None):
     """A control cell checked exactly as a node checks it (relay → control.verify_control)."""
     body = post.body if body is None else body
@@ -634,7 +638,9 @@ class AppTests(unittest.TestCase):
         self.assertEqual(len(raw), 32)
         self.assertEqual(identity, {"role": "tracker", "address": f"{TRACKER_IP}:{PORT}",
                                     "public_key": crypto.tracker_public_b64(TRACKER_KEY),
-                                    "fingerprint": hashlib.sha256(raw).hexdigest(), "protocol": PROTOCOL})
+                                    "fingerprint": hashlib.sha256(raw).hexdigest(), "protocol": PROTOCOL,
+                                    "protocols": ["onion-http/1", "onion-http/2"],
+                                    "onion_key": b64(self.h.tracker.onion_keys.current_public)})
         crypto.load_tracker_public_b64(identity["public_key"]).verify(
             base64.b64decode(crypto.sign_body(TRACKER_KEY, b"x")), b"x")
 

@@ -120,8 +120,12 @@ class DirectoryClient:
                 self.log.warn("directory fetch failed: {why}", why=_reason(e))
         return self.current is not None and address in self.current
 
-    async def register(self, own_address: wire.Address, public_key_pem: str) -> None:
-        body = wire.dumps({"address": str(own_address), "public_key": public_key_pem})
+    async def register(self, own_address: wire.Address, public_key_pem: str, onion_key: bytes | None = None) -> None:
+        """POST /nodes (§6); a /2 node adds its current onion key (§10), sent again after a rotation."""
+        body = {"address": str(own_address), "public_key": public_key_pem}
+        if onion_key is not None:
+            body["onion_key"] = wire.b64encode(onion_key)
+        body = wire.dumps(body)
         await self.outbound.post(self.tracker, body, path="/nodes")
 
 

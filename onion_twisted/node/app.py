@@ -16,7 +16,7 @@ import html
 
 from klein import Klein
 
-from onion_twisted import PROTOCOL, __version__
+from onion_twisted import PROTOCOL, PROTOCOL_V2, PROTOCOLS, __version__
 from onion_twisted.protocol import crypto
 from onion_twisted.protocol.errors import Unavailable
 from onion_twisted.protocol.identity import identity_json
@@ -34,7 +34,15 @@ class NodeApp:
         self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
         key = relay.private_key.public_key()
         self.fingerprint = crypto.fingerprint(key)
-        self.identity = identity_json("node", str(relay.own_address), crypto.public_key_pem(key), self.fingerprint)
+        self._public_key_pem = crypto.public_key_pem(key)
+
+    @property
+    def identity(self) -> bytes:
+        """§6, §10: made per request, since the onion key rotates (§11)."""
+        relay = self.relay
+        return identity_json("node", str(relay.own_address), self._public_key_pem, self.fingerprint,
+                             protocols=PROTOCOLS if relay.accept_v1 else (PROTOCOL_V2,),
+                             onion_key=relay.onion_keys.current_public)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.

@@ -2,13 +2,15 @@
 
 Each circuit is ``<InIP, InCID, SessKey, OutAddr, OutCID, OutKind>`` plus its
 last-used time, its forward nonce set and its bridges, indexed by InCID and
-by OutCID. Time comes from an injected clock (``IReactorTime``), so idle
+by OutCID. An onion-http/2 circuit (§11) keeps ``HopKeys`` where /1 keeps a
+``Layer``: its replay window replaces the nonce set. Time comes from an injected clock (``IReactorTime``), so idle
 expiry is tested with ``task.Clock``.
 """
 
 from __future__ import annotations
 
-from onion_twisted.protocol.crypto import FORWARD, Layer
+from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
+from onion_twisted.protocol.onion2 import HopKeys
 from onion_twisted.protocol.errors import Conflict, Forbidden, RateLimited, UnknownCircuit
 from onion_twisted.protocol.wire import Address
 
@@ -21,10 +23,10 @@ class RelayCircuit:
 
     __slots__ = (
         "in_ip", "in_cid", "layer", "out_addr", "out_ip", "out_cid", "out_kind",
-        "last_used", "nonces", "extending", "bridges_out",
+        "last_used", "nonces", "extending", "bridges_out", "sealed",
     )
 
-    def __init__(self, in_ip: str, in_cid: str, layer: Layer, now: float):
+    def __init__(self, in_ip: str, in_cid: str, layer: Layer | HopKeys, now: float):
         self.in_ip = in_ip
         self.in_cid = in_cid
         self.layer = layer
@@ -37,6 +39,17 @@ class RelayCircuit:
         self.nonces: set[bytes] | None = None
         self.extending = False
         self.bridges_out: dict[str, "Bridge"] | None = None  # transfer -> bridge (make_bridge)
+        self.sealed = False  # /2 exit whose tracker hop is sealed (§12): tracker traffic is its layers
+
+    @property
+    def v2(self) -> bool:
+        return isinstance(self.layer, HopKeys)
+
+    def wrap_backward(self, data: bytes) -> bytes:
+        """This hop's backward layer over ``data`` (/1: random nonce; /2: the next counter)."""
+        if isinstance(self.layer, HopKeys):
+            return self.layer.seal_backward(data)
+        return self.layer.wrap(data, BACKWARD)
 
 
 class Bridge:
@@ -82,14 +95,20 @@ class RelayTable:
 
     # --- circuits ---------------------------------------------------------------
 
-    def create(self, in_ip: str, in_cid: str, session_key: bytes) -> RelayCircuit:
+    def create(self, in_ip: str, in_cid: str, session_key: bytes | HopKeys) -> RelayCircuit:
+        """A circuit from a /1 session key, or from the ``HopKeys`` of a /2 handshake."""
+        self.check_room(in_cid)
+        layer = session_key if isinstance(session_key, HopKeys) else Layer(session_key)
+        circuit = RelayCircuit(in_ip, in_cid, layer, self.clock.seconds())
+        self.by_in[in_cid] = circuit
+        return circuit
+
+    def check_room(self, in_cid: str) -> None:
+        """Refuse a CREATE before its handshake work: a CID in use (409), a full table (429)."""
         if in_cid in self.by_in or in_cid in self.by_out:
             raise Conflict("circuit id already in use")
         if len(self.by_in) >= self.max_circuits:
             raise RateLimited("node is at its circuit limit")
-        circuit = RelayCircuit(in_ip, in_cid, Layer(session_key), self.clock.seconds())
-        self.by_in[in_cid] = circuit
-        return circuit
 
     def attach(self, circuit: RelayCircuit, out_addr: Address, out_ip: str, out_cid: str, kind: str) -> None:
         if circuit.in_cid not in self.by_in:
@@ -111,7 +130,11 @@ class RelayTable:
         return circuit
 
     def peel_forward(self, circuit: RelayCircuit, layer: bytes) -> bytes:
-        """Remove this hop's forward layer, refusing a nonce seen before (409)."""
+        """Remove this hop's forward layer, refusing a nonce (/1) or counter (/2) seen before (409)."""
+        if isinstance(circuit.layer, HopKeys):
+            plaintext = circuit.layer.open_forward(layer)  # no state change when refused
+            self.touch(circuit)
+            return plaintext
         nonce, plaintext = circuit.layer.peel(layer, FORWARD)
         nonces = circuit.nonces
         if nonces is None:

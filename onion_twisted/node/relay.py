@@ -4,20 +4,23 @@
 table, and talks to neighbours only through the injected ``outbound``
 (``post(address, body, headers) -> Deferred[bytes]`` raising NextHopFailed /
 NextHopTimeout), so it is tested in memory with no sockets. Errors are
-ProtocolError exceptions carrying their §3 status.
+ProtocolError exceptions carrying their §3 status. What differs on an
+onion-http/2 circuit is in relay_v2.py, the failure log in relay_log.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 from twisted.logger import Logger
 
-from onion_twisted.protocol import cells, control, messages, wire
+from onion_twisted.protocol import cells, control, messages, ntor, onion2, wire
 from onion_twisted.protocol.cells import EMPTY, encode_object_cell, encode_reply_layer
 from onion_twisted.node.circuits import EXIT, NODE, RelayCircuit, RelayTable
-from onion_twisted.protocol.crypto import BACKWARD, open_session_key
+from onion_twisted.protocol.crypto import open_session_key
+from onion_twisted.protocol.onion_keys import OnionKeyRing
+from onion_twisted.node.relay_log import RelayFailureLog
+from onion_twisted.node.relay_v2 import OnionV2Relay
 from onion_twisted.protocol.errors import BadRequest, Conflict, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
 from onion_twisted.net.metrics import NodeMetrics
 from onion_twisted.net.ratelimit import RateLimiter
@@ -30,15 +33,18 @@ BRIDGE_GONE = cells.encode_reply_object(messages.error_message(
 _CHUNK_DATA = (("data",),)  # a file chunk's base64, decoded in passing (wire.loads_with_base64)
 
 
-class NodeRelay:
+class NodeRelay(OnionV2Relay, RelayFailureLog):
     log = Logger()
 
     def __init__(self, *, clock, private_key, own_address: wire.Address, tracker: wire.Address,
                  table: RelayTable, outbound, directory, limiter, node_limiter=None, work_limiter=None,
                  metrics: NodeMetrics | None = None, resolve=None, control_max_skew: float = 60.0,
-                 unsafe_logging: bool = False):
+                 unsafe_logging: bool = False, onion_keys: OnionKeyRing | None = None, accept_v1: bool = True):
         self.clock = clock
         self.private_key = private_key
+        self.member_id = ntor.member_id(private_key.public_key())  # ID of §11
+        self.onion_keys = onion_keys if onion_keys is not None else OnionKeyRing(clock)
+        self.accept_v1 = accept_v1
         self.own_address = own_address
         self.port = own_address.port
         self.tracker = tracker
@@ -83,6 +89,8 @@ class NodeRelay:
             return await self._control(body, signature, cell.payload)
         del body
         if cell.destroy:
+            if cell.payload is not None:
+                return self._layered_destroy(source_ip, cell)
             return self._destroy(source_ip, cell.cid)
         table = self.table
         circuit = table.forward(cell.cid, source_ip)
@@ -112,12 +120,15 @@ class NodeRelay:
             # traffic for a circuit or bridge that is gone (§3: 404).
             raise UnknownCircuit("no circuit or bridge with that CID")
         sealed = cells.payload_bytes(cell)
+        if ntor.is_handshake(sealed):
+            return self._create_v2(source_ip, cell.cid, sealed)
+        self._refuse_v1_create()
         self._spend_create_budget(source_ip)
         session_key = open_session_key(self.private_key, sealed)
         circuit = self.table.create(source_ip, cell.cid, session_key)
         self.metrics.created()
         self._debug("created circuit {cid} from {ip}", cid=cell.cid, ip=source_ip)
-        return encode_reply_layer(circuit.layer.wrap(cells.CREATED, BACKWARD))
+        return encode_reply_layer(circuit.wrap_backward(cells.CREATED))
 
     def _spend_create_budget(self, source_ip: str) -> None:
         if self._is_directory_node(source_ip):
@@ -135,13 +146,19 @@ class NodeRelay:
         self.metrics.relayed("forward", len(layer))
         del layer
         if circuit.out_cid is None:
-            return await self._extend(circuit, plaintext)
+            return await self._extend(circuit, onion2.unpad(plaintext) if circuit.v2 else plaintext)
         if circuit.out_kind == NODE:
             sent = self.outbound.post(circuit.out_addr, cells.encode_cell(circuit.out_cid, plaintext))
             del plaintext
             with self._logging_failure("a forward cell could not be delivered to the next hop", circuit):
                 reply = await sent
                 return self._wrap_reply(circuit, reply, from_node=True)
+        if circuit.v2:
+            return await self._exit_forward_v2(circuit, plaintext)
+        return await self._exit_object(circuit, plaintext)
+
+    async def _exit_object(self, circuit: RelayCircuit, plaintext: bytes) -> bytes:
+        """At the exit: a bridged chunk goes over its bridge, any other object to the tracker."""
         message, _ = wire.loads_with_base64(plaintext, _CHUNK_DATA, "message for the tracker")
         message.pop("data", None)
         if message.get("type") in messages.CHUNK_TYPES:
@@ -192,7 +209,8 @@ class NodeRelay:
         extend = cells.parse_extend(plaintext, self.port)
         circuit.extending = True
         try:
-            if extend.to_tracker:
+            sealed = self._is_sealed_extend(circuit, extend)
+            if extend.to_tracker or sealed:
                 if extend.to != self.tracker:
                     raise Forbidden("exit policy: this node exits only to the network's tracker")
                 kind = EXIT
@@ -202,13 +220,16 @@ class NodeRelay:
                 if not await self.directory.knows(extend.to):
                     raise Forbidden("extend target is not a node of the directory")
                 kind = NODE
-            out_ip = await self.resolve(extend.to)
+            # An exit keeps the relay's one tracker address: a copy per circuit would cost ~150 bytes.
+            to = self.tracker if kind == EXIT else extend.to
+            out_ip = await self.resolve(to)
             out_cid = wire.new_circuit_id()
             with self._logging_failure("a circuit could not be extended to the next hop", circuit, extend.to):
                 reply = await self.outbound.post(extend.to, cells.encode_cell(out_cid, extend.relay))
-            answer = self._wrap_reply(circuit, reply, from_node=kind == NODE)
+            answer = self._wrap_reply(circuit, reply, from_node=kind == NODE or sealed, extend=True)
             try:
-                self.table.attach(circuit, extend.to, out_ip, out_cid, kind)
+                self.table.attach(circuit, to, out_ip, out_cid, kind)
+                circuit.sealed = sealed
             except Conflict:
                 # Destroyed while the extend was under way: pass the destroy on (§9)
                 # so the next hop (or the tracker) does not keep the half-built circuit.
@@ -219,8 +240,9 @@ class NodeRelay:
         self.table.touch(circuit)
         return answer
 
-    def _wrap_reply(self, circuit: RelayCircuit, reply: bytes, *, from_node: bool) -> bytes:
-        """§5: wrap the far end's reply payload in this hop's backward layer."""
+    def _wrap_reply(self, circuit: RelayCircuit, reply: bytes, *, from_node: bool, extend: bool = False) -> bytes:
+        """§5: wrap the far end's reply payload in this hop's backward layer (framed at a /2 exit
+        for a message, §12; never for an extend)."""
         try:
             payload = cells.parse_reply(reply)
         except BadRequest:
@@ -236,14 +258,16 @@ class NodeRelay:
                 data = wire.b64decode(payload, "reply payload")
             except BadRequest:
                 raise NextHopFailed("next hop sent a reply that is not base64") from None
+        if circuit.v2 and not from_node and not extend:
+            data = self._exit_frame(circuit, payload, data)
         self.metrics.relayed("backward", len(data))
-        return encode_reply_layer(circuit.layer.wrap(data, BACKWARD))
+        return encode_reply_layer(circuit.wrap_backward(data))
 
     # --- backward (§4.3, §4.4) ------------------------------------------------------
 
     async def _backward(self, circuit: RelayCircuit, cell: cells.Cell) -> bytes:
         if circuit.out_kind == EXIT:
-            step = self._send_backward(circuit, cell.object_bytes())
+            step = self._send_backward(circuit, self._exit_item(circuit, cell))
         else:
             step = self._send_backward(circuit, cells.payload_bytes(cell))
         del cell
@@ -255,7 +279,7 @@ class NodeRelay:
         circuit = bridge.circuit
         bridge.last_used = self.clock.seconds()
         self.table.touch(circuit)
-        step = self._send_backward(circuit, cell.object_bytes())
+        step = self._send_backward(circuit, self._exit_item(circuit, cell))
         del cell
         answer = await step
         if ends:
@@ -263,7 +287,7 @@ class NodeRelay:
         return answer
 
     async def _send_backward(self, circuit: RelayCircuit, data: bytes) -> bytes:
-        layer = circuit.layer.wrap(data, BACKWARD)
+        layer = circuit.wrap_backward(data)
         del data
         self.metrics.relayed("backward", len(layer))
         sent = self.outbound.post(wire.Address(circuit.in_ip, self.port), cells.encode_cell(circuit.in_cid, layer))
@@ -353,42 +377,3 @@ class NodeRelay:
         # one IP: directory nodes get a budget of their own, larger than a peer's.
         current = self.directory.current
         return current is not None and ip in current.node_ips
-
-    # --- relay failures in the log -----------------------------------------------------
-
-    @contextlib.contextmanager
-    def _logging_failure(self, what: str, circuit: RelayCircuit, neighbour=None):
-        """Log a ProtocolError raised inside (a next hop that failed) and let it go on."""
-        try:
-            yield
-        except ProtocolError as e:
-            self._relay_failed(what, e, circuit, neighbour)
-            raise
-
-    def _relay_failed(self, what: str, error: ProtocolError, circuit: RelayCircuit, neighbour=None) -> None:
-        """Say what failed on the way, so a broken transfer is never silent.
-
-        Safe form: what failed and the error's detail (details never name an
-        address); the circuit id and the neighbour only with unsafe_logging.
-        At most one line a second per kind of failure, with the count of the
-        others, so a neighbour that fails every cell cannot flood the log.
-        """
-        logged = self._failures_logged
-        now = self.clock.seconds()
-        last = logged.get(what)
-        if last is not None and now - last[0] < 1.0:
-            last[1] += 1
-            return
-        more = f" ({last[1]} more since the last such line)" if last is not None and last[1] else ""
-        logged[what] = [now, 0]
-        if self.unsafe_logging:
-            self.log.warn("{what}: {why}{more} (circuit {cid}, neighbour {neighbour})", what=what, why=error.detail,
-                          more=more, cid=circuit.in_cid, neighbour=str(neighbour or circuit.out_addr))
-        else:
-            self.log.warn("{what}: {why}{more}", what=what, why=error.detail, more=more)
-
-    def _debug(self, fmt: str, **kw) -> None:
-        # Safe logging: circuit ids, addresses and names only with the debug switch.
-        if self.unsafe_logging:
-            self.log.debug(fmt, **kw)
-

@@ -1,8 +1,8 @@
 """``twistd onionnode``: the node's service tree.
 
 ``makeService`` only builds a MultiService: the listening port, the
-registration loop and the expiry loop; everything it wires is made here
-from the configuration.
+registration loop, the expiry loop and the onion key's rotation (§11);
+everything it wires is made here from the configuration.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from onion_twisted.net.member_service import MemberService
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
+from onion_twisted.protocol.onion_keys import DEFAULT_LIFETIME
 
 Options = config.options_for("node", "an onion relay node")
 # Seconds after start at which a node fetches the directory again, within its first period: a
@@ -29,6 +30,7 @@ Options = config.options_for("node", "an onion relay node")
 # directory that lists only the nodes registered before them, and peers asking them would see
 # too few nodes for a circuit until the next period.
 STARTUP_FETCHES = (1.0, 2.0, 4.0, 8.0, 16.0)
+ROTATION_CHECK = 300.0  # seconds between checks of the onion key's age
 log = Logger(namespace="onion_twisted.node")
 
 
@@ -38,6 +40,9 @@ class NodeService(MemberService):
     def __init__(self, cfg: dict, reactor=None):
         super().__init__(cfg, reactor)
         self.key = keys.load_or_create_node_key(cfg["data_dir"], cfg["key_bits"])
+        # (.get: the two /2 keys are declared in net/config.py with onion-http/2's configuration.)
+        lifetime = cfg.get("onion_key_lifetime", DEFAULT_LIFETIME)
+        self.onion_keys = keys.load_or_create_onion_keys(cfg["data_dir"], self.reactor, lifetime)
         tracker = wire.parse_address(cfg["tracker"], cfg["port"], field="tracker")
         self.directory = DirectoryClient(self.reactor, self.outbound, tracker,
                                          tracker_key=cfg["tracker_key"] or None, default_port=cfg["port"],
@@ -53,7 +58,8 @@ class NodeService(MemberService):
             node_limiter=RateLimiter(self.reactor, cfg["node_create_rate"], cfg["node_create_burst"]),
             work_limiter=RateLimiter(self.reactor, cfg["create_work_rate"], cfg["create_work_burst"], max_keys=1),
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
-            unsafe_logging=cfg["unsafe_logging"])
+            unsafe_logging=cfg["unsafe_logging"], onion_keys=self.onion_keys,
+            accept_v1=cfg.get("accept_v1", True))
         self.app = NodeApp(self.relay, self.directory, metrics_allow=cfg["metrics_allow"])
         self.listen(self.app.resource())
         self._retry = None          # the registration retry, while one is due
@@ -61,6 +67,9 @@ class NodeService(MemberService):
         self._startup_fetches = []
         self.every(cfg["register_interval"], self.register)
         self.every(min(30.0, cfg["circuit_idle_timeout"] / 4), self.expire)
+        # Often enough that a key is replaced within minutes of its due time and a
+        # retired one leaves the disk within minutes of its grace's end.
+        self.every(min(ROTATION_CHECK, lifetime / 4), self.rotate_onion_key)
 
     def register(self) -> defer.Deferred:
         """Register at the tracker, then refresh the directory (start and every period).
@@ -71,7 +80,8 @@ class NodeService(MemberService):
         """
         async def go():
             try:
-                await self.directory.register(self.address, crypto.public_key_pem(self.key))
+                await self.directory.register(self.address, crypto.public_key_pem(self.key),
+                                              onion_key=self.onion_keys.current_public)
                 self._retry_delay = 1.0
             except Exception as e:
                 log.warn("registration at the tracker failed: {why}", why=getattr(e, "detail", repr(e)))
@@ -93,6 +103,19 @@ class NodeService(MemberService):
         delay = min(self._retry_delay, self.cfg["register_interval"])
         self._retry_delay = delay * 2
         self._retry = self.reactor.callLater(delay, self.register)
+
+    def rotate_onion_key(self):
+        """Rotate the onion key when due (§11): saved at once, then registered again so the
+        directory lists the new key; a previous key past its grace is dropped from disk too."""
+        ring = self.onion_keys
+        before = (ring.current_public, ring.retired)
+        rotated = ring.rotate_if_due()
+        if (ring.current_public, ring.retired) != before:
+            keys.save_onion_keys(self.cfg["data_dir"], ring)
+        if rotated:
+            log.info("onion key rotated; registering the new one")
+            return self.register()
+        return None
 
     def expire(self) -> None:
         for circuit in self.table.expire():

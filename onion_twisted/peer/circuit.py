@@ -2,12 +2,21 @@
 
 A ``Circuit`` builds ``peer -> X -> Y -> Z -> tracker`` one hop at a time:
 
-* ``create``: CREATE at X, an RSA-OAEP sealed session key; X answers
-  ``created`` under its backward layer.
-* ``extend`` (twice): ``{"to": Y, "relay": sealed key}`` wrapped for the hops
-  already built; the new hop's ``created`` comes back through all of them.
-* ``connect``: ``{"to": tracker, "relay": first_message}`` wrapped for X, Y,
-  Z; the exit opens its link to the tracker and the tracker's reply comes back.
+* ``create``: CREATE at X: an ntor handshake (§11) when X's directory
+  entry has an onion key, else an RSA-OAEP sealed session key; X answers
+  ``Y ‖ AUTH`` (/2), checked before X is used, or ``created`` under its
+  backward layer (/1).
+* ``extend`` (twice): ``{"to": Y, "relay": handshake}`` wrapped for the hops
+  already built (padded inside the last one's layer when that hop is /2);
+  the new hop's answer comes back through all of them.
+* ``connect``: on a /2 exit when the directory gives the tracker's onion
+  key, the sealed tracker hop (§12): an ntor handshake with the tracker,
+  then the first message inside the tracker's own layer. Otherwise
+  ``{"to": tracker, "relay": first_message}`` wrapped for X, Y, Z.
+
+On a /2 exit everything inside the exit's layer is an exit frame (§12,
+peer/hops.py): the tracker's messages SEALED (or, with no sealed hop, an
+OBJECT), a sharer's bridged chunks an OBJECT padded to the chunk class.
 
 Afterwards ``send`` carries a message to the tracker and returns its reply,
 ``open_backward`` decodes a cell the far end started (it arrives at the
@@ -26,8 +35,8 @@ from __future__ import annotations
 
 import contextlib
 
-from onion_twisted.protocol import cells, crypto, wire
-from onion_twisted.protocol.crypto import BACKWARD, Layer
+from onion_twisted.peer import hops as hop_crypto
+from onion_twisted.protocol import cells, crypto, messages, onion2, wire
 from onion_twisted.protocol.directory import NodeEntry
 from onion_twisted.protocol.errors import BadRequest, Conflict, NextHopFailed
 
@@ -39,7 +48,9 @@ MAX_NONCES = 1_000_000
 class Circuit:
     """One circuit of a peer through ``hops`` (usually three distinct nodes) to ``tracker``."""
 
-    def __init__(self, outbound, hops: list[NodeEntry], tracker: wire.Address, *, cid: str | None = None):
+    def __init__(self, outbound, hops: list[NodeEntry], tracker: wire.Address, *,
+                 tracker_onion_key: bytes | None = None, tracker_id: bytes | None = None,
+                 cid: str | None = None):
         if not hops:
             raise ValueError("a circuit needs at least one hop")
         if len({hop.address for hop in hops}) != len(hops):
@@ -50,10 +61,22 @@ class Circuit:
         self.cid = cid or wire.new_circuit_id()
         if not wire.is_circuit_id(self.cid):
             raise ValueError("cid must be a canonical lowercase UUIDv4")
-        # Public keys are checked before anything goes on the wire.
-        self._public_keys = [crypto.load_public_key_pem(hop.public_key_pem) for hop in self.hops]
-        self.layers: list[Layer] = []          # one per hop built, in order X, Y, Z
-        self._nonces: list[set[bytes]] = []    # backward nonces seen, per hop
+        # Keys are checked before anything goes on the wire.
+        for hop in self.hops:
+            if hop.speaks_v2:
+                if len(bytes.fromhex(hop.fingerprint)) != 32 or len(hop.onion_key) != 32:
+                    raise ValueError("a /2 hop needs a SHA-256 fingerprint and a 32-byte onion key")
+            else:
+                crypto.load_public_key_pem(hop.public_key_pem)
+        # The sealed tracker hop needs a /2 exit and the tracker's ID and onion key (§12).
+        self._tracker_hop = None
+        if self.hops[-1].speaks_v2 and tracker_onion_key is not None and tracker_id is not None:
+            self._tracker_hop = (bytes(tracker_id), bytes(tracker_onion_key))
+        # One per hop built, in order X, Y, Z: a /1 hop's crypto.Layer with the set of
+        # its backward nonces seen, or a /2 hop's onion2.HopKeys with None.
+        self.layers: list = []
+        self._nonces: list[set[bytes] | None] = []
+        self.tracker_layer: onion2.HopKeys | None = None  # the sealed hop, once its handshake is done
         self.connected = False
         self.destroyed = False
         self._building = False
@@ -70,8 +93,27 @@ class Circuit:
         """How many hops hold a session key."""
         return len(self.layers)
 
+    @property
+    def exit_v2(self) -> bool:
+        """Whether the exit speaks /2: everything inside its layer is then an exit frame."""
+        return self.hops[-1].speaks_v2
+
+    @property
+    def protocol(self) -> str:
+        """onion-http/2 when every node hop speaks it (ntor, counted layers, layered destroy)."""
+        return hop_crypto.V2 if all(h.speaks_v2 for h in self.hops) else hop_crypto.V1
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the tracker's messages travel in a layer of their own (§12)."""
+        return self.tracker_layer is not None
+
+    def info(self) -> dict:
+        """What the page and the API show of the circuit's protocols."""
+        return {"protocol": self.protocol, "sealed": self.sealed}
+
     def __repr__(self) -> str:  # names no address and no CID: reprs end up in logs
-        return f"<Circuit built={self.built}/{len(self.hops)} connected={self.connected}>"
+        return f"<Circuit built={self.built}/{len(self.hops)} connected={self.connected} sealed={self.sealed}>"
 
     def _check_usable(self) -> None:
         if self.destroyed:
@@ -85,11 +127,10 @@ class Circuit:
         if self.layers:
             raise Conflict("the circuit is already created")
         with self._build_step():
-            layer, sealed = self._new_hop_key(0)
-            reply = await self._post(cells.encode_cell(self.cid, sealed))
+            pending, handshake = hop_crypto.start_handshake(self.hops[0])
+            reply = await self._post(cells.encode_cell(self.cid, handshake))
             self._check_usable()
-            self._expect_created(reply, [layer], hop=0)
-            self._add_layer(layer)
+            self._add_layer(self._expect_handshake(reply, pending, "hop 1"))
 
     async def extend(self) -> None:
         """EXTEND to the next hop not built yet, through the hops already built."""
@@ -100,11 +141,10 @@ class Circuit:
         if index >= len(self.hops):
             raise Conflict("every hop of the circuit is already built")
         with self._build_step():
-            layer, sealed = self._new_hop_key(index)
-            message = {"to": str(self.hops[index].address), "relay": wire.b64encode(sealed)}
-            reply = await self._post_onion(message)
-            self._expect_created(reply, self.layers + [layer], hop=index)
-            self._add_layer(layer)
+            pending, handshake = hop_crypto.start_handshake(self.hops[index])
+            message = {"to": str(self.hops[index].address), "relay": wire.b64encode(handshake)}
+            reply = await self._post_onion(self._for_last_hop(wire.dumps(message)))
+            self._add_layer(self._expect_handshake(reply, pending, f"hop {index + 1}"))
 
     async def connect(self, first_message: dict) -> dict | None:
         """Open the exit's link to the tracker with ``first_message`` (an ``ls``); its reply."""
@@ -116,9 +156,20 @@ class Circuit:
         if self.connected:
             raise Conflict("the circuit is already connected to the tracker")
         with self._build_step():
-            reply = await self._post_onion({"to": str(self.tracker), "relay": first_message})
+            if self._tracker_hop is None:
+                extend = wire.dumps({"to": str(self.tracker), "relay": first_message})
+                reply = await self._post_onion(self._for_last_hop(extend))
+                answer = self._reply_object(reply, plain_ok=True)
+            else:
+                member, onion_key = self._tracker_hop
+                pending, handshake = hop_crypto.start_handshake(None, member=member, onion_key=onion_key)
+                extend = wire.dumps({"to": str(self.tracker), "relay": wire.b64encode(handshake)})
+                reply = await self._post_onion(self._for_last_hop(extend))
+                self.tracker_layer = self._expect_handshake(reply, pending, "the tracker")
+                # The first message opens the catalogue entry (§8), inside the tracker's layer.
+                answer = self._reply_object(await self._post_onion(self._forward_plaintext(first_message)))
             self.connected = True
-        return self._reply_object(reply)
+        return answer
 
     async def build(self, first_message: dict) -> dict | None:
         """create, extend to every further hop, connect: the tracker's reply to ``first_message``."""
@@ -129,18 +180,24 @@ class Circuit:
 
     # --- traffic -------------------------------------------------------------------
 
-    async def send(self, message: dict | bytes) -> dict | None:
+    async def send(self, message: dict | bytes, *, bridged: bool = False,
+                   chunk_size: int | None = None) -> dict | None:
         """A message to the tracker (an object, or its JSON bytes already
-        serialised); its reply object, or None for ``{}``."""
+        serialised); its reply object, or None for ``{}``.
+
+        ``bridged``: a sharer's ``file_chunk`` or ``transfer_end``, for the
+        exit's bridge: on a /2 exit an OBJECT frame outside the tracker's
+        layer, padded to the class of ``chunk_size`` (§12, §14).
+        """
         self._check_usable()
         if not self.connected:
             raise Conflict("the circuit is not connected to the tracker yet")
         if not isinstance(message, (dict, bytes)):
             raise TypeError("a message is a JSON object")
         # A chunk's message is not held while its acknowledgement is awaited.
-        step = self._post_onion(message)
+        step = self._post_onion(self._forward_plaintext(message, bridged, chunk_size))
         del message
-        return self._reply_object(await step)
+        return self._reply_object(await step, object_ok=bridged)
 
     def open_backward(self, payload_b64) -> dict:
         """Decode a backward cell that reached the peer's ``POST /`` on this circuit (§4.3, §5).
@@ -153,18 +210,32 @@ class Circuit:
         if len(self.layers) != len(self.hops):
             raise BadRequest("backward cell on a circuit that is not built")
         data = self._peel(wire.b64decode(payload_b64), len(self.layers))
-        # A file chunk's data comes back decoded (bytes): one pass over it, no JSON copy.
-        return wire.loads_with_base64(data, (("data",),), "backward message")[0]
+        return self._open_exit(data, "backward message", object_ok=True, only_chunks=True)
 
     async def destroy(self) -> None:
         """``{"CID": cid, "destroy": true}`` to the first hop (§9); the circuit is unusable after."""
         if self.destroyed:
             return
+        body = self._destroy_cell()
         self.destroyed = True
         self.connected = False
         self.layers = []
         self._nonces = []
-        await self.outbound.post(self.entry, cells.encode_destroy(self.cid))
+        self.tracker_layer = None
+        await self.outbound.post(self.entry, body)
+
+    def _destroy_cell(self) -> bytes:
+        """A layered destroy when every node hop is /2 (§14); else the bare /1 destroy,
+        which a /1 node would refuse with a payload (and a /2 node reads as a link close)."""
+        if not self.layers or not all(h.speaks_v2 for h in self.hops):
+            return cells.encode_destroy(self.cid)
+        if self.tracker_layer is not None:
+            inner = onion2.frame(onion2.FRAME_SEALED, self.tracker_layer.seal_forward(
+                hop_crypto.padded(onion2.DESTROY)))
+        else:
+            inner = hop_crypto.padded(onion2.DESTROY, kind=onion2.FRAME_OBJECT)
+        onion = hop_crypto.wrap(self.layers, inner)
+        return wire.with_base64({"CID": self.cid, "destroy": True}, "payload", onion)
 
     # --- inside --------------------------------------------------------------------
 
@@ -179,21 +250,31 @@ class Circuit:
         finally:
             self._building = False
 
-    def _new_hop_key(self, index: int) -> tuple[Layer, bytes]:
-        session_key = crypto.new_session_key()
-        return Layer(session_key), crypto.seal_session_key(self._public_keys[index], session_key)
-
-    def _add_layer(self, layer: Layer) -> None:
+    def _add_layer(self, layer) -> None:
         self.layers.append(layer)
-        self._nonces.append(set())
+        self._nonces.append(None if hop_crypto.is_v2(layer) else set())
+
+    def _for_last_hop(self, plaintext: bytes) -> bytes:
+        """An EXTEND as the last hop built reads it: padded when that hop is /2 (§14)."""
+        return hop_crypto.padded(plaintext) if hop_crypto.is_v2(self.layers[-1]) else plaintext
+
+    def _forward_plaintext(self, message: dict | bytes, bridged: bool = False,
+                           chunk_size: int | None = None) -> bytes:
+        """What the exit reads of a message: /1's plaintext, or an exit frame (§12)."""
+        body = message if isinstance(message, bytes) else wire.dumps(message)
+        del message
+        if not self.exit_v2:
+            return body
+        if self.tracker_layer is not None and not bridged:
+            return onion2.frame(onion2.FRAME_SEALED, self.tracker_layer.seal_forward(hop_crypto.padded(body)))
+        # One buffer: a chunk is padded and framed with a single copy.
+        return hop_crypto.padded(body, chunk_size=chunk_size if bridged else None, kind=onion2.FRAME_OBJECT)
 
     def _post(self, body: bytes):
         return self.outbound.post(self.entry, body)
 
-    async def _post_onion(self, message: dict | bytes) -> bytes:
-        plaintext = message if isinstance(message, bytes) else wire.dumps(message)
-        del message
-        onion = crypto.wrap_onion(self.layers, plaintext)
+    async def _post_onion(self, plaintext: bytes) -> bytes:
+        onion = hop_crypto.wrap(self.layers, plaintext)
         del plaintext
         sent = self._post(cells.encode_cell(self.cid, onion))
         del onion
@@ -210,42 +291,56 @@ class Circuit:
             raise NextHopFailed("first hop answered an object where a layer was due")
         return payload
 
-    def _expect_created(self, reply: bytes, layers: list[Layer], *, hop: int) -> None:
+    def _expect_handshake(self, reply: bytes, pending, who: str):
+        """The new hop's layer from its answer through the hops built: checked (AUTH, or
+        ``created``) before it is used; NextHopFailed, and no hop, if it does not check."""
         payload = self._reply_payload(reply)
         if payload is None:
-            raise NextHopFailed(f"hop {hop + 1} answered no created reply")
+            raise NextHopFailed(f"{who} answered no handshake reply")
         try:
-            data = crypto.peel_onion(layers, wire.b64decode(payload, "reply payload"))
-        except BadRequest as e:
-            raise NextHopFailed(f"hop {hop + 1}'s created reply does not peel: {e.detail}") from None
-        if data != cells.CREATED:
-            raise NextHopFailed(f"hop {hop + 1} answered something other than created")
+            data = self._peel(wire.b64decode(payload, "reply payload"), len(self.layers))
+            return hop_crypto.finish_handshake(pending, data)
+        except (BadRequest, Conflict) as e:
+            raise NextHopFailed(f"{who}'s handshake reply does not check: {e.detail}") from None
 
-    def _reply_object(self, reply: bytes) -> dict | None:
+    def _reply_object(self, reply: bytes, *, object_ok: bool = False, plain_ok: bool = False) -> dict | None:
         payload = self._reply_payload(reply)
         if payload is None:
             return None
         try:
             data = self._peel(wire.b64decode(payload, "reply payload"), len(self.layers))
-            return wire.loads_object(data, "tracker's reply")
+            if plain_ok and self.exit_v2 and data[:1] == b"{":
+                # The answer to the unsealed connect, wrapped as the answer to an EXTEND.
+                return wire.loads_object(data, "tracker's reply")
+            return self._open_exit(data, "tracker's reply", object_ok=object_ok or not self.sealed)
         except BadRequest as e:
             raise NextHopFailed(f"the reply does not open: {e.detail}") from None
         except Conflict as e:
             raise NextHopFailed(f"the reply is a replay: {e.detail}") from None
 
-    def _peel(self, data: bytes, count: int) -> bytes:
-        """Remove the backward layers of the first ``count`` hops, refusing a seen nonce.
+    def _open_exit(self, data: bytes, what: str, *, object_ok: bool, only_chunks: bool = False) -> dict:
+        """The object inside the exit's layer: /1 plaintext, or an exit frame (§12).
 
-        Nonces are remembered only once every layer peeled and none was a replay.
+        A file chunk's data comes back decoded (bytes): one pass over it, no JSON copy.
         """
-        seen = []
-        for layer, nonces in zip(self.layers[:count], self._nonces):
-            nonce, data = layer.peel(data, BACKWARD)
-            if nonce in nonces:
-                raise Conflict("replayed backward layer")
-            if len(nonces) >= MAX_NONCES:
-                raise Conflict("circuit used up its nonce budget; build a new circuit")
-            seen.append(nonce)
-        for nonce, nonces in zip(seen, self._nonces):
-            nonces.add(nonce)
-        return data
+        if not self.exit_v2:
+            return wire.loads_with_base64(data, (("data",),), what)[0]
+        kind, body = hop_crypto.read_frame(data)
+        del data
+        if kind == onion2.FRAME_OBJECT:
+            if not object_ok:
+                raise BadRequest("an object where the tracker's sealed layer was due")
+            message = wire.loads_with_base64(body, (("data",),), what)[0]
+            if only_chunks and self.tracker_layer is not None and message.get("type") not in messages.CHUNK_TYPES:
+                # Only bridged chunks travel outside the tracker's layer: an exit
+                # cannot speak for the tracker (a request naming a file, say).
+                raise BadRequest("only bridged chunks travel outside the tracker's layer")
+            return message
+        if self.tracker_layer is None:
+            raise BadRequest("a sealed frame on a circuit whose tracker link is not sealed")
+        plaintext = self.tracker_layer.open_backward(body)
+        return wire.loads_object(hop_crypto.read_padded(plaintext), what)
+
+    def _peel(self, data: bytes, count: int) -> bytes:
+        """Remove the backward layers of the first ``count`` hops, refusing a replay."""
+        return hop_crypto.peel(self.layers[:count], self._nonces[:count], data, MAX_NONCES)

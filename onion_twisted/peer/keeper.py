@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from onion_twisted.net.results import SharedResult
 from onion_twisted.peer.circuit import Circuit
-from onion_twisted.protocol import wire
+from onion_twisted.protocol import ntor, wire
 from onion_twisted.protocol.directory import pick_path
 from onion_twisted.protocol.errors import BadRequest, ProtocolError, UnknownCircuit
 
@@ -140,9 +140,10 @@ class CircuitKeeper:
             self._move(BUILDING, self.detail)
             nodes, circuit = [], None
             try:
-                nodes = await self._pick_nodes()
+                nodes, tracker_onion_key = await self._pick_nodes()
                 self.detail = f"building a circuit through {len(nodes)} nodes"
-                circuit = Circuit(self.outbound, nodes, self.tracker)
+                circuit = Circuit(self.outbound, nodes, self.tracker, tracker_onion_key=tracker_onion_key,
+                                  tracker_id=await self._tracker_id() if tracker_onion_key else None)
                 announcement = self.first_message()
                 reply = await circuit.build(announcement)
             except (ProtocolError, ValueError) as e:
@@ -173,9 +174,15 @@ class CircuitKeeper:
         if len({n.address.host for n in candidates}) < self.hops:
             candidates = list(directory.nodes.values())  # everyone failed lately: try anyway
         try:
-            return pick_path(candidates, self.hops, self.rng)
+            return pick_path(candidates, self.hops, self.rng), directory.tracker_onion_key
         except ValueError as e:
             raise BadRequest(str(e)) from None
+
+    async def _tracker_id(self) -> bytes | None:
+        """The tracker's ID for the sealed hop (§12): from the Ed25519 key the directory
+        client pinned, the key the directory's signature was checked with."""
+        key = await self.directory.tracker_key()
+        return ntor.member_id(key) if key is not None else None
 
     async def _fresh_directory(self):
         """The directory from a node's mirror when any node is known; the tracker only at first (§6)."""
@@ -236,7 +243,10 @@ class CircuitKeeper:
         return {
             "state": self._state.value,
             "detail": self.detail,
-            "nodes": [{"address": str(h.address), "fingerprint": h.fingerprint} for h in circuit.hops]
+            "nodes": [{"address": str(h.address), "fingerprint": h.fingerprint,
+                       "protocol": "onion-http/2" if h.speaks_v2 else "onion-http/1"} for h in circuit.hops]
             if circuit else [],
             "age": int(now - self.since) if circuit else None,
+            # onion-http/2 when every hop speaks it; sealed: the tracker's messages in a layer of their own.
+            **(circuit.info() if circuit else {"protocol": None, "sealed": False}),
         }

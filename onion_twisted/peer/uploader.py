@@ -20,7 +20,7 @@ from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender
 from onion_twisted.protocol.errors import ProtocolError
-from onion_twisted.protocol.messages import (MessageError, file_chunk_message, is_transfer_id, list_message,
+from onion_twisted.protocol.messages import (MAX_CHUNK, MessageError, file_chunk_message, is_transfer_id, list_message,
                                             parse_source_request, transfer_end_message)
 
 
@@ -52,7 +52,8 @@ class Uploader:
             return  # nothing to answer to, or already under way
         if len(self.uploads) >= self.max_uploads:
             busy = transfer_end_message(transfer, "the sharer is busy; ask again later")
-            defer.ensureDeferred(self.send_on(circuit, busy)).addErrback(lambda f: None)
+            defer.ensureDeferred(self.send_on(circuit, busy, chunk_size=_chunk_size(message))
+                                 ).addErrback(lambda f: None)
             return
         d = defer.ensureDeferred(self._upload(circuit, transfer, message))
         self.uploads[transfer] = d
@@ -72,13 +73,13 @@ class Uploader:
             producer = ChunkProducer.open(path, chunk_size, request.chunks)
         except (MessageError, OSError, ValueError) as e:
             detail = getattr(e, "detail", "cannot open the file")
-            await self.send_on(circuit, transfer_end_message(transfer, detail))
+            await self.send_on(circuit, transfer_end_message(transfer, detail), chunk_size=_chunk_size(message))
             return
         size = producer.size
 
         def send_chunk(index: int, data: bytes):
             message = file_chunk_message(transfer, name, index, chunk_size, size, data)
-            return defer.ensureDeferred(self.send_on(circuit, message, refusable=True))
+            return defer.ensureDeferred(self.send_on(circuit, message, refusable=True, chunk_size=chunk_size))
 
         sender = WindowedChunkSender(send_chunk, window=self.window, clock=self.clock,
                                      ack_timeout=self.stall_timeout * 2)
@@ -90,13 +91,15 @@ class Uploader:
             return
         except (ProtocolError, defer.TimeoutError, OSError):
             return  # the circuit broke or the file went away; the requester asks again for what it lacks
-        await self.send_on(circuit, transfer_end_message(transfer))
+        await self.send_on(circuit, transfer_end_message(transfer), chunk_size=chunk_size)
 
-    async def send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False):
-        """``message`` on the circuit the request came on. A failed chunk (``refusable``)
-        may mean only the requester's side is gone: the circuit is probed before it is
-        given up; a refused one raises TransferRefused."""
-        sending = circuit.send(message)
+    async def send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False,
+                      chunk_size: int | None = None):
+        """``message`` (a ``file_chunk`` or ``transfer_end``: for the bridge) on the circuit
+        the request came on, padded on a /2 exit to the class of ``chunk_size``. A failed
+        chunk (``refusable``) may mean only the requester's side is gone: the circuit is
+        probed before it is given up; a refused one raises TransferRefused."""
+        sending = circuit.send(message, bridged=True, chunk_size=chunk_size)
         del message  # a chunk: not held while its acknowledgement is awaited
         try:
             reply = await sending
@@ -123,3 +126,10 @@ class Uploader:
             finally:
                 self._probing.discard(circuit)
         defer.ensureDeferred(probe())
+
+
+def _chunk_size(request: dict) -> int | None:
+    """The request's chunk size when it is one a transfer could use (the padding class of its
+    ``transfer_end``); None otherwise."""
+    size = request.get("chunk_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= MAX_CHUNK else None

@@ -62,9 +62,10 @@ def parse_cell(body: bytes, *, chunks: bool = False) -> Cell:
     if destroy:
         if cid == wire.CONTROL_CID:
             raise BadRequest("the control CID cannot be destroyed")
-        if payload is not None:
-            raise BadRequest("a destroy cell carries no payload")
-        return Cell(cid, None, True)
+        if payload is not None and not isinstance(payload, (str, bytes)):
+            # /2's layered destroy (§14) carries one base64 layer; a bare destroy none.
+            raise BadRequest("a destroy cell carries no payload, or a base64 layer")
+        return Cell(cid, payload, True)
     if payload is None:
         raise BadRequest("missing field payload")
     if not isinstance(payload, (str, bytes, dict)):
@@ -105,7 +106,10 @@ def encode_object_cell(cid: str, object_bytes: bytes) -> bytes:
     return b'{"CID":"' + cid.encode("ascii") + b'","payload":' + object_bytes + b"}"
 
 
-def encode_destroy(cid: str) -> bytes:
+def encode_destroy(cid: str, layer: bytes | None = None) -> bytes:
+    """A bare destroy (§9), or /2's layered one carrying ``layer`` (§14)."""
+    if layer is not None:
+        return wire.with_base64({"CID": cid, "destroy": True}, "payload", layer)
     return wire.dumps({"CID": cid, "destroy": True})
 
 

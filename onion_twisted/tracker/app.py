@@ -20,7 +20,7 @@ import time
 
 from klein import Klein
 
-from onion_twisted import PROTOCOL, __version__
+from onion_twisted import PROTOCOL, PROTOCOL_V1, PROTOCOLS, __version__
 from onion_twisted.protocol.identity import identity_json
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.http_server import AllowList, CellRoute, respond, write_json
@@ -33,8 +33,7 @@ class TrackerApp:
     def __init__(self, tracker: Tracker, metrics_allow=("127.0.0.0/8", "::1")):
         self.tracker = tracker
         self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
-        self.identity = identity_json("tracker", str(tracker.own_address), tracker.public_key_b64,
-                                      hashlib.sha256(base64.b64decode(tracker.public_key_b64)).hexdigest())
+        self._identity: tuple[bytes, bytes] | None = None  # (onion key, body)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.
@@ -55,6 +54,20 @@ class TrackerApp:
         body, signature = self.tracker.registry.signed()
         request.setHeader(SIGNATURE_HEADER, signature)
         return write_json(request, 200, body)
+
+    @property
+    def identity(self) -> bytes:
+        """The ``/identity`` body, made again when the onion key rotates."""
+        ring = self.tracker.onion_keys
+        onion_key = ring.current_public if ring is not None else None
+        if self._identity is None or self._identity[0] != onion_key:
+            t = self.tracker
+            body = identity_json("tracker", str(t.own_address), t.public_key_b64,
+                                 hashlib.sha256(base64.b64decode(t.public_key_b64)).hexdigest(),
+                                 protocols=PROTOCOLS if ring is not None else (PROTOCOL_V1,),
+                                 onion_key=onion_key)
+            self._identity = (onion_key, body)
+        return self._identity[1]
 
     @app.route("/identity", methods=["GET"])
     def get_identity(self, request):

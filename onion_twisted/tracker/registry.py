@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import base64
+
 from onion_twisted.protocol import crypto, wire
+from onion_twisted.protocol.directory import entry_json
 from onion_twisted.protocol.errors import Conflict
 
 
@@ -20,6 +23,7 @@ class RegisteredNode:
     fingerprint: str
     last_seen: float
     ip: str | None = None  # the IP its cells come from (resolved at registration for a DNS name)
+    onion_key: bytes | None = None  # X25519, raw: an onion-http/2 node (§10, §11); None for /1
 
 
 class NodeRegistry:
@@ -32,17 +36,30 @@ class NodeRegistry:
         self._signed: tuple[bytes, str] | None = None
         self._signed_at = float("-inf")
         self._ips: frozenset[str] | None = None
+        self._tracker_onion_key: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def already_verified(self, address: wire.Address, fingerprint: str) -> bool:
-        """A heartbeat from a node whose key was checked before: no new /identity fetch."""
+    @property
+    def tracker_onion_key(self) -> bytes | None:
+        return self._tracker_onion_key
+
+    @tracker_onion_key.setter
+    def tracker_onion_key(self, raw: bytes | None) -> None:
+        """The tracker's current onion key, published in the signed body (re-signed when it changes)."""
+        if raw != self._tracker_onion_key:
+            self._tracker_onion_key = raw
+            self._signed = None
+
+    def already_verified(self, address: wire.Address, fingerprint: str, onion_key: bytes | None = None) -> bool:
+        """A heartbeat from a node whose keys were checked before: no new /identity fetch.
+        A changed onion key (a rotation) is checked again, like a changed RSA key."""
         node = self.nodes.get(address)
-        return node is not None and node.fingerprint == fingerprint
+        return node is not None and node.fingerprint == fingerprint and node.onion_key == onion_key
 
     def register(self, address: wire.Address, public_key_pem: str, fingerprint: str,
-                 ip: str | None = None) -> bool:
+                 ip: str | None = None, onion_key: bytes | None = None) -> bool:
         """Add or refresh a node; False when the list is full of other nodes,
         Conflict (409) when another node is listed at the same IP.
 
@@ -52,7 +69,7 @@ class NodeRegistry:
         now = self.clock.seconds()
         ip = ip or address.ip
         node = self.nodes.get(address)
-        if node is not None and node.fingerprint == fingerprint and node.ip == ip:
+        if node is not None and node.fingerprint == fingerprint and node.ip == ip and node.onion_key == onion_key:
             node.last_seen = now
             return True
         # One node per IP (PROTOCOL.md §15): a host with many ports, or many DNS
@@ -62,7 +79,7 @@ class NodeRegistry:
             raise Conflict("another node is listed at this IP: one node per IP")
         if node is None and len(self.nodes) >= self.max_nodes:
             return False
-        self.nodes[address] = RegisteredNode(address, public_key_pem, fingerprint, now, ip)
+        self.nodes[address] = RegisteredNode(address, public_key_pem, fingerprint, now, ip, onion_key)
         self._signed = self._ips = None
         return True
 
@@ -87,11 +104,14 @@ class NodeRegistry:
         """(body, base64 signature) of ``GET /nodes``."""
         now = self.clock.seconds()
         if self._signed is None or now - self._signed_at >= self.heartbeat:
-            body = wire.dumps({
+            directory = {
                 "issued": int(now),
-                "nodes": [{"address": str(n.address), "public_key": n.public_key_pem, "fingerprint": n.fingerprint}
+                "nodes": [entry_json(n.address, n.public_key_pem, n.fingerprint, n.onion_key)
                           for n in sorted(self.nodes.values(), key=lambda n: str(n.address))],
-            })
+            }
+            if self._tracker_onion_key is not None:
+                directory["tracker_onion_key"] = base64.b64encode(self._tracker_onion_key).decode("ascii")
+            body = wire.dumps(directory)
             self._signed = (body, crypto.sign_body(self.signing_key, body))
             self._signed_at = now
         return self._signed

@@ -12,13 +12,15 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from onion_twisted.protocol import cells, control, crypto, messages, wire
-from onion_twisted.protocol.cells import EMPTY, encode_reply_object
+from onion_twisted.protocol import cells, control, crypto, messages, ntor, onion2, wire
+from onion_twisted.protocol.cells import EMPTY
 from onion_twisted.protocol.errors import BadRequest, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
 from onion_twisted.protocol.messages import MessageError, parse_files, parse_request
+from onion_twisted.protocol.onion_keys import OnionKeyRing, parse_onion_key
 from onion_twisted.net.metrics import TrackerMetrics
 from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.tracker.registry import NodeRegistry
+from onion_twisted.tracker import sealed
 
 
 class Tracker:
@@ -26,7 +28,8 @@ class Tracker:
 
     def __init__(self, *, clock, signing_key, own_address: wire.Address, catalogue: Catalogue,
                  registry: NodeRegistry, outbound, resolve=None, max_pending: int = 10_000,
-                 metrics: TrackerMetrics | None = None):
+                 metrics: TrackerMetrics | None = None, onion_keys: OnionKeyRing | None = None,
+                 sealed_hop: bool = True):
         self.clock = clock
         self.signing_key = signing_key
         self.own_address = own_address
@@ -39,6 +42,27 @@ class Tracker:
         self.pending = 0
         self.metrics = metrics or TrackerMetrics(clock)
         self.public_key_b64 = crypto.tracker_public_b64(signing_key)
+        # The tracker's X25519 onion keys (§11): the service passes the ring kept
+        # on disk; without one (tests, benches) a ring lives in memory. Without
+        # ``sealed_hop`` the tracker is one of onion-http/1 (no key published, no
+        # sealed circuits), as peers and nodes of /2 must still meet.
+        self.onion_keys = (onion_keys or OnionKeyRing(clock)) if sealed_hop else None
+        self.member_id = ntor.member_id(signing_key.public_key())
+        self.sealed = sealed.SealedCircuits(clock, self.onion_keys, self.member_id,
+                                            max_circuits=catalogue.max_circuits,
+                                            idle_timeout=catalogue.idle_timeout)
+        self.registry.tracker_onion_key = self.onion_keys.current_public if sealed_hop else None
+
+    def rotate_onion_key(self) -> bool:
+        """Rotate the onion key when due (the directory is signed again with the new one),
+        and drop a previous key past its grace; True when the ring changed (save it)."""
+        ring = self.onion_keys
+        if ring is None:
+            return False
+        before = (ring.current_public, ring.retired)
+        ring.rotate_if_due()
+        self.registry.tracker_onion_key = ring.current_public
+        return (ring.current_public, ring.retired) != before
 
     # --- POST / : messages from exit nodes ------------------------------------------
 
@@ -46,17 +70,51 @@ class Tracker:
         return await self.metrics.counting_errors(self._dispatch(source_ip, body))
 
     async def _dispatch(self, source_ip: str, body: bytes) -> bytes:
-        cell = cells.parse_cell(body)
+        cell = sealed.parse_tracker_cell(body)
         if cell.is_control:
             raise BadRequest("the tracker takes no control messages")
         if not self.registry.is_node_ip(source_ip):
             raise Forbidden("only directory nodes relay to the tracker")
         key = (source_ip, cell.cid)
         if cell.destroy:
-            if not self.catalogue.forget(key):
+            return self._destroy(key, cell)
+        hop = self.sealed.get(key)
+        if isinstance(cell.payload, dict):
+            if hop is not None:
+                raise BadRequest("an object payload on a sealed circuit: its messages go inside the tracker's layer")
+            reply = await self._message(key, source_ip, cell.payload)
+            return self.catalogue.files_answer() if reply is None else cells.encode_reply_object_bytes(reply)
+        data = cells.payload_bytes(cell)
+        if hop is None:
+            if key in self.catalogue.circuits:
+                raise BadRequest("a handshake on a circuit already open without the tracker's layer")
+            # A string payload on an unknown circuit is the sealed hop's handshake (§12).
+            return cells.encode_reply_layer(self.sealed.handshake(key, data))
+        message = sealed.open_object(hop, data)
+        reply = await self._message(key, source_ip, message)
+        if key in self.catalogue.circuits:
+            self.sealed.opened(key)
+        return sealed.seal_answer(hop, self.catalogue.files_reply_json() if reply is None else reply)
+
+    def _destroy(self, key, cell) -> bytes:
+        """A bare destroy (a link-level close) forgets the circuit; a layered one
+        (§14) must hold ``{"type":"destroy"}`` under the circuit's tracker layer."""
+        if cell.payload is not None:
+            hop = self.sealed.get(key)
+            if hop is None:
+                if key in self.catalogue.circuits:
+                    raise BadRequest("a layered destroy on a circuit without the tracker's layer")
                 raise UnknownCircuit("destroy for a circuit the tracker does not know")
-            return EMPTY
-        message = cells.payload_object(cell)
+            if sealed.open_message(hop, cells.payload_bytes(cell)) != onion2.DESTROY:
+                raise BadRequest('the layered destroy does not hold {"type":"destroy"}')
+        forgot_sealed = self.sealed.forget(key)
+        if not self.catalogue.forget(key) and not forgot_sealed:
+            raise UnknownCircuit("destroy for a circuit the tracker does not know")
+        return EMPTY
+
+    async def _message(self, key, source_ip: str, message: dict) -> bytes | None:
+        """The reply to one message, as JSON bytes; None for the catalogue's files reply
+        (cached whole, answered as it is on an unsealed circuit)."""
         kind = message.get("type")
         self.metrics.message(kind if isinstance(kind, str) else None)
         exit_address = wire.Address(source_ip, self.port)
@@ -72,20 +130,20 @@ class Tracker:
                     if new:
                         self.catalogue.forget(key)
                     raise
-                return self.catalogue.files_answer()
+                return None
             if kind == messages.LIST:
                 self.catalogue.circuit(key, exit_address)
-                return self.catalogue.files_answer()
+                return None
             if kind == messages.REQUEST:
                 request = parse_request(message)
                 circuit = self.catalogue.circuit(key, exit_address)
-                return encode_reply_object(await self._request(circuit, request))
+                return wire.dumps(await self._request(circuit, request))
             if kind in messages.CHUNK_TYPES:
                 raise MessageError("no_bridge", "no bridge for this transfer: chunks go to the requester's exit")
             raise MessageError("bad_request", "unknown message type")
         except MessageError as e:
             self.metrics.refused(e.error)
-            return encode_reply_object(e.reply())
+            return wire.dumps(e.reply())
 
     # --- request: the bridge sequence (§8) ------------------------------------------------
 
@@ -93,6 +151,7 @@ class Tracker:
         if self.pending >= self.max_pending:
             raise MessageError("busy", "too many transfers being set up; try again")
         source, shared = self.catalogue.choose_source(request, requester.key)
+        source_hop = self.sealed.get(source.key)  # kept: the circuit may go while the bridge is made
         transfer = wire.new_circuit_id()
         bridge_cid = wire.new_circuit_id()
         bridged = []
@@ -107,7 +166,12 @@ class Tracker:
                 "to": str(requester.exit), "bridge_CID": bridge_cid})
             bridged.append(source.exit)
             ask = messages.source_request_message(request, transfer, shared.sha256)
-            await self.outbound.post(source.exit, cells.encode_object_cell(source.key[1], wire.dumps(ask)))
+            # The request names the file: on a sealed circuit only the sharer can read it (§12).
+            if source_hop is not None:
+                ask_cell = sealed.seal_cell(source_hop, source.key[1], wire.dumps(ask))
+            else:
+                ask_cell = cells.encode_object_cell(source.key[1], wire.dumps(ask))
+            await self.outbound.post(source.exit, ask_cell)
         except ProtocolError as e:
             self.metrics.request("failed")
             for exit_address in set(bridged):
@@ -140,10 +204,11 @@ class Tracker:
             raise Forbidden("a node registers at the network's port only")
         key = crypto.load_public_key_pem(obj.get("public_key"))
         fingerprint = crypto.fingerprint(key)
+        onion_key = _optional_onion_key(obj.get("onion_key"), "onion_key")
         host_ip = address.ip or await self.resolve(address)
         if host_ip != source_ip:
             raise Forbidden("a node registers only its own address")
-        if not self.registry.already_verified(address, fingerprint):
+        if not self.registry.already_verified(address, fingerprint, onion_key):
             status, _, identity_body = await self.outbound.get(address, "/identity")
             if status != 200:
                 raise NextHopFailed(f"the node's /identity answered {status}")
@@ -154,13 +219,33 @@ class Tracker:
                 raise Forbidden("the node's /identity shows no valid key") from None
             if shown != fingerprint:
                 raise Forbidden("the node's /identity shows another key")
+            if onion_key is not None and _shown_onion_key(identity) != onion_key:
+                raise Forbidden("the node's /identity shows another onion key")
             self.log.info("node {fp} joined the directory", fp=fingerprint[:16])
-        if not self.registry.register(address, crypto.public_key_pem(key), fingerprint, host_ip):
+        if not self.registry.register(address, crypto.public_key_pem(key), fingerprint, host_ip, onion_key):
             raise RateLimited("the directory is full")
         return wire.dumps({"registered": True, "heartbeat": self.registry.heartbeat})
 
     def expire(self) -> None:
         self.catalogue.expire()
+        self.sealed.expire(self.catalogue.circuits)
         for address in self.registry.expire():
             self.log.info("a node left the directory (unseen for three heartbeats)")
 
+
+
+def _optional_onion_key(value, field: str) -> bytes | None:
+    """A registration's onion key (§10): absent for a /1 node; not base64 of 32 bytes -> 400."""
+    if value is None:
+        return None
+    try:
+        return parse_onion_key(value, field)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def _shown_onion_key(identity: dict) -> bytes | None:
+    try:
+        return _optional_onion_key(identity.get("onion_key"), "identity onion_key")
+    except BadRequest:
+        return None

@@ -11,6 +11,7 @@ already in its directory, and sends it cells as an exit node would.
 
 from __future__ import annotations
 
+import base64
 import random
 from dataclasses import dataclass
 
@@ -58,9 +59,14 @@ def pem(key) -> str:
     return crypto.public_key_pem(key)
 
 
-def identity_body(key) -> bytes:
+def identity_body(key, onion_key: bytes | None = None) -> bytes:
+    """A node's /identity: /1's, or /2's with its onion key (raw) when given."""
+    if onion_key is None:
+        return dumps({"role": "node", "public_key": pem(key), "fingerprint": crypto.fingerprint(key),
+                      "protocol": "onion-http/1"})
     return dumps({"role": "node", "public_key": pem(key), "fingerprint": crypto.fingerprint(key),
-                  "protocol": "onion-http/1"})
+                  "protocol": "onion-http/2", "protocols": ["onion-http/1", "onion-http/2"],
+                  "onion_key": base64.b64encode(onion_key).decode("ascii")})
 
 
 @dataclass
@@ -80,8 +86,10 @@ class Post:
 
     @property
     def kind(self) -> str:
-        """The control type of a control cell, else the type of the message carried."""
-        return self.payload.get("type")
+        """The control type of a control cell, else the type of the message carried
+        ("sealed" for a message inside a circuit's tracker layer, which only its peer reads)."""
+        payload = self.payload
+        return payload.get("type") if isinstance(payload, dict) else "sealed"
 
     @property
     def is_control(self) -> bool:
@@ -124,7 +132,8 @@ class TrackerOutbound(FakeOutbound):
 
 class TrackerHarness:
     def __init__(self, *, seed: int = 1, nodes=None, heartbeat: float = 30.0, max_pending: int = 10_000,
-                 resolve=None, **catalogue_options):
+                 resolve=None, onion_keys=None, sealed_hop=True,
+                 **catalogue_options):
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.rng = random.Random(seed)
@@ -135,7 +144,8 @@ class TrackerHarness:
         self.outbound = TrackerOutbound()
         self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER_ADDRESS,
                                catalogue=self.catalogue, registry=self.registry, outbound=self.outbound,
-                               resolve=resolve, max_pending=max_pending)
+                               resolve=resolve, max_pending=max_pending, onion_keys=onion_keys,
+                               sealed_hop=sealed_hop)
 
     def handle(self, exit_ip: str, body: bytes) -> defer.Deferred:
         return defer.ensureDeferred(self.tracker.handle_cell(exit_ip, body))

@@ -1,0 +1,99 @@
+"""The node's service tree and its onion key (PROTOCOL.md §10, §11): loaded or made at start,
+kept on disk mode 0600, rotated when due (saved, then registered again), the old key
+accepted for its grace. No socket: the service is built on a memory reactor and never started."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial import unittest
+
+from onion_twisted.net import config, keys
+from onion_twisted.node.service import NodeService
+from onion_twisted.protocol import cells, crypto, ntor, wire
+from onion_twisted.protocol.errors import BadRequest
+
+NOW = 1_700_000_000
+LIFETIME = 2 * 86400.0  # longer than the grace: one rotation in the test
+GRACE = 86400.0
+
+
+class RecordingDirectory:
+    """Where the service registers: each POST /nodes body it would send, as a dict."""
+
+    def __init__(self):
+        self.registered = []
+
+    async def register(self, own_address, public_key_pem, onion_key=None):
+        self.registered.append({"address": str(own_address), "public_key": public_key_pem, "onion_key": onion_key})
+
+    def fetch(self):
+        return defer.succeed(None)
+
+
+class NodeServiceOnionKeyTests(unittest.TestCase):
+    def make(self, **changes):
+        cfg = config.parse("node", overrides={"listen": "127.0.0.11", "tracker": "127.0.0.1:5000",
+                                              "key_bits": 1024, "data_dir": self.data_dir})
+        cfg.update({"onion_key_lifetime": LIFETIME, **changes})
+        service = NodeService(cfg, reactor=self.reactor)
+        service.directory = RecordingDirectory()
+        return service
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(NOW)
+        self.data_dir = os.path.abspath(self.mktemp())
+
+    def state_on_disk(self) -> bytes:
+        return open(os.path.join(self.data_dir, keys.ONION_KEYS_FILE), "rb").read()
+
+    def test_the_key_is_kept_0600_and_reused_after_a_restart(self):
+        first = self.make()
+        path = os.path.join(self.data_dir, keys.ONION_KEYS_FILE)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertIs(first.relay.onion_keys, first.onion_keys)
+        again = self.make()
+        self.assertEqual(again.onion_keys.current_public, first.onion_keys.current_public)
+
+    def test_registration_sends_the_onion_key(self):
+        service = self.make()
+        self.successResultOf(service.register())
+        [sent] = service.directory.registered
+        self.assertEqual(sent["onion_key"], service.onion_keys.current_public)
+        self.assertEqual(sent["public_key"], crypto.public_key_pem(service.key))
+
+    def test_rotation_saves_registers_and_keeps_the_old_key_for_its_grace(self):
+        service = self.make()
+        relay, ring = service.relay, service.onion_keys
+        old = ring.current_public
+        self.assertIsNone(service.rotate_onion_key())  # not due: nothing happens
+        self.assertEqual(service.directory.registered, [])
+        self.reactor.advance(LIFETIME)
+        self.successResultOf(service.rotate_onion_key())
+        self.assertNotEqual(ring.current_public, old)
+        self.assertEqual([r["onion_key"] for r in service.directory.registered], [ring.current_public])
+        saved = self.state_on_disk()
+        self.assertEqual(keys.load_or_create_onion_keys(self.data_dir, self.reactor, LIFETIME).current_public,
+                         ring.current_public)
+        # Within the grace a handshake made with the old key still gets a circuit.
+        _, data = ntor.client_start(relay.member_id, old)
+        answer = self.successResultOf(defer.ensureDeferred(
+            relay.handle("127.0.0.101", cells.encode_cell(wire.new_circuit_id(), data))))
+        self.assertEqual(len(wire.b64decode(cells.parse_reply(answer))), 64)
+        # After it, the old key is refused, and is gone from the disk too.
+        self.reactor.advance(GRACE + 1)
+        service.rotate_onion_key()
+        self.assertNotEqual(self.state_on_disk(), saved)
+        self.assertIn(b'"previous": null', self.state_on_disk())
+        _, data = ntor.client_start(relay.member_id, old)
+        failure = self.failureResultOf(defer.ensureDeferred(
+            relay.handle("127.0.0.101", cells.encode_cell(wire.new_circuit_id(), data))), BadRequest)
+        self.assertIn("unknown onion key", failure.value.detail)
+
+    def test_accept_v1_reaches_the_relay(self):
+        self.assertTrue(self.make().relay.accept_v1)
+        self.assertFalse(self.make(accept_v1=False).relay.accept_v1)
