@@ -55,7 +55,8 @@ class NodeService(MemberService):
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
             unsafe_logging=cfg["unsafe_logging"])
         self.app = NodeApp(self.relay, self.directory, metrics_allow=cfg["metrics_allow"])
-        self.listen(self.app.resource())
+        self.outbound.pin_for = self.directory.pin_for  # TLS: nodes and the tracker pinned (§14)
+        self.listen(self.app.resource(), tls_key=self.key)
         self._retry = None          # the registration retry, while one is due
         self._retry_delay = 1.0
         self._startup_fetches = []

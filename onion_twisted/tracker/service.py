@@ -30,7 +30,8 @@ class TrackerService(MemberService):
         self.tracker = Tracker(clock=self.reactor, signing_key=self.key, own_address=self.address,
                                catalogue=catalogue, registry=registry, outbound=self.outbound,
                                resolve=self.resolve, max_pending=cfg["max_pending"])
-        self.listen(TrackerApp(self.tracker, metrics_allow=cfg["metrics_allow"]).resource())
+        self.outbound.pin_for = lambda address: getattr(registry.nodes.get(address), "fingerprint", None)
+        self.listen(TrackerApp(self.tracker, metrics_allow=cfg["metrics_allow"]).resource(), tls_key=self.key)
         self.every(min(10.0, cfg["heartbeat"]), self.tracker.expire)
         if cfg["listing_refresh"] > 0:
             self.every(cfg["listing_refresh"], self._refresh_listing)
