@@ -32,16 +32,20 @@ from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.net.directory_client import SIGNATURE_HEADER
 from onion_twisted.net.http_client import HTTPOutbound
+from onion_twisted.net.tls import spki_fingerprint
 
 
 async def measure(reactor, args) -> dict:
-    outbound = HTTPOutbound(reactor, bind_ip=args.bind, timeout=30)
+    outbound = HTTPOutbound(reactor, bind_ip=args.bind, timeout=30, tls=args.tls)
     tracker = wire.parse_address(args.tracker)
     status, headers, body = await outbound.get(tracker, "/identity")
     tracker_key = crypto.load_tracker_public_b64(wire.loads_object(body)["public_key"])
     status, headers, body = await outbound.get(tracker, "/nodes")
     signature = headers.getRawHeaders(SIGNATURE_HEADER, [b""])[0]
     directory = parse_signed_directory(body, signature, tracker_key, tracker.port)
+    # As a peer does: nodes pinned by their directory fingerprint, the tracker by its key.
+    tracker_pin = spki_fingerprint(tracker_key)
+    outbound.pin_for = lambda a: tracker_pin if a == tracker else getattr(directory.nodes.get(a), "fingerprint", None)
     nodes = list(directory.nodes.values())
     rng = random.Random(args.seed)
     first = {"type": "ls", "files": []}
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, default=200)
     parser.add_argument("--hops", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tls", action="store_true", help="the network speaks TLS (its default)")
     args = parser.parse_args()
 
     async def run(reactor):

@@ -91,7 +91,7 @@ class RssSampler(threading.Thread):
 
 
 def onion_download(net: LocalNetwork, name: str, pids: dict, timeout: float) -> dict:
-    alice = net.address(net.peer_ips["alice"])
+    alice = net.page_address("alice")
     cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
     sampler = RssSampler({n: pids[n] for n in ("alice", "bob")})
     sampler.start()
@@ -177,7 +177,7 @@ def bulk(net: LocalNetwork, args, tmp: Path) -> dict:
 def circuits(net: LocalNetwork, args, client_ip: str) -> dict:
     result = subprocess.run([PY, str(BENCH / "circuit_client.py"), "--bind", client_ip,
                              "--tracker", net.address(net.tracker_ip), "--builds", str(args.builds),
-                             "--round-trips", str(args.round_trips)],
+                             "--round-trips", str(args.round_trips), *(["--tls"] if net.tls else [])],
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"circuit_client failed:\n{result.stderr[-2000:]}")
@@ -252,6 +252,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one bulk download")
     parser.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a peer option for both peers, e.g. window=16 (to compare settings)")
+    parser.add_argument("--no-tls", action="store_true", help="the network without TLS (default: TLS 1.3, as shipped)")
     parser.add_argument("--only", default="bulk,circuits,relay,memory",
                         help="comma-separated subset of bulk,circuits,relay,memory")
     args = parser.parse_args()
@@ -266,7 +267,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="onion-bench-net-"))
     base = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.10"
     extra = {"peer": dict(kv.split("=", 1) for kv in args.peer_option)} if args.peer_option else None
-    net = LocalNetwork(tmp / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048, extra=extra)
+    net = LocalNetwork(tmp / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048, extra=extra,
+                       tls=not args.no_tls)
     report = {"machine": machine(openssl=True), "date": time.strftime("%Y-%m-%d"), "config": vars(args)}
     try:
         if only & {"bulk", "circuits"}:
@@ -277,7 +279,7 @@ def main() -> int:
                     os.link(share / f"big-{args.mib}MiB.bin", share / f"bulk-{run}.bin")
             log(f"starting the network at {base} ...")
             net.start(timeout=120)
-            alice = net.address(net.peer_ips["alice"])
+            alice = net.page_address("alice")
             if "bulk" in only:
                 names = {f"bulk-{run}.bin" for run in range(1, args.runs + 1)}
                 deadline = time.monotonic() + 120

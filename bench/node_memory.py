@@ -57,7 +57,7 @@ async def run(reactor, args) -> dict:
             "-n", "--pidfile=", "onionnode", "--listen", node_ip, "--port", str(port),
             "--tracker", f"{tracker_ip}:{port}", "--tracker-key", tracker_pub, "--key-bits", str(args.key_bits),
             "--data-dir", str(tmp / "node"), "--create-burst", "1000000", "--create-rate", "1000000",
-            "--create-work-burst", "1000000", "--create-work-rate", "1000000"], logdir, cwd=tmp)
+            "--create-work-burst", "1000000", "--create-work-rate", "1000000", "--no-tls"], logdir, cwd=tmp)
         procs.append(node)
         node_url = f"http://{node_ip}:{port}".encode()
         await wait_ready(reactor, client, node_url + b"/identity", node, timeout=60)

@@ -517,6 +517,7 @@ async def run(reactor, args) -> dict:
                 "--tracker-key", tracker_pub, "--key-bits", "1024", "--data-dir", str(tmp / "node"),
                 "--create-burst", "100000", "--create-rate", "100000",
                 "--create-work-burst", "100000", "--create-work-rate", "100000",
+                "--no-tls",  # the load client and stand-ins speak plain HTTP: this measures the relay itself
             ]
             procs["node"] = Proc("node", node_argv, logdir, cwd=tmp)
             await wait_ready(reactor, client, url("node", "/identity"), procs["node"], timeout=60)

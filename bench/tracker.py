@@ -530,7 +530,7 @@ class TrackerProc(common.Proc):
         argv = ["timeout", "-s", "TERM", "-k", "10", "1800", twistd, "-n", "--pidfile="]
         if profile is not None:
             argv += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
-        argv += ["oniontracker", "--listen", ip, "--port", str(port), "--data-dir", str(workdir / "data")]
+        argv += ["oniontracker", "--listen", ip, "--port", str(port), "--data-dir", str(workdir / "data"), "--no-tls"]
         super().__init__("tracker", argv, workdir, cwd=workdir)  # SIGTERM: timeout passes it on to twistd
 
     def cpu_seconds(self) -> float | None:

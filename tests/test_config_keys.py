@@ -99,6 +99,30 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.parse("peer", 'name = "alice"\n')["name"], "alice")
         self.assertNotIn("metrics_allow", config.parse("peer"))  # the peer's page is behind ui_allow
 
+    def test_onion_http_2_keys_and_their_defaults(self):
+        for role in ("node", "tracker", "peer"):
+            self.assertIs(config.parse(role)["tls"], True, role)
+        self.assertIs(config.parse("node")["accept_v1"], True)
+        self.assertEqual(config.parse("node")["onion_key_lifetime"], 604800)
+        self.assertEqual(config.parse("tracker")["onion_key_lifetime"], 604800)
+        self.assertEqual(config.parse("peer")["ui_listen"], "")
+        self.assertNotIn("accept_v1", config.parse("peer"))
+        self.assertNotIn("ui_listen", config.parse("node"))
+        e = self.assertRaises(config.ConfigError, config.check_start, "peer",
+                              config.parse("peer", "", {"tracker": "127.0.0.10", "ui_listen": "300.1.1.1:80"}))
+        self.assertIn("ui_listen", str(e))
+
+    def test_a_switch_on_by_default_is_turned_off_with_no(self):
+        options = Options()
+        options.parseOptions(["--tracker", "127.0.0.9", "--no-tls", "--no-accept-v1"])
+        self.assertIs(options.config["tls"], False)
+        self.assertIs(options.config["accept_v1"], False)
+        options = Options()
+        options.parseOptions(["--tracker", "127.0.0.9"])
+        self.assertIs(options.config["tls"], True)
+        self.assertIs(options.config["accept_v1"], True)
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--no-unsafe-logging"])
+
     def test_shipped_examples_list_every_key_with_its_default(self):
         here = os.path.dirname(os.path.abspath(__file__))
         for role in ("node", "tracker", "peer"):

@@ -77,7 +77,7 @@ class EndToEndTests(PeerApiMixin, unittest.TestCase):
                                 big_mib=BIG_MIB, key_bits=1024, extra={"peer": {"chunk_size": CHUNK}})
         self.assertEqual((self.net.peer_ips["alice"], self.net.peer_ips["bob"]),
                          (self.ip(ALICE_HOST), self.ip(BOB_HOST)), "LocalNetwork's address layout changed")
-        self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(ADMIN_HOST), timeout=10)
+        self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(ADMIN_HOST), timeout=10, tls=self.net.tls)
         self.addCleanup(self.admin.close)
         self.addCleanup(self._remove_copies)
         self.addCleanup(self._stop)  # runs first: members stop before anything else goes

@@ -66,6 +66,7 @@ def option(argv: list[str], name: str) -> str | None:
 class ReadmeNetworkTests(ProcessesMixin, unittest.TestCase):
     timeout = 180
     hosts, admin_host = (*HOSTS, ADMIN_HOST), ADMIN_HOST
+    tls = True  # conf/*.toml's default, which the README's members run with
 
     async def start_members(self):
         if not (VENV / "bin" / "twistd").exists():
@@ -155,8 +156,8 @@ class ReadmeNetworkTests(ProcessesMixin, unittest.TestCase):
         except AssertionError as e:
             raise self.failureException(f"{e}\n{self.logs()}") from None
         self.assertEqual(code, 0, f"{get}\n{output}\n{self.logs()}")
-        alice = option(self.argv(self.here(get)), "--peer")
-        self.assertIn(f"http://{alice}:{PORT}/files/hello.txt", output)
+        alice = option(self.argv(self.here(get)), "--peer")  # her page: plain HTTP at ui_listen
+        self.assertIn(f"http://{alice}/files/hello.txt", output)
         shared = (self.root / "run" / "bob" / "share" / "hello.txt").read_bytes()
         self.assertEqual((self.root / "run" / "alice" / "downloads" / "hello.txt").read_bytes(), shared)
         for log in (self.root / "run").glob("*.log"):

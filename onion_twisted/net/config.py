@@ -37,6 +37,7 @@ COMMON = [
     Key("request_timeout", float, 60.0,
         "seconds a client has to send a whole request from its first byte; a slower one is cut off", 0.1),
     Key("unsafe_logging", bool, False, "debug switch: log circuit ids, addresses and file names"),
+    Key("tls", bool, True, "TLS 1.3 on the network port and to every member (false: plain HTTP, /1 networks)"),
 ]
 
 NODE = COMMON + [
@@ -61,6 +62,8 @@ NODE = COMMON + [
     Key("control_max_skew", float, 60.0, "control messages issued further than this from our clock are refused", 1),
     Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
         "addresses or networks allowed to see the status page and /metrics (live byte counts)"),
+    Key("accept_v1", bool, True, "accept onion-http/1 (RSA) circuits besides onion-http/2 ones"),
+    Key("onion_key_lifetime", float, 604800.0, "seconds between rotations of the onion key (ntor)", 1),
 ]
 
 TRACKER = COMMON + [
@@ -76,6 +79,7 @@ TRACKER = COMMON + [
     Key("max_nodes", int, 10_000, "most nodes in the directory", 1),
     Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
         "addresses or networks allowed to see the network page and /metrics"),
+    Key("onion_key_lifetime", float, 604800.0, "seconds between rotations of the onion key (ntor)", 1),
 ]
 
 PEER = COMMON + [
@@ -96,7 +100,11 @@ PEER = COMMON + [
     Key("announce_interval", float, 300.0, "seconds between announcements (ls) of an unchanged share", 1),
     Key("rescan_interval", float, 5.0, "seconds between looks at the share directory", 0.1),
     Key("max_uploads", int, 16, "uploads served at once; more are answered transfer_end busy", 1),
+    Key("ui_listen", str, "", "with tls: IP:PORT of the page and its API, in plain HTTP (empty: this peer's IP:8080)"),
 ]
+
+# The port of a peer's page when tls is on and ui_listen names no port (or is empty).
+UI_PORT = 8080
 
 ROLES = {"node": NODE, "tracker": TRACKER, "peer": PEER}
 
@@ -149,6 +157,8 @@ def check_start(role: str, cfg: dict) -> None:
     try:
         own = wire.parse_address(cfg["listen"], cfg["port"], field="listen")
         tracker = wire.parse_address(cfg["tracker"], cfg["port"], field="tracker") if "tracker" in cfg else None
+        if cfg.get("ui_listen"):
+            wire.parse_address(cfg["ui_listen"], UI_PORT, field="ui_listen")
     except ProtocolError as e:
         raise ConfigError(e.detail) from None
     if tracker is not None and tracker == own:
@@ -195,6 +205,8 @@ def options_for(role: str, description: str) -> type[usage.Options]:
     for k in keys:
         if k.type is bool:
             flags.append([k.option, None, f"{k.help} (default: {str(k.default).lower()})"])
+            if k.default:  # a flag can only turn a key on: --no-KEY turns one that is on by default off
+                flags.append([f"no-{k.option}", None, f"{k.name} = false"])
         else:
             default = ",".join(k.default) if isinstance(k.default, list) else k.default
             params.append([k.option, None, None, f"{k.help} (default: {default})"])
@@ -218,6 +230,8 @@ def options_for(role: str, description: str) -> type[usage.Options]:
                 if k.type is bool:
                     if value:
                         overrides[k.name] = True
+                    elif k.default and self[f"no-{k.option}"]:
+                        overrides[k.name] = False
                 elif value is not None:
                     overrides[k.name] = value
             try:

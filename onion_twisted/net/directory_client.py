@@ -20,6 +20,7 @@ from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.protocol.interfaces import IDirectorySource
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
 from onion_twisted.net.files import atomic_write
+from onion_twisted.net.tls import spki_fingerprint
 from onion_twisted.net.results import SharedResult
 
 
@@ -41,6 +42,7 @@ class DirectoryClient:
         if self._tracker_key is None and self.pin_path is not None and self.pin_path.exists():
             self._tracker_key = crypto.load_tracker_public_b64(self.pin_path.read_text().strip())
         self.current: SignedDirectory | None = None
+        self._tracker_pin = None
         self._last_fetch = None
         self._fetching = SharedResult(lambda: defer.ensureDeferred(self._fetch()))
 
@@ -62,6 +64,19 @@ class DirectoryClient:
                 self.pin_path.write_text(learned + "\n")
 
         return self._tracker_key
+
+    def pin_for(self, address: wire.Address) -> str | None:
+        """The TLS pin of ``address`` (PROTOCOL.md §14): a listed node's ``fingerprint``,
+        the tracker's key's SPKI hash once that key is known, else None (not pinned)."""
+        if self.current is not None:
+            entry = self.current.nodes.get(address)
+            if entry is not None:
+                return entry.fingerprint
+        if address == self.tracker and self._tracker_key is not None:
+            if self._tracker_pin is None:
+                self._tracker_pin = spki_fingerprint(self._tracker_key)
+            return self._tracker_pin
+        return None
 
     def fetch(self) -> defer.Deferred:
         """Fetch and verify the directory; concurrent callers share one request."""

@@ -22,7 +22,7 @@ try:
 except ImportError:  # older treq
     from http.cookiejar import CookieJar as IndexableCookieJar
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.web.client import (Agent, RequestTransmissionFailed, ResponseFailed,
                                 ResponseNeverReceived)
 from twisted.web.http_headers import Headers
@@ -33,6 +33,7 @@ from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.protocol.interfaces import IOutbound
 from onion_twisted.net.http_server import IDLE_TIMEOUT
+from onion_twisted.net.tls import PinningPolicy, handshake_failure_detail
 from onion_twisted.net.twisted_compat import ConnectionPool, PoolClientFactory, finished_response_head, treq_response
 
 JSON_HEADERS = {b"Content-Type": [b"application/json"]}
@@ -69,12 +70,14 @@ class BytesProducer:
 
 
 class BoundEndpointFactory:
-    """Endpoints whose sockets are bound to one source IP."""
+    """Endpoints whose sockets are bound to one source IP; for https URLs, TLS
+    over them with ``tls_policy`` (a ``PinningPolicy``)."""
 
-    def __init__(self, reactor, bind_ip: str | None, connect_timeout: float):
+    def __init__(self, reactor, bind_ip: str | None, connect_timeout: float, tls_policy=None):
         self.reactor = reactor
         self.bind = (bind_ip, 0) if bind_ip and bind_ip not in ("0.0.0.0", "::") else None
         self.connect_timeout = connect_timeout
+        self.tls_policy = tls_policy
         self._endpoints: dict = {}
 
     def endpointForURI(self, uri):
@@ -93,10 +96,16 @@ class BoundEndpointFactory:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout,
-                                    bindAddress=self.bind)
-        cls = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
-        return cls(self.reactor, host, uri.port, timeout=self.connect_timeout, bindAddress=self.bind)
+            endpoint = HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout,
+                                        bindAddress=self.bind)
+        else:
+            cls = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+            endpoint = cls(self.reactor, host, uri.port, timeout=self.connect_timeout, bindAddress=self.bind)
+        if uri.scheme == b"https":
+            if self.tls_policy is None:
+                raise ValueError("an https URL for an outbound without TLS")
+            endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(host, uri.port), endpoint)
+        return endpoint
 
 
 @functools.lru_cache(maxsize=1024)
@@ -192,30 +201,48 @@ class CappedBody:
 
 @implementer(IOutbound)
 class HTTPOutbound:
+    """Posts and gets to members; with ``tls``, https and TLS 1.3 (PROTOCOL.md §14).
+
+    ``pin_for(address) -> hex | None`` (settable, default: none known) gives
+    the SPKI SHA-256 a TLS server at ``address`` must present; it is asked
+    for each new connection.
+    """
+
     def __init__(self, reactor, *, bind_ip: str | None, timeout: float = 30.0,
-                 max_response: int = 16 * 1024 * 1024, max_per_host: int = 64, agent=None):
+                 max_response: int = 16 * 1024 * 1024, max_per_host: int = 64, agent=None, tls: bool = False):
         self.reactor = reactor
         self.timeout = timeout
         self.max_response = max_response
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
+        self.pin_for = None
         if agent is None:
             self.pool = QuietConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = max_per_host
             self.pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
             self.pool.retryAutomatically = False  # a cell must not be delivered twice
-            agent = Agent.usingEndpointFactory(reactor, BoundEndpointFactory(reactor, bind_ip, timeout), pool=self.pool)
+            policy = PinningPolicy(self._pin) if tls else None
+            agent = Agent.usingEndpointFactory(reactor, BoundEndpointFactory(reactor, bind_ip, timeout, policy),
+                                               pool=self.pool)
         else:
             self.pool = None
         # Neighbours' cookies are never kept nor sent back (the jar accepts none, and
         # RelayHTTPClient has no cookie layer).
         self.http = RelayHTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
 
+    def _pin(self, address: wire.Address) -> str | None:
+        return self.pin_for(address) if self.pin_for is not None else None
+
+    def url(self, address: wire.Address, path: str = "/") -> str:
+        return f"{self.scheme}://{address}{path}"
+
     def post(self, address: wire.Address, body: bytes, headers: dict | None = None,
              path: str = "/") -> defer.Deferred:
-        return self._guarded(self._exchange(b"POST", address.url(path), body, headers))
+        return self._guarded(self._exchange(b"POST", self.url(address, path), body, headers))
 
     def get(self, address: wire.Address, path: str) -> defer.Deferred:
         """(status, headers, body) of a GET: any status, same deadline and cap."""
-        return self._guarded(self._exchange(b"GET", address.url(path), None, None, any_status=True))
+        return self._guarded(self._exchange(b"GET", self.url(address, path), None, None, any_status=True))
 
     def _guarded(self, coroutine) -> defer.Deferred:
         d = defer.ensureDeferred(coroutine)
@@ -267,8 +294,13 @@ def _map_failure(failure):
         return failure
     if failure.check(defer.TimeoutError, defer.CancelledError):
         raise NextHopTimeout("next hop did not answer in time")
+    from OpenSSL import SSL
     from twisted.internet import error as net_error
 
+    tls_error = failure if failure.check(SSL.Error) else next(
+        (r for r in getattr(failure.value, "reasons", None) or () if r.check(SSL.Error)), None)
+    if tls_error is not None:
+        raise NextHopFailed(handshake_failure_detail(tls_error.value))
     if failure.check(net_error.ConnectionRefusedError):
         raise NextHopFailed("next hop refused the connection")
     if failure.check(net_error.TimeoutError, net_error.TCPTimedOutError):

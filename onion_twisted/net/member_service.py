@@ -1,5 +1,6 @@
 """What every member's service tree shares: its data directory, its address,
-its outbound HTTP bound to that address, its listener, its timers."""
+its outbound HTTP bound to that address, its listener (TLS 1.3 when ``tls``
+is on, PROTOCOL.md §14), its timers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from twisted.application import internet, service
 
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import NextHopFailed
+from onion_twisted.net import tls
+from onion_twisted.net.config import UI_PORT
 from onion_twisted.net.http_client import HTTPOutbound
 from onion_twisted.net.http_server import QuietSite
 
@@ -24,14 +27,45 @@ class MemberService(service.MultiService):
         os.makedirs(cfg["data_dir"], mode=0o700, exist_ok=True)
         raise_fd_limit()
         self.address = wire.parse_address(cfg["listen"], cfg["port"], field="listen")
+        self.tls = cfg["tls"]
         self.outbound = HTTPOutbound(reactor, bind_ip=cfg["listen"], timeout=cfg["hop_timeout"],
-                                     max_response=cfg["max_body"] * 2)
+                                     max_response=cfg["max_body"] * 2, tls=self.tls)
 
-    def listen(self, resource) -> None:
-        """Serve ``resource`` on the member's own IP at the network's port."""
-        site = QuietSite(resource, max_body=self.cfg["max_body"], reactor=self.reactor,
+    def _site(self, resource) -> QuietSite:
+        return QuietSite(resource, max_body=self.cfg["max_body"], reactor=self.reactor,
                          request_timeout=self.cfg["request_timeout"])
-        internet.TCPServer(self.cfg["port"], site, interface=self.cfg["listen"],
+
+    def listen(self, resource, tls_key=None) -> None:
+        """Serve ``resource`` on the member's own IP at the network's port.
+
+        With ``tls`` on, in TLS 1.3 with a certificate of ``tls_key`` (a node's
+        RSA key, the tracker's Ed25519 key), or by default of the member's own
+        P-256 key in ``data_dir/tls_key.pem`` (a peer's, never pinned).
+        """
+        site = self._site(resource)
+        if self.tls:
+            key = tls_key if tls_key is not None else tls.load_or_create_peer_key(self.cfg["data_dir"])
+            internet.SSLServer(self.cfg["port"], site, tls.server_options(key), interface=self.cfg["listen"],
+                               reactor=self.reactor).setServiceParent(self)
+        else:
+            internet.TCPServer(self.cfg["port"], site, interface=self.cfg["listen"],
+                               reactor=self.reactor).setServiceParent(self)
+
+    @property
+    def page_address(self) -> wire.Address:
+        """Where the member's page is: ``ui_listen`` (default own IP:8080) with tls, else the network port."""
+        if not self.tls:
+            return self.address
+        if self.cfg.get("ui_listen"):
+            return wire.parse_address(self.cfg["ui_listen"], UI_PORT, field="ui_listen")
+        return wire.Address(self.address.host, UI_PORT)
+
+    def listen_page(self, resource) -> None:
+        """With tls on, also serve ``resource`` (the peer's page) in plain HTTP at ``page_address``."""
+        if not self.tls:
+            return
+        address = self.page_address
+        internet.TCPServer(address.port, self._site(resource), interface=address.host,
                            reactor=self.reactor).setServiceParent(self)
 
     def every(self, seconds: float, call) -> None:

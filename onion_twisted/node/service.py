@@ -22,7 +22,6 @@ from onion_twisted.net.member_service import MemberService
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.relay import NodeRelay
-from onion_twisted.protocol.onion_keys import DEFAULT_LIFETIME
 
 Options = config.options_for("node", "an onion relay node")
 # Seconds after start at which a node fetches the directory again, within its first period: a
@@ -40,8 +39,7 @@ class NodeService(MemberService):
     def __init__(self, cfg: dict, reactor=None):
         super().__init__(cfg, reactor)
         self.key = keys.load_or_create_node_key(cfg["data_dir"], cfg["key_bits"])
-        # (.get: the two /2 keys are declared in net/config.py with onion-http/2's configuration.)
-        lifetime = cfg.get("onion_key_lifetime", DEFAULT_LIFETIME)
+        lifetime = cfg["onion_key_lifetime"]
         self.onion_keys = keys.load_or_create_onion_keys(cfg["data_dir"], self.reactor, lifetime)
         tracker = wire.parse_address(cfg["tracker"], cfg["port"], field="tracker")
         self.directory = DirectoryClient(self.reactor, self.outbound, tracker,
@@ -59,9 +57,10 @@ class NodeService(MemberService):
             work_limiter=RateLimiter(self.reactor, cfg["create_work_rate"], cfg["create_work_burst"], max_keys=1),
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
             unsafe_logging=cfg["unsafe_logging"], onion_keys=self.onion_keys,
-            accept_v1=cfg.get("accept_v1", True))
+            accept_v1=cfg["accept_v1"])
         self.app = NodeApp(self.relay, self.directory, metrics_allow=cfg["metrics_allow"])
-        self.listen(self.app.resource())
+        self.outbound.pin_for = self.directory.pin_for  # TLS: nodes and the tracker pinned (§14)
+        self.listen(self.app.resource(), tls_key=self.key)
         self._retry = None          # the registration retry, while one is due
         self._retry_delay = 1.0
         self._startup_fetches = []

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +31,19 @@ SAMPLES = {
 }
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our members: never via a proxy
+def _tls_context() -> ssl.SSLContext:
+    # Our own members' TLS 1.3: their certificates are self-signed, so not checked here
+    # (what is asked is public: identities, directories, the peers' state).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),  # our members: never via a proxy
+                                      urllib.request.HTTPSHandler(context=_tls_context()))
+PAGE_PORT = 8080  # a peer's page with tls on (ui_listen's default port)
 
 
 def _get_json(url: str, timeout: float = 2.0, source: str | None = None):
@@ -50,10 +63,16 @@ class Member:
 
 class LocalNetwork:
     def __init__(self, run_dir="run", *, base="127.0.0.10", port=5000, nodes=6, peers=("alice", "bob"),
-                 big_mib=50, key_bits=2048, python=sys.executable, extra: dict | None = None, wrap=None, conf_dir=None):
+                 big_mib=50, key_bits=2048, python=sys.executable, extra: dict | None = None, wrap=None, conf_dir=None,
+                 tls: bool = True):
         """``wrap(name)``, if given, is a command prefix for that member's process, e.g.
-        ``lambda name: ["ip", "netns", "exec", name]`` to start each in its own network namespace."""
+        ``lambda name: ["ip", "netns", "exec", name]`` to start each in its own network namespace.
+
+        With ``tls`` (the default, as in conf/) the members speak TLS 1.3 at the
+        network port and each peer's page is plain HTTP at its IP, port 8080."""
         self.run_dir = Path(run_dir).resolve()
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self.wrap = wrap
         # The example files in conf/ (every key at its default), with this
         # network's addresses and directories given as options on top.
@@ -72,8 +91,17 @@ class LocalNetwork:
     def address(self, ip: str) -> str:
         return f"{ip}:{self.port}"
 
+    def url(self, ip: str, path: str = "/") -> str:
+        """A member's URL at the network port (https with tls)."""
+        return f"{self.scheme}://{self.address(ip)}{path}"
+
+    def page_address(self, peer: str) -> str:
+        """HOST:PORT of a peer's page and API: its ui_listen with tls, else the network port."""
+        ip = self.peer_ips[peer]
+        return f"{ip}:{PAGE_PORT}" if self.tls else self.address(ip)
+
     def page(self, peer: str) -> str:
-        return f"http://{self.address(self.peer_ips[peer])}/"
+        return f"http://{self.page_address(peer)}/"
 
     # --- files ------------------------------------------------------------------------
 
@@ -104,7 +132,8 @@ class LocalNetwork:
         config = self.conf_dir / f"{role}.toml" if self.conf_dir else None
         config_option = ["--config", str(config)] if config and config.is_file() else []
         command = [self.python, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={member.log_path}",
-                   f"onion{role}", *config_option, "--listen", ip, "--port", str(self.port), *options]
+                   f"onion{role}", *config_option, "--listen", ip, "--port", str(self.port),
+                   *([] if self.tls else ["--no-tls"]), *options]
         for key, value in self.extra.get(role, {}).items():
             command += [f"--{key.replace('_', '-')}", str(value)] if value is not True else [f"--{key.replace('_', '-')}"]
         if self.wrap is not None:
@@ -119,7 +148,7 @@ class LocalNetwork:
         self.make_samples()
         deadline = time.monotonic() + timeout
         tracker = self._spawn("tracker", "tracker", self.tracker_ip, ["--data-dir", "data", "--heartbeat", "5"])
-        identity = self._wait(lambda: _get_json(f"http://{self.address(self.tracker_ip)}/identity"), deadline,
+        identity = self._wait(lambda: _get_json(self.url(self.tracker_ip, "/identity")), deadline,
                               "the tracker did not start", tracker)
         key = identity["public_key"]
         common = ["--tracker", self.address(self.tracker_ip), "--tracker-key", key]
@@ -128,11 +157,11 @@ class LocalNetwork:
                                                              "--register-interval", "5"])
 
         def all_nodes_listed():
-            listed = {n["address"] for n in _get_json(f"http://{self.address(self.tracker_ip)}/nodes")["nodes"]}
+            listed = {n["address"] for n in _get_json(self.url(self.tracker_ip, "/nodes"))["nodes"]}
             if not {self.address(ip) for ip in self.node_ips} <= listed:
                 raise RuntimeError("not yet")
             for ip in self.node_ips:  # each node's mirror too: peers ask them
-                mirror = {n["address"] for n in _get_json(f"http://{self.address(ip)}/nodes")["nodes"]}
+                mirror = {n["address"] for n in _get_json(self.url(ip, "/nodes"))["nodes"]}
                 if len(mirror) < len(self.node_ips):
                     raise RuntimeError("not yet")
             return True
@@ -142,11 +171,11 @@ class LocalNetwork:
             self._spawn(name, "peer", ip, common + ["--name", name, "--data-dir", "data", "--share", "share",
                                                     "--downloads", "downloads", "--rescan-interval", "1",
                                                     "--refresh-interval", "5"])
-        for name, ip in self.peer_ips.items():
+        for name in self.peer_ips:
             member = next(m for m in self.members if m.name == name)
 
-            def connected(ip=ip):
-                status = _get_json(f"http://{self.address(ip)}/api/status")
+            def connected(name=name):
+                status = _get_json(f"{self.page(name)}api/status")
                 if status["circuit"]["state"] != "connected":
                     raise RuntimeError("not yet")
                 return status
@@ -190,9 +219,10 @@ def main(argv=None) -> int:
     parser.add_argument("--big-mib", type=int, default=50, help="size of bob's sample binary in MiB (default: 50)")
     parser.add_argument("--key-bits", type=int, default=2048, help="RSA key size of new nodes (default: 2048)")
     parser.add_argument("--conf-dir", default="conf", help="example configuration files (default: conf)")
+    parser.add_argument("--no-tls", action="store_true", help="plain HTTP between members (default: TLS 1.3)")
     args = parser.parse_args(argv)
     net = LocalNetwork(args.run_dir, base=args.base, port=args.port, big_mib=args.big_mib, key_bits=args.key_bits,
-                       conf_dir=args.conf_dir if os.path.isdir(args.conf_dir) else None)
+                       conf_dir=args.conf_dir if os.path.isdir(args.conf_dir) else None, tls=not args.no_tls)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         started = time.monotonic()
@@ -200,7 +230,7 @@ def main(argv=None) -> int:
               flush=True)
         net.start()
         print(f"network up in {time.monotonic() - started:.1f} s", flush=True)
-        print(f"  tracker  http://{net.address(net.tracker_ip)}/")
+        print(f"  tracker  {net.url(net.tracker_ip)}" + ("  (TLS, self-signed)" if net.tls else ""))
         for name in net.peer_ips:
             print(f"  {name:<8} {net.page(name)}")
         print(f"logs: {net.run_dir}/NAME/NAME.log   stop: Ctrl-C", flush=True)

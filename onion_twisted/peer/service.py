@@ -38,14 +38,16 @@ class PeerService(MemberService):
                          stall_timeout=cfg["stall_timeout"], refresh_interval=cfg["refresh_interval"],
                          announce_interval=cfg["announce_interval"], unsafe_logging=cfg["unsafe_logging"],
                          max_uploads=cfg["max_uploads"])
-        self.listen(PeerApp(self.peer, ui_allow=cfg["ui_allow"], address=str(self.address),
-                            name=cfg["name"]).resource())
+        self.outbound.pin_for = directory.pin_for
+        page = PeerApp(self.peer, ui_allow=cfg["ui_allow"], address=str(self.address), name=cfg["name"]).resource()
+        self.listen(page)
+        self.listen_page(page)  # with tls: the page in plain HTTP at ui_listen too
         self.every(cfg["rescan_interval"], lambda: defer.ensureDeferred(self.peer.tick()))
 
     def startService(self):
         super().startService()
         log.info("onion peer listening on port {port}; its page is at http://{address}/",
-                 port=self.cfg["port"], address=str(self.address))
+                 port=self.cfg["port"], address=str(self.page_address))
         defer.ensureDeferred(self.peer.start()).addErrback(lambda f: log.failure("peer failed to start", f))
 
     @defer.inlineCallbacks

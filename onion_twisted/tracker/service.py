@@ -7,7 +7,6 @@ from twisted.logger import Logger
 
 from onion_twisted.net import config, keys
 from onion_twisted.protocol import crypto
-from onion_twisted.protocol.onion_keys import DEFAULT_LIFETIME
 from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.net.malloc import tune_malloc
 from onion_twisted.net.member_service import MemberService
@@ -23,8 +22,7 @@ class TrackerService(MemberService):
     def __init__(self, cfg: dict, reactor=None):
         super().__init__(cfg, reactor)
         self.key = keys.load_or_create_tracker_key(cfg["data_dir"])
-        # onion_key_lifetime: declared in net.config; the default keeps an older config working.
-        lifetime = cfg.get("onion_key_lifetime", DEFAULT_LIFETIME)
+        lifetime = cfg["onion_key_lifetime"]
         self.onion_keys = keys.load_or_create_onion_keys(cfg["data_dir"], self.reactor, lifetime)
         catalogue = Catalogue(self.reactor, idle_timeout=cfg["circuit_idle_timeout"],
                               max_circuits=cfg["max_circuits"], max_files=cfg["max_files_per_circuit"],
@@ -35,7 +33,8 @@ class TrackerService(MemberService):
                                catalogue=catalogue, registry=registry, outbound=self.outbound,
                                resolve=self.resolve, max_pending=cfg["max_pending"],
                                onion_keys=self.onion_keys)
-        self.listen(TrackerApp(self.tracker, metrics_allow=cfg["metrics_allow"]).resource())
+        self.outbound.pin_for = lambda address: getattr(registry.nodes.get(address), "fingerprint", None)
+        self.listen(TrackerApp(self.tracker, metrics_allow=cfg["metrics_allow"]).resource(), tls_key=self.key)
         self.every(min(10.0, cfg["heartbeat"]), self.tracker.expire)
         # A rotation is due at most every lifetime; checked often enough that the new key,
         # and the end of the old one's grace, come within a minute of their time.

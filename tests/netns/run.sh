@@ -120,7 +120,7 @@ echo "namespaces: $BR (bridge, $BRIDGE_IP) and ${#MEMBERS[@]} members ${PREFIX}t
 # member stops gracefully and the logs are searched: the tracker's log, page and metrics
 # never name a peer's IP, no node's log names a peer's IP or a shared file's name.
 CHECK=$(cat <<'PY'
-import hashlib, json, os, re, signal, subprocess, sys, time, urllib.request
+import hashlib, json, os, re, signal, ssl, subprocess, sys, time, urllib.request
 from pathlib import Path
 from onion_twisted.ops.localnet import SAMPLES, LocalNetwork
 
@@ -128,7 +128,11 @@ prefix, subnet, base_host, nodes = os.environ["NS_PREFIX"], os.environ["NS_SUBNE
 run_dir, deadline = Path(os.environ["NS_RUN_DIR"]), time.monotonic() + float(os.environ["NS_DEADLINE"])
 BIG_MIB, ALICE_NAME, ALICE_SIZE = 2, "alice holiday.bin", 300 * 1024
 BOB_NAME = f"big-{BIG_MIB}MiB.bin"
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# The members speak TLS (conf's default) with self-signed certificates: the tracker's page is
+# asked over TLS without checking its certificate; the peers' pages are plain HTTP at ui_listen.
+unverified = ssl.create_default_context()
+unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=unverified))
 problems = []
 
 def say(text):
@@ -174,7 +178,7 @@ try:
     wants = {"alice": BOB_NAME, "bob": ALICE_NAME}
     for who, name in wants.items():  # the other's file in its catalogue first
         while True:
-            status = json.loads(get(f"http://{net.address(net.peer_ips[who])}/api/status"))
+            status = json.loads(get(f"{net.page(who)}api/status"))
             if any(f.get("name") == name and f.get("sha256") == shas[name] for f in status["catalogue"]):
                 break
             if time.monotonic() > deadline:
@@ -183,7 +187,7 @@ try:
     started = time.monotonic()
     gets = {who: subprocess.Popen(
         ["ip", "netns", "exec", prefix + who, sys.executable, "-m", "onion_twisted", "get", name,
-         "--peer", f"http://{net.address(net.peer_ips[who])}", "--sha256", shas[name],
+         "--peer", net.page(who), "--sha256", shas[name],
          "--timeout", str(max(5, int(deadline - time.monotonic() - 15)))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who, name in wants.items()}
     for who, p in gets.items():
@@ -198,8 +202,8 @@ try:
         else:
             say(f"{who} got {name!r} through {who}'s own API in {time.monotonic() - started:.1f} s: "
                 f"sha256 {shas[name][:16]}… matches ({out.strip()})")
-    page = get(f"http://{net.address(net.tracker_ip)}/")
-    metrics = get(f"http://{net.address(net.tracker_ip)}/metrics")
+    page = get(net.url(net.tracker_ip, "/"))
+    metrics = get(net.url(net.tracker_ip, "/metrics"))
 except Exception as e:
     problems.append(f"{type(e).__name__}: {e}")
     page = metrics = None

@@ -126,7 +126,8 @@ class FaultNetwork:
         argv = [sys.executable, str(LYING_PEER), "-n", "--pidfile=", f"--logfile={log_path}", "onionpeer",
                 "--listen", ip, "--port", str(PORT), "--data-dir", str(data_dir / "state"),
                 "--tracker", str(self.tracker.address), "--tracker-key", self.tracker_key,
-                "--share", str(data_dir / "share"), "--downloads", str(data_dir / "downloads")]
+                "--share", str(data_dir / "share"), "--downloads", str(data_dir / "downloads"),
+                *([] if self.tls else ["--no-tls"])]
         for key, value in {**PEER_OPTIONS, **options}.items():
             argv += ["--" + key.replace("_", "-"), str(value)]
         member = self._started(Member(f"peer {name} (lying)", wire.Address(ip, PORT), data_dir, argv, log_path))

@@ -169,12 +169,18 @@ class Member:
         return tail_files({path.name: path for path in (self.stdio_path, self.log_path)}, lines)
 
 
+# Switches that are on by default: False is given as ``--no-NAME``.
+_DEFAULT_ON = {"tls", "accept_v1"}
+
+
 def _options(extra_options: dict) -> list[str]:
     argv = []
     for name, value in extra_options.items():
         option = "--" + name.replace("_", "-")
         if value is True:
             argv.append(option)
+        elif value is False and name in _DEFAULT_ON:
+            argv.append("--no-" + name.replace("_", "-"))
         elif value is not False and value is not None:
             argv += [option, str(value)]
     return argv
@@ -185,6 +191,10 @@ class ProcessesMixin:
 
     hosts: tuple = ()       # the host parts of every address the test uses (``self.ip(host)``)
     admin_host: int = 200   # the one ``self.admin`` sends from
+    # Members run with this ``tls`` unless a test gives its own, and ``self.admin``
+    # speaks it (TLS without pinning). Off by default: the tests of /1 behaviour
+    # write raw HTTP and run plain-HTTP stand-ins; tests/test_tls_processes.py is TLS's.
+    tls: bool = False
 
     def setUp(self):
         """``use_addresses``, then ``start_members`` (an ``async def`` of the test case)."""
@@ -204,7 +214,7 @@ class ProcessesMixin:
         """
         prefix = allocate_prefix(hosts, PORT)
         self.ip = lambda host: f"{prefix}.{host}"
-        self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(admin_host), timeout=5)
+        self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(admin_host), timeout=5, tls=self.tls)
         self.addCleanup(self.admin.close)
 
     def _started(self, member: Member) -> Member:
@@ -231,7 +241,7 @@ class ProcessesMixin:
         log_path = data_dir / f"{role}.log"
         argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={log_path}",
                 plugin, "--listen", ip, "--port", str(port), "--data-dir", str(data_dir / "state"),
-                *args, *_options(options)]
+                *args, *_options({"tls": self.tls, **options})]
         return self._started(Member(name or f"{role} {ip}", wire.Address(ip, port), data_dir, argv, log_path))
 
     def start_node(self, ip: str, port: int, tracker, tracker_key: str, data_dir, **extra_options) -> Member:
@@ -387,7 +397,8 @@ async def post_status(outbound, address: wire.Address, body: bytes, headers: dic
     h = Headers({b"Content-Type": [b"application/json"]})
     for name, value in (headers or {}).items():
         h.setRawHeaders(name, [value])
-    d = outbound.http.request("POST", address.url(path), data=BytesProducer(body), headers=h, unbuffered=True)
+    url = outbound.url(address, path) if hasattr(outbound, "url") else address.url(path)
+    d = outbound.http.request("POST", url, data=BytesProducer(body), headers=h, unbuffered=True)
     d.addTimeout(timeout or outbound.timeout, outbound.reactor)
     response = await d
     content = response.content()

@@ -1,0 +1,143 @@
+"""TLS on the links (PROTOCOL.md §14): certificates from the members' keys,
+TLS 1.3 only, and the client's pin, against a real TLS server in this process
+on a loopback address."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl as stdlib_ssl
+import stat
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+from twisted.web import resource
+
+from onion_twisted.net import tls
+from onion_twisted.net.http_client import HTTPOutbound
+from onion_twisted.net.http_server import QuietSite
+from onion_twisted.protocol import crypto, wire
+from onion_twisted.protocol.errors import NextHopFailed
+from tests.support.deferreds import current_reactor
+from tests.support.processes import allocate_prefix
+
+RSA_KEY = crypto.generate_node_key(1024)
+
+
+class Hello(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b'{"hello": "tls"}'
+
+    def render_POST(self, request):
+        return request.content.read()
+
+
+class CertificateTests(unittest.SynchronousTestCase):
+    def test_spki_fingerprint_is_the_directory_fingerprint_for_rsa(self):
+        self.assertEqual(tls.spki_fingerprint(RSA_KEY), crypto.fingerprint(RSA_KEY))
+        self.assertEqual(tls.spki_fingerprint(RSA_KEY.public_key()), crypto.fingerprint(RSA_KEY))
+
+    def test_the_certificate_carries_the_members_own_key(self):
+        for key in (RSA_KEY, crypto.generate_tracker_key(), ec.generate_private_key(ec.SECP256R1())):
+            certificate = tls.self_signed_certificate(key)
+            self.assertEqual(tls.spki_fingerprint(certificate.public_key()), tls.spki_fingerprint(key))
+            tls.server_options(key).getContext()  # pyOpenSSL takes key and certificate together
+
+    def test_the_peers_key_is_made_once_with_mode_0600(self):
+        data_dir = self.mktemp()
+        first = tls.load_or_create_peer_key(data_dir)
+        path = os.path.join(data_dir, tls.PEER_KEY_FILE)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        os.chmod(path, 0o644)
+        second = tls.load_or_create_peer_key(data_dir)
+        self.assertEqual(tls.spki_fingerprint(first), tls.spki_fingerprint(second))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertIsInstance(first.curve, ec.SECP256R1)
+
+
+class PinningTests(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self):
+        self.reactor = current_reactor()
+        prefix = allocate_prefix((1, 2), 0)
+        self.server_ip, client_ip = f"{prefix}.1", f"{prefix}.2"
+        site = QuietSite(Hello(), reactor=self.reactor)
+        self.port = self.reactor.listenSSL(0, site, tls.server_options(RSA_KEY), interface=self.server_ip)
+        self.addCleanup(self.port.stopListening)
+        self.address = wire.Address(self.server_ip, self.port.getHost().port)
+        self.outbound = HTTPOutbound(self.reactor, bind_ip=client_ip, timeout=10, tls=True)
+        self.addCleanup(self.outbound.close)
+
+    async def _get(self):
+        status, _, body = await self.outbound.get(self.address, "/")
+        return status, body
+
+    def test_the_right_pin_connects(self):
+        async def go():
+            asked = []
+            self.outbound.pin_for = lambda address: asked.append(address) or crypto.fingerprint(RSA_KEY)
+            self.assertEqual(await self._get(), (200, b'{"hello": "tls"}'))
+            self.assertEqual(asked, [self.address])
+            self.assertEqual(await self.outbound.post(self.address, b'{"a": 1}'), b'{"a": 1}')
+        return defer.ensureDeferred(go())
+
+    def test_no_pin_connects_without_checking_the_key(self):
+        return defer.ensureDeferred(self._get()).addCallback(self.assertEqual, (200, b'{"hello": "tls"}'))
+
+    def test_a_wrong_pin_fails_the_handshake(self):
+        async def go():
+            other = crypto.generate_node_key(1024)
+            self.outbound.pin_for = lambda address: crypto.fingerprint(other)
+            with self.assertRaises(NextHopFailed) as caught:
+                await self.outbound.post(self.address, b"{}")
+            self.assertEqual(caught.exception.detail, tls.PIN_MISMATCH)
+            self.assertEqual(caught.exception.status, 502)
+            # Another address has no pin: this outbound still connects there.
+            self.outbound.pin_for = lambda address: None
+            self.assertEqual((await self._get())[0], 200)
+        return defer.ensureDeferred(go())
+
+    def test_plain_http_to_a_tls_port_fails(self):
+        async def go():
+            plain = HTTPOutbound(self.reactor, bind_ip=None, timeout=5)
+            self.addCleanup(plain.close)
+            with self.assertRaises(NextHopFailed):
+                await plain.post(self.address, b"{}")
+        return defer.ensureDeferred(go())
+
+    def _handshake(self, version):
+        """A stdlib TLS client limited to ``version`` (blocking: run in a thread); the version agreed."""
+        context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = stdlib_ssl.CERT_NONE
+        context.minimum_version = stdlib_ssl.TLSVersion.TLSv1_2
+        context.maximum_version = version
+        with socket.create_connection(tuple(self.address), timeout=5) as raw:
+            with context.wrap_socket(raw) as wrapped:
+                return wrapped.version()
+
+    def test_only_tls_1_3_is_served(self):
+        async def go():
+            agreed = await threads.deferToThread(self._handshake, stdlib_ssl.TLSVersion.TLSv1_3)
+            self.assertEqual(agreed, "TLSv1.3")
+            with self.assertRaises(stdlib_ssl.SSLError):
+                await threads.deferToThread(self._handshake, stdlib_ssl.TLSVersion.TLSv1_2)
+        return defer.ensureDeferred(go())
+
+    def test_the_client_refuses_a_tls_1_2_server(self):
+        async def go():
+            from OpenSSL import SSL
+            options = tls.server_options(RSA_KEY)
+            options.getContext().set_min_proto_version(SSL.TLS1_2_VERSION)
+            options.getContext().set_max_proto_version(SSL.TLS1_2_VERSION)
+            old = self.reactor.listenSSL(0, QuietSite(Hello(), reactor=self.reactor), options,
+                                         interface=self.server_ip)
+            self.addCleanup(old.stopListening)
+            with self.assertRaises(NextHopFailed) as caught:
+                await self.outbound.get(wire.Address(self.server_ip, old.getHost().port), "/")
+            self.assertEqual(caught.exception.detail, "next hop failed the TLS handshake")
+        return defer.ensureDeferred(go())
