@@ -13,7 +13,9 @@ speaks TLS without pinning.
   registrations, directory fetches and every exit's messages to the tracker
   (in /1, plaintext JSON at the exit, file names included) cross it. During
   a real transfer of bob's file to alice, the captured bytes hold no
-  ``"CID"``, no ``{"`` and not the file's name: only TLS records.
+  ``"CID"``, none of the members' JSON keys and not the file's name: only
+  TLS records. (Needles are five bytes or more: a two-byte one such as
+  ``{"`` turns up by chance in a few hundred kilobytes of ciphertext.)
 * A member presenting another key at a pinned address: a node whose tracker
   address answers TLS with a key that is not the pinned tracker key refuses
   the handshake and never sends it a request.
@@ -169,7 +171,8 @@ class TLSProcessesTests(ProcessesMixin, PeerApiMixin, unittest.TestCase):
         self.assertTrue(proxy.first_bytes)
         for first in proxy.first_bytes:
             self.assertEqual(first[:2] if first else first, b"\x16\x03", "a connection that did not start with TLS")
-        for needle in (b'"CID"', b'{"', NAME.encode(), b"files", b"HTTP/1.1", b"POST /"):
+        for needle in (b'"CID"', b'"payload"', b'"public_key"', b'"address"', NAME.encode(), b"files",
+                       b"HTTP/1.1", b"POST /"):
             self.assertNotIn(needle, captured)
 
         # Alice's page is also plain HTTP at her ui_listen (her IP, port 8080).

@@ -112,6 +112,20 @@ class HandshakeTests(SealedCase):
         await SealedClient(self.h, SHARER_IP).handshake()
 
     @inline
+    async def test_a_sealed_layer_on_a_circuit_the_tracker_does_not_know_is_404(self):
+        # What a restarted tracker sees of a circuit sealed before: the peer builds anew on 404.
+        await self.sharer.handshake()
+        await self.sharer.send({"type": "ls", "files": FILES})
+        layer = self.sharer.layer(dumps({"type": "list"}))
+        self.h.tracker.sealed.forget(self.sharer.key)
+        self.h.catalogue.forget(self.sharer.key)
+        before = self.h.snapshot()
+        e = await self.assertFailure(self.handle(SHARER_IP, string_cell(self.sharer.cid, layer)), UnknownCircuit)
+        self.assertEqual(e.status, 404)
+        self.assertEqual(self.h.snapshot(), before)
+        self.assertEqual(len(self.h.tracker.sealed), 0)
+
+    @inline
     async def test_object_payload_on_a_sealed_circuit_is_400(self):
         await self.sharer.handshake()
         await self.sharer.send({"type": "ls", "files": FILES})

@@ -44,8 +44,11 @@ class IDirectorySource(Interface):
     def knows(address):
         """A Deferred of whether ``address`` is a listed node (refetching, rate-limited)."""
 
-    def register(own_address, public_key_pem):
-        """A Deferred that fires once the tracker has this node's entry."""
+    def register(own_address, public_key_pem, onion_key=None):
+        """A Deferred that fires once the tracker has this node's entry (with its onion key, §10)."""
+
+    def pin_for(address):
+        """The TLS fingerprint pinned for ``address`` (§14): a listed node's, the tracker's, or None."""
 
     def save(path):
         """Keep the verified directory on disk."""

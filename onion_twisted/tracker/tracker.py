@@ -22,6 +22,10 @@ from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.tracker.registry import NodeRegistry
 from onion_twisted.tracker import sealed
 
+# A sealed message is padded to 1 KiB at least (§14): anything this long on an unknown
+# circuit is a layer, not a handshake (97 bytes).
+SMALLEST_SEALED_LAYER = onion2.padded_size(0) + onion2.OVERHEAD
+
 
 class Tracker:
     log = Logger()
@@ -88,6 +92,10 @@ class Tracker:
         if hop is None:
             if key in self.catalogue.circuits:
                 raise BadRequest("a handshake on a circuit already open without the tracker's layer")
+            if len(data) >= SMALLEST_SEALED_LAYER:
+                # A sealed layer for keys this tracker does not hold (it restarted, or
+                # forgot the circuit): 404 as for any unknown circuit; the peer builds anew.
+                raise UnknownCircuit("no sealed hop on this circuit at the tracker")
             # A string payload on an unknown circuit is the sealed hop's handshake (§12).
             return cells.encode_reply_layer(self.sealed.handshake(key, data))
         message = sealed.open_object(hop, data)

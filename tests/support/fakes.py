@@ -125,6 +125,7 @@ class FakeDirectory:
         self.key = key
         self.asked: list[wire.Address] = []
         self.registered: list[tuple[wire.Address, str]] = []
+        self.onion_keys_registered: list[bytes | None] = []
         self.saved: list = []
 
     async def tracker_key(self):
@@ -142,8 +143,12 @@ class FakeDirectory:
         self.asked.append(address)
         return self.current is not None and address in self.current
 
-    async def register(self, own_address, public_key_pem) -> None:
+    async def register(self, own_address, public_key_pem, onion_key=None) -> None:
         self.registered.append((own_address, public_key_pem))
+        self.onion_keys_registered.append(onion_key)
+
+    def pin_for(self, address):
+        return None
 
     def save(self, path) -> None:
         self.saved.append(path)

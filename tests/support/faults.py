@@ -32,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from onion_twisted.protocol import wire
+from onion_twisted.protocol import onion2, wire
 from tests.support.deferreds import current_reactor as _reactor
 from tests.support.processes import PORT, Member, poll_until, sha256_file, tail_files
 
@@ -212,15 +212,17 @@ class FaultNetwork:
         return total
 
     @staticmethod
-    def sent_bound(forward_bytes: int) -> int:
+    def sent_bound(forward_bytes: int, chunk_size: int) -> int:
         """An upper bound of the file bytes a sharer sent while ``forward_bytes`` were peeled.
 
         Every chunk crosses the three hops of the sharer's circuit as a forward
-        layer holding at least its base64 (4/3 of its bytes), and each hop
-        counts the layer it peels: 3 x 4/3 = 4 bytes counted per file byte
-        at least. Lists, announcements and requests only make the bound larger.
+        layer holding at least its padded message, ``chunk_class(chunk_size)``
+        bytes (onion-http/2 pads every file_chunk of a transfer to one class,
+        §14; in /1 its base64 alone is 4/3 of the chunk, and the class is
+        larger than that), and each hop counts the layer it peels. Lists,
+        announcements and requests only make the bound larger.
         """
-        return forward_bytes // 4
+        return forward_bytes * chunk_size // (3 * onion2.chunk_class(chunk_size))
 
     async def tracker_messages(self) -> dict:
         """The tracker's ``onion_tracker_messages_total`` by type (counted since it started)."""

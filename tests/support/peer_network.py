@@ -107,7 +107,8 @@ class NodeDirectory(FakeDirectory):
 
 
 class Network(InMemoryWorld):
-    def __init__(self, base_dir: str, *, seed: int = 7, peer_options: dict | None = None):
+    def __init__(self, base_dir: str, *, seed: int = 7, peer_options: dict | None = None,
+                 tracker_sealed_hop: bool = True):
         super().__init__(NOW)
         self.base_dir = os.path.abspath(base_dir)
         self.seed = seed
@@ -124,7 +125,8 @@ class Network(InMemoryWorld):
 
         self.tracker = Tracker(clock=self.clock, signing_key=TRACKER_KEY, own_address=TRACKER,
                                catalogue=Catalogue(self.clock, rng=random.Random(seed)),
-                               registry=NodeRegistry(self.clock, TRACKER_KEY), outbound=MemberOutbound(self, TRACKER_IP))
+                               registry=NodeRegistry(self.clock, TRACKER_KEY), outbound=MemberOutbound(self, TRACKER_IP),
+                               sealed_hop=tracker_sealed_hop)
         self.nodes: dict[str, NodeRelay] = {}
         for ip, key, address in zip(NODE_IPS, NODE_KEYS, NODE_ADDRESSES):
             self.nodes[ip] = self.new_relay(key, address, TRACKER, NodeDirectory(self.tracker), rate=100.0,

@@ -87,7 +87,8 @@ class V2Network(Network):
         self.v2_nodes = set(v2_nodes)
         self.onion_rings: dict[str, OnionKeyRing] = {}
         self.front = None
-        super().__init__(base_dir, **options)
+        # Unsealed: the real tracker is one of onion-http/1 (no onion key in the directory).
+        super().__init__(base_dir, tracker_sealed_hop=sealed, **options)
         for i, (ip, key, address) in enumerate(zip(NODE_IPS, NODE_KEYS, NODE_ADDRESSES)):
             if ip in self.onion_rings:
                 public = key.public_key()
