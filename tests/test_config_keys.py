@@ -111,6 +111,11 @@ class ConfigTests(SynchronousTestCase):
         e = self.assertRaises(config.ConfigError, config.check_start, "peer",
                               config.parse("peer", "", {"tracker": "127.0.0.10", "ui_listen": "300.1.1.1:80"}))
         self.assertIn("ui_listen", str(e))
+        self.assertIs(config.parse("node")["speak_v2"], True)
+        e = self.assertRaises(config.ConfigError, config.check_start, "node",
+                              config.parse("node", "", {"tracker": "127.0.0.10", "speak_v2": False,
+                                                        "accept_v1": False}))
+        self.assertIn("no circuit at all", str(e))
 
     def test_a_switch_on_by_default_is_turned_off_with_no(self):
         options = Options()

@@ -1,7 +1,9 @@
 """A peer written from PROTOCOL.md alone, on Python's ``http.server`` as it
 comes (HTTP/1.0: it closes the connection after every answer), exchanges a
 16 MiB file with a project peer through project nodes and the project
-tracker (issue 12).
+tracker (issue 12). It speaks onion-http/1 only, in plain HTTP (``tls``
+off in this network); the nodes and the project peer speak /2 beside it
+(§10: the project peer's circuit is /2 with the tracker sealed, checked).
 
 Every test gets its own network of real processes on a random
 ``127.R1.R2.x`` prefix: the tracker (``twistd oniontracker``) at .1, five
@@ -166,6 +168,15 @@ class _Interop(ProcessesMixin, PeerApiMixin, unittest.TestCase):
                                         f"{self.http10_status.read_text('utf-8', errors='replace')}\n"
                                         f"{self.tails()}") from None
 
+    async def assertMixed(self):
+        """The mixed network of §10: every node speaks /2 (and /1), the project peer's
+        circuit is /2 with the tracker sealed, the http.server peer's is /1 by construction."""
+        for node in self.nodes:
+            identity = await self.wait_identity(node, self.admin)
+            self.assertEqual(identity["protocols"], ["onion-http/1", "onion-http/2"], node.name)
+        circuit = (await self.project_status())["circuit"]
+        self.assertEqual((circuit["protocol"], circuit["sealed"]), ("onion-http/2", True))
+
     def assertOnlyFile(self, downloads: Path, sha: str):
         """``downloads`` holds exactly the file, whole and with ``sha``, and nothing partial."""
         visible = sorted(p.name for p in downloads.iterdir() if not p.name.startswith("."))
@@ -199,6 +210,7 @@ class Http10InteropTests(_Interop):
         self.assertEqual(done["download"]["ended"]["status"], "ok")
         self.assertEqual(done["sha256"], sha)
         self.assertOnlyFile(out, sha)
+        await self.assertMixed()
         log(f"16 MiB to the http.server peer in {elapsed:.2f} s ({SIZE / elapsed / 2**20:.1f} MiB/s)")
 
     async def project_peer_downloads(self, http10_args=(), **peer_options):
@@ -222,6 +234,7 @@ class Http10InteropTests(_Interop):
         self.assertFalse(done["unverified"])
         self.assertEqual(done["attempts"], 1)
         self.assertOnlyFile(self.base / "project" / "downloads", sha)
+        await self.assertMixed()
         uploads = (await self.http10_state())["uploads"]
         self.assertEqual((uploads["started"], uploads["finished"], uploads["stopped"], uploads["chunks_sent"]),
                          (1, 1, 0, SIZE // CHUNK), uploads["errors"])

@@ -439,6 +439,11 @@ class ReadOnlyRoutesTests(NodeAppCase):
         identity = self.get("/identity").json
         self.assertEqual(base64.b64decode(identity["onion_key"]), self.relay.onion_keys.current_public)
         self.assertEqual((identity["protocol"], identity["protocols"]), ("onion-http/2", ["onion-http/2"]))
+        # A node of /1 only (speak_v2 = false) shows no onion key.
+        self.relay.accept_v1, self.relay.onion_keys = True, None
+        identity = self.get("/identity").json
+        self.assertEqual((identity["protocol"], identity["protocols"]), ("onion-http/1", ["onion-http/1"]))
+        self.assertNotIn("onion_key", identity)
 
     def test_nodes_mirrors_the_tracker_body_and_signature_byte_for_byte(self):
         answer = self.get("/nodes")

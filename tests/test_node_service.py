@@ -97,3 +97,11 @@ class NodeServiceOnionKeyTests(unittest.TestCase):
     def test_accept_v1_reaches_the_relay(self):
         self.assertTrue(self.make().relay.accept_v1)
         self.assertFalse(self.make(accept_v1=False).relay.accept_v1)
+
+    def test_a_node_of_v1_only_has_no_onion_key_and_registers_without_one(self):
+        service = self.make(speak_v2=False)
+        self.assertIsNone(service.onion_keys)
+        self.assertIsNone(service.relay.onion_keys)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, keys.ONION_KEYS_FILE)))
+        self.successResultOf(service.register())
+        self.assertEqual([r["onion_key"] for r in service.directory.registered], [None])

@@ -161,6 +161,18 @@ class VersionTests(V2TestCase):
         self.assertEqual(await self.peer.request(circuit, {"type": "list"}), FILES_REPLY)
 
     @inline
+    async def test_a_node_of_v1_only_refuses_a_handshake_and_relays_v1(self):
+        # speak_v2 = false: the node as it was before /2; a /1 circuit still crosses it.
+        handshake = V2Client.handshake(self.x)[1]
+        self.x.onion_keys = None
+        error = await self.refused(BadRequest, self.x.handle(self.peer.ip, cells.encode_cell(wire.new_circuit_id(),
+                                                                                             handshake)))
+        self.assertIn("onion-http/1 only", error.detail)
+        self.assertEqual(len(self.x.table), 0)
+        circuit = await self.peer.build([self.x, self.y, self.z])
+        self.assertEqual(await self.peer.request(circuit, {"type": "list"}), FILES_REPLY)
+
+    @inline
     async def test_handshakes_for_another_member_or_key(self):
         state, data = ntor.client_start(self.y.member_id, self.x.onion_keys.current_public)
         await self.assertRefused(400, self.x.handle(self.peer.ip, cells.encode_cell(wire.new_circuit_id(), data)))

@@ -63,6 +63,8 @@ NODE = COMMON + [
     Key("metrics_allow", list, ["127.0.0.0/8", "::1"],
         "addresses or networks allowed to see the status page and /metrics (live byte counts)"),
     Key("accept_v1", bool, True, "accept onion-http/1 (RSA) circuits besides onion-http/2 ones"),
+    Key("speak_v2", bool, True,
+        "speak onion-http/2 (an onion key, ntor circuits); false: a node of onion-http/1 only, as before /2"),
     Key("onion_key_lifetime", float, 604800.0, "seconds between rotations of the onion key (ntor)", 1),
 ]
 
@@ -161,6 +163,8 @@ def check_start(role: str, cfg: dict) -> None:
             wire.parse_address(cfg["ui_listen"], UI_PORT, field="ui_listen")
     except ProtocolError as e:
         raise ConfigError(e.detail) from None
+    if role == "node" and not cfg["speak_v2"] and not cfg["accept_v1"]:
+        raise ConfigError("a node with speak_v2 = false and accept_v1 = false would accept no circuit at all")
     if tracker is not None and tracker == own:
         raise ConfigError(
             f"tracker {tracker} is this {role}'s own address (listen {cfg['listen']}, port {cfg['port']}): "

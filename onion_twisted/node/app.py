@@ -16,7 +16,7 @@ import html
 
 from klein import Klein
 
-from onion_twisted import PROTOCOL, PROTOCOL_V2, PROTOCOLS, __version__
+from onion_twisted import PROTOCOL, PROTOCOL_V1, PROTOCOL_V2, PROTOCOLS, __version__
 from onion_twisted.protocol import crypto
 from onion_twisted.protocol.errors import Unavailable
 from onion_twisted.protocol.identity import identity_json
@@ -41,8 +41,9 @@ class NodeApp:
         """§6, §10: made per request, since the onion key rotates (§11)."""
         relay = self.relay
         return identity_json("node", str(relay.own_address), self._public_key_pem, self.fingerprint,
-                             protocols=PROTOCOLS if relay.accept_v1 else (PROTOCOL_V2,),
-                             onion_key=relay.onion_keys.current_public)
+                             protocols=(PROTOCOL_V1,) if relay.onion_keys is None
+                             else PROTOCOLS if relay.accept_v1 else (PROTOCOL_V2,),
+                             onion_key=relay.onion_keys.current_public if relay.onion_keys is not None else None)
 
     def resource(self):
         # POST / (cells) bypasses Klein's routing: see http_server.CellRoute.

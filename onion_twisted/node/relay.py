@@ -39,11 +39,14 @@ class NodeRelay(OnionV2Relay, RelayFailureLog):
     def __init__(self, *, clock, private_key, own_address: wire.Address, tracker: wire.Address,
                  table: RelayTable, outbound, directory, limiter, node_limiter=None, work_limiter=None,
                  metrics: NodeMetrics | None = None, resolve=None, control_max_skew: float = 60.0,
-                 unsafe_logging: bool = False, onion_keys: OnionKeyRing | None = None, accept_v1: bool = True):
+                 unsafe_logging: bool = False, onion_keys: OnionKeyRing | None = None, accept_v1: bool = True,
+                 speak_v2: bool = True):
         self.clock = clock
         self.private_key = private_key
         self.member_id = ntor.member_id(private_key.public_key())  # ID of §11
-        self.onion_keys = onion_keys if onion_keys is not None else OnionKeyRing(clock)
+        # A node of onion-http/1 only (speak_v2 false) has no onion key: it is listed, and
+        # answers /identity, as a node from before /2; a /2 peer uses /1 with it (§10).
+        self.onion_keys = None if not speak_v2 else onion_keys if onion_keys is not None else OnionKeyRing(clock)
         self.accept_v1 = accept_v1
         self.own_address = own_address
         self.port = own_address.port
@@ -121,6 +124,8 @@ class NodeRelay(OnionV2Relay, RelayFailureLog):
             raise UnknownCircuit("no circuit or bridge with that CID")
         sealed = cells.payload_bytes(cell)
         if ntor.is_handshake(sealed):
+            if self.onion_keys is None:
+                raise BadRequest("this node speaks onion-http/1 only: it has no onion key")
             return self._create_v2(source_ip, cell.cid, sealed)
         self._refuse_v1_create()
         self._spend_create_budget(source_ip)

@@ -40,7 +40,8 @@ class NodeService(MemberService):
         super().__init__(cfg, reactor)
         self.key = keys.load_or_create_node_key(cfg["data_dir"], cfg["key_bits"])
         lifetime = cfg["onion_key_lifetime"]
-        self.onion_keys = keys.load_or_create_onion_keys(cfg["data_dir"], self.reactor, lifetime)
+        self.onion_keys = (keys.load_or_create_onion_keys(cfg["data_dir"], self.reactor, lifetime)
+                           if cfg["speak_v2"] else None)
         tracker = wire.parse_address(cfg["tracker"], cfg["port"], field="tracker")
         self.directory = DirectoryClient(self.reactor, self.outbound, tracker,
                                          tracker_key=cfg["tracker_key"] or None, default_port=cfg["port"],
@@ -57,7 +58,7 @@ class NodeService(MemberService):
             work_limiter=RateLimiter(self.reactor, cfg["create_work_rate"], cfg["create_work_burst"], max_keys=1),
             resolve=self.resolve, control_max_skew=cfg["control_max_skew"],
             unsafe_logging=cfg["unsafe_logging"], onion_keys=self.onion_keys,
-            accept_v1=cfg["accept_v1"])
+            accept_v1=cfg["accept_v1"], speak_v2=cfg["speak_v2"])
         self.app = NodeApp(self.relay, self.directory, metrics_allow=cfg["metrics_allow"])
         self.outbound.pin_for = self.directory.pin_for  # TLS: nodes and the tracker pinned (§14)
         self.listen(self.app.resource(), tls_key=self.key)
@@ -68,7 +69,8 @@ class NodeService(MemberService):
         self.every(min(30.0, cfg["circuit_idle_timeout"] / 4), self.expire)
         # Often enough that a key is replaced within minutes of its due time and a
         # retired one leaves the disk within minutes of its grace's end.
-        self.every(min(ROTATION_CHECK, lifetime / 4), self.rotate_onion_key)
+        if self.onion_keys is not None:
+            self.every(min(ROTATION_CHECK, lifetime / 4), self.rotate_onion_key)
 
     def register(self) -> defer.Deferred:
         """Register at the tracker, then refresh the directory (start and every period).
@@ -80,7 +82,7 @@ class NodeService(MemberService):
         async def go():
             try:
                 await self.directory.register(self.address, crypto.public_key_pem(self.key),
-                                              onion_key=self.onion_keys.current_public)
+                                              onion_key=self.onion_keys.current_public if self.onion_keys else None)
                 self._retry_delay = 1.0
             except Exception as e:
                 log.warn("registration at the tracker failed: {why}", why=getattr(e, "detail", repr(e)))

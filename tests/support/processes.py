@@ -170,7 +170,7 @@ class Member:
 
 
 # Switches that are on by default: False is given as ``--no-NAME``.
-_DEFAULT_ON = {"tls", "accept_v1"}
+_DEFAULT_ON = {"tls", "accept_v1", "speak_v2"}
 
 
 def _options(extra_options: dict) -> list[str]:
