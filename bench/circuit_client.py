@@ -27,7 +27,7 @@ import time
 
 from twisted.internet import defer, task
 
-from onion_twisted.protocol import crypto, wire
+from onion_twisted.protocol import crypto, ntor, wire
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.net.directory_client import SIGNATURE_HEADER
@@ -47,11 +47,16 @@ async def measure(reactor, args) -> dict:
     tracker_pin = spki_fingerprint(tracker_key)
     outbound.pin_for = lambda a: tracker_pin if a == tracker else getattr(directory.nodes.get(a), "fingerprint", None)
     nodes = list(directory.nodes.values())
+    # As the peer's keeper does: the tracker sealed as the fourth hop when the directory
+    # carries its onion key and the exit speaks /2 (§12).
+    tracker_onion_key = directory.tracker_onion_key
+    tracker_id = ntor.member_id(tracker_key) if tracker_onion_key else None
     rng = random.Random(args.seed)
     first = {"type": "ls", "files": []}
 
     async def build() -> tuple[Circuit, float]:
-        circuit = Circuit(outbound, rng.sample(nodes, args.hops), tracker)
+        circuit = Circuit(outbound, rng.sample(nodes, args.hops), tracker, tracker_onion_key=tracker_onion_key,
+                          tracker_id=tracker_id)
         started = time.perf_counter()
         await circuit.build(first)
         return circuit, time.perf_counter() - started
@@ -73,7 +78,8 @@ async def measure(reactor, args) -> dict:
             raise RuntimeError(f"list answered {reply!r}")
     await circuit.destroy()
     await outbound.close()
-    return {"nodes": len(nodes), "build_s": builds, "list_s": round_trips}
+    return {"nodes": len(nodes), "build_s": builds, "list_s": round_trips, "protocol": circuit.protocol,
+            "sealed": tracker_id is not None and circuit.hops[-1].speaks_v2}
 
 
 def main() -> None:

@@ -189,56 +189,122 @@ def circuits(net: LocalNetwork, args, client_ip: str) -> dict:
             "list_ms_median": statistics.median(lists), "list_ms_p95": percentile(lists, 0.95)}
 
 
-def relay_capacity(args) -> dict:
-    out = OUT / "relay-network.json"
-    command = [PY, str(BENCH / "relay.py"), "--targets", "direct,proxy,node", "--out", str(out)]
+# The networks measured side by side, each started afresh: the shipped one, the same without
+# TLS (what TLS costs), and onion-http/1 as it was (nodes without onion keys, plain HTTP).
+PROFILES = {
+    "v2": {"label": "onion-http/2, TLS 1.3 (as shipped)", "tls": True, "extra": {}},
+    "v2-no-tls": {"label": "onion-http/2, no TLS", "tls": False, "extra": {}},
+    "v1": {"label": "onion-http/1, no TLS", "tls": False, "extra": {"node": {"speak_v2": False}}},
+}
+
+
+def relay_capacity(args, protocol: str) -> dict:
+    out = OUT / f"relay-network-{protocol}.json"
+    command = [PY, str(BENCH / "relay.py"), "--targets", "direct,proxy,node", "--out", str(out),
+               "--protocol", protocol]
     if args.quick:
         command.append("--quick")
     subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900, check=True)
     report = json.loads(out.read_text())
     targets = report["summary"]["targets"]
     rate = {name: targets[name]["cells_per_s"] for name in ("direct", "proxy", "node")}
-    return {"cells_per_s": rate, "node_vs_plain": rate["node"] / rate["direct"],
+    return {"protocol": protocol, "cells_per_s": rate, "node_vs_plain": rate["node"] / rate["direct"],
             "node_vs_proxy": rate["node"] / rate["proxy"],
             "cpu_us_per_cell": targets["node"].get("cpu_us_per_request")}
 
 
-def node_memory(args) -> dict:
-    result = subprocess.run([PY, str(BENCH / "node_memory.py"), "--circuits", str(args.circuits)],
-                            capture_output=True, text=True, timeout=900)
+def node_memory(args, protocol: str) -> dict:
+    result = subprocess.run([PY, str(BENCH / "node_memory.py"), "--circuits", str(args.circuits),
+                             "--protocol", protocol], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"node_memory failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def render(report: dict) -> str:
-    b, c, r, m = report["bulk"], report["circuits"], report["relay"], report["memory"]
-    rows = [
-        ("bulk transfer, onion (bob → alice, 2 circuits + bridge)", f"{b['onion_mb_s_median']:.1f} MB/s",
-         f"plain Twisted Web GET: {b['plain_mb_s_median']:.0f} MB/s", f"{b['ratio']:.2f}×"),
-        ("circuit build (create, 2 extends, connect), median", f"{c['build_ms_median']:.1f} ms",
-         f"p95 {c['build_ms_p95']:.1f} ms", ""),
-        ("round trip: list through the circuit, median", f"{c['list_ms_median']:.2f} ms",
-         f"p95 {c['list_ms_p95']:.2f} ms", ""),
-        ("relay capacity: small cells/s through one node, c=32", f"{r['cells_per_s']['node']:.0f} /s",
-         f"plain Twisted Web answering: {r['cells_per_s']['direct']:.0f} /s", f"{r['node_vs_plain']:.2f}×"),
-        ("", "", f"plain Twisted Web proxy chain: {r['cells_per_s']['proxy']:.0f} /s", f"{r['node_vs_proxy']:.2f}×"),
-        (f"node memory per idle circuit ({m['circuits']} open)", f"{m['bytes_per_circuit'] / 1024:.2f} KiB",
-         f"idle node {m['idle_bytes'] / MIB:.0f} MiB", ""),
-        (f"peak resident memory while {b['mib']} MiB cross", f"alice {b['peak_rss_mib']['alice']:.0f} MiB",
-         f"bob {b['peak_rss_mib']['bob']:.0f} MiB", ""),
-    ]
-    lines = ["| measure | onion_twisted | baseline | ratio |", "|---|---:|---|---:|"]
-    lines += [f"| {a} | {v} | {base} | {ratio} |" for a, v, base, ratio in rows]
-    cpu = ", ".join(f"{n} {v:.1f}" for n, v in b["cpu_ms_per_mib"].items())
+    profiles = [p for p in PROFILES if p in report.get("profiles", {})]
+    heads = [PROFILES[p]["label"] for p in profiles]
+    lines = ["| measure | " + " | ".join(heads) + " | baseline |", "|---|" + "---:|" * len(heads) + "---|"]
+
+    def row(label, cell, baseline=""):
+        values = [cell(report["profiles"][p]) for p in profiles]
+        lines.append(f"| {label} | " + " | ".join(values) + f" | {baseline} |")
+
+    first = report["profiles"][profiles[0]]
+    b0 = first["bulk"]
+    plain = statistics.median(report["profiles"][p]["bulk"]["plain_mb_s_median"] for p in profiles)
+    row(f"bulk transfer, {b0['mib']} MiB bob → alice (2 circuits + bridge), median of {b0['runs']}",
+        lambda r: f"**{r['bulk']['onion_mb_s_median']:.1f} MB/s**", f"plain Twisted Web GET: {plain:.0f} MB/s")
+    row("CPU per MiB, all processes", lambda r: f"{r['bulk']['cpu_ms_per_mib_total']:.0f} ms")
+    row(f"circuit build (create, 2 extends, connect), median of {first['circuits']['builds']}",
+        lambda r: f"**{r['circuits']['build_ms_median']:.1f} ms** (p95 {r['circuits']['build_ms_p95']:.1f})")
+    row(f"round trip: `list` through the circuit, median of {first['circuits']['round_trips']}",
+        lambda r: f"**{r['circuits']['list_ms_median']:.2f} ms** (p95 {r['circuits']['list_ms_p95']:.2f})")
+    row(f"peak resident memory while {b0['mib']} MiB cross",
+        lambda r: f"alice {r['bulk']['peak_rss_mib']['alice']:.0f}, bob {r['bulk']['peak_rss_mib']['bob']:.0f} MiB")
+    lines += ["", "| one node, no TLS (bench/relay.py, bench/node_memory.py) | onion-http/2 | onion-http/1 | baseline |",
+              "|---|---:|---:|---|"]
+    relay = {r["protocol"]: r for r in report.get("relay", [])}
+    memory = {m["protocol"]: m for m in report.get("memory", [])}
+    if relay:
+        any_relay = next(iter(relay.values()))
+        lines.append("| relay capacity: small cells/s through one node, c=32 | " + " | ".join(
+            f"**{relay[p]['cells_per_s']['node']:.0f} /s** ({relay[p]['node_vs_proxy']:.2f}× proxy chain)"
+            if p in relay else "" for p in ("v2", "v1")) +
+            f" | plain proxy chain {any_relay['cells_per_s']['proxy']:.0f} /s, plain answering "
+            f"{any_relay['cells_per_s']['direct']:.0f} /s |")
+    if memory:
+        any_memory = next(iter(memory.values()))
+        lines.append(f"| node memory per idle circuit ({any_memory['circuits']} open) | " + " | ".join(
+            f"**{memory[p]['bytes_per_circuit'] / 1024:.2f} KiB**" if p in memory else "" for p in ("v2", "v1")) +
+            f" | idle node {any_memory['idle_bytes'] / MIB:.0f} MiB |")
     mach = report["machine"]
-    lines += ["", f"Bulk CPU per MiB (ms, median run): {cpu}; all processes {b['cpu_ms_per_mib_total']:.0f} ms/MiB.",
-              f"Runs: bulk {b['runs']} × {b['mib']} MiB (median), {c['builds']} builds, "
-              f"{c['round_trips']} round trips, relay 5 × 3 s (median).",
+    cpu = "; ".join(f"{PROFILES[p]['label']}: " + ", ".join(
+        f"{n} {v:.1f}" for n, v in report["profiles"][p]["bulk"]["cpu_ms_per_mib"].items()) for p in profiles)
+    lines += ["", f"Bulk CPU per MiB by process (ms, median run): {cpu}.",
               f"Machine: {mach.get('cores')} cores, {mach.get('cpu', '?')}, Python {mach.get('python')}, "
               f"{mach.get('openssl')}, Twisted {mach.get('twisted')}, cryptography {mach.get('cryptography')}; "
               f"{report['date']}."]
     return "\n".join(lines)
+
+
+def measure_network(profile: str, args, tmp: Path, only: set) -> dict:
+    """Start one network of ``profile``; its circuit and bulk figures; stop it."""
+    spec = PROFILES[profile]
+    base = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.10"
+    extra = {role: dict(options) for role, options in spec["extra"].items()}
+    if args.peer_option:
+        extra.setdefault("peer", {}).update(dict(kv.split("=", 1) for kv in args.peer_option))
+    run_dir = tmp / profile
+    net = LocalNetwork(run_dir / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048,
+                       extra=extra, tls=spec["tls"])
+    result = {"label": spec["label"], "tls": spec["tls"]}
+    try:
+        net.make_samples()
+        share = net.run_dir / "bob" / "share"
+        for run in range(1, args.runs + 1):
+            if "bulk" in only:
+                os.link(share / f"big-{args.mib}MiB.bin", share / f"bulk-{run}.bin")
+        log(f"[{profile}] starting the network at {base} ...")
+        net.start(timeout=120)
+        alice = net.page_address("alice")
+        if "bulk" in only:
+            names = {f"bulk-{run}.bin" for run in range(1, args.runs + 1)}
+            deadline = time.monotonic() + 120
+            while not names <= {f["name"] for f in api(alice, "/api/status")["catalogue"] if f.get("sha256")}:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("alice's catalogue never listed bob's files")
+                time.sleep(0.2)
+        if "circuits" in only:
+            log(f"[{profile}] circuit builds and round trips ...")
+            client_ip = str(__import__("ipaddress").IPv4Address(base) + 40)
+            result["circuits"] = circuits(net, args, client_ip)
+        if "bulk" in only:
+            result["bulk"] = bulk(net, args, run_dir)
+    finally:
+        net.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
 
 
 def main() -> int:
@@ -252,7 +318,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one bulk download")
     parser.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a peer option for both peers, e.g. window=16 (to compare settings)")
-    parser.add_argument("--no-tls", action="store_true", help="the network without TLS (default: TLS 1.3, as shipped)")
+    parser.add_argument("--profiles", default=",".join(PROFILES),
+                        help=f"networks to measure, side by side ({', '.join(PROFILES)})")
     parser.add_argument("--only", default="bulk,circuits,relay,memory",
                         help="comma-separated subset of bulk,circuits,relay,memory")
     args = parser.parse_args()
@@ -263,55 +330,40 @@ def main() -> int:
     args.round_trips = args.round_trips or (20 if q else 200)
     args.circuits = args.circuits or (1000 if q else 10_000)
     only = set(args.only.split(","))
+    profiles = [p for p in args.profiles.split(",") if p]
+    unknown = set(profiles) - set(PROFILES)
+    if unknown:
+        parser.error(f"unknown profiles {sorted(unknown)}: choose from {', '.join(PROFILES)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="onion-bench-net-"))
-    base = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.10"
-    extra = {"peer": dict(kv.split("=", 1) for kv in args.peer_option)} if args.peer_option else None
-    net = LocalNetwork(tmp / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048, extra=extra,
-                       tls=not args.no_tls)
-    report = {"machine": machine(openssl=True), "date": time.strftime("%Y-%m-%d"), "config": vars(args)}
+    report = {"machine": machine(openssl=True), "date": time.strftime("%Y-%m-%d"), "config": vars(args),
+              "profiles": {}}
     try:
         if only & {"bulk", "circuits"}:
-            net.make_samples()
-            share = net.run_dir / "bob" / "share"
-            for run in range(1, args.runs + 1):
-                if "bulk" in only:
-                    os.link(share / f"big-{args.mib}MiB.bin", share / f"bulk-{run}.bin")
-            log(f"starting the network at {base} ...")
-            net.start(timeout=120)
-            alice = net.page_address("alice")
-            if "bulk" in only:
-                names = {f"bulk-{run}.bin" for run in range(1, args.runs + 1)}
-                deadline = time.monotonic() + 120
-                while not names <= {f["name"] for f in api(alice, "/api/status")["catalogue"] if f.get("sha256")}:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("alice's catalogue never listed bob's files")
-                    time.sleep(0.2)
-            if "circuits" in only:
-                log("circuit builds and round trips ...")
-                client_ip = str(__import__("ipaddress").IPv4Address(base) + 40)
-                report["circuits"] = circuits(net, args, client_ip)
-            if "bulk" in only:
-                report["bulk"] = bulk(net, args, tmp)
-            net.stop()
+            for profile in profiles:
+                report["profiles"][profile] = measure_network(profile, args, tmp, only)
+        protocols = [p for p in ("v2", "v1") if any(q_.startswith(p) for q_ in profiles)]
         if "relay" in only:
-            log("relay capacity (bench/relay.py) ...")
-            report["relay"] = relay_capacity(args)
+            report["relay"] = []
+            for protocol in protocols:
+                log(f"relay capacity, {protocol} (bench/relay.py) ...")
+                report["relay"].append(relay_capacity(args, protocol))
         if "memory" in only:
-            log(f"node memory with {args.circuits} circuits (bench/node_memory.py) ...")
-            report["memory"] = node_memory(args)
+            report["memory"] = []
+            for protocol in protocols:
+                log(f"node memory with {args.circuits} {protocol} circuits (bench/node_memory.py) ...")
+                report["memory"].append(node_memory(args, protocol))
     finally:
-        net.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     OUT.mkdir(exist_ok=True)
-    complete = {"bulk", "circuits", "relay", "memory"} <= set(report)
+    complete = only >= {"bulk", "circuits", "relay", "memory"} and set(profiles) == set(PROFILES)
     json_path = OUT / "results-quick.json" if q or not complete else BENCH / "results.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    if complete:
+    if only >= {"bulk", "circuits"}:
         table = render(report)
         print(table)
-        if not q:
+        if complete and not q:
             (BENCH / "results.md").write_text("# make bench: latest results\n\n" + table + "\n")
     else:
         print(json.dumps(report, indent=2))

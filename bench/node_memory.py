@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from common import Proc, make_client, pick_addresses, vm, wait_ready
-from relay import NodeTarget, twistd_command
+from relay import NodeTarget, NodeTargetV2, twistd_command
 
 BENCH = Path(__file__).resolve().parent
 PY = sys.executable
@@ -61,7 +61,8 @@ async def run(reactor, args) -> dict:
         procs.append(node)
         node_url = f"http://{node_ip}:{port}".encode()
         await wait_ready(reactor, client, node_url + b"/identity", node, timeout=60)
-        target = NodeTarget(node_url + b"/", [node, tracker], client, f"{tracker_ip}:{port}")
+        target_class = NodeTargetV2 if args.protocol == "v2" else NodeTarget
+        target = target_class(node_url + b"/", [node, tracker], client, f"{tracker_ip}:{port}")
 
         async def build(count: int) -> None:
             left = count
@@ -76,7 +77,7 @@ async def run(reactor, args) -> dict:
         loaded = vm(node.pid, "VmRSS")
         code, metrics = await client.request(b"GET", node_url + b"/metrics")
         match = re.search(rb"^onion_node_circuits\s+(\d+)", metrics, re.M)
-        return {"idle_bytes": idle, "loaded_bytes": loaded, "circuits": args.circuits,
+        return {"protocol": args.protocol, "idle_bytes": idle, "loaded_bytes": loaded, "circuits": args.circuits,
                 "bytes_per_circuit": (loaded - idle) / args.circuits,
                 "circuits_reported": int(match.group(1)) if match else None}
     finally:
@@ -91,6 +92,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--key-bits", type=int, default=2048)
+    parser.add_argument("--protocol", choices=("v1", "v2"), default="v1",
+                        help="circuits of onion-http/1 (RSA) or /2 (ntor: keys and replay windows per direction)")
     args = parser.parse_args()
     from twisted.internet import defer, task
 

@@ -217,6 +217,71 @@ class NodeTarget:
         return None
 
 
+class NodeTargetV2(NodeTarget):
+    """The onion node on onion-http/2 circuits (§11, §14): ntor CREATE, a padded EXTEND to the
+    stub tracker, then each cell a padded OBJECT frame under one counted layer."""
+
+    async def prepare(self, n: int, identity_url: bytes) -> dict:
+        from twisted.internet import defer
+
+        from onion_twisted.peer import hops
+        from onion_twisted.protocol import ntor
+
+        code, data = await self.client.request(b"GET", identity_url)
+        identity = json.loads(data)
+        member, onion_key = bytes.fromhex(identity["fingerprint"]), base64.b64decode(identity["onion_key"])
+
+        async def build(i: int):
+            cid = str(uuid.uuid4())
+            pending, handshake = ntor.client_start(member, onion_key)
+            t0 = time.perf_counter()
+            code, data = await self.client.post(self.url, cell(cid, handshake))
+            t1 = time.perf_counter()
+            if code != 200:
+                raise RuntimeError(f"CREATE failed: {code} {data[:200]!r}")
+            keys = pending.finish(base64.b64decode(json.loads(data)["payload"]))
+            extend = json.dumps({"to": self.tracker_addr, "relay": {"type": "ls", "files": []}}).encode()
+            code, data = await self.client.post(self.url, cell(cid, keys.seal_forward(hops.padded(extend))))
+            t2 = time.perf_counter()
+            if code != 200:
+                raise RuntimeError(f"EXTEND failed: {code} {data[:200]!r}")
+            reply = json.loads(keys.open_backward(base64.b64decode(json.loads(data)["payload"])))
+            if reply.get("type") != "files":
+                raise RuntimeError(f"EXTEND: unexpected reply {reply!r}")
+            return cid, keys, t1 - t0, t2 - t1
+
+        t0 = time.perf_counter()
+        built = await defer.gatherResults([defer.ensureDeferred(build(i)) for i in range(n)], consumeErrors=True)
+        elapsed = time.perf_counter() - t0
+        self.circuits = [(cid, keys) for cid, keys, _, _ in built]
+        return {
+            "circuits": n, "seconds": elapsed,
+            "create_ms_median": statistics.median(b[2] for b in built) * 1e3,
+            "extend_ms_median": statistics.median(b[3] for b in built) * 1e3,
+        }
+
+    def body(self, worker: int, msg: bytes) -> bytes:
+        from onion_twisted.peer import hops
+        from onion_twisted.protocol import onion2
+
+        cid, keys = self.circuits[worker]
+        return cell(cid, keys.seal_forward(hops.padded(msg, kind=onion2.FRAME_OBJECT)))
+
+    def check(self, code: int, data: bytes, worker: int = 0) -> str | None:
+        from onion_twisted.peer import hops
+
+        if code != 200:
+            return f"{code} {data[:200]!r}"
+        try:
+            layer = self.circuits[worker][1].open_backward(base64.b64decode(json.loads(data)["payload"]))
+            _, reply = hops.read_frame(layer)
+        except Exception as e:  # noqa: BLE001 - any failure is a wrong answer
+            return f"bad reply ({type(e).__name__}): {data[:200]!r}"
+        if bytes(reply) != b'{"type":"files","files":[]}':
+            return f"unexpected reply {bytes(reply)[:200]!r}"
+        return None
+
+
 def _check(target, code, data, worker):
     if isinstance(target, NodeTarget):
         return target.check(code, data, worker)
@@ -543,8 +608,9 @@ async def run(reactor, args) -> dict:
                                           b'{"payload":{"type":"files","files":[]}}')
         node_setup = None
         if "node" in need:
-            objs["node"] = NodeTarget(url("node"), [procs["node"], procs["tracker"]], client,
-                                      f"{ips['tracker']}:{port}")
+            target_class = NodeTargetV2 if args.protocol == "v2" else NodeTarget
+            objs["node"] = target_class(url("node"), [procs["node"], procs["tracker"]], client,
+                                        f"{ips['tracker']}:{port}")
             node_setup = await objs["node"].prepare(args.concurrency, url("node", "/identity"))
             print(f"node: {args.concurrency} circuits built in {node_setup['seconds']:.2f} s", file=sys.stderr)
         for name, t in objs.items():
@@ -635,6 +701,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=None, help="seconds per run (default 3; quick 1)")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per path (default 1; quick 0.3)")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--protocol", choices=("v1", "v2"), default="v1",
+                    help="the node's circuits: onion-http/1 (RSA, one AES layer) or /2 (ntor, counted, padded)")
     ap.add_argument("--message-bytes", type=int, default=MESSAGE_SIZE)
     ap.add_argument("--targets", default=",".join(TARGET_ORDER),
                     help=f"comma-separated subset of {','.join(TARGET_ORDER)}")

@@ -17,6 +17,7 @@ from twisted.web import resource
 from onion_twisted.net import tls
 from onion_twisted.net.http_client import HTTPOutbound
 from onion_twisted.net.http_server import QuietSite
+from onion_twisted.net.tls_transport import WRITE_SIZE, BulkTLSFactory
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.errors import NextHopFailed
 from tests.support.deferreds import current_reactor
@@ -66,7 +67,9 @@ class PinningTests(unittest.TestCase):
         prefix = allocate_prefix((1, 2), 0)
         self.server_ip, client_ip = f"{prefix}.1", f"{prefix}.2"
         site = QuietSite(Hello(), reactor=self.reactor)
-        self.port = self.reactor.listenSSL(0, site, tls.server_options(RSA_KEY), interface=self.server_ip)
+        # As members listen: net.tls_transport's transport under Twisted's TLS factory.
+        self.port = self.reactor.listenTCP(0, BulkTLSFactory(tls.server_options(RSA_KEY), False, site),
+                                           interface=self.server_ip)
         self.addCleanup(self.port.stopListening)
         self.address = wire.Address(self.server_ip, self.port.getHost().port)
         self.outbound = HTTPOutbound(self.reactor, bind_ip=client_ip, timeout=10, tls=True)
@@ -83,6 +86,22 @@ class PinningTests(unittest.TestCase):
             self.assertEqual(await self._get(), (200, b'{"hello": "tls"}'))
             self.assertEqual(asked, [self.address])
             self.assertEqual(await self.outbound.post(self.address, b'{"a": 1}'), b'{"a": 1}')
+        return defer.ensureDeferred(go())
+
+    def test_large_bodies_cross_whole_both_ways_and_with_twisteds_own_tls(self):
+        # Several 256 KiB writes per body, not a whole number of records: every byte
+        # arrives, in order, on one connection after another; and the same against a
+        # server with Twisted's own TLS transport (the records on the wire are the same).
+        plain_twisted = self.reactor.listenSSL(0, QuietSite(Hello(), reactor=self.reactor),
+                                               tls.server_options(RSA_KEY), interface=self.server_ip)
+        self.addCleanup(plain_twisted.stopListening)
+        twisted_address = wire.Address(self.server_ip, plain_twisted.getHost().port)
+
+        async def go():
+            for size in (1, 16 * 1024 + 1, 3 * WRITE_SIZE + 12345):
+                body = os.urandom(size)
+                for address in (self.address, twisted_address):
+                    self.assertEqual(await self.outbound.post(address, body), body, (size, address))
         return defer.ensureDeferred(go())
 
     def test_no_pin_connects_without_checking_the_key(self):

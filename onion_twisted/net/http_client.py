@@ -22,7 +22,7 @@ try:
 except ImportError:  # older treq
     from http.cookiejar import CookieJar as IndexableCookieJar
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import (Agent, RequestTransmissionFailed, ResponseFailed,
                                 ResponseNeverReceived)
 from twisted.web.http_headers import Headers
@@ -34,6 +34,7 @@ from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.protocol.interfaces import IOutbound
 from onion_twisted.net.http_server import IDLE_TIMEOUT
 from onion_twisted.net.tls import PinningPolicy, handshake_failure_detail
+from onion_twisted.net.tls_transport import BulkTLSEndpoint
 from onion_twisted.net.twisted_compat import ConnectionPool, PoolClientFactory, finished_response_head, treq_response
 
 JSON_HEADERS = {b"Content-Type": [b"application/json"]}
@@ -104,7 +105,7 @@ class BoundEndpointFactory:
         if uri.scheme == b"https":
             if self.tls_policy is None:
                 raise ValueError("an https URL for an outbound without TLS")
-            endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(host, uri.port), endpoint)
+            endpoint = BulkTLSEndpoint(self.tls_policy.creatorForNetloc(host, uri.port), endpoint)
         return endpoint
 
 

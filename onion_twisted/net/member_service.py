@@ -12,6 +12,7 @@ from twisted.application import internet, service
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.errors import NextHopFailed
 from onion_twisted.net import tls
+from onion_twisted.net.tls_transport import BulkTLSFactory
 from onion_twisted.net.config import UI_PORT
 from onion_twisted.net.http_client import HTTPOutbound
 from onion_twisted.net.http_server import QuietSite
@@ -45,8 +46,8 @@ class MemberService(service.MultiService):
         site = self._site(resource)
         if self.tls:
             key = tls_key if tls_key is not None else tls.load_or_create_peer_key(self.cfg["data_dir"])
-            internet.SSLServer(self.cfg["port"], site, tls.server_options(key), interface=self.cfg["listen"],
-                               reactor=self.reactor).setServiceParent(self)
+            internet.TCPServer(self.cfg["port"], BulkTLSFactory(tls.server_options(key), False, site),
+                               interface=self.cfg["listen"], reactor=self.reactor).setServiceParent(self)
         else:
             internet.TCPServer(self.cfg["port"], site, interface=self.cfg["listen"],
                                reactor=self.reactor).setServiceParent(self)

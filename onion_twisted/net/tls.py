@@ -35,6 +35,10 @@ from onion_twisted.protocol import wire
 PIN_MISMATCH = "TLS key does not match the pinned fingerprint"
 PEER_KEY_FILE = "tls_key.pem"
 _VALIDITY = datetime.timedelta(days=3650)
+# OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE, which pyOpenSSL turns on: off, one SSL_write of a
+# large buffer makes all its records at once (net/tls_transport.py writes 256 KiB at a time
+# into a memory BIO, which never refuses bytes).
+_PARTIAL_WRITE = 0x1
 
 
 def spki_fingerprint(public_key) -> str:
@@ -88,6 +92,7 @@ class ServerOptions:
         context.set_min_proto_version(SSL.TLS1_3_VERSION)
         context.set_cipher_list(_SECURITY_LEVEL)
         context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
+        context.clear_mode(_PARTIAL_WRITE)
         context.use_certificate(ossl.X509.from_cryptography(self_signed_certificate(private_key)))
         context.use_privatekey(ossl.PKey.from_cryptography_key(private_key))
         context.check_privatekey()
@@ -118,6 +123,7 @@ def client_context() -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_cipher_list(_SECURITY_LEVEL)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
+    context.clear_mode(_PARTIAL_WRITE)
     context.set_verify(SSL.VERIFY_PEER, _check_pin)
     return context
 

@@ -135,7 +135,10 @@ class LocalNetwork:
                    f"onion{role}", *config_option, "--listen", ip, "--port", str(self.port),
                    *([] if self.tls else ["--no-tls"]), *options]
         for key, value in self.extra.get(role, {}).items():
-            command += [f"--{key.replace('_', '-')}", str(value)] if value is not True else [f"--{key.replace('_', '-')}"]
+            option = key.replace("_", "-")
+            # A switch: True turns it on, False off (--no-NAME, for those on by default).
+            command += [f"--{option}"] if value is True else [f"--no-{option}"] if value is False \
+                else [f"--{option}", str(value)]
         if self.wrap is not None:
             command = [*self.wrap(name), *command]
         member.process = subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL,
