@@ -1,8 +1,11 @@
 """``make bench``: the figures a user weighs, each beside a baseline, in one run.
 
-Starts the demo's network (``onion_twisted.ops.localnet``: tracker, six nodes,
-alice and bob, each a ``twistd`` process on its own 127.A.B.x address at one
-port, 2048-bit node keys), bob sharing a ``--mib`` MiB random file under
+Side by side, one after the other (``--profiles``): the network as shipped
+(onion-http/2, TLS 1.3, padding), the same without TLS (what TLS costs),
+and onion-http/1 (nodes with ``speak_v2 = false``, no TLS: the network as it
+was). For each, starts the demo's network (``onion_twisted.ops.localnet``:
+tracker, six nodes, alice and bob, each a ``twistd`` process on its own
+127.A.B.x address at one port, 2048-bit node keys), bob sharing a ``--mib`` MiB random file under
 ``--runs`` names (hard links: one file on disk, a distinct catalogue entry
 per name, so every run is a fresh download), then measures:
 
@@ -17,10 +20,13 @@ per name, so every run is a fresh download), then measures:
    extend to the tracker with an ``ls``), ``--builds`` times, median and
    p95 (``circuit_client.py``, from its own address, as a peer);
 3. **round trip**: a ``list`` through a circuit, ``--round-trips`` times;
+Then, once for /2 circuits and once for /1 (one node, no TLS):
+
 4. **relay capacity**: ``relay.py`` (small cells per second through one
    node at concurrency 32, beside plain Twisted Web answering the same
    POSTs, and beside a plain proxy chain), five runs of 3 s;
-5. **memory per idle circuit**: ``node_memory.py`` (10 000 open circuits).
+5. **memory per idle circuit**: ``node_memory.py`` (10 000 open circuits;
+   /2: keys and both replay windows per direction).
 
 Prints a table, writes ``bench/results.json`` and ``bench/results.md`` (the
 table with the machine it ran on). ``--quick``: a small file, fewer runs,
