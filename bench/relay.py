@@ -153,7 +153,10 @@ class PlainTarget:
 
 
 class NodeTarget:
-    """The onion node: one circuit per worker, each extended to the stub tracker as its exit."""
+    """The onion node: one circuit per worker, each extended to the stub tracker as its exit.
+
+    onion-http/1 circuits (RSA CREATE, one AES layer); ``NodeTargetV2`` changes only the
+    per-circuit crypto (the ``_`` methods), not how circuits are built or measured."""
 
     def __init__(self, url: bytes, procs: list[Proc], client, tracker_addr: str):
         self.name = "node"
@@ -161,40 +164,71 @@ class NodeTarget:
         self.procs = procs
         self.client = client
         self.tracker_addr = tracker_addr
-        self.circuits: list[tuple[str, Layer]] = []
+        self.circuits: list[tuple[str, object]] = []
 
-    async def prepare(self, n: int, identity_url: bytes) -> dict:
+    # --- the circuit's crypto, /1 -------------------------------------------------------
+
+    def _setup(self, identity: dict) -> None:
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import padding
+
+        self._public_key = serialization.load_pem_public_key(identity["public_key"].encode("ascii"))
+        self._oaep = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(),
+                                  label=None)
+
+    def _handshake(self):
+        """(pending state, what the CREATE carries)."""
+        key = os.urandom(16)
+        return Layer(key), self._public_key.encrypt(key, self._oaep)
+
+    def _finish(self, layer, reply: bytes):
+        if layer.peel(reply) != b'{"type":"created"}':
+            raise RuntimeError("CREATE answered something other than created")
+        return layer
+
+    def _seal_extend(self, layer, extend: bytes) -> bytes:
+        return layer.wrap(extend)
+
+    def _open_extend_reply(self, layer, data: bytes) -> bytes:
+        return layer.peel(data)
+
+    def _seal(self, layer, msg: bytes) -> bytes:
+        return layer.wrap(msg)
+
+    def _open(self, layer, data: bytes) -> bytes:
+        return layer.peel(data)
+
+    # --- building and measuring ---------------------------------------------------------
+
+    async def prepare(self, n: int, identity_url: bytes) -> dict:
         from twisted.internet import defer
 
         code, data = await self.client.request(b"GET", identity_url)
-        identity = json.loads(data)
-        public_key = serialization.load_pem_public_key(identity["public_key"].encode("ascii"))
-        oaep = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        self._setup(json.loads(data))
+        extend = json.dumps({"to": self.tracker_addr, "relay": {"type": "ls", "files": []}}).encode()
 
         async def build(i: int):
-            cid, key = str(uuid.uuid4()), os.urandom(16)
-            layer = Layer(key)
+            cid = str(uuid.uuid4())
+            pending, create = self._handshake()
             t0 = time.perf_counter()
-            code, data = await self.client.post(self.url, cell(cid, public_key.encrypt(key, oaep)))
+            code, data = await self.client.post(self.url, cell(cid, create))
             t1 = time.perf_counter()
-            if code != 200 or layer.peel(base64.b64decode(json.loads(data)["payload"])) != b'{"type":"created"}':
+            if code != 200:
                 raise RuntimeError(f"CREATE failed: {code} {data[:200]!r}")
-            extend = json.dumps({"to": self.tracker_addr, "relay": {"type": "ls", "files": []}}).encode()
-            code, data = await self.client.post(self.url, cell(cid, layer.wrap(extend)))
+            state = self._finish(pending, base64.b64decode(json.loads(data)["payload"]))
+            code, data = await self.client.post(self.url, cell(cid, self._seal_extend(state, extend)))
             t2 = time.perf_counter()
             if code != 200:
                 raise RuntimeError(f"EXTEND failed: {code} {data[:200]!r}")
-            reply = json.loads(layer.peel(base64.b64decode(json.loads(data)["payload"])))
+            reply = json.loads(self._open_extend_reply(state, base64.b64decode(json.loads(data)["payload"])))
             if reply.get("type") != "files":
                 raise RuntimeError(f"EXTEND: unexpected reply {reply!r}")
-            return cid, layer, t1 - t0, t2 - t1
+            return cid, state, t1 - t0, t2 - t1
 
         t0 = time.perf_counter()
         built = await defer.gatherResults([defer.ensureDeferred(build(i)) for i in range(n)], consumeErrors=True)
         elapsed = time.perf_counter() - t0
-        self.circuits = [(cid, layer) for cid, layer, _, _ in built]
+        self.circuits = [(cid, state) for cid, state, _, _ in built]
         return {
             "circuits": n, "seconds": elapsed,
             "create_ms_median": statistics.median(b[2] for b in built) * 1e3,
@@ -202,14 +236,14 @@ class NodeTarget:
         }
 
     def body(self, worker: int, msg: bytes) -> bytes:
-        cid, layer = self.circuits[worker]
-        return cell(cid, layer.wrap(msg))
+        cid, state = self.circuits[worker]
+        return cell(cid, self._seal(state, msg))
 
     def check(self, code: int, data: bytes, worker: int = 0) -> str | None:
         if code != 200:
             return f"{code} {data[:200]!r}"
         try:
-            reply = self.circuits[worker][1].peel(base64.b64decode(json.loads(data)["payload"]))
+            reply = self._open(self.circuits[worker][1], base64.b64decode(json.loads(data)["payload"]))
         except Exception as e:  # noqa: BLE001 - any failure is a wrong answer
             return f"bad reply ({type(e).__name__}): {data[:200]!r}"
         if reply != b'{"type":"files","files":[]}':
@@ -221,65 +255,36 @@ class NodeTargetV2(NodeTarget):
     """The onion node on onion-http/2 circuits (§11, §14): ntor CREATE, a padded EXTEND to the
     stub tracker, then each cell a padded OBJECT frame under one counted layer."""
 
-    async def prepare(self, n: int, identity_url: bytes) -> dict:
-        from twisted.internet import defer
+    def _setup(self, identity: dict) -> None:
+        self._member = bytes.fromhex(identity["fingerprint"])
+        self._onion_key = base64.b64decode(identity["onion_key"])
 
-        from onion_twisted.peer import hops
+    def _handshake(self):
         from onion_twisted.protocol import ntor
 
-        code, data = await self.client.request(b"GET", identity_url)
-        identity = json.loads(data)
-        member, onion_key = bytes.fromhex(identity["fingerprint"]), base64.b64decode(identity["onion_key"])
+        return ntor.client_start(self._member, self._onion_key)
 
-        async def build(i: int):
-            cid = str(uuid.uuid4())
-            pending, handshake = ntor.client_start(member, onion_key)
-            t0 = time.perf_counter()
-            code, data = await self.client.post(self.url, cell(cid, handshake))
-            t1 = time.perf_counter()
-            if code != 200:
-                raise RuntimeError(f"CREATE failed: {code} {data[:200]!r}")
-            keys = pending.finish(base64.b64decode(json.loads(data)["payload"]))
-            extend = json.dumps({"to": self.tracker_addr, "relay": {"type": "ls", "files": []}}).encode()
-            code, data = await self.client.post(self.url, cell(cid, keys.seal_forward(hops.padded(extend))))
-            t2 = time.perf_counter()
-            if code != 200:
-                raise RuntimeError(f"EXTEND failed: {code} {data[:200]!r}")
-            reply = json.loads(keys.open_backward(base64.b64decode(json.loads(data)["payload"])))
-            if reply.get("type") != "files":
-                raise RuntimeError(f"EXTEND: unexpected reply {reply!r}")
-            return cid, keys, t1 - t0, t2 - t1
+    def _finish(self, pending, reply: bytes):
+        return pending.finish(reply)  # checks AUTH
 
-        t0 = time.perf_counter()
-        built = await defer.gatherResults([defer.ensureDeferred(build(i)) for i in range(n)], consumeErrors=True)
-        elapsed = time.perf_counter() - t0
-        self.circuits = [(cid, keys) for cid, keys, _, _ in built]
-        return {
-            "circuits": n, "seconds": elapsed,
-            "create_ms_median": statistics.median(b[2] for b in built) * 1e3,
-            "extend_ms_median": statistics.median(b[3] for b in built) * 1e3,
-        }
+    def _seal_extend(self, keys, extend: bytes) -> bytes:
+        from onion_twisted.peer import hops
 
-    def body(self, worker: int, msg: bytes) -> bytes:
+        return keys.seal_forward(hops.padded(extend))
+
+    def _open_extend_reply(self, keys, data: bytes) -> bytes:
+        return keys.open_backward(data)
+
+    def _seal(self, keys, msg: bytes) -> bytes:
         from onion_twisted.peer import hops
         from onion_twisted.protocol import onion2
 
-        cid, keys = self.circuits[worker]
-        return cell(cid, keys.seal_forward(hops.padded(msg, kind=onion2.FRAME_OBJECT)))
+        return keys.seal_forward(hops.padded(msg, kind=onion2.FRAME_OBJECT))
 
-    def check(self, code: int, data: bytes, worker: int = 0) -> str | None:
+    def _open(self, keys, data: bytes) -> bytes:
         from onion_twisted.peer import hops
 
-        if code != 200:
-            return f"{code} {data[:200]!r}"
-        try:
-            layer = self.circuits[worker][1].open_backward(base64.b64decode(json.loads(data)["payload"]))
-            _, reply = hops.read_frame(layer)
-        except Exception as e:  # noqa: BLE001 - any failure is a wrong answer
-            return f"bad reply ({type(e).__name__}): {data[:200]!r}"
-        if bytes(reply) != b'{"type":"files","files":[]}':
-            return f"unexpected reply {bytes(reply)[:200]!r}"
-        return None
+        return bytes(hops.read_frame(keys.open_backward(data))[1])
 
 
 def _check(target, code, data, worker):
