@@ -89,7 +89,7 @@ class MergeTests(unittest.SynchronousTestCase):
         self.assertEqual([(r["name"], r["sha256"], r["sources"]) for r in cat.listing()],
                          [("kept", None, 2), ("new", None, 1), ("v", SHA_B, 1)])
         self.assertNotIn("old", cat.names)
-        self.assertEqual(cat.names["v"], {("v", SHA_B)})
+        self.assertEqual(cat.names["v"], {("v", SHA_B, None)})
         self.assertEqual({f.name for f in circuit.files}, {"new", "kept", "v"})
 
     def test_empty_ls_withdraws_everything(self):
@@ -160,7 +160,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         join(cat, A, ["a"])
         join(cat, B, ["a"])
         for _ in range(50):
-            circuit, shared = cat.choose_source(request("a"), A)
+            circuit, shared, _ = cat.choose_source(request("a"), A)
             self.assertEqual(circuit.key, B)
             self.assertEqual(shared, SharedFile("a", None, None))
 
@@ -184,7 +184,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         join(cat, C, [{"name": "a", "size": 2, "sha256": SHA_B}])
         requester = ("127.0.0.14", CID_4)
         for _ in range(30):
-            circuit, shared = cat.choose_source(request("a"), requester)
+            circuit, shared, _ = cat.choose_source(request("a"), requester)
             self.assertEqual(shared.sha256, SHA_B)
             self.assertIn(circuit.key, (B, C))
 
@@ -196,7 +196,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         join(cat, D, [{"name": "a", "sha256": SHA_A}])
         # SHA_A has two sources but one is the requester's own: one usable; SHA_B has two.
         for _ in range(30):
-            _, shared = cat.choose_source(request("a"), D)
+            _, shared, _ = cat.choose_source(request("a"), D)
             self.assertEqual(shared.sha256, SHA_B)
 
     def test_with_sha256_that_entry(self):
@@ -205,7 +205,7 @@ class ChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         join(cat, B, [{"name": "a", "size": 2, "sha256": SHA_B}])
         join(cat, C, [{"name": "a", "size": 2, "sha256": SHA_B}])
         for _ in range(30):
-            circuit, shared = cat.choose_source(request("a", SHA_A), D)
+            circuit, shared, _ = cat.choose_source(request("a", SHA_A), D)
             self.assertEqual((circuit.key, shared), (A, SharedFile("a", 1, SHA_A)))
 
     def test_fewest_transfers_under_way_wins(self):

@@ -76,7 +76,7 @@ class ParseFilesTests(ErrorCase, unittest.SynchronousTestCase):
     def test_duplicates_collapse(self):
         files = parse_files(["a", "a", {"name": "a", "sha256": SHA_A}, {"name": "a", "size": 1, "sha256": SHA_A}], 10)
         self.assertEqual(len(files), 2)
-        self.assertEqual({f.key for f in files}, {("a", None), ("a", SHA_A)})
+        self.assertEqual({f.key for f in files}, {("a", None, None), ("a", SHA_A, None)})
 
     def test_bad_names_refused(self):
         for bad in ("a/b", "..", ".", "a\x00", "x" * 256, {"name": "../etc"}, {"name": "a/b", "sha256": SHA_A},

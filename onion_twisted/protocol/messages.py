@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from onion_twisted.protocol import wire
+from onion_twisted.protocol.merkle import E2E_CHUNK_SIZES
 
 LS = "ls"
 LIST = "list"
@@ -28,8 +29,9 @@ REQUEST = "request"
 TRANSFER = "transfer"
 FILE_CHUNK = "file_chunk"
 TRANSFER_END = "transfer_end"
+TRANSFER_START = "transfer_start"  # §13: the sharer's key and sealed leaf row, first over the bridge
 ERROR = "error"
-CHUNK_TYPES = (FILE_CHUNK, TRANSFER_END)  # what crosses a bridge
+CHUNK_TYPES = (FILE_CHUNK, TRANSFER_START, TRANSFER_END)  # what crosses a bridge
 
 MIN_CHUNK = 16 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
@@ -38,6 +40,7 @@ MAX_RANGES = 65536
 MAX_NAME_BYTES = 255
 MAX_SIZE = 2 ** 53  # JSON-safe integers
 MAX_TRANSFER_ID = 128  # characters; the tracker makes UUIDv4s, 36
+MAX_EXCLUDED = 64  # transfers a request may name whose sources are not to be asked again
 
 #: The one spelling of a SHA-256 on the wire: 64 lowercase hex digits.
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -154,10 +157,11 @@ class SharedFile(NamedTuple):
     name: str
     size: int | None
     sha256: str | None
+    root: str | None = None  # §13: the Merkle root, announced by a /2 sharer
 
     @property
-    def key(self) -> tuple[str, str | None]:
-        return (self.name, self.sha256)
+    def key(self) -> tuple[str, str | None, str | None]:
+        return (self.name, self.sha256, self.root)
 
 
 def parse_files(files, max_files: int) -> tuple[SharedFile, ...]:
@@ -174,8 +178,10 @@ def parse_files(files, max_files: int) -> tuple[SharedFile, ...]:
             size = f.get("size")
             if size is not None and not _is_size(size):
                 raise MessageError("bad_request", "ls: size is not a non-negative integer")
-            sha = f.get("sha256")
-            shared = SharedFile(check_name(f.get("name")), size, None if sha is None else check_sha256(sha))
+            sha, root = f.get("sha256"), f.get("root")
+            if root is not None and (size is None or not is_sha256(root)):
+                raise MessageError("bad_request", "ls: root is not 64 lowercase hex digits with a size")
+            shared = SharedFile(check_name(f.get("name")), size, None if sha is None else check_sha256(sha), root)
         else:
             raise MessageError("bad_request", "ls: a file is neither a name nor an object")
         parsed[shared.key] = shared
@@ -183,7 +189,7 @@ def parse_files(files, max_files: int) -> tuple[SharedFile, ...]:
 
 
 def ls_message(files: list) -> dict:
-    """``files``: names, or ``{"name", "size", "sha256"}`` objects."""
+    """``files``: names, or ``{"name", "size", "sha256", "root"?}`` objects."""
     return {"type": LS, "files": list(files)}
 
 
@@ -200,7 +206,7 @@ def parse_files_reply(message) -> list[dict] | None:
 
 
 def files_message(listing: list[dict]) -> dict:
-    """``listing``: ``{"name", "size", "sha256", "sources"}`` rows."""
+    """``listing``: ``{"name", "size", "sha256", "root", "sources"}`` rows."""
     return {"type": FILES, "files": listing}
 
 
@@ -212,20 +218,66 @@ class FileRequest:
     sha256: str | None
     chunk_size: int
     chunks: list | None
+    root: str | None = None
+    key: bytes | None = None          # §13: the requester's ephemeral X25519 public key
+    exclude: tuple[str, ...] = ()     # transfers whose sources are not to be asked again
+
+
+def _optional_root(message: dict) -> str | None:
+    root = message.get("root")
+    if root is not None and not is_sha256(root):
+        raise MessageError("bad_request", "root is not 64 lowercase hex digits")
+    return root
+
+
+def _optional_key(message: dict, chunk_size: int) -> bytes | None:
+    """The requester's transfer key (§13): base64 of 32 bytes; its chunks are whole pieces."""
+    key = message.get("key")
+    if key is None:
+        return None
+    try:
+        raw = wire.b64decode(key, "key")
+    except Exception:
+        raw = b""
+    if len(raw) != 32:
+        raise MessageError("bad_request", "key is not base64 of a 32-byte X25519 public key")
+    if chunk_size not in E2E_CHUNK_SIZES:
+        raise MessageError("bad_request", "an end-to-end transfer's chunk_size is 256 KiB times a power of two, "
+                                          "up to 4 MiB")
+    return raw
+
+
+def _excluded(message: dict) -> tuple[str, ...]:
+    exclude = message.get("exclude")
+    if exclude is None:
+        return ()
+    if (not isinstance(exclude, list) or len(exclude) > MAX_EXCLUDED
+            or not all(is_transfer_id(t) for t in exclude)):
+        raise MessageError("bad_request", f"exclude must be a list of at most {MAX_EXCLUDED} transfer ids")
+    return tuple(exclude)
 
 
 def parse_request(message: dict) -> FileRequest:
     name = check_name(message.get("file"))
     sha = _optional_sha256(message)
-    return FileRequest(name, sha, _chunk_size(message), _chunks(message))
+    chunk_size = _chunk_size(message)
+    return FileRequest(name, sha, chunk_size, _chunks(message), _optional_root(message),
+                       _optional_key(message, chunk_size), _excluded(message))
 
 
-def request_message(file: str, chunk_size: int, sha256: str | None = None, chunks: list | None = None) -> dict:
+def request_message(file: str, chunk_size: int, sha256: str | None = None, chunks: list | None = None, *,
+                    root: str | None = None, key: bytes | None = None, exclude=()) -> dict:
     message = {"type": REQUEST, "file": file, "chunk_size": chunk_size}
     if sha256:
         message["sha256"] = sha256
+    if root:
+        message["root"] = root
     if chunks is not None:
         message["chunks"] = chunks
+    if key is not None:
+        message["key"] = wire.b64encode(key)
+    if exclude:
+        message["exclude"] = list(exclude)
     return message
 
 
@@ -238,6 +290,8 @@ class SourceRequest:
     chunk_size: int
     sha256: str | None
     chunks: list | None
+    root: str | None = None
+    key: bytes | None = None  # the requester's key: this transfer is end-to-end (§13)
 
 
 def parse_source_request(message: dict) -> SourceRequest:
@@ -245,16 +299,27 @@ def parse_source_request(message: dict) -> SourceRequest:
     transfer = _transfer_id(message)
     name = check_name(message.get("file"))
     sha = _optional_sha256(message)
-    return SourceRequest(name, transfer, _chunk_size(message), sha, _chunks(message))
+    chunk_size = _chunk_size(message)
+    key = _optional_key(message, chunk_size)
+    root = _optional_root(message)
+    if key is not None and root is None:
+        raise MessageError("bad_request", "an end-to-end request names the root")
+    return SourceRequest(name, transfer, chunk_size, sha, _chunks(message), root, key)
 
 
-def source_request_message(request: FileRequest, transfer: str, sha256: str | None) -> dict:
+def source_request_message(request: FileRequest, transfer: str, sha256: str | None,
+                           root: str | None = None, e2e: bool = False) -> dict:
     """The tracker's ``request`` to the sharer: the requester's, with the transfer
-    id and the sha256 of the entry chosen."""
+    id, the sha256 (and root) of the entry chosen, and the requester's key when
+    the transfer is end-to-end."""
     message = {"type": REQUEST, "file": request.file, "transfer": transfer,
                "chunk_size": request.chunk_size, "sha256": sha256}
+    if root is not None:
+        message["root"] = root
     if request.chunks is not None:
         message["chunks"] = request.chunks
+    if e2e:
+        message["key"] = wire.b64encode(request.key)
     return message
 
 
@@ -267,6 +332,8 @@ class Transfer:
     size: int | None
     sha256: str | None
     chunk_size: int
+    root: str | None = None
+    e2e: bool = False
 
 
 def parse_transfer(message: dict) -> Transfer:
@@ -275,12 +342,24 @@ def parse_transfer(message: dict) -> Transfer:
     size = message.get("size")
     if size is not None and not _is_size(size):
         raise MessageError("bad_request", "transfer: size is not a non-negative integer")
-    return Transfer(transfer, name, size, _optional_sha256(message), _chunk_size(message))
+    e2e = message.get("e2e", False)
+    if not isinstance(e2e, bool):
+        raise MessageError("bad_request", "transfer: e2e is not a boolean")
+    root = _optional_root(message)
+    if e2e and (root is None or size is None):
+        raise MessageError("bad_request", "transfer: an end-to-end transfer names its root and size")
+    return Transfer(transfer, name, size, _optional_sha256(message), _chunk_size(message), root, e2e)
 
 
-def transfer_message(transfer: str, file: str, size: int | None, sha256: str | None, chunk_size: int) -> dict:
-    return {"type": TRANSFER, "transfer": transfer, "file": file, "size": size, "sha256": sha256,
-            "chunk_size": chunk_size}
+def transfer_message(transfer: str, file: str, size: int | None, sha256: str | None, chunk_size: int,
+                     root: str | None = None, e2e: bool = False) -> dict:
+    message = {"type": TRANSFER, "transfer": transfer, "file": file, "size": size, "sha256": sha256,
+               "chunk_size": chunk_size}
+    if root is not None:
+        message["root"] = root
+    if e2e:  # absent: §8's transfer, as a /1 tracker answers
+        message["e2e"] = True
+    return message
 
 
 # --- file_chunk, transfer_end: the sharer's, over the bridge ---------------------------------
@@ -338,11 +417,80 @@ def parse_transfer_end(message: dict) -> TransferEnd:
     return TransferEnd(transfer, status == "ok", detail)
 
 
-def transfer_end_message(transfer: str, error: str | None = None) -> dict:
-    """``status`` ``ok``, or ``error`` with ``error`` as its detail."""
+def transfer_end_message(transfer: str, error: str | None = None, chunk_size: int | None = None) -> dict:
+    """``status`` ``ok``, or ``error`` with ``error`` as its detail. ``chunk_size`` (§13,
+    /2 sharers): the requester's exit pads the end to the chunks' class, as the sharer did."""
+    message = {"type": TRANSFER_END, "transfer": transfer}
+    if chunk_size is not None:
+        message["chunk_size"] = chunk_size
     if error is None:
-        return {"type": TRANSFER_END, "transfer": transfer, "status": "ok"}
-    return {"type": TRANSFER_END, "transfer": transfer, "status": "error", "detail": error}
+        message["status"] = "ok"
+    else:
+        message["status"], message["detail"] = "error", error
+    return message
+
+
+# --- §13: end-to-end transfers over the bridge -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TransferStart:
+    transfer: str
+    chunk_size: int
+    key: bytes      # the sharer's ephemeral X25519 public key
+    leaves: bytes   # the leaf row, sealed under the transfer key
+
+
+def parse_transfer_start(message: dict) -> TransferStart:
+    transfer = _transfer_id(message)
+    chunk_size = message.get("chunk_size")
+    if chunk_size not in E2E_CHUNK_SIZES or isinstance(chunk_size, bool):
+        raise MessageError("bad_request", "transfer_start: chunk_size is not 256 KiB times a power of two")
+    try:
+        key = wire.b64decode(message.get("key"), "key")
+        leaves = wire.b64decode(message.get("leaves"), "leaves")
+    except Exception:
+        raise MessageError("bad_request", "transfer_start: key or leaves is not base64") from None
+    if len(key) != 32:
+        raise MessageError("bad_request", "transfer_start: key is not 32 bytes")
+    return TransferStart(transfer, chunk_size, key, leaves)
+
+
+def transfer_start_message(transfer: str, chunk_size: int, key: bytes, sealed_leaves: bytes) -> bytes:
+    return wire.with_base64({"type": TRANSFER_START, "transfer": transfer, "chunk_size": chunk_size,
+                             "key": wire.b64encode(key)}, "leaves", sealed_leaves)
+
+
+@dataclass(frozen=True, slots=True)
+class SealedChunk:
+    transfer: str
+    chunk_idx: int
+    chunk_size: int
+    data: bytes  # AES-GCM ciphertext and tag
+
+
+def is_sealed_chunk(message: dict) -> bool:
+    """A §13 chunk names no file: that is how it differs from §8's."""
+    return "file" not in message
+
+
+def parse_sealed_chunk(message: dict) -> SealedChunk:
+    transfer = _transfer_id(message)
+    index, chunk_size = message.get("chunk_idx"), message.get("chunk_size")
+    if not _is_integer(index) or not 0 <= index < MAX_SIZE:
+        raise MessageError("bad_request", "file_chunk: chunk_idx is not a non-negative integer")
+    if chunk_size not in E2E_CHUNK_SIZES or isinstance(chunk_size, bool):
+        raise MessageError("bad_request", "file_chunk: chunk_size is not 256 KiB times a power of two")
+    try:
+        data = wire.b64decode(message.get("data"), "data")
+    except Exception:
+        raise MessageError("bad_request", "file_chunk: data is not base64") from None
+    return SealedChunk(transfer, index, chunk_size, data)
+
+
+def sealed_chunk_message(transfer: str, chunk_idx: int, chunk_size: int, sealed: bytes) -> bytes:
+    """A §13 ``file_chunk``: transfer, index and the chunk's class, nothing of the file."""
+    return wire.with_base64({"type": FILE_CHUNK, "transfer": transfer, "chunk_idx": chunk_idx,
+                             "chunk_size": chunk_size}, "data", sealed)
 
 
 # --- error -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from onion_twisted.protocol import cells, wire
 from onion_twisted.protocol.messages import FileRequest, MessageError, SharedFile, files_message
 
 MAX_TRANSFERS = 1024  # transfers counted as under way per source circuit (the estimate saturates)
+MAX_TRANSFER_SOURCES = 65536  # transfer id -> its source, kept so a request can exclude a source (§13)
 
 
 class TrackedCircuit:
@@ -40,8 +41,11 @@ class Catalogue:
         self.listing_refresh = listing_refresh
         self.rng = rng or random.SystemRandom()
         self.circuits: dict[tuple[str, str], TrackedCircuit] = {}
-        self.entries: dict[tuple[str, str | None], dict] = {}  # (name, sha) -> {circuit key: SharedFile}
-        self.names: dict[str, set] = {}  # name -> its (name, sha) entry keys
+        self.entries: dict[tuple, dict] = {}  # (name, sha, root) -> {circuit key: SharedFile}
+        self.names: dict[str, set] = {}  # name -> its (name, sha, root) entry keys
+        # Which circuit served each recent transfer: a requester that got a bad chunk names
+        # the transfer in ``exclude`` and never learns more of the source than that id.
+        self.transfer_sources: dict[str, tuple] = {}
         self._listing: list | None = None
         self._listing_json: bytes | None = None
         self._answer: bytes | None = None
@@ -152,43 +156,55 @@ class Catalogue:
 
     def _build_listing(self) -> list[dict]:
         rows = []
-        for (name, sha), sources in self.entries.items():
+        for (name, sha, root), sources in self.entries.items():
             size = next(iter(sources.values())).size
-            rows.append({"name": name, "size": size, "sha256": sha, "sources": len(sources)})
+            row = {"name": name, "size": size, "sha256": sha, "sources": len(sources)}
+            if root is not None:  # a /2 entry (§13); /1 rows stay as §8 has them
+                row["root"] = root
+            rows.append(row)
         if len(rows) > self.max_listing:
             rows.sort(key=lambda r: r["sources"], reverse=True)
             del rows[self.max_listing:]
-        rows.sort(key=lambda r: (r["name"], r["sha256"] or ""))
+        rows.sort(key=lambda r: (r["name"], r["sha256"] or "", r.get("root") or ""))
         return rows
 
     # --- source choice (§8) -------------------------------------------------------------
 
-    def choose_source(self, request: FileRequest, requester_key) -> tuple[TrackedCircuit, SharedFile]:
-        """The sharing circuit for a request: never the requester's own.
+    def choose_source(self, request: FileRequest, requester_key, is_sealed=lambda key: False
+                      ) -> tuple[TrackedCircuit, SharedFile, bool]:
+        """The sharing circuit for a request, never the requester's own nor one it
+        excluded, and whether the transfer is end-to-end (§13).
 
-        Without a sha256 the entry of that name with the most other sources
-        wins; among its sources, the one with the fewest transfers under way,
-        ties broken at random.
+        The entries of the name that match the request's sha256 and root are
+        candidates. A request with a key (end-to-end wanted) prefers an entry
+        with a root and sealed sources, and such a source in it; otherwise
+        the entry with the most sources wins. Among the sources, the one with
+        the fewest transfers under way, ties broken at random.
         """
-        if request.sha256 is not None:
-            candidates = [(request.file, request.sha256)]
-        else:
-            candidates = list(self.names.get(request.file, ()))
+        candidates = [k for k in self.names.get(request.file, ())
+                      if (request.sha256 is None or k[1] == request.sha256)
+                      and (request.root is None or k[2] == request.root)]
+        excluded = {self.transfer_sources[t] for t in request.exclude if t in self.transfer_sources}
+        wants_e2e = request.key is not None
         best = None
         for key in candidates:
-            sources = [k for k in self.entries.get(key, ()) if k != requester_key]
-            if sources and (best is None or len(sources) > len(best[1])):
-                best = (key, sources)
+            sources = [k for k in self.entries.get(key, ()) if k != requester_key and k not in excluded]
+            sealed = [k for k in sources if is_sealed(k)] if wants_e2e and key[2] is not None else []
+            rank = (len(sealed) > 0, len(sealed) or len(sources))
+            if sources and (best is None or rank > best[0]):
+                best = (rank, key, sealed or sources, bool(sealed))
         if best is None:
+            if any(k != requester_key for c in candidates for k in self.entries.get(c, ())):
+                raise MessageError("no_source", "every other source of that file was excluded")
             if any(self.entries.get(k) for k in candidates):
                 raise MessageError("no_source", "only the requester's own circuit shares that file")
             raise MessageError("not_found", "no circuit shares that file")
-        key, sources = best
+        _, key, sources, e2e = best
         now = self.clock.seconds()
         load = {k: self._under_way(self.circuits[k], now) for k in sources}
         least = min(load.values())
         chosen = self.rng.choice([k for k in sources if load[k] == least])
-        return self.circuits[chosen], self.entries[key][chosen]
+        return self.circuits[chosen], self.entries[key][chosen], e2e
 
     # --- transfers under way ------------------------------------------------------------
 
@@ -202,6 +218,10 @@ class Catalogue:
         if len(transfers) >= MAX_TRANSFERS and self._under_way(circuit, now) >= MAX_TRANSFERS:
             del transfers[min(transfers, key=transfers.__getitem__)]  # the one that ends first
         transfers[transfer] = now + min(estimate, self.idle_timeout)
+        sources = self.transfer_sources
+        if len(sources) >= MAX_TRANSFER_SOURCES:
+            del sources[next(iter(sources))]  # the oldest: insertion order
+        sources[transfer] = circuit.key
 
     def end_transfer(self, circuit: TrackedCircuit, transfer: str) -> None:
         circuit.transfers.pop(transfer, None)

@@ -158,7 +158,12 @@ class Tracker:
     async def _request(self, requester, request) -> dict:
         if self.pending >= self.max_pending:
             raise MessageError("busy", "too many transfers being set up; try again")
-        source, shared = self.catalogue.choose_source(request, requester.key)
+        # End to end (§13) only between two sealed circuits: the requester's key must
+        # cross no exit in the clear, on its way in or out.
+        requester_sealed = self.sealed.get(requester.key) is not None
+        source, shared, e2e = self.catalogue.choose_source(
+            request, requester.key, is_sealed=lambda key: self.sealed.get(key) is not None)
+        e2e = e2e and requester_sealed
         source_hop = self.sealed.get(source.key)  # kept: the circuit may go while the bridge is made
         transfer = wire.new_circuit_id()
         bridge_cid = wire.new_circuit_id()
@@ -173,7 +178,7 @@ class Tracker:
                 "type": control.MAKE_BRIDGE, "CID": source.key[1], "transfer": transfer,
                 "to": str(requester.exit), "bridge_CID": bridge_cid})
             bridged.append(source.exit)
-            ask = messages.source_request_message(request, transfer, shared.sha256)
+            ask = messages.source_request_message(request, transfer, shared.sha256, shared.root, e2e)
             # The request names the file: on a sealed circuit only the sharer can read it (§12).
             if source_hop is not None:
                 ask_cell = sealed.seal_cell(source_hop, source.key[1], wire.dumps(ask))
@@ -189,7 +194,8 @@ class Tracker:
             self.pending -= 1
         self.catalogue.start_transfer(source, transfer, shared.size)
         self.metrics.request("bridged")
-        return messages.transfer_message(transfer, request.file, shared.size, shared.sha256, request.chunk_size)
+        return messages.transfer_message(transfer, request.file, shared.size, shared.sha256, request.chunk_size,
+                                         shared.root, e2e)
 
     def _control(self, exit_address: wire.Address, payload: dict) -> defer.Deferred:
         payload["issued"] = int(self.clock.seconds())
