@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from onion_twisted.protocol import messages, wire
+from onion_twisted.protocol import bridged, messages, wire
 from onion_twisted.protocol.messages import (DEFAULT_CHUNK, MAX_CHUNK, MAX_RANGES, MIN_CHUNK, FileRequest, MessageError,
-                                             SharedFile, check_name, check_sha256, parse_files, parse_request)
+                                            SharedFile, check_name, check_sha256, parse_files, parse_request)
 
 from tests.support.tracker_fakes import SHA_A
 
@@ -230,44 +230,44 @@ class TransferMessageTests(ErrorCase, unittest.SynchronousTestCase):
 
 class FileChunkMessageTests(ErrorCase, unittest.SynchronousTestCase):
     def test_round_trip(self):
-        body = messages.file_chunk_message(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata")
+        body = bridged.file_chunk_message(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata")
         self.assertEqual(body, b'{"type":"file_chunk","transfer":"' + TRANSFER.encode() +
                          b'","file":"a","chunk_idx":2,"chunk_size":16384,"size":40000,"data":"AP9kYXRh"}')
-        self.assertEqual(messages.parse_file_chunk(wire.loads(body)),
-                         messages.FileChunk(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata"))
+        self.assertEqual(bridged.parse_file_chunk(wire.loads(body)),
+                         bridged.FileChunk(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata"))
 
     def test_data_decoded_in_passing_is_taken_as_it_is(self):
-        message = wire.loads(messages.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
+        message = wire.loads(bridged.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
         message["data"] = b"abcd"
-        self.assertEqual(messages.parse_file_chunk(message).data, b"abcd")
+        self.assertEqual(bridged.parse_file_chunk(message).data, b"abcd")
 
     def test_refusals(self):
-        good = wire.loads(messages.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
+        good = wire.loads(bridged.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
         for change in ({"transfer": ""}, {"file": ".."}, {"chunk_idx": -1}, {"chunk_idx": "0"},
                        {"chunk_idx": True}, {"size": -1}, {"size": None}, {"chunk_size": 0},
                        {"chunk_size": None}, {"data": "not base64!"}, {"data": None}):
-            self.assertMessageError("bad_request", messages.parse_file_chunk, dict(good, **change))
+            self.assertMessageError("bad_request", bridged.parse_file_chunk, dict(good, **change))
         del good["chunk_size"]
-        self.assertMessageError("bad_request", messages.parse_file_chunk, good)
+        self.assertMessageError("bad_request", bridged.parse_file_chunk, good)
 
 
 class TransferEndMessageTests(ErrorCase, unittest.SynchronousTestCase):
     def test_ok_round_trip(self):
-        message = messages.transfer_end_message(TRANSFER)
+        message = bridged.transfer_end_message(TRANSFER)
         self.assertEqual(wire.dumps(message), b'{"type":"transfer_end","transfer":"' + TRANSFER.encode() +
                          b'","status":"ok"}')
-        self.assertEqual(messages.parse_transfer_end(message), messages.TransferEnd(TRANSFER, True, None))
+        self.assertEqual(bridged.parse_transfer_end(message), bridged.TransferEnd(TRANSFER, True, None))
 
     def test_error_round_trip(self):
-        message = messages.transfer_end_message(TRANSFER, "no such file")
+        message = bridged.transfer_end_message(TRANSFER, "no such file")
         self.assertEqual(list(message), ["type", "transfer", "status", "detail"])
-        self.assertEqual(messages.parse_transfer_end(wire.loads(wire.dumps(message))),
-                         messages.TransferEnd(TRANSFER, False, "no such file"))
+        self.assertEqual(bridged.parse_transfer_end(wire.loads(wire.dumps(message))),
+                         bridged.TransferEnd(TRANSFER, False, "no such file"))
 
     def test_refusals(self):
-        good = messages.transfer_end_message(TRANSFER)
+        good = bridged.transfer_end_message(TRANSFER)
         for change in ({"transfer": None}, {"status": "done"}, {"status": None}, {"detail": 3}):
-            self.assertMessageError("bad_request", messages.parse_transfer_end, dict(good, **change))
+            self.assertMessageError("bad_request", bridged.parse_transfer_end, dict(good, **change))
 
 
 class ErrorMessageTests(ErrorCase, unittest.SynchronousTestCase):

@@ -14,7 +14,7 @@ import hashlib
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from onion_twisted.protocol import e2e, merkle, messages, wire
+from onion_twisted.protocol import bridged, e2e, merkle, messages, wire
 
 PIECE = 262144
 
@@ -118,8 +118,8 @@ def compute(inputs=INPUTS) -> dict:
 
     sealed_leaves = sharer.seal_leaves(leaves)
     assert requester.open_leaves(sealed_leaves) == leaves
-    start = messages.transfer_start_message(transfer, chunk_size, Y, sealed_leaves)
-    parsed = messages.parse_transfer_start(wire.loads(start))
+    start = bridged.transfer_start_message(transfer, chunk_size, Y, sealed_leaves)
+    parsed = bridged.parse_transfer_start(wire.loads(start))
     assert (parsed.key, parsed.leaves) == (Y, sealed_leaves)
 
     count = -(-len(data) // chunk_size)
@@ -128,8 +128,8 @@ def compute(inputs=INPUTS) -> dict:
         plain = requester.open_chunk(i, chunk)
         assert merkle.chunk_matches(plain, i, chunk_size, leaves)
     last = count - 1
-    chunk_message = messages.sealed_chunk_message(transfer, last, chunk_size, sealed[last])
-    assert messages.is_sealed_chunk(wire.loads(chunk_message))
+    chunk_message = bridged.sealed_chunk_message(transfer, last, chunk_size, sealed[last])
+    assert bridged.is_sealed_chunk(wire.loads(chunk_message))
     request = messages.request_message("vector.bin", chunk_size, sha, root=root, key=X)
 
     outputs = {
