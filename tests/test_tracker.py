@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 
 import orjson
 from twisted.internet import defer
@@ -27,6 +28,7 @@ from onion_twisted.net.http_server import QuietSite
 from onion_twisted.tracker.app import TrackerApp
 
 from tests.support.deferreds import inline
+from tests.support.fake_tracker import FakeTracker
 from tests.support.memory_http import memory_client
 from tests.support.tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, SHA_A,
                                          SHA_B, STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness,
@@ -286,6 +288,33 @@ class RootAndExcludeTests(TrackerCase):
             self.assertError(await self.ask(**fields), "bad_request")
             self.assertEqual(self.h.snapshot(), before)
         self.assertEqual(self.outbound.posts, [])
+
+
+def row_order(row):
+    return (row["name"], row["sha256"] or "", row.get("root") or "")
+
+
+class FakeTrackerRowsTests(TrackerCase):
+    """tests/support/fake_tracker.py answers ls as the real tracker does, root rows included."""
+
+    @inline
+    async def test_the_fake_trackers_rows_are_the_real_ones(self):
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        fake = FakeTracker(MemoryReactorClock(), "127.0.0.1", PORT, data_dir, node_ttl=90.0, hop_timeout=10.0)
+        for address in NODE_ADDRESSES:
+            fake.nodes[address] = {"seen": 0}
+        announced = (
+            (SHARER_IP, [{"name": "f", "size": SIZE, "sha256": SHA_A, "root": ROOT},
+                         {"name": "f", "size": SIZE, "sha256": SHA_A}, "g", "g"]),
+            (OTHER_IP, [{"name": "f", "size": SIZE, "sha256": SHA_A, "root": ROOT}, {"name": "f", "sha256": SHA_B}]),
+        )
+        for exit_ip, files in announced:
+            cid = new_cid()
+            real = await self.h.ls(exit_ip, cid, files)
+            faked = wire.loads(fake._cell(exit_ip, cell(cid, {"type": "ls", "files": files})))["payload"]
+            self.assertEqual(sorted(faked["files"], key=row_order), real["files"])  # the fake keeps ls order
+        self.assertEqual([r.get("root") for r in real["files"]], [None, ROOT, None, None])
 
 
 class ControlSignatureTests(TrackerCase):
