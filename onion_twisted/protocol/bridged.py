@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onion_twisted.protocol import wire
-from onion_twisted.protocol.merkle import E2E_CHUNK_SIZES
+from onion_twisted.protocol.merkle import is_e2e_chunk_size
 # The field checks are §8's, shared with the tracker's messages.
 from onion_twisted.protocol.messages import (FILE_CHUNK, MAX_SIZE, TRANSFER_END, TRANSFER_START, MessageError,
                                             _chunk_size, _is_integer, _is_size, _transfer_id, check_name)
@@ -102,7 +102,7 @@ class TransferStart:
 def parse_transfer_start(message: dict) -> TransferStart:
     transfer = _transfer_id(message)
     chunk_size = message.get("chunk_size")
-    if chunk_size not in E2E_CHUNK_SIZES or isinstance(chunk_size, bool):
+    if not is_e2e_chunk_size(chunk_size):
         raise MessageError("bad_request", "transfer_start: chunk_size is not 256 KiB times a power of two")
     try:
         key = wire.b64decode(message.get("key"), "key")
@@ -137,7 +137,7 @@ def parse_sealed_chunk(message: dict) -> SealedChunk:
     index, chunk_size = message.get("chunk_idx"), message.get("chunk_size")
     if not _is_integer(index) or not 0 <= index < MAX_SIZE:
         raise MessageError("bad_request", "file_chunk: chunk_idx is not a non-negative integer")
-    if chunk_size not in E2E_CHUNK_SIZES or isinstance(chunk_size, bool):
+    if not is_e2e_chunk_size(chunk_size):
         raise MessageError("bad_request", "file_chunk: chunk_size is not 256 KiB times a power of two")
     try:
         data = wire.b64decode(message.get("data"), "data")

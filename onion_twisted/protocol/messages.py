@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from onion_twisted.protocol import wire
-from onion_twisted.protocol.merkle import E2E_CHUNK_SIZES
+from onion_twisted.protocol.merkle import is_e2e_chunk_size
 
 LS = "ls"
 LIST = "list"
@@ -242,7 +242,7 @@ def _optional_key(message: dict, chunk_size: int) -> bytes | None:
         raw = b""
     if len(raw) != 32:
         raise MessageError("bad_request", "key is not base64 of a 32-byte X25519 public key")
-    if chunk_size not in E2E_CHUNK_SIZES:
+    if not is_e2e_chunk_size(chunk_size):
         raise MessageError("bad_request", "an end-to-end transfer's chunk_size is 256 KiB times a power of two, "
                                           "up to 4 MiB")
     return raw
