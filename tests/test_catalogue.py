@@ -390,10 +390,13 @@ class E2EChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         for key in no_root:
             join(cat, key, [{"name": "a", "size": 5, "sha256": SHA_A}])
         for _ in range(20):
-            circuit, shared, e2e = cat.choose_source(e2e_request("a"), D, is_sealed=sealed(A, *no_root))
+            circuit, shared, e2e = cat.choose_source(e2e_request("a"), D, is_sealed=sealed(A, D, *no_root))
             self.assertEqual((circuit.key, shared.root, e2e), (A, ROOT, True))  # never B: it is not sealed
         # Without a key the entry with the most sources wins, as in §8, and nothing is end to end.
-        circuit, shared, e2e = cat.choose_source(e2e_request("a", key=None), D, is_sealed=sealed(A, *no_root))
+        circuit, shared, e2e = cat.choose_source(e2e_request("a", key=None), D, is_sealed=sealed(A, D, *no_root))
+        self.assertEqual((circuit.key in no_root, shared.root, e2e), (True, None, False))
+        # Nor from an unsealed requester: its key crossed its exit in the clear.
+        circuit, shared, e2e = cat.choose_source(e2e_request("a"), D, is_sealed=sealed(A, *no_root))
         self.assertEqual((circuit.key in no_root, shared.root, e2e), (True, None, False))
 
     def test_a_key_whose_only_source_is_unsealed_is_not_end_to_end(self):
