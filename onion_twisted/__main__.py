@@ -228,6 +228,10 @@ def get(name: str, peer: str, sha256: str | None, timeout: float | None, *, fetc
                           f"against (sha256 {d.get('sha256')})", file=err)
                 else:
                     print(f"{name}: downloaded and verified (sha256 {d.get('sha256')})", file=err)
+                if d.get("e2e") is True:
+                    print(f"{name}: end-to-end encrypted; every chunk checked against its root", file=err)
+                elif d.get("e2e") is False:
+                    print(f"{name}: not end-to-end encrypted: the exits of this transfer could read it", file=err)
                 print(f"{base}/files/{quote(where, safe='')}", file=out)
                 return EXIT_DONE
             if d.get("state") == "failed":

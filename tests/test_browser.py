@@ -243,7 +243,11 @@ class BrowserTests(unittest.TestCase):
             file_input.press_sequentially(BIG_NAME)
             b.shot("typed")
             button.click()
-            self.wait_done(b.page, BIG_NAME)
+            item = self.wait_done(b.page, BIG_NAME)
+            # The page says what the network could see of it (§13): here, nothing of its bytes.
+            from playwright.sync_api import expect
+            expect(item.locator(".privacy")).to_have_text(
+                "end-to-end encrypted; every chunk checked against the file's root before it was written")
             b.shot("done")
             self.assertEqual(self.save_and_hash(b, self.download_item(b.page, BIG_NAME), BIG_NAME), bob_sha,
                              "what the link served is not bob's file")

@@ -127,7 +127,9 @@
       });
   }
 
-  function catalogueKey(f) { return String(f.name) + "\u0000" + String(f.sha256 || ""); }
+  function catalogueKey(f) {
+    return String(f.name) + "\u0000" + String(f.sha256 || "") + "\u0000" + String(f.root || "");
+  }
 
   // A file this peer shares itself (same name and sha256) gets no Download button:
   // the tracker would find no other source, or fetch a copy of what is already here.
@@ -161,7 +163,8 @@
         if (typeof f.sha256 === "string") { tr.dataset.sha256 = f.sha256; } else { delete tr.dataset.sha256; }
         var name = tr.querySelector(".name");
         setText(name, f.name);
-        setAttr(name, "title", typeof f.sha256 === "string" ? "sha256 " + f.sha256 : null);
+        setAttr(name, "title", typeof f.sha256 === "string" ? "sha256 " + f.sha256 +
+          (typeof f.root === "string" ? "\nroot " + f.root + " (end to end, checked chunk by chunk)" : "") : null);
         setText(tr.querySelector(".size"), isNumber(f.size) ? human(f.size) : "?");
         setText(tr.querySelector(".sources"), isNumber(f.sources) ? f.sources : "?");
         setAttr(tr.querySelector("button"), "aria-label", "Download " + f.name);
@@ -221,6 +224,7 @@
         meta.appendChild(el("span", "amount"));
         meta.appendChild(el("span", "speed"));
         li.appendChild(meta);
+        li.appendChild(el("p", "privacy"));
         li.appendChild(el("p", "error"));
         var link = el("a", "file-link");
         link.hidden = true;
@@ -260,8 +264,11 @@
         setText(li.querySelector(".percent"), percent);
         setAttr(progress, "aria-valuetext", percent || d.state);
         setText(li.querySelector(".amount"), size === null ? human(bytes) : human(bytes) + " of " + human(size));
-        setText(li.querySelector(".speed"), d.state === "receiving" ? speed(d.speed)
-          : done && d.unverified ? "not verified: its sharer announced no sha256" : "");
+        setText(li.querySelector(".speed"), d.state === "receiving" ? speed(d.speed) : "");
+        var privacy = li.querySelector(".privacy");
+        setText(privacy, privacyText(d));
+        privacy.hidden = !privacy.textContent;
+        privacy.className = "privacy" + (d.e2e === false || d.unverified ? " weak" : "");
         var error = li.querySelector(".error");
         setText(error, d.error || "");
         error.hidden = !d.error;
@@ -282,6 +289,28 @@
           setAttr(link, "title", typeof d.sha256 === "string" ? "verified, sha256 " + d.sha256 : null);
         }
       });
+  }
+
+  // What the network learnt of a download (§13), never left unsaid: end to end or not,
+  // checked chunk by chunk or not, and what its sources sent that was refused.
+  function privacyText(d) {
+    var parts = [];
+    if (d.e2e === true) {
+      parts.push("end-to-end encrypted; every chunk checked against the file's root before it was written");
+    } else if (d.e2e === false) {
+      parts.push("not end-to-end encrypted: the exits of this transfer could read it");
+    }
+    if (d.state === "done" && d.unverified) { parts.push("unverified: its sharer announced no sha256"); }
+    var sources = Array.isArray(d.sources) ? d.sources : [];
+    var refused = 0, excluded = 0;
+    sources.forEach(function (s) {
+      if (s && isNumber(s.refused)) { refused += s.refused; }
+      if (s && s.excluded) { excluded += 1; }
+    });
+    if (refused) { parts.push(refused + " chunk" + (refused === 1 ? "" : "s") + " altered on the way, dropped"); }
+    if (excluded) { parts.push(excluded + " source" + (excluded === 1 ? "" : "s") + " sent wrong data and " +
+                               (excluded === 1 ? "is" : "are") + " not asked again"); }
+    return parts.join("; ");
   }
 
   function followPending(downloads, seq) {
