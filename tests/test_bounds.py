@@ -28,7 +28,9 @@ from onion_twisted.peer import downloader as downloader_module
 from onion_twisted.peer import circuit as circuit_module
 from onion_twisted.node.circuits import RelayTable
 from onion_twisted.protocol.crypto import FORWARD
-from onion_twisted.peer.downloads import FAILED, SEEN_TRANSFERS, BadChunk, Download, DownloadStore
+from onion_twisted.peer.download_state import FAILED, BadChunk
+from onion_twisted.peer.download_store import DownloadStore
+from onion_twisted.peer.downloads import SEEN_TRANSFERS, Download
 from onion_twisted.net.http_server import QuietSite
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter

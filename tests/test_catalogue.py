@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.messages import DEFAULT_CHUNK, FileRequest, MessageError, SharedFile, parse_files
+from onion_twisted.tracker import catalogue as catalogue_module
 from onion_twisted.tracker.catalogue import Catalogue
 
 from .test_messages import ErrorCase
@@ -319,3 +320,122 @@ class BoundsTests(ErrorCase, unittest.SynchronousTestCase):
         self.assertEqual(set(cat.names), {"a", "c"})
         join(cat, B, ["a"])
         self.assertRaises(MessageError, join, cat, B, ["z"])  # a is still A's: no room
+
+
+# --- §13: entries keyed by root, end-to-end choice, exclusions --------------------------------
+
+ROOT = "d" * 64
+OTHER_ROOT = "e" * 64
+KEY = bytes(range(32))  # a requester's X25519 public key
+E = ("127.0.0.15", "55555555-5555-4555-8555-555555555555")
+
+
+def e2e_request(name, sha256=None, root=None, key=KEY, exclude=()):
+    return FileRequest(name, sha256, DEFAULT_CHUNK, None, root, key, tuple(exclude))
+
+
+def with_root(size=5, sha256=SHA_A, root=ROOT, name="a"):
+    return {"name": name, "size": size, "sha256": sha256, "root": root}
+
+
+def sealed(*keys):
+    """``is_sealed`` for choose_source: these circuits reach the tracker sealed (§12)."""
+    return lambda key: key in keys
+
+
+class RootEntryTests(unittest.SynchronousTestCase):
+    def test_same_name_and_sha256_with_and_without_root_are_two_entries(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root()])
+        join(cat, B, [{"name": "a", "size": 5, "sha256": SHA_A}])
+        join(cat, C, [with_root(root=OTHER_ROOT)])
+        self.assertEqual(set(cat.entries), {("a", SHA_A, ROOT), ("a", SHA_A, None), ("a", SHA_A, OTHER_ROOT)})
+        self.assertEqual(cat.names["a"], set(cat.entries))
+
+    def test_rows_carry_root_only_when_the_entry_has_one(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root()])
+        join(cat, B, [with_root(), {"name": "a", "size": 5, "sha256": SHA_A}, "b"])
+        self.assertEqual(cat.listing(), [
+            {"name": "a", "size": 5, "sha256": SHA_A, "sources": 1},
+            {"name": "a", "size": 5, "sha256": SHA_A, "sources": 2, "root": ROOT},
+            {"name": "b", "size": None, "sha256": None, "sources": 1},
+        ])
+        self.assertNotIn(b'"root":null', cat.files_reply_json())  # a /1 row is unchanged
+
+    def test_withdrawing_the_last_source_of_a_root_entry_drops_it(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root(), {"name": "a", "size": 5, "sha256": SHA_A}])
+        join(cat, A, [{"name": "a", "size": 5, "sha256": SHA_A}])
+        self.assertEqual(set(cat.entries), {("a", SHA_A, None)})
+
+
+class E2EChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_a_request_with_root_takes_only_that_entry(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root()])
+        join(cat, B, [with_root(root=OTHER_ROOT)])
+        join(cat, C, [with_root(root=OTHER_ROOT)])  # the entry with most sources: not the one asked for
+        for _ in range(20):
+            circuit, shared, _ = cat.choose_source(e2e_request("a", root=ROOT, key=None), D)
+            self.assertEqual((circuit.key, shared.root), (A, ROOT))
+        self.assertMessageError("not_found", cat.choose_source, e2e_request("a", root="f" * 64), D)
+        self.assertMessageError("not_found", cat.choose_source, e2e_request("a", SHA_B, root=ROOT), D)
+
+    def test_a_key_prefers_a_root_entry_with_sealed_sources(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root()])                                # root, sealed
+        join(cat, B, [with_root()])                                # root, unsealed
+        no_root = (C, E, ("127.0.0.16", CID_1))                    # no root, sealed, more of them
+        for key in no_root:
+            join(cat, key, [{"name": "a", "size": 5, "sha256": SHA_A}])
+        for _ in range(20):
+            circuit, shared, e2e = cat.choose_source(e2e_request("a"), D, is_sealed=sealed(A, *no_root))
+            self.assertEqual((circuit.key, shared.root, e2e), (A, ROOT, True))  # never B: it is not sealed
+        # Without a key the entry with the most sources wins, as in §8, and nothing is end to end.
+        circuit, shared, e2e = cat.choose_source(e2e_request("a", key=None), D, is_sealed=sealed(A, *no_root))
+        self.assertEqual((circuit.key in no_root, shared.root, e2e), (True, None, False))
+
+    def test_a_key_whose_only_source_is_unsealed_is_not_end_to_end(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root()])
+        circuit, shared, e2e = cat.choose_source(e2e_request("a"), D, is_sealed=sealed(D))
+        self.assertEqual((circuit.key, shared.root, e2e), (A, ROOT, False))
+        # A sealed source of an entry without a root is not end to end either: no leaves to check.
+        join(cat, A, [{"name": "a", "size": 5, "sha256": SHA_A}])
+        self.assertEqual(cat.choose_source(e2e_request("a"), D, is_sealed=sealed(A, D))[2], False)
+
+    def test_exclude_skips_the_source_of_a_transfer(self):
+        cat, _ = make_catalogue()
+        a, b = join(cat, A, [with_root()]), join(cat, B, [with_root()])
+        join(cat, C, [with_root()])
+        cat.start_transfer(a, "t-a", 5)
+        cat.start_transfer(b, "t-b", 5)
+        self.assertEqual(cat.transfer_sources, {"t-a": A, "t-b": B})
+        cat.end_transfer(a, "t-a")
+        cat.end_transfer(b, "t-b")  # all idle again: only the exclusion keeps a source out, the id is remembered
+        chosen = {cat.choose_source(e2e_request("a", exclude=["t-a"]), D)[0].key for _ in range(40)}
+        self.assertEqual(chosen, {B, C})
+        for _ in range(20):
+            self.assertEqual(cat.choose_source(e2e_request("a", exclude=["t-a", "t-b", "unknown"]), D)[0].key, C)
+
+    def test_all_other_sources_excluded_is_no_source(self):
+        cat, _ = make_catalogue()
+        a, b = join(cat, A, [with_root()]), join(cat, B, [with_root()])
+        join(cat, D, [with_root()])  # the requester's own copy does not count
+        cat.start_transfer(a, "t-a", 5)
+        cat.start_transfer(b, "t-b", 5)
+        e = self.assertMessageError("no_source", cat.choose_source, e2e_request("a", exclude=["t-a", "t-b"]), D)
+        self.assertEqual(e.detail, "every other source of that file was excluded")
+        self.assertEqual(cat.choose_source(e2e_request("a", exclude=["t-a"]), D)[0].key, B)
+
+    def test_transfer_sources_are_bounded_oldest_first(self):
+        self.patch(catalogue_module, "MAX_TRANSFER_SOURCES", 3)
+        cat, _ = make_catalogue()
+        a = join(cat, A, ["f"])
+        for i in range(5):
+            cat.start_transfer(a, f"t{i}", 1)
+        self.assertEqual(list(cat.transfer_sources), ["t2", "t3", "t4"])
+        # t0 is forgotten: it excludes nothing; t4 still excludes A, the only source.
+        self.assertEqual(cat.choose_source(e2e_request("f", key=None, exclude=["t0"]), D)[0].key, A)
+        self.assertMessageError("no_source", cat.choose_source, e2e_request("f", key=None, exclude=["t4"]), D)

@@ -395,12 +395,13 @@ class LyingSharerTests(FaultNetwork, ProcessesMixin, PeerApiMixin, unittest.Test
         downloads = self.base / "alice" / "downloads"
         await self.ask("alice", name, self.sha)
 
-        # Only bob shares it: the first attempt gets his wrong bytes and fails the sha256 check.
+        # Only bob shares it: his first chunk does not match the file's root (§13), so it is
+        # never written and bob is excluded; the download waits for another source.
         async def rejected():
             d = await self.download("alice", name)
             if d["state"] in ("done", "failed"):
                 raise AssertionError(f"the download ended {d['state']} from the lying sharer: {d}")
-            if d["error"] and "sha256 did not match" in d["error"]:
+            if d["error"] and "does not match" in d["error"]:
                 return d
             return None
         first = await poll_until(rejected, timeout=TRANSFER_DEADLINE, what="alice to reject bob's data",
@@ -408,6 +409,7 @@ class LyingSharerTests(FaultNetwork, ProcessesMixin, PeerApiMixin, unittest.Test
         self.assertIn("lying sharer: flipped", self.peers["bob"].log_text(), "bob did not serve the lie")
         # Nothing under the file's name (nor beside it): only the partial directory.
         self.assertEqual(sorted(p.name for p in downloads.iterdir()), [".partial"])
+        self.assertEqual([(s["chunks"], s["mismatched"], s["excluded"]) for s in first["sources"]], [(0, 1, True)])
 
         # Carol shares the true file; the download goes on by itself (no new POST) and ends from her.
         self.copy_into_share(self.file_path, "carol")

@@ -39,7 +39,7 @@ from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol.crypto import BACKWARD, FORWARD, Layer
 from onion_twisted.protocol.directory import NodeEntry
-from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.net.http_server import QuietSite
 from onion_twisted.peer.peer import Peer
 from onion_twisted.peer.app import PeerApp

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from onion_twisted.protocol import messages, wire
+from onion_twisted.protocol import bridged, messages, wire
 from onion_twisted.protocol.messages import (DEFAULT_CHUNK, MAX_CHUNK, MAX_RANGES, MIN_CHUNK, FileRequest, MessageError,
-                                             SharedFile, check_name, check_sha256, parse_files, parse_request)
+                                            SharedFile, check_name, check_sha256, parse_files, parse_request)
 
 from tests.support.tracker_fakes import SHA_A
 
@@ -230,44 +230,44 @@ class TransferMessageTests(ErrorCase, unittest.SynchronousTestCase):
 
 class FileChunkMessageTests(ErrorCase, unittest.SynchronousTestCase):
     def test_round_trip(self):
-        body = messages.file_chunk_message(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata")
+        body = bridged.file_chunk_message(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata")
         self.assertEqual(body, b'{"type":"file_chunk","transfer":"' + TRANSFER.encode() +
                          b'","file":"a","chunk_idx":2,"chunk_size":16384,"size":40000,"data":"AP9kYXRh"}')
-        self.assertEqual(messages.parse_file_chunk(wire.loads(body)),
-                         messages.FileChunk(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata"))
+        self.assertEqual(bridged.parse_file_chunk(wire.loads(body)),
+                         bridged.FileChunk(TRANSFER, "a", 2, 16384, 40000, b"\x00\xffdata"))
 
     def test_data_decoded_in_passing_is_taken_as_it_is(self):
-        message = wire.loads(messages.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
+        message = wire.loads(bridged.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
         message["data"] = b"abcd"
-        self.assertEqual(messages.parse_file_chunk(message).data, b"abcd")
+        self.assertEqual(bridged.parse_file_chunk(message).data, b"abcd")
 
     def test_refusals(self):
-        good = wire.loads(messages.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
+        good = wire.loads(bridged.file_chunk_message(TRANSFER, "a", 0, 16384, 4, b"abcd"))
         for change in ({"transfer": ""}, {"file": ".."}, {"chunk_idx": -1}, {"chunk_idx": "0"},
                        {"chunk_idx": True}, {"size": -1}, {"size": None}, {"chunk_size": 0},
                        {"chunk_size": None}, {"data": "not base64!"}, {"data": None}):
-            self.assertMessageError("bad_request", messages.parse_file_chunk, dict(good, **change))
+            self.assertMessageError("bad_request", bridged.parse_file_chunk, dict(good, **change))
         del good["chunk_size"]
-        self.assertMessageError("bad_request", messages.parse_file_chunk, good)
+        self.assertMessageError("bad_request", bridged.parse_file_chunk, good)
 
 
 class TransferEndMessageTests(ErrorCase, unittest.SynchronousTestCase):
     def test_ok_round_trip(self):
-        message = messages.transfer_end_message(TRANSFER)
+        message = bridged.transfer_end_message(TRANSFER)
         self.assertEqual(wire.dumps(message), b'{"type":"transfer_end","transfer":"' + TRANSFER.encode() +
                          b'","status":"ok"}')
-        self.assertEqual(messages.parse_transfer_end(message), messages.TransferEnd(TRANSFER, True, None))
+        self.assertEqual(bridged.parse_transfer_end(message), bridged.TransferEnd(TRANSFER, True, None))
 
     def test_error_round_trip(self):
-        message = messages.transfer_end_message(TRANSFER, "no such file")
+        message = bridged.transfer_end_message(TRANSFER, "no such file")
         self.assertEqual(list(message), ["type", "transfer", "status", "detail"])
-        self.assertEqual(messages.parse_transfer_end(wire.loads(wire.dumps(message))),
-                         messages.TransferEnd(TRANSFER, False, "no such file"))
+        self.assertEqual(bridged.parse_transfer_end(wire.loads(wire.dumps(message))),
+                         bridged.TransferEnd(TRANSFER, False, "no such file"))
 
     def test_refusals(self):
-        good = messages.transfer_end_message(TRANSFER)
+        good = bridged.transfer_end_message(TRANSFER)
         for change in ({"transfer": None}, {"status": "done"}, {"status": None}, {"detail": 3}):
-            self.assertMessageError("bad_request", messages.parse_transfer_end, dict(good, **change))
+            self.assertMessageError("bad_request", bridged.parse_transfer_end, dict(good, **change))
 
 
 class ErrorMessageTests(ErrorCase, unittest.SynchronousTestCase):
@@ -284,3 +284,171 @@ class ErrorMessageTests(ErrorCase, unittest.SynchronousTestCase):
         for message in ({"type": "error"}, {"type": "error", "error": ""}, {"type": "error", "error": 3},
                         {"type": "error", "error": "busy", "detail": ["x"]}):
             self.assertMessageError("bad_request", messages.parse_error, message)
+
+
+# --- §13: roots, keys, exclusions, and the end-to-end messages over the bridge ---------------
+
+ROOT = "d" * 64
+KEY = bytes(range(32))  # a requester's X25519 public key, as bytes
+E2E_CHUNK = 262144
+
+
+class LsRootTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_a_root_is_part_of_the_entry_key(self):
+        files = parse_files([{"name": "a", "size": 5, "sha256": SHA_A, "root": ROOT},
+                             {"name": "a", "size": 5, "sha256": SHA_A}], 10)
+        self.assertEqual(files, (SharedFile("a", 5, SHA_A, ROOT), SharedFile("a", 5, SHA_A)))
+        self.assertEqual({f.key for f in files}, {("a", SHA_A, ROOT), ("a", SHA_A, None)})
+
+    def test_ls_round_trip_with_a_root(self):
+        message = messages.ls_message([{"name": "a", "size": 5, "sha256": SHA_A, "root": ROOT}])
+        self.assertEqual(parse_files(wire.loads(wire.dumps(message))["files"], 10),
+                         (SharedFile("a", 5, SHA_A, ROOT),))
+
+    def test_a_root_needs_a_size_and_the_sha256_spelling(self):
+        for bad in ({"name": "a", "root": ROOT}, {"name": "a", "size": None, "root": ROOT},
+                    {"name": "a", "size": 5, "root": ROOT.upper()}, {"name": "a", "size": 5, "root": ROOT[:63]},
+                    {"name": "a", "size": 5, "root": 5}, {"name": "a", "size": 5, "root": ROOT + "d"}):
+            self.assertMessageError("bad_request", parse_files, [bad], 10)
+
+
+class E2ERequestTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_round_trip_with_root_key_and_exclude(self):
+        message = messages.request_message("a", E2E_CHUNK, SHA_A, [[0, 2]], root=ROOT, key=KEY, exclude=["t1", "t2"])
+        self.assertEqual(list(message), ["type", "file", "chunk_size", "sha256", "root", "chunks", "key", "exclude"])
+        self.assertEqual(message["key"], wire.b64encode(KEY))
+        self.assertEqual(parse_request(wire.loads(wire.dumps(message))),
+                         FileRequest("a", SHA_A, E2E_CHUNK, [[0, 2]], ROOT, KEY, ("t1", "t2")))
+
+    def test_without_them_a_section_8_request(self):
+        message = messages.request_message("a", 65536)
+        self.assertEqual(list(message), ["type", "file", "chunk_size"])
+        self.assertEqual(parse_request(message), FileRequest("a", None, 65536, None, None, None, ()))
+
+    def test_key_is_base64_of_32_bytes(self):
+        for bad in (wire.b64encode(KEY[:31]), wire.b64encode(KEY + b"\x00"), "not base64!", "", 32, ["k"]):
+            self.assertMessageError("bad_request", parse_request, {"file": "a", "chunk_size": E2E_CHUNK, "key": bad})
+
+    def test_with_a_key_chunk_size_is_256_kib_times_a_power_of_two(self):
+        for size in (E2E_CHUNK, 2 * E2E_CHUNK, 4 * E2E_CHUNK, 8 * E2E_CHUNK, MAX_CHUNK):
+            self.assertEqual(parse_request(messages.request_message("a", size, key=KEY)).key, KEY)
+        for size in (MIN_CHUNK, 65536, 3 * E2E_CHUNK, E2E_CHUNK + 1):
+            self.assertEqual(parse_request(messages.request_message("a", size)).chunk_size, size)  # fine without
+            self.assertMessageError("bad_request", parse_request, messages.request_message("a", size, key=KEY))
+        # The default chunk size is one piece: a key alone is enough.
+        self.assertEqual(parse_request({"file": "a", "key": wire.b64encode(KEY)}).chunk_size, DEFAULT_CHUNK)
+
+    def test_exclude_is_at_most_64_transfer_ids(self):
+        most = [f"t{i}" for i in range(messages.MAX_EXCLUDED)]
+        self.assertEqual(parse_request({"file": "a", "exclude": most}).exclude, tuple(most))
+        self.assertEqual(parse_request({"file": "a", "exclude": []}).exclude, ())
+        for bad in (most + ["t64"], "t1", {"t1": 1}, [""], [3], [None], ["x" * 129]):
+            self.assertMessageError("bad_request", parse_request, {"file": "a", "exclude": bad})
+
+    def test_root_spelling(self):
+        self.assertEqual(parse_request({"file": "a", "root": ROOT}).root, ROOT)
+        for bad in (ROOT.upper(), ROOT[:-1], 7, ""):
+            self.assertMessageError("bad_request", parse_request, {"file": "a", "root": bad})
+
+
+class E2ESourceRequestTests(ErrorCase, unittest.SynchronousTestCase):
+    REQUEST = FileRequest("a", None, E2E_CHUNK, [[1, 4]], None, KEY, ("t0",))
+
+    def test_end_to_end_round_trip_carries_the_key_and_root(self):
+        ask = messages.source_request_message(self.REQUEST, TRANSFER, SHA_A, ROOT, e2e=True)
+        self.assertEqual(list(ask), ["type", "file", "transfer", "chunk_size", "sha256", "root", "chunks", "key"])
+        self.assertNotIn("exclude", ask)  # whom the requester excluded is none of the sharer's business
+        self.assertEqual(messages.parse_source_request(wire.loads(wire.dumps(ask))),
+                         messages.SourceRequest("a", TRANSFER, E2E_CHUNK, SHA_A, [[1, 4]], ROOT, KEY))
+
+    def test_not_end_to_end_the_key_stays_at_the_tracker(self):
+        ask = messages.source_request_message(self.REQUEST, TRANSFER, SHA_A, ROOT, e2e=False)
+        self.assertNotIn("key", ask)
+        self.assertEqual(messages.parse_source_request(ask).root, ROOT)
+        self.assertIsNone(messages.parse_source_request(ask).key)
+
+    def test_a_key_without_a_root_is_refused(self):
+        ask = messages.source_request_message(self.REQUEST, TRANSFER, SHA_A, ROOT, e2e=True)
+        del ask["root"]
+        self.assertMessageError("bad_request", messages.parse_source_request, ask)
+        for change in ({"chunk_size": 65536}, {"key": wire.b64encode(KEY[:31])}, {"root": ROOT.upper()}):
+            good = messages.source_request_message(self.REQUEST, TRANSFER, SHA_A, ROOT, e2e=True)
+            self.assertMessageError("bad_request", messages.parse_source_request, dict(good, **change))
+
+
+class E2ETransferTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_end_to_end_round_trip(self):
+        message = messages.transfer_message(TRANSFER, "a", 10, SHA_A, E2E_CHUNK, ROOT, True)
+        self.assertEqual(list(message), ["type", "transfer", "file", "size", "sha256", "chunk_size", "root", "e2e"])
+        self.assertIs(message["e2e"], True)
+        self.assertEqual(messages.parse_transfer(wire.loads(wire.dumps(message))),
+                         messages.Transfer(TRANSFER, "a", 10, SHA_A, E2E_CHUNK, ROOT, True))
+
+    def test_not_end_to_end_has_no_e2e_field(self):
+        message = messages.transfer_message(TRANSFER, "a", 10, SHA_A, E2E_CHUNK, ROOT, False)
+        self.assertNotIn("e2e", message)  # as a /1 tracker answers
+        self.assertEqual(messages.parse_transfer(message).e2e, False)
+        self.assertEqual(messages.parse_transfer(message).root, ROOT)
+        self.assertNotIn("root", messages.transfer_message(TRANSFER, "a", 10, SHA_A, E2E_CHUNK))
+
+    def test_refusals(self):
+        good = messages.transfer_message(TRANSFER, "a", 10, SHA_A, E2E_CHUNK, ROOT, True)
+        for change in ({"e2e": 1}, {"e2e": "true"}, {"e2e": None}, {"root": None}, {"size": None},
+                       {"root": ROOT.upper()}):
+            self.assertMessageError("bad_request", messages.parse_transfer, dict(good, **change))
+        without_root = dict(good)
+        del without_root["root"]
+        self.assertMessageError("bad_request", messages.parse_transfer, without_root)
+
+
+class TransferStartTests(ErrorCase, unittest.SynchronousTestCase):
+    def message(self, **changes) -> dict:
+        return dict(wire.loads(bridged.transfer_start_message(TRANSFER, E2E_CHUNK, KEY, b"sealed leaves")), **changes)
+
+    def test_round_trip(self):
+        body = bridged.transfer_start_message(TRANSFER, E2E_CHUNK, KEY, b"sealed leaves")
+        self.assertEqual(list(wire.loads(body)), ["type", "transfer", "chunk_size", "key", "leaves"])
+        self.assertEqual(bridged.parse_transfer_start(wire.loads(body)),
+                         bridged.TransferStart(TRANSFER, E2E_CHUNK, KEY, b"sealed leaves"))
+
+    def test_refusals(self):
+        for change in ({"transfer": ""}, {"transfer": None}, {"chunk_size": 65536}, {"chunk_size": 3 * E2E_CHUNK},
+                       {"chunk_size": float(E2E_CHUNK)}, {"chunk_size": True}, {"chunk_size": None},
+                       {"key": wire.b64encode(KEY[:31])}, {"key": "not base64!"}, {"key": None},
+                       {"leaves": "not base64!"}, {"leaves": None}):
+            self.assertMessageError("bad_request", bridged.parse_transfer_start, self.message(**change))
+
+    def test_transfer_start_crosses_bridges(self):
+        self.assertEqual(set(messages.CHUNK_TYPES), {"file_chunk", "transfer_start", "transfer_end"})
+
+
+class SealedChunkTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_round_trip_names_no_file(self):
+        body = bridged.sealed_chunk_message(TRANSFER, 3, E2E_CHUNK, b"\x00ciphertext")
+        message = wire.loads(body)
+        self.assertEqual(list(message), ["type", "transfer", "chunk_idx", "chunk_size", "data"])
+        self.assertTrue(bridged.is_sealed_chunk(message))
+        self.assertEqual(bridged.parse_sealed_chunk(message),
+                         bridged.SealedChunk(TRANSFER, 3, E2E_CHUNK, b"\x00ciphertext"))
+
+    def test_a_section_8_chunk_is_not_sealed(self):
+        self.assertFalse(bridged.is_sealed_chunk(wire.loads(bridged.file_chunk_message(TRANSFER, "a", 0, 16384,
+                                                                                          4, b"abcd"))))
+
+    def test_refusals(self):
+        good = wire.loads(bridged.sealed_chunk_message(TRANSFER, 0, E2E_CHUNK, b"x"))
+        for change in ({"transfer": None}, {"chunk_idx": -1}, {"chunk_idx": True}, {"chunk_idx": "0"},
+                       {"chunk_idx": 2 ** 53}, {"chunk_size": 16384}, {"chunk_size": float(E2E_CHUNK)},
+                       {"chunk_size": None}, {"data": "not base64!"}, {"data": None}):
+            self.assertMessageError("bad_request", bridged.parse_sealed_chunk, dict(good, **change))
+
+
+class TransferEndChunkSizeTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_chunk_size_rides_along_for_the_padding(self):
+        ok = bridged.transfer_end_message(TRANSFER, chunk_size=E2E_CHUNK)
+        self.assertEqual(list(ok), ["type", "transfer", "chunk_size", "status"])
+        self.assertEqual(bridged.parse_transfer_end(ok), bridged.TransferEnd(TRANSFER, True, None))
+        failed = bridged.transfer_end_message(TRANSFER, "gone", chunk_size=E2E_CHUNK)
+        self.assertEqual(failed, {"type": "transfer_end", "transfer": TRANSFER, "chunk_size": E2E_CHUNK,
+                                  "status": "error", "detail": "gone"})
+        self.assertEqual(bridged.parse_transfer_end(failed), bridged.TransferEnd(TRANSFER, False, "gone"))

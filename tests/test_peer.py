@@ -9,8 +9,10 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from onion_twisted.protocol import wire
-from onion_twisted.peer.downloads import (DONE, FAILED, QUEUED, RECEIVING, REQUESTING, VERIFYING, Download,
-                                          DownloadState, DownloadStore, IllegalTransition)
+from onion_twisted.peer.download_state import (DONE, FAILED, QUEUED, RECEIVING, REQUESTING, VERIFYING,
+                                               DownloadState, IllegalTransition)
+from onion_twisted.peer.download_store import DownloadStore
+from onion_twisted.peer.downloads import Download
 from onion_twisted.peer.peer import CONNECTED
 
 from tests.support.deferreds import inline

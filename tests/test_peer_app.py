@@ -25,7 +25,7 @@ from twisted.trial import unittest
 from onion_twisted import PROTOCOL
 from onion_twisted.peer import app as peer_app
 from onion_twisted.peer import page
-from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.peer.finished_files import FileStreamer, content_disposition
 from onion_twisted.protocol.errors import Forbidden
 from onion_twisted.net.http_server import QuietSite, ip_allowed, parse_allow

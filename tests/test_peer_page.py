@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 
-from onion_twisted.peer.downloads import DONE, FAILED, QUEUED, RECEIVING
+from onion_twisted.peer.download_state import DONE, FAILED, QUEUED, RECEIVING
 from onion_twisted.protocol.errors import Conflict
 from onion_twisted.peer.app import PeerApp
 from tests.support.deferreds import inline

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from onion_twisted.protocol import wire
+from onion_twisted.protocol import merkle, wire
 from onion_twisted.protocol.chunks import ChunkMap
 from tests.support.deferreds import current_reactor as _reactor, inline
 from tests.support.processes import PORT, Member, PeerApiMixin, ProcessesMixin, poll_until, sha256_file
@@ -32,7 +32,7 @@ ALL_HOSTS = (TRACKER_HOST, *NODE_HOSTS, ALICE_HOST, BOB_HOST, ADMIN_HOST)
 HOP_TIMEOUT = 5
 FILE_SIZE = 20 * 1024 * 1024
 NAME = "big file.bin"
-SMALL_CHUNK = 65536        # the resume tests: 320 chunks, so "half-way" is well inside the file
+SMALL_CHUNK = 65536        # the resume tests ask for it; end to end, 256 KiB: 80 chunks, "half-way" well inside
 TRANSFER_DEADLINE = 60     # seconds for a 20 MiB transfer
 FORWARD_BYTES = re.compile(rb'^onion_node_bytes_total\{direction="forward"\} (\d+)$', re.M)
 
@@ -234,8 +234,10 @@ class PeerProcessesTests(ProcessesMixin, PeerApiMixin, unittest.TestCase):
 
         record_path = alice.data_dir / "downloads" / ".partial" / (NAME + ".json")
         record = wire.loads_object(record_path.read_bytes())
-        self.assertEqual((record["file"], record["sha256"], record["size"], record["chunk_size"]),
-                         (NAME, self.sha, FILE_SIZE, SMALL_CHUNK))
+        # On a sealed circuit a transfer is end to end (§13): its chunks are whole 256 KiB pieces,
+        # each checked against the root before it was written.
+        self.assertEqual((record["file"], record["sha256"], record["size"], record["chunk_size"], record["verified"]),
+                         (NAME, self.sha, FILE_SIZE, merkle.e2e_chunk_size(SMALL_CHUNK), True))
         recorded = ChunkMap.from_record(record).bytes_received
         if sig == signal.SIGTERM:  # a stopping peer saves every chunk it wrote
             self.assertGreaterEqual(recorded, seen["bytes"])

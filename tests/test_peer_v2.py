@@ -7,6 +7,7 @@ builds circuits by hand; alice and bob are whole peers.
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 
@@ -15,9 +16,9 @@ from twisted.trial import unittest
 from onion_twisted.net.directory_client import DirectoryClient
 from onion_twisted.peer import hops
 from onion_twisted.peer.circuit import Circuit
-from onion_twisted.peer.downloads import DONE
+from onion_twisted.peer.download_state import DONE
 from onion_twisted.peer.keeper import CONNECTED, CircuitKeeper
-from onion_twisted.protocol import cells, crypto, onion2, wire
+from onion_twisted.protocol import merkle, cells, crypto, onion2, wire
 from onion_twisted.protocol.directory import NodeEntry
 from onion_twisted.protocol.errors import BadRequest, Conflict, NextHopFailed
 from tests.support.deferreds import inline
@@ -269,6 +270,21 @@ class PeerTransferTests(V2Case):
         to_exits = [p for p in net.posts if p.sender == TRACKER_IP and p.address.ip in NODE_IPS]
         self.assertTrue(to_exits)
         self.assertTrue(all(b"secret-name" not in p.body for p in to_exits))
+        # End to end (§13): the bridge between the exits carried the sharer's key, the sealed
+        # leaf row and sealed chunks, naming no file and holding none of its bytes.
+        status = d.status(net.clock.seconds())
+        self.assertEqual((status["e2e"], status["root"]), (True, merkle.root_hex(merkle.leaf_hashes(data))))
+        self.assertEqual([(s["e2e"], s["refused"], s["mismatched"]) for s in status["sources"]], [(True, 0, 0)])
+        bridge = [p for p in net.posts if p.sender in NODE_IPS and p.address.ip in NODE_IPS
+                  and isinstance(cells.parse_cell(p.body).payload, dict)]
+        self.assertEqual({cells.parse_cell(p.body).payload["type"] for p in bridge},
+                         {"transfer_start", "file_chunk", "transfer_end"})
+        for post in net.posts:
+            self.assertNotIn(b"secret-name", post.body)
+            for at in range(0, len(data) - 48, 4096):
+                piece = data[at:at + 48]
+                self.assertNotIn(piece, post.body)
+                self.assertNotIn(base64.b64encode(piece)[8:56], post.body)
 
 
 class UnsealedPeerTransferTests(V2Case):

@@ -11,10 +11,12 @@ import tracemalloc
 
 import orjson
 from twisted.internet import defer
+from twisted.trial import unittest
 
 from onion_twisted.net.ratelimit import RateLimiter
 from onion_twisted.node.circuits import RelayTable
-from onion_twisted.protocol import cells, ntor, onion2, wire
+from onion_twisted.node.relay_v2 import chunk_size_of
+from onion_twisted.protocol import bridged, cells, e2e, messages, ntor, onion2, wire
 from onion_twisted.protocol.errors import BadRequest, Conflict, Forbidden, UnknownCircuit
 from onion_twisted.protocol.onion_keys import ONION_KEY_GRACE, OnionKeyRing
 from tests.support.relay_network import FILES_REPLY, TRACKER, TRACKER_IP, RelayTestCase, dumps
@@ -361,3 +363,107 @@ class BridgeV2Tests(V2TestCase):
                              if sender == self.y.own_address.host and a == self.x.own_address)
                             if cell.cid == out_cid]
         self.assertEqual(len(chunk_layer), 1 + onion2.chunk_class(16384) + 2 * onion2.OVERHEAD)
+
+
+class ChunkSizeOfTests(unittest.SynchronousTestCase):
+    def test_every_bridged_type_with_a_valid_chunk_size_has_its_class(self):
+        for kind in messages.CHUNK_TYPES:
+            for size in (messages.MIN_CHUNK, 262144, messages.MAX_CHUNK):
+                self.assertEqual(chunk_size_of({"type": kind, "transfer": "t", "chunk_size": size}), size, kind)
+
+    def test_anything_else_is_none(self):
+        for size in (True, 262144.0, "262144", None, messages.MIN_CHUNK - 1, messages.MAX_CHUNK + 1, -1):
+            for kind in messages.CHUNK_TYPES:
+                self.assertIsNone(chunk_size_of({"type": kind, "chunk_size": size}), (kind, size))
+        for kind in ("transfer", "request", "files", None):  # chunk_size in a message that is not bridged
+            self.assertIsNone(chunk_size_of({"type": kind, "chunk_size": 262144}), kind)
+        self.assertIsNone(chunk_size_of([{"type": "file_chunk", "chunk_size": 262144}]))
+
+
+E2E_CHUNK = 262144
+
+
+def transfer_start(transfer: str) -> dict:
+    """A sharer's §13 transfer_start, made as the sharer makes it."""
+    y, cipher = e2e.sharer_side(e2e.public_bytes(e2e.new_private()), transfer)
+    return orjson.loads(bridged.transfer_start_message(transfer, E2E_CHUNK, y, cipher.seal_leaves(bytes(64))))
+
+
+class BridgeE2ETests(V2TestCase):
+    """§13's bridged objects (transfer_start, sealed file_chunk, transfer_end with chunk_size)
+    between two sealed /2 circuits: A = X, Y, Z and B = Y, X, W."""
+
+    def setUp(self):
+        super().setUp()
+        self.a = self.successResultOf(defer.ensureDeferred(self.client.build([self.x, self.y, self.z],
+                                                                             tracker=self.tracker)))
+        self.b = self.successResultOf(defer.ensureDeferred(self.client2.build([self.y, self.x, self.w],
+                                                                              tracker=self.tracker)))
+
+    async def bridge(self, requester, sharer, transfer):
+        """The tracker's two controls: the requester's exit receives, the sharer's exit sends."""
+        bridge_cid, now = wire.new_circuit_id(), self.net.clock.seconds()
+        await self.net.control(requester.exit, {"type": "receive_bridge", "issued": now, "CID": requester.tracker_cid,
+                                                "bridge_CID": bridge_cid, "from": str(sharer.exit.own_address)})
+        await self.net.control(sharer.exit, {"type": "make_bridge", "issued": now, "CID": sharer.tracker_cid,
+                                             "transfer": transfer, "to": str(requester.exit.own_address),
+                                             "bridge_CID": bridge_cid})
+
+    @staticmethod
+    async def send_object(client, circuit, message: dict):
+        """An OBJECT frame from the sharer to its exit (v2_client seals what is not a §8 chunk type)."""
+        framed = onion2.frame(onion2.FRAME_OBJECT, onion2.pad_message(dumps(message), chunk_size=E2E_CHUNK))
+        return client.open_reply(circuit, await client.send(circuit, framed))
+
+    def entry_layers(self, circuit, before):
+        """The backward layers the requester's middle hop sent its entry since log entry ``before``:
+        what the entry (the hop that knows the peer) sees of each object's length."""
+        entry, middle = circuit.hops[0], circuit.hops[1]
+        out_cid = entry.table.by_in[circuit.cid].out_cid
+        return [len(cells.payload_bytes(cell)) for cell in
+                (cells.parse_cell(b) for sender, a, b in self.net.log[before:]
+                 if sender == middle.own_address.host and a == entry.own_address)
+                if cell.cid == out_cid]
+
+    @inline
+    async def test_transfer_start_crosses_the_bridge_both_ways_padded_to_its_chunk_class(self):
+        chunk_layer = 1 + onion2.chunk_class(E2E_CHUNK) + 2 * onion2.OVERHEAD
+        ways = ((self.client, self.a, self.client2, self.b, "t-w-to-z"),
+                (self.client2, self.b, self.client, self.a, "t-z-to-w"))
+        for requester, r, sharer, s, transfer in ways:
+            await self.bridge(r, s, transfer)
+            start, received, before = transfer_start(transfer), len(self.tracker.received), len(self.net.log)
+            self.assertIsNone(await self.send_object(sharer, s, start))
+            self.assertEqual(requester.backward(r)[-1], start, transfer)
+            self.assertEqual(len(self.tracker.received), received, "the tracker never sees it")
+            # A transfer_start is far shorter than a chunk, yet the entry sees a chunk's length.
+            self.assertEqual(self.entry_layers(r, before), [chunk_layer], transfer)
+            self.assertEqual((r.exit.table.bridge_count, s.exit.table.bridge_count), (1, 1), "the bridge stays")
+            await self.send_object(sharer, s, bridged.transfer_end_message(transfer, chunk_size=E2E_CHUNK))
+            self.assertEqual((r.exit.table.bridge_count, s.exit.table.bridge_count), (0, 0))
+
+    @inline
+    async def test_transfer_end_with_chunk_size_is_padded_to_its_chunk_class(self):
+        ends = []
+        for chunk_size, padded in ((E2E_CHUNK, onion2.chunk_class(E2E_CHUNK)), (None, onion2.padded_size(100))):
+            transfer = f"t-{chunk_size}"
+            await self.bridge(self.a, self.b, transfer)
+            ends.append(bridged.transfer_end_message(transfer, chunk_size=chunk_size))
+            before = len(self.net.log)
+            await self.send_object(self.client2, self.b, ends[-1])
+            # Without chunk_size (a §8 end) it keeps a short message's class: the size pads it.
+            self.assertEqual(self.entry_layers(self.a, before), [1 + padded + 2 * onion2.OVERHEAD], chunk_size)
+            self.assertEqual(self.z.table.bridge_count, 0, "the end closes the bridge")
+        self.assertEqual(self.client.backward(self.a)[-2:], ends)  # peeled once: layer counters are not replayed
+
+    @inline
+    async def test_a_sealed_file_chunk_crosses_the_bridge(self):
+        await self.bridge(self.a, self.b, "t1")
+        _, cipher = e2e.sharer_side(e2e.public_bytes(e2e.new_private()), "t1")
+        chunk = orjson.loads(bridged.sealed_chunk_message("t1", 3, E2E_CHUNK, cipher.seal_chunk(3, b"piece")))
+        self.assertTrue(bridged.is_sealed_chunk(chunk))  # no "file": a §13 chunk
+        received, before = len(self.tracker.received), len(self.net.log)
+        self.assertIsNone(await self.send_object(self.client2, self.b, chunk))
+        self.assertEqual(self.client.backward(self.a)[-1], chunk)
+        self.assertEqual(len(self.tracker.received), received)
+        self.assertEqual(self.entry_layers(self.a, before), [1 + onion2.chunk_class(E2E_CHUNK) + 2 * onion2.OVERHEAD])

@@ -23,6 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from onion_twisted.protocol import merkle
 from onion_twisted.protocol.messages import MAX_CHUNK, MessageError
 from onion_twisted.net.files import sha256_file
 from onion_twisted.peer.hash_cache import HashCache
@@ -42,13 +43,22 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def root(data: bytes) -> str:
+    return merkle.root_hex(merkle.leaf_hashes(data))
+
+
+def entry(name: str, data: bytes) -> dict:
+    """A file as an ``ls`` announces it (§8, with §13's root)."""
+    return {"name": name, "size": len(data), "sha256": sha(data), "root": root(data)}
+
+
 class CountingHasher:
     def __init__(self):
         self.calls: list[str] = []
 
     def __call__(self, path):
         self.calls.append(os.path.basename(path))
-        return sha256_file(path)
+        return merkle.hash_file(path)
 
 
 class ShareTestBase(unittest.TestCase):
@@ -98,8 +108,8 @@ class HashCacheTests(ShareTestBase):
         again = await self.share_dir().scan()  # a new HashCache read from data_dir
         self.assertEqual(sorted(self.hasher.calls), ["a.txt", "b.bin"])
         self.assertEqual(again, first)
-        self.assertEqual(again, [{"name": "a.txt", "size": 5, "sha256": sha(b"alpha")},
-                                 {"name": "b.bin", "size": 4000, "sha256": sha(b"beta" * 1000)}])
+        self.assertEqual(again, [entry("a.txt", b"alpha"),
+                                 entry("b.bin", b"beta" * 1000)])
 
     async def test_the_cache_file_is_private_json_by_absolute_path(self):
         path = self.write("a.txt", b"alpha")
@@ -108,8 +118,11 @@ class HashCacheTests(ShareTestBase):
         self.assertEqual(stat.S_IMODE(cache_file.stat().st_mode), 0o600)
         st = path.stat()
         self.assertEqual(json.loads(cache_file.read_bytes()),
-                         {str(path): {"size": 5, "mtime_ns": st.st_mtime_ns, "sha256": sha(b"alpha")}})
-        self.assertEqual(os.listdir(self.data), ["hashes.json"])  # no temporary file left
+                         {str(path): {"size": 5, "mtime_ns": st.st_mtime_ns, "sha256": sha(b"alpha"),
+                                      "root": root(b"alpha")}})
+        self.assertEqual(sorted(os.listdir(self.data)), ["hashes.json", "leaves"])  # no temporary file left
+        row = self.data / "leaves" / root(b"alpha")
+        self.assertEqual((row.read_bytes(), stat.S_IMODE(row.stat().st_mode)), (merkle.leaf_hashes(b"alpha"), 0o600))
 
     async def test_a_new_mtime_or_size_hashes_that_file_again(self):
         a = self.write("a.txt", b"alpha")
@@ -126,7 +139,7 @@ class HashCacheTests(ShareTestBase):
         os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same mtime, new size
         files = await shares.scan()
         self.assertEqual(self.hasher.calls, ["a.txt"])
-        self.assertEqual(files[0], {"name": "a.txt", "size": 14, "sha256": sha(b"alpha and more")})
+        self.assertEqual(files[0], entry("a.txt", b"alpha and more"))
         self.hasher.calls.clear()
         await self.share_dir().scan()  # and the new hash was saved
         self.assertEqual(self.hasher.calls, [])
@@ -142,8 +155,8 @@ class HashCacheTests(ShareTestBase):
     def test_save_prunes_paths_that_do_not_exist(self):
         cache = HashCache(self.data)
         here = self.write("a.txt", b"a")
-        cache.store(here, here.stat(), sha(b"a"))
-        cache.store(self.share / "never", here.stat(), sha(b"a"))
+        cache.store(here, here.stat(), sha(b"a"), root(b"a"))
+        cache.store(self.share / "never", here.stat(), sha(b"a"), root(b"a"))
         cache.save()
         self.assertEqual(list(HashCache(self.data).entries), [str(here)])
 
@@ -152,9 +165,9 @@ class HashCacheTests(ShareTestBase):
         path = self.write("a.txt", b"a")
         st = path.stat()
         self.assertIsNone(cache.lookup(path, st))
-        cache.store(path, st, sha(b"a"))
-        self.assertEqual(cache.lookup(path, st), sha(b"a"))
-        self.assertEqual(cache.lookup(str(path), st), sha(b"a"))
+        cache.store(path, st, sha(b"a"), root(b"a"))
+        self.assertEqual(cache.lookup(path, st), (sha(b"a"), root(b"a")))
+        self.assertEqual(cache.lookup(str(path), st), (sha(b"a"), root(b"a")))
         path.write_bytes(b"ab")
         self.assertIsNone(cache.lookup(path, path.stat()))
 
@@ -198,13 +211,13 @@ class ShareDirectoryTests(ShareTestBase):
         os.mkfifo(self.share / "fifo")
         shares = self.share_dir()
         files = await shares.scan()
-        self.assertEqual(files, [{"name": "a.txt", "size": 5, "sha256": sha(b"alpha")},
-                                 {"name": "b.txt", "size": 3, "sha256": sha(b"bee")},
-                                 {"name": "in-link", "size": 5, "sha256": sha(b"alpha")}])
+        self.assertEqual(files, [entry("a.txt", b"alpha"),
+                                 entry("b.txt", b"bee"),
+                                 entry("in-link", b"alpha")])
         self.assertEqual(shares.announced, {"a.txt", "b.txt", "in-link"})
         self.assertEqual(sorted(self.hasher.calls), ["a.txt", "b.txt", "in-link"])
         self.assertEqual(shares.ls_message(), {"type": "ls", "files": files})
-        self.assertEqual(shares.entry("b.txt"), {"name": "b.txt", "size": 3, "sha256": sha(b"bee")})
+        self.assertEqual(shares.entry("b.txt"), entry("b.txt", b"bee"))
         self.assertIsNone(shares.entry("sub"))
 
     async def test_look_alike_names_are_not_shared_and_names_are_announced_in_nfc(self):
@@ -213,7 +226,7 @@ class ShareDirectoryTests(ShareTestBase):
         self.write("re\u0301sume\u0301.pdf", b"cv")  # decomposed on disk (as some systems write it)
         shares = self.share_dir()
         files = await shares.scan()
-        self.assertEqual(files, [{"name": "r\u00e9sum\u00e9.pdf", "size": 2, "sha256": sha(b"cv")}])
+        self.assertEqual(files, [entry("r\u00e9sum\u00e9.pdf", b"cv")])
         # A request names the NFC form: the file on disk under its own spelling is served.
         self.assertEqual(shares.path_of("r\u00e9sum\u00e9.pdf"), (self.share / "re\u0301sume\u0301.pdf").resolve())
         self.assertEqual(shares.path_of("re\u0301sume\u0301.pdf"), (self.share / "re\u0301sume\u0301.pdf").resolve())
@@ -281,7 +294,7 @@ class ShareDirectoryTests(ShareTestBase):
         self.write("calm.txt", b"calm")
 
         def growing_hasher(p):
-            result = sha256_file(p)
+            result = merkle.hash_file(p)
             if p.endswith("busy.log"):
                 with open(p, "ab") as f:
                     f.write(b"line 2\n")
@@ -292,7 +305,7 @@ class ShareDirectoryTests(ShareTestBase):
         self.assertEqual([f["name"] for f in files], ["calm.txt"])
         self.assertNotIn(str(path), HashCache(self.data).entries)
         files = await self.share_dir().scan()
-        self.assertEqual(files[0], {"name": "busy.log", "size": 14, "sha256": sha(b"line 1\nline 2\n")})
+        self.assertEqual(files[0], entry("busy.log", b"line 1\nline 2\n"))
 
     async def test_a_file_that_cannot_be_read_is_skipped(self):
         self.write("a.txt", b"alpha")
@@ -301,7 +314,7 @@ class ShareDirectoryTests(ShareTestBase):
         def failing_hasher(p):
             if p.endswith("a.txt"):
                 raise PermissionError(13, "Permission denied", p)
-            return sha256_file(p)
+            return merkle.hash_file(p)
 
         files = await self.share_dir(hasher=failing_hasher).scan()
         self.assertEqual([f["name"] for f in files], ["b.txt"])
@@ -321,7 +334,7 @@ class ShareDirectoryTests(ShareTestBase):
             return sync_run(f, *args)
 
         await self.share_dir(run_in_thread=recording_run).scan()
-        self.assertEqual(ran, ["_list", "_hash", "save"])
+        self.assertEqual(ran, ["_list", "_hash", "_save"])
         self.assertEqual(self.hasher.calls, ["a.txt"])
 
     async def test_a_scan_during_a_scan_shares_its_result(self):
@@ -346,7 +359,7 @@ class ShareDirectoryTests(ShareTestBase):
         self.write("a.txt", b"alpha" * 10000)
         shares = ShareDirectory(self.share, HashCache(self.data))
         files = await shares.scan()
-        self.assertEqual(files, [{"name": "a.txt", "size": 50000, "sha256": sha(b"alpha" * 10000)}])
+        self.assertEqual(files, [entry("a.txt", b"alpha" * 10000)])
 
 
 # --- serving: the producer and the window -----------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 
 import orjson
 from twisted.internet import defer
@@ -27,6 +28,7 @@ from onion_twisted.net.http_server import QuietSite
 from onion_twisted.tracker.app import TrackerApp
 
 from tests.support.deferreds import inline
+from tests.support.fake_tracker import FakeTracker
 from tests.support.memory_http import memory_client
 from tests.support.tracker_fakes import (NODE_ADDRESSES, NODE_IPS, NODE_KEYS, NOW, OTHER_TRACKER_KEY, PORT, SHA_A,
                                          SHA_B, STRANGER_IP, STRANGER_KEY, TRACKER_IP, TRACKER_KEY, TrackerHarness,
@@ -237,6 +239,84 @@ class BridgeSequenceTests(TrackerCase):
         self.assertEqual(sorted(sources), sorted([self.sharer, second] * 2))
 
 
+ROOT = "d" * 64
+KEY = bytes(range(1, 33))  # a requester's X25519 public key (§13)
+
+
+class RootAndExcludeTests(TrackerCase):
+    """§13 on /1 (object) circuits: roots and exclusions work; nothing is end to end."""
+
+    ROOT_FILE = {"name": "f", "size": SIZE, "sha256": SHA_A, "root": ROOT}
+
+    @inline
+    async def test_a_root_entry_is_listed_and_asked_for_by_root(self):
+        await self.h.ls(REQUESTER_IP, self.requester, [])
+        reply = await self.share(files=[self.ROOT_FILE])
+        self.assertEqual(reply["files"], [{"name": "f", "size": SIZE, "sha256": SHA_A, "sources": 1, "root": ROOT}])
+        await self.share(exit_ip=OTHER_IP, cid=new_cid(), files=[{"name": "f", "size": SIZE, "sha256": SHA_A}])
+        reply = await self.ask(root=ROOT, key=b64(KEY), chunk_size=262144)
+        self.assertEqual((reply["type"], reply["root"]), ("transfer", ROOT), reply)
+        self.assertNotIn("e2e", reply)  # the requester's circuit is not sealed
+        ask = self.outbound.posts[-1]
+        self.assertEqual((ask.cell.cid, ask.payload["root"]), (self.sharer, ROOT))
+        self.assertNotIn("key", ask.payload)
+        self.assertError(await self.ask(root="e" * 64), "not_found")
+
+    @inline
+    async def test_excluded_sources_are_not_asked_again(self):
+        await self.h.ls(REQUESTER_IP, self.requester, [])
+        await self.share(files=[self.ROOT_FILE])
+        second = new_cid()
+        await self.share(exit_ip=OTHER_IP, cid=second, files=[self.ROOT_FILE])
+        first = await self.ask(root=ROOT)
+        other_source = second if self.outbound.posts[-1].cell.cid == self.sharer else self.sharer
+        for _ in range(3):  # the other source every time, however busy it gets
+            other = await self.ask(root=ROOT, exclude=[first["transfer"]])
+            self.assertEqual(self.outbound.posts[-1].cell.cid, other_source)
+        before = len(self.outbound.posts)
+        reply = await self.ask(root=ROOT, exclude=[first["transfer"], other["transfer"]])
+        self.assertError(reply, "no_source")
+        self.assertEqual(reply["detail"], "every other source of that file was excluded")
+        self.assertEqual(len(self.outbound.posts), before)  # no bridge was made
+
+    @inline
+    async def test_bad_e2e_fields_are_bad_requests(self):
+        await self.setup_pair()
+        for fields in ({"key": b64(KEY), "chunk_size": 65536}, {"key": b64(KEY[:31])}, {"root": ROOT.upper()},
+                       {"exclude": [f"t{i}" for i in range(65)]}, {"exclude": "t1"}):
+            before = self.h.snapshot()
+            self.assertError(await self.ask(**fields), "bad_request")
+            self.assertEqual(self.h.snapshot(), before)
+        self.assertEqual(self.outbound.posts, [])
+
+
+def row_order(row):
+    return (row["name"], row["sha256"] or "", row.get("root") or "")
+
+
+class FakeTrackerRowsTests(TrackerCase):
+    """tests/support/fake_tracker.py answers ls as the real tracker does, root rows included."""
+
+    @inline
+    async def test_the_fake_trackers_rows_are_the_real_ones(self):
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        fake = FakeTracker(MemoryReactorClock(), "127.0.0.1", PORT, data_dir, node_ttl=90.0, hop_timeout=10.0)
+        for address in NODE_ADDRESSES:
+            fake.nodes[address] = {"seen": 0}
+        announced = (
+            (SHARER_IP, [{"name": "f", "size": SIZE, "sha256": SHA_A, "root": ROOT},
+                         {"name": "f", "size": SIZE, "sha256": SHA_A}, "g", "g"]),
+            (OTHER_IP, [{"name": "f", "size": SIZE, "sha256": SHA_A, "root": ROOT}, {"name": "f", "sha256": SHA_B}]),
+        )
+        for exit_ip, files in announced:
+            cid = new_cid()
+            real = await self.h.ls(exit_ip, cid, files)
+            faked = wire.loads(fake._cell(exit_ip, cell(cid, {"type": "ls", "files": files})))["payload"]
+            self.assertEqual(sorted(faked["files"], key=row_order), real["files"])  # the fake keeps ls order
+        self.assertEqual([r.get("root") for r in real["files"]], [None, ROOT, None, None])
+
+
 class ControlSignatureTests(TrackerCase):
     @inline
     async def test_node_verifier_accepts_what_the_tracker_sends(self):
@@ -335,6 +415,9 @@ class MessageTests(TrackerCase):
         self.assertError(await self.h.send(SHARER_IP, new_cid(), chunk), "no_bridge")
         end = {"type": "transfer_end", "transfer": "t", "status": "ok"}
         self.assertError(await self.h.send(SHARER_IP, self.sharer, end), "no_bridge")
+        start = {"type": "transfer_start", "transfer": "t", "chunk_size": 262144, "key": b64(bytes(32)),
+                 "leaves": "YWJj"}  # §13: bridged like a chunk, never the tracker's
+        self.assertError(await self.h.send(SHARER_IP, self.sharer, start), "no_bridge")
         self.assertEqual(self.h.snapshot(), before)
         self.assertEqual(self.outbound.posts, [])
 

@@ -16,7 +16,7 @@ import orjson
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from onion_twisted.protocol import cells, onion2
+from onion_twisted.protocol import cells, messages, onion2, wire
 from onion_twisted.protocol.errors import BadRequest, Conflict, ProtocolError, RateLimited, UnknownCircuit
 from onion_twisted.protocol.onion2 import HopKeys
 from onion_twisted.protocol.onion_keys import OnionKeyRing
@@ -286,3 +286,82 @@ class SealedFuzzTests(SealedCase):
                 self.assertIn(e.status, (400, 404, 409))
                 self.assertEqual(self.h.snapshot(), before)
         self.assertGreater(refused, 250)
+
+
+# --- §13: which transfers are end to end ---------------------------------------------------
+
+ROOT = "d" * 64
+ROOT_FILES = [{"name": SECRET_NAME, "size": 1000, "sha256": SHA_A, "root": ROOT}]
+KEY = bytes(range(1, 33))  # the requester's ephemeral X25519 public key
+E2E_REQUEST = messages.request_message(SECRET_NAME, 262144, key=KEY)
+
+
+class SealedE2ETests(SealedCase):
+    """The transfer is end to end only when both circuits are sealed and the entry has a root:
+    the requester's key must cross no exit in the clear, on its way in or out."""
+
+    def sharer_request(self, ask) -> dict:
+        sent = cells.parse_cell(ask.body)
+        if isinstance(sent.payload, dict):  # an unsealed sharer: an object, readable at its exit
+            return sent.payload
+        return orjson.loads(self.sharer.open_layer(cells.payload_bytes(sent)))
+
+    async def share(self, files=ROOT_FILES, sealed_sharer=True):
+        if sealed_sharer:
+            await self.sharer.handshake()
+            await self.sharer.send({"type": "ls", "files": files})
+        else:
+            await self.h.ls(SHARER_IP, new_cid(), files)
+
+    @inline
+    async def test_sealed_requester_and_sealed_sharer_of_a_root_entry(self):
+        await self.share()
+        await self.requester.handshake()
+        reply = await self.requester.send(E2E_REQUEST)
+        self.assertEqual((reply["type"], reply["root"], reply["size"], reply.get("e2e")),
+                         ("transfer", ROOT, 1000, True), reply)
+        self.assertIs(messages.parse_transfer(reply).e2e, True)
+        receive, make, ask = self.h.outbound.posts
+        request = self.sharer_request(ask)
+        self.assertEqual((request["key"], request["root"]), (wire.b64encode(KEY), ROOT))
+        self.assertEqual(messages.parse_source_request(request).key, KEY)
+        for post in (receive, make, ask):  # the key rides in the sealed layers only
+            self.assertNotIn(wire.b64encode(KEY).encode(), post.body)
+
+    @inline
+    async def test_an_unsealed_requester_gets_no_e2e_and_the_sharer_no_key(self):
+        await self.share()
+        requester = new_cid()
+        await self.h.ls(REQUESTER_IP, requester, [])
+        reply = await self.h.send(REQUESTER_IP, requester, E2E_REQUEST)  # a /1 object: its exit read the key
+        self.assertEqual((reply["type"], reply["root"]), ("transfer", ROOT), reply)
+        self.assertNotIn("e2e", reply)
+        request = self.sharer_request(self.h.outbound.posts[-1])
+        self.assertNotIn("key", request)
+        self.assertEqual(request["root"], ROOT)  # the sharer still knows which content
+
+    @inline
+    async def test_an_unsealed_sharer_gets_no_key(self):
+        await self.share(sealed_sharer=False)
+        await self.requester.handshake()
+        reply = await self.requester.send(E2E_REQUEST)
+        self.assertEqual((reply["type"], reply.get("e2e")), ("transfer", None), reply)
+        ask = self.h.outbound.posts[-1]
+        self.assertEqual(ask.payload["root"], ROOT)  # an object: its exit reads it
+        self.assertNotIn("key", ask.payload)
+
+    @inline
+    async def test_an_entry_without_a_root_is_not_end_to_end(self):
+        await self.share(files=FILES)
+        await self.requester.handshake()
+        reply = await self.requester.send(E2E_REQUEST)
+        self.assertEqual((reply["type"], "root" in reply, "e2e" in reply), ("transfer", False, False), reply)
+        self.assertNotIn("key", self.sharer_request(self.h.outbound.posts[-1]))
+
+    @inline
+    async def test_a_key_with_a_chunk_size_of_no_whole_pieces_is_bad_request(self):
+        await self.share()
+        await self.requester.handshake()
+        reply = await self.requester.send(dict(E2E_REQUEST, chunk_size=65536))
+        self.assertEqual((reply["type"], reply["error"]), ("error", "bad_request"))
+        self.assertEqual(self.h.outbound.posts, [])

@@ -89,7 +89,8 @@ class Announcer:
         """After an ls: which of the files it announced the tracker's reply lists (a
         capped listing may leave some out; only those listed are watched by ``_forgotten``)."""
         listed = _listed_keys(reply)
-        ours = {(f.get("name"), f.get("sha256")) for f in announcement.get("files", []) if isinstance(f, dict)}
+        ours = {(f.get("name"), f.get("sha256"), f.get("root")) for f in announcement.get("files", [])
+                if isinstance(f, dict)}
         self._listed = ours & listed if listed is not None else set()
 
     def _forgotten(self, reply) -> bool:
@@ -99,8 +100,8 @@ class Announcer:
 
 
 def _listed_keys(reply) -> set | None:
-    """The (name, sha256) pairs of a ``files`` reply; None for any other reply."""
+    """The (name, sha256, root) of each row of a ``files`` reply; None for any other reply."""
     listing = parse_files_reply(reply)
     if listing is None:
         return None
-    return {(f.get("name"), f.get("sha256")) for f in listing}
+    return {(f.get("name"), f.get("sha256"), f.get("root")) for f in listing}

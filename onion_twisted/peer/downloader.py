@@ -1,4 +1,4 @@
-"""The peer's downloader (PROTOCOL.md §8): what its user asks for, fetched and verified.
+"""The peer's downloader (PROTOCOL.md §8, §13): what its user asks for, fetched and verified.
 
 A download is a series of attempts (at most ``max_attempts``, a growing
 pause between them). An attempt asks the tracker, through the circuit, for
@@ -8,6 +8,16 @@ with the transfer, after ``stall_timeout`` seconds without a chunk, or when
 the circuit breaks; a complete file is then verified and moved into place.
 A download's state is its own (``downloads.Download``): this module only
 asks it to move.
+
+End to end (§13): on a sealed circuit a request carries a fresh X25519 key
+and the file's root (from the catalogue). The sharer's ``transfer_start``
+may come before the tracker's reply: each download waiting for its
+transfer tries its own key on the sealed leaf row, and only the right one
+opens it. A chunk that does not authenticate is dropped and counted, and the
+circuit it came on is replaced after the transfer (the tamperer may be on
+it); a chunk or leaf row that authenticates but does not match the root
+ends the transfer, and its source is named in the next request's
+``exclude``.
 """
 
 from __future__ import annotations
@@ -16,11 +26,16 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from onion_twisted.peer.downloads import ACTIVE, DONE, FAILED, IN_TRANSFER, BadChunk, Download, DownloadStore
+from onion_twisted.peer.download_state import ACTIVE, DONE, FAILED, IN_TRANSFER, BadChunk, SourceLied
+from onion_twisted.peer.download_store import DownloadStore
+from onion_twisted.peer.downloads import Download
 from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
+from onion_twisted.protocol import e2e, merkle
 from onion_twisted.protocol.errors import Conflict, ProtocolError, RateLimited, safe_os_error
-from onion_twisted.protocol.messages import DEFAULT_CHUNK, MessageError, check_name, check_sha256, request_message
+from onion_twisted.protocol.bridged import is_sealed_chunk, parse_sealed_chunk, parse_transfer_start
+from onion_twisted.protocol.messages import (DEFAULT_CHUNK, MessageError, check_name, check_sha256, is_sha256,
+                                            request_message)
 
 MAX_DOWNLOADS = 256     # downloads listed at once; the oldest finished or failed make room
 MAX_ORPHAN_ENDS = 1000  # transfer_end messages kept for a reply still under way
@@ -33,8 +48,12 @@ class Downloader:
 
     def __init__(self, *, clock, keeper: CircuitKeeper, store: DownloadStore, chunk_size: int = DEFAULT_CHUNK,
                  max_attempts: int = 5, stall_timeout: float = 60.0, run_in_thread=threads.deferToThread,
-                 unsafe_logging: bool = False):
+                 unsafe_logging: bool = False, find_root=lambda name, sha256: None):
+        """``find_root(name, sha256) -> (root, size) | None``: the file's Merkle root as the
+        catalogue lists it, asked for in the request so the sharer's leaf row is checked
+        the moment it arrives."""
         self.clock = clock
+        self.find_root = find_root
         self.keeper = keeper
         self.store = store
         self.chunk_size = chunk_size
@@ -167,8 +186,12 @@ class Downloader:
     async def _attempt(self, d: Download) -> str:
         """One attempt; why it ended. Whether the download is over, its state says."""
         d.start_request()
-        resuming = d.chunks is not None and d.chunks.have
-        request = request_message(d.name, d.chunk_size, d.sha256, d.chunks.missing_ranges() if resuming else None)
+        try:
+            circuit = await self.keeper.ready()
+        except ProtocolError as e:
+            d.requeue()
+            return f"no circuit: {e.detail}"
+        request = self._request(d, circuit.sealed)
         try:
             reply = await self.keeper.send(request)
         except ProtocolError as e:
@@ -182,21 +205,32 @@ class Downloader:
             return "the tracker's answer is not a transfer"
         d.take_transfer(reply["transfer"])
         size, sha = reply.get("size"), reply.get("sha256")
+        root = reply.get("root") if is_sha256(reply.get("root")) else None
         chunk_size = reply.get("chunk_size", d.chunk_size)
+        end_to_end = reply.get("e2e") is True and d.private is not None and root is not None
+        d.e2e = end_to_end
+        if not end_to_end:
+            d.private = d.pending_start = None  # §8's transfer: no transfer_start will come
         if isinstance(size, int) and isinstance(chunk_size, int):
             try:
-                d.expect(size, chunk_size, sha if isinstance(sha, str) else None)
+                d.expect(size, chunk_size, sha if isinstance(sha, str) else None, root)
             except ValueError as e:  # more chunks than a download may have (transfers.MAX_CHUNKS)
                 d.fail(f"this peer does not download that file: {e}")
                 return d.error
         elif isinstance(sha, str):
-            d.learn_sha256(sha)
+            d.expect(None, d.chunk_size, sha)  # no size: only the sha256 is learnt
+        if d.pending_start is not None:
+            self._check_start(d, d.transfer, *d.pending_start)
         orphan = self.orphan_ends.pop(d.transfer, None)
         if orphan is not None:
             _end(d, orphan[1])
         if d.chunks is not None and d.chunks.complete:
             d.end_transfer("ok")  # nothing was missing (or a zero-byte file)
         outcome = await d.wait_for_end(self.clock, self.stall_timeout)
+        if d.refused_this_attempt:
+            # Chunks that did not authenticate were altered or forged on the way: the
+            # tamperer may be on our circuit, so the next attempt goes over another.
+            self.keeper.broken(circuit, f"{d.refused_this_attempt} chunks did not authenticate")
         if self.stopped:
             return outcome  # stop() saved the record: a stopped peer writes nothing more
         if outcome != "ok":
@@ -209,11 +243,33 @@ class Downloader:
             return "done"
         return "the file's sha256 did not match; partial data discarded"  # finish queued it again
 
+    def _request(self, d: Download, sealed: bool) -> dict:
+        """This attempt's ``request``: on a sealed circuit with a fresh key (§13), in
+        whole pieces, naming the root when the catalogue lists one."""
+        if d.root is None:
+            found = self.find_root(d.name, d.sha256)
+            if found is not None and d.chunks is None:
+                d.root, d.size = found
+            elif found is not None and found[1] == d.chunks.size:
+                d.root = found[0]
+        chunk_size, key = d.chunk_size, None
+        if sealed:
+            # Whole pieces; the reply's chunk_size is the one asked, e2e or not.
+            chunk_size = d.chunk_size = merkle.e2e_chunk_size(d.chunk_size)
+            d.private = e2e.new_private()
+            key = e2e.public_bytes(d.private)
+        resuming = d.chunks is not None and d.chunks.have and d.chunks.chunk_size == chunk_size
+        return request_message(d.name, chunk_size, d.sha256, d.chunks.missing_ranges() if resuming else None,
+                               root=d.root, key=key, exclude=d.excluded)
     @staticmethod
     def _refused(d: Download, reply: dict) -> str:
         """The tracker answered the request with an error: why the attempt ended."""
         if reply.get("error") not in ("not_found", "no_source"):
             return str(reply.get("detail") or reply.get("error"))
+        if reply.get("error") == "no_source" and d.excluded:
+            # Every source left sent data that does not match the file: another may come.
+            d.requeue()
+            return "every source of this file sent data that does not match it; waiting for another"
         why = "nobody shares this file" if reply.get("error") == "not_found" else "only this peer shares this file"
         if d.chunks is not None and d.chunks.have:
             # Part of the file is on disk, so someone shared it: its sharer may be
@@ -236,20 +292,85 @@ class Downloader:
         return d
 
     def on_chunk(self, message: dict) -> None:
+        if is_sealed_chunk(message):
+            self._on_sealed_chunk(message)
+            return
         d = self._find(message)
         if d is None:
             return  # nobody asked: dropped (§8)
         if d.transfer is None and isinstance(message.get("transfer"), str):
             d.saw_transfer(message["transfer"])  # chunks may overtake the tracker's reply
+        if d.e2e:
+            return  # this attempt's transfer is end to end: a chunk naming the file is not its
         try:
             d.write_chunk(message, self.clock.seconds())
         except BadChunk as e:
             self.log.warn("a chunk was refused: {why}", why=str(e))
         except OSError as e:
-            # The disk, not the sharer (full, read-only, gone): this attempt ends, and
-            # a later one resumes from what was written. Safe logging: no path.
-            self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
-            d.end_transfer(f"cannot write the download: {safe_os_error(e)}")
+            self._cannot_write(d, e)
+
+    def _cannot_write(self, d: Download, e: OSError) -> None:
+        # The disk, not the sharer (full, read-only, gone): this attempt ends, and
+        # a later one resumes from what was written. Safe logging: no path.
+        self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
+        d.end_transfer(f"cannot write the download: {safe_os_error(e)}")
+
+    # --- §13: end-to-end transfers -------------------------------------------------------------
+
+    def on_transfer_start(self, message: dict) -> None:
+        """The sharer's key and sealed leaf row: for the download whose key opens it."""
+        try:
+            start = parse_transfer_start(message)
+        except MessageError:
+            return
+        for d in self.downloads.values():
+            if (d.state not in IN_TRANSFER or d.private is None or d.cipher is not None
+                    or d.transfer not in (None, start.transfer)):
+                continue
+            try:
+                cipher = e2e.requester_side(d.private, start.key, start.transfer)
+                leaves = cipher.open_leaves(start.leaves)
+            except (e2e.ChunkRefused, e2e.TransferKeyError):
+                continue  # not this download's transfer (or forged)
+            self._check_start(d, start.transfer, cipher, leaves, start.chunk_size)
+            return
+
+    def _check_start(self, d: Download, transfer: str, cipher, leaves: bytes, chunk_size: int) -> None:
+        if d.transfer is None:
+            d.saw_transfer(transfer)
+        if d.root is None or d.size is None:
+            d.pending_start = (cipher, leaves, chunk_size)  # checked when the tracker's reply names them
+            return
+        try:
+            d.begin_e2e(cipher, leaves, chunk_size)
+        except SourceLied as e:
+            self._exclude(d, transfer, str(e))
+        except ValueError as e:  # more chunks than a download may have
+            d.end_transfer(f"this peer does not download that file: {e}")
+
+    def _on_sealed_chunk(self, message: dict) -> None:
+        try:
+            chunk = parse_sealed_chunk(message)
+        except MessageError:
+            return
+        d = next((d for d in self.downloads.values() if d.state in IN_TRANSFER and d.cipher is not None
+                  and d.cipher.transfer == chunk.transfer), None)
+        if d is None:
+            return  # nobody's, or a transfer whose leaf row is not checked yet: dropped
+        try:
+            d.write_sealed_chunk(chunk, self.clock.seconds())
+        except BadChunk as e:
+            self.log.warn("a chunk was refused: {why}", why=str(e))
+        except SourceLied as e:
+            self._exclude(d, chunk.transfer, str(e))
+        except OSError as e:
+            self._cannot_write(d, e)
+
+    def _exclude(self, d: Download, transfer: str, why: str) -> None:
+        self.log.warn("a source sent data that does not match the file's root; it is not asked again")
+        d.exclude(transfer)
+        d.cipher = None  # the rest of its chunks are dropped unread
+        d.end_transfer(f"{why}: its source is excluded")
 
     def on_transfer_end(self, message: dict) -> None:
         transfer = message.get("transfer")

@@ -1,9 +1,14 @@
-"""A peer's downloads on disk (PROTOCOL.md §8): partial files, their records,
+"""A peer's downloads on disk (PROTOCOL.md §8, §13): partial files, their records,
 verification and the atomic move into the downloads directory.
 
+An end-to-end transfer (§13) is checked as it arrives: its leaf row against
+the file's root and size, then each chunk's tag (under the transfer key)
+and its leaves, before a byte of it is written; the record says whether
+every chunk on disk was so checked (``verified``).
+
 Layout: ``<downloads>/.partial/NAME.part`` holds the chunks written at their
-offsets; ``NAME.json`` beside it records size, chunk size, sha256 and the
-chunks received, so a restarted peer asks only for what it lacks. A file
+offsets; ``NAME.json`` beside it records size, chunk size, sha256, root and
+the chunks received, so a restarted peer asks only for what it lacks. A file
 appears under its name only after its sha256 matched, by one rename.
 
 A download's lifecycle is its own: only ``Download`` changes its state,
@@ -11,72 +16,46 @@ through its named transitions, and it refuses any move ``TRANSITIONS`` does
 not list: ``queued -> requesting -> receiving -> verifying -> done``; an
 attempt that ends short goes back to ``queued`` or asks again
 (``requesting``); any unfinished state may end ``failed``, and a failed one
-is queued again by the user's retry, keeping its chunks.
+is queued again by the user's retry, keeping its chunks (``download_state``).
+The directory itself is ``download_store.DownloadStore``.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, threads
 
-from onion_twisted.protocol import wire
+from onion_twisted.protocol import e2e, merkle, wire
 from onion_twisted.protocol.chunks import ChunkMap
-from onion_twisted.net.files import atomic_write, fsync_dir, sha256_file, unique_destination
+from onion_twisted.protocol.bridged import SealedChunk
+from onion_twisted.peer.download_state import (DONE, FAILED, QUEUED, TRANSITIONS, BadChunk, DownloadState,
+                                               IllegalTransition, SourceLied, SourceStats)
+from onion_twisted.net.files import atomic_write, sha256_file
+
+if TYPE_CHECKING:
+    from onion_twisted.peer.download_store import DownloadStore
 
 # A name may have 255 bytes, and the record's temporary file (atomic_write's
 # ".NAME.json.XXXXXXXX.tmp") must fit in a file name too: the partial files of
 # longer names are .partial/long/SHA256-OF-NAME.part, .json.
 MAX_STEM = 255 - len("." + ".json" + ".XXXXXXXX.tmp")
 SEEN_TRANSFERS = 16  # transfer ids remembered from chunks that came before the tracker's reply
-
-
-class DownloadState(str, enum.Enum):
-    """Where a download is; the values are what the API and the page show."""
-    QUEUED = "queued"
-    REQUESTING = "requesting"
-    RECEIVING = "receiving"
-    VERIFYING = "verifying"
-    DONE = "done"
-    FAILED = "failed"
-
-
-QUEUED, REQUESTING, RECEIVING, VERIFYING, DONE, FAILED = DownloadState
-ACTIVE = (QUEUED, REQUESTING, RECEIVING, VERIFYING)
-IN_TRANSFER = (REQUESTING, RECEIVING)  # an attempt waits for its transfer's chunks and end
-
-# Each named transition: the states it may start from, and the state it leads to.
-# A chunk may be written to a queued download (a store filled directly, as tests
-# and tools do); nothing leaves "done".
-TRANSITIONS = {
-    "start_request": ({QUEUED, REQUESTING, RECEIVING}, REQUESTING),
-    "receive": ({QUEUED, REQUESTING, RECEIVING}, RECEIVING),
-    "verify": ({REQUESTING, RECEIVING}, VERIFYING),
-    "done": ({VERIFYING}, DONE),
-    "requeue": ({REQUESTING, RECEIVING, VERIFYING}, QUEUED),
-    "restart": ({FAILED}, QUEUED),
-    "fail": ({QUEUED, REQUESTING, RECEIVING, VERIFYING, FAILED}, FAILED),
-}
-
-
-class IllegalTransition(Exception):
-    """A download was asked to move where its lifecycle does not go (a bug in the caller)."""
-
-
-class BadChunk(Exception):
-    pass
+MAX_SOURCES = 32  # sources (transfers) a download remembers for its page
 
 
 class Download:
     """One file being fetched: its chunk map, its partial file, its state."""
 
-    def __init__(self, store: "DownloadStore", name: str, sha256: str | None, chunk_size: int):
+    def __init__(self, store: "DownloadStore", name: str, sha256: str | None, chunk_size: int,
+                 root: str | None = None):
         self.store = store
         self.name = name
         self.sha256 = sha256
+        self.root = root
         self.chunk_size = chunk_size
         self.size: int | None = None
         self.chunks: ChunkMap | None = None
@@ -93,6 +72,17 @@ class Download:
         self.samples: list[tuple[float, int]] = []  # (time, bytes) for the speed shown
         self.outcome: str | None = None    # how the current attempt's transfer ended
         self.wake: defer.Deferred | None = None  # what the attempt waits on
+        # §13, the current attempt: its ephemeral key, and once the sharer's transfer_start
+        # checked out, the transfer's cipher and the file's leaf row.
+        self.e2e: bool | None = None       # whether the last transfer was end to end (None: none yet)
+        self.private = None
+        self.cipher: e2e.TransferCipher | None = None
+        self.leaves: bytes | None = None
+        self.pending_start: tuple | None = None  # (cipher, leaves) waiting for the root or size
+        self.refused_this_attempt = 0
+        self.verified = True               # every chunk on disk was checked against the root
+        self.sources: dict[str, SourceStats] = {}
+        self.excluded: list[str] = []      # transfers whose sources are not to be asked again
 
     # --- the lifecycle ------------------------------------------------------------------
 
@@ -116,6 +106,8 @@ class Download:
         self.transfer = None
         self.seen_transfers.clear()
         self.outcome = None
+        self.private = self.cipher = self.leaves = self.pending_start = None
+        self.refused_this_attempt = 0
 
     def fail(self, reason: str) -> None:
         """The download ends without its file: ``reason`` is shown to the user."""
@@ -146,9 +138,21 @@ class Download:
         if len(self.seen_transfers) < SEEN_TRANSFERS:
             self.seen_transfers.add(transfer)
 
-    def learn_sha256(self, sha256: str) -> None:
-        if not self.sha256:
-            self.sha256 = sha256
+    def source(self, transfer: str) -> SourceStats:
+        stats = self.sources.get(transfer)
+        if stats is None:
+            if len(self.sources) >= MAX_SOURCES:
+                del self.sources[next(iter(self.sources))]
+            stats = self.sources[transfer] = SourceStats(transfer, self.cipher is not None or bool(self.e2e))
+        return stats
+
+    def exclude(self, transfer: str) -> None:
+        """The source of ``transfer`` is not asked again for this file (its transfer id,
+        all this peer knows of it, goes in the next request's ``exclude``)."""
+        self.source(transfer).excluded = True
+        if transfer not in self.excluded:
+            self.excluded.append(transfer)
+            del self.excluded[:-64]  # messages.MAX_EXCLUDED: the newest count
 
     def end_transfer(self, outcome: str) -> None:
         """The attempt's transfer is over ("ok" or why not); the first outcome counts."""
@@ -198,7 +202,9 @@ class Download:
                 "sha256": self.sha256, "error": self.error, "attempts": self.attempts,
                 "speed": self.speed(now), "unverified": self.unverified,
                 "path": self.final_path.name if self.final_path else None,
-                "bytes_this_run": self.bytes_this_run}  # chunk bytes written since this process started
+                "bytes_this_run": self.bytes_this_run,  # chunk bytes written since this process started
+                "root": self.root, "e2e": self.e2e,
+                "sources": [s.status() for s in self.sources.values()]}
 
     def speed(self, now: float) -> float:
         recent = [(t, n) for t, n in self.samples if now - t <= 5]
@@ -210,10 +216,14 @@ class Download:
 
     # --- receiving ----------------------------------------------------------------------
 
-    def expect(self, size: int | None, chunk_size: int, sha256: str | None) -> None:
+    def expect(self, size: int | None, chunk_size: int, sha256: str | None, root: str | None = None) -> None:
         """What the tracker's ``transfer`` reply (or a first chunk) says of the file."""
         if sha256 and not self.sha256:
             self.sha256 = sha256
+        if root is not None and root != self.root:
+            if self.root is not None:
+                self.discard_partial()  # another content than the partial file's
+            self.root = root
         if size is None:
             return
         if self.chunks is not None and (self.chunks.size != size or self.chunks.chunk_size != chunk_size):
@@ -253,6 +263,58 @@ class Download:
             raise BadChunk("chunk has the wrong length")
         if index in self.chunks:
             return False
+        self.verified = False  # §8: checked only when the file is whole
+        return self._write(index, data, now)
+
+    # --- §13: end to end -----------------------------------------------------------------
+
+    def begin_e2e(self, cipher: e2e.TransferCipher, leaves: bytes, chunk_size: int) -> None:
+        """The sharer's leaf row, opened under the transfer key: checked against the
+        root and size before any chunk is taken. SourceLied when it does not match."""
+        self._check("receive")
+        self.e2e = True
+        try:
+            merkle.check_leaves(leaves, self.root, self.size)
+        except merkle.LeafRowError as e:
+            raise SourceLied(str(e)) from None
+        if chunk_size != self.chunk_size or not merkle.is_e2e_chunk_size(chunk_size):
+            raise SourceLied("the transfer's chunk size is not the one asked for")
+        size = self.size
+        if self.chunks is not None and self.chunks.have and not self.verified:
+            self.discard_partial()  # chunks of an unchecked transfer: only checked ones are kept
+        self.verified = True
+        self.expect(size, chunk_size, None)
+        self.cipher, self.leaves = cipher, leaves
+        self.pending_start = None
+
+    def write_sealed_chunk(self, chunk: SealedChunk, now: float) -> bool:
+        """Open, check and write one §13 chunk; False for a duplicate.
+
+        BadChunk (counted ``refused``) for one whose tag does not check: it was
+        altered or forged on the way. SourceLied (counted ``mismatched``) for one
+        that authenticates but is not the file's bytes.
+        """
+        self._check("receive")
+        stats = self.source(chunk.transfer)
+        try:
+            if chunk.chunk_size != self.chunk_size:
+                raise e2e.ChunkRefused("the chunk's size is not the transfer's")
+            data = self.cipher.open_chunk(chunk.chunk_idx, chunk.data)
+        except e2e.ChunkRefused as e:
+            stats.refused += 1
+            self.refused_this_attempt += 1
+            raise BadChunk(str(e)) from None
+        index = chunk.chunk_idx
+        if (not 0 <= index < self.chunks.count or len(data) != self.chunks.chunk_length(index)
+                or not merkle.chunk_matches(data, index, self.chunk_size, self.leaves)):
+            stats.mismatched += 1
+            raise SourceLied("a chunk does not match the file's root")
+        if index in self.chunks:
+            return False
+        stats.chunks += 1
+        return self._write(index, data, now)
+
+    def _write(self, index: int, data: bytes, now: float) -> bool:
         os.pwrite(self._open(), data, index * self.chunk_size)
         self.chunks.mark(index)
         self.bytes_this_run += len(data)
@@ -280,7 +342,8 @@ class Download:
             return
         if self._fd is not None:
             os.fsync(self._fd)
-        record = dict(self.chunks.to_record(), file=self.name, sha256=self.sha256)
+        record = dict(self.chunks.to_record(), file=self.name, sha256=self.sha256, root=self.root,
+                      verified=self.verified)
         if self.state == FAILED:
             record["failed"] = self.error
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +359,7 @@ class Download:
                 pass
         self.chunks = None
         self.size = None
+        self.verified = True
 
     # --- the end ---------------------------------------------------------------------------
 
@@ -332,58 +396,3 @@ class Download:
         self.error = None
         return True
 
-
-class DownloadStore:
-    """The downloads directory and its ``.partial`` sub-directory."""
-
-    def __init__(self, downloads_dir):
-        self.downloads_dir = Path(downloads_dir)
-        self.partial_dir = self.downloads_dir / ".partial"
-        self.downloads_dir.mkdir(parents=True, exist_ok=True)
-
-    def place(self, part: Path, name: str, digest: str) -> Path:
-        """Move a verified file to ``NAME``, never over a different file (``NAME (1)`` …)."""
-        target = self.downloads_dir / name
-        if target.exists() and target.is_file() and sha256_file(target) == digest:
-            part.unlink()
-            return target
-        target = unique_destination(self.downloads_dir, name)
-        os.replace(part, target)
-        fsync_dir(self.downloads_dir)
-        return target
-
-    def resumable(self) -> list[dict]:
-        """The records of partial downloads left by an earlier run."""
-        records = []
-        if not self.partial_dir.is_dir():
-            return records
-        for path in sorted([*self.partial_dir.glob("*.json"), *self.partial_dir.glob("long/*.json")]):
-            try:
-                record = wire.loads_object(path.read_bytes(), "record")
-                ChunkMap.from_record(record)
-                if isinstance(record.get("file"), str):
-                    records.append(record)
-            except Exception:
-                continue  # a torn or foreign record: the download starts over
-        return records
-
-    def restore(self, record: dict, chunk_size_default: int) -> Download:
-        d = Download(self, record["file"], record.get("sha256"), record.get("chunk_size", chunk_size_default))
-        d.chunks = ChunkMap.from_record(record)
-        d.size = d.chunks.size
-        if isinstance(record.get("failed"), str):
-            d.fail(record["failed"])
-        return d
-
-    def file_path(self, name: str) -> Path | None:
-        """A finished download by name (for ``GET /files/NAME``)."""
-        if not name or "/" in name or name in (".", "..") or name.startswith(".partial"):
-            return None
-        path = self.downloads_dir / name
-        try:
-            real = path.resolve(strict=True)
-        except (OSError, RuntimeError):
-            return None
-        if real.parent != self.downloads_dir.resolve() or not real.is_file():
-            return None
-        return real

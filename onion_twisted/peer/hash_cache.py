@@ -1,7 +1,10 @@
-"""``<data_dir>/hashes.json``: the SHA-256 of each shared file, kept across restarts.
+"""``<data_dir>/hashes.json``: the SHA-256 and Merkle root of each shared file, kept
+across restarts; ``<data_dir>/leaves/ROOT``: each root's leaf row (PROTOCOL.md §13).
 
 Entries are keyed by absolute path and hold the size and mtime the file was
-hashed with, so a restarted peer does not hash its files again.
+hashed with, so a restarted peer does not hash its files again. The leaf
+rows (32 bytes per 256 KiB piece) live in files of their own, read only
+when a transfer starts, so the cache stays small.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from onion_twisted.protocol import merkle
 from onion_twisted.protocol.messages import is_sha256
 from onion_twisted.net.files import atomic_write
 
@@ -25,11 +29,12 @@ def stamp_of(st) -> tuple[int, int]:
 
 
 class HashCache:
-    """``<data_dir>/hashes.json``: absolute path -> {"size", "mtime_ns", "sha256"}.
+    """``<data_dir>/hashes.json``: absolute path -> {"size", "mtime_ns", "sha256", "root"}.
 
     An entry counts only while the file's size and mtime (nanoseconds) are
-    those it was hashed with. A missing or unreadable cache file is an empty
-    cache (the files are hashed again), never an error.
+    those it was hashed with, and only with a root (an entry of an earlier
+    version, without one, is hashed again once). A missing or unreadable
+    cache file is an empty cache (the files are hashed again), never an error.
     """
 
     FILE_NAME = "hashes.json"
@@ -62,21 +67,21 @@ class HashCache:
             if (isinstance(entry, dict)
                     and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
                             for k in ("size", "mtime_ns"))
-                    and isinstance(entry.get("sha256"), str) and is_sha256(entry["sha256"])):
+                    and is_sha256(entry.get("sha256")) and is_sha256(entry.get("root"))):
                 self.entries[path] = {"size": entry["size"], "mtime_ns": entry["mtime_ns"],
-                                      "sha256": entry["sha256"]}
+                                      "sha256": entry["sha256"], "root": entry["root"]}
             else:
                 self.dirty = True  # rewrite without the bad entry
 
-    def lookup(self, path, st) -> str | None:
-        """The cached SHA-256 of ``path`` if ``st`` (an ``os.stat_result``) still matches."""
+    def lookup(self, path, st) -> tuple[str, str] | None:
+        """The cached (sha256, root) of ``path`` if ``st`` (an ``os.stat_result``) still matches."""
         entry = self.entries.get(self.key(path))
         if entry is None or (entry["size"], entry["mtime_ns"]) != stamp_of(st):
             return None
-        return entry["sha256"]
+        return entry["sha256"], entry["root"]
 
-    def store(self, path, st, sha256: str) -> None:
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    def store(self, path, st, sha256: str, root: str) -> None:
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256, "root": root}
         key = self.key(path)
         if self.entries.get(key) != entry:
             self.entries[key] = entry
@@ -94,3 +99,53 @@ class HashCache:
         data = json.dumps(self.entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
         atomic_write(self.path, data, mode=0o600)
         self.dirty = False
+
+
+class LeafStore:
+    """``<data_dir>/leaves/ROOT``: the leaf row of each shared root, mode 0600.
+
+    A row is checked against its root and the file's size when it is read:
+    a torn or foreign file reads as missing, and the file is hashed again.
+    """
+
+    DIR_NAME = "leaves"
+
+    def __init__(self, data_dir):
+        self.path = Path(data_dir) / self.DIR_NAME
+
+    def _file(self, root: str) -> Path:
+        if not is_sha256(root):
+            raise ValueError("a root is 64 lowercase hex digits")
+        return self.path / root
+
+    def has(self, root: str) -> bool:
+        return self._file(root).is_file()
+
+    def save(self, root: str, leaves: bytes) -> None:
+        target = self._file(root)
+        if target.exists():
+            return  # the same root: the same row
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(target, leaves, mode=0o600)
+
+    def load(self, root: str, size: int) -> bytes | None:
+        """The row of ``root`` for a file of ``size`` bytes, or None (missing or not that root's)."""
+        try:
+            leaves = self._file(root).read_bytes()
+            merkle.check_leaves(leaves, root, size)
+        except (OSError, ValueError):
+            return None
+        return leaves
+
+    def prune(self, keep) -> None:
+        """Delete the rows of roots no longer shared."""
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return
+        for name in names:
+            if name not in keep and is_sha256(name):
+                try:
+                    os.unlink(self.path / name)
+                except OSError:
+                    pass

@@ -25,13 +25,14 @@ from twisted.internet import defer, threads
 from onion_twisted.peer.announcer import Announcer
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.peer.downloader import Downloader
-from onion_twisted.peer.downloads import Download, DownloadStore
+from onion_twisted.peer.downloads import Download
+from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.peer.keeper import BUILDING, CONNECTED, WAITING, CircuitKeeper, CircuitState
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.peer.uploader import Uploader
 from onion_twisted.protocol import cells, wire
 from onion_twisted.protocol.errors import Forbidden, UnknownCircuit
-from onion_twisted.protocol.messages import DEFAULT_CHUNK
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, is_sha256
 
 __all__ = ["Peer", "CircuitState", "BUILDING", "CONNECTED", "WAITING"]
 
@@ -60,7 +61,19 @@ class Peer:
                                  take_reply=self.announcer.take_catalogue, unsafe_logging=unsafe_logging)
         self.downloader = Downloader(clock=clock, keeper=self.keeper, store=store, chunk_size=chunk_size,
                                      max_attempts=max_attempts, stall_timeout=stall_timeout,
-                                     run_in_thread=run_in_thread, unsafe_logging=unsafe_logging)
+                                     run_in_thread=run_in_thread, unsafe_logging=unsafe_logging,
+                                     find_root=self._find_root)
+
+    def _find_root(self, name: str, sha256: str | None) -> tuple[str, int] | None:
+        """(root, size) of ``name`` in the catalogue: the entry with a root and the most
+        sources (with ``sha256``, only that content), or None."""
+        rows = [r for r in self.announcer.catalogue
+                if r.get("name") == name and is_sha256(r.get("root")) and type(r.get("size")) is int
+                and r["size"] >= 0 and (sha256 is None or r.get("sha256") == sha256)]
+        if not rows:
+            return None
+        best = max(rows, key=lambda r: r.get("sources") if type(r.get("sources")) is int else 0)
+        return best["root"], best["size"]
 
     def _first_message(self) -> dict:
         return self.announcer.ls_message()
@@ -158,6 +171,8 @@ class Peer:
             self.uploader.serve(circuit, message)
         elif kind == "file_chunk":
             self.downloader.on_chunk(message)
+        elif kind == "transfer_start":
+            self.downloader.on_transfer_start(message)
         elif kind == "transfer_end":
             self.downloader.on_transfer_end(message)
         return cells.EMPTY

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from onion_twisted.net import config
 from onion_twisted.protocol import wire
 from onion_twisted.net.directory_client import DirectoryClient
-from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.net.malloc import tune_malloc
 from onion_twisted.net.member_service import MemberService
 from onion_twisted.peer.peer import Peer

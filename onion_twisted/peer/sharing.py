@@ -1,8 +1,9 @@
 """The sharer's side of PROTOCOL.md §8: what a peer announces.
 
 ``ShareDirectory``: the regular files directly in ``share_dir`` as the
-``{"name", "size", "sha256"}`` objects of an ``ls``; hashing runs off the
-reactor thread, remembered across restarts by ``HashCache``; ``changed``
+``{"name", "size", "sha256", "root"}`` objects of an ``ls`` (the root: §13's
+Merkle root); hashing (sha256 and leaf row in one pass) runs off the reactor
+thread, remembered across restarts by ``HashCache`` and ``LeafStore``; ``changed``
 tells whether the list differs from the last scan (the peer announces again
 only then, and every 5 minutes). How a shared file is served is
 ``upload_stream``.
@@ -19,11 +20,11 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from onion_twisted.protocol import merkle
 from onion_twisted.protocol.messages import MessageError, check_name, ls_message
 from onion_twisted.protocol.errors import safe_os_error
-from onion_twisted.net.files import sha256_file
 from onion_twisted.net.results import SharedResult
-from onion_twisted.peer.hash_cache import HashCache, stamp_of
+from onion_twisted.peer.hash_cache import HashCache, LeafStore, stamp_of
 
 log = Logger()
 
@@ -36,7 +37,7 @@ def _in_thread(f, *args):
 class ShareDirectory:
     """The regular files directly in ``share_dir``, as an ``ls`` announces them.
 
-    ``hasher(path) -> hex`` defaults to ``sha256_file``; ``run_in_thread(f,
+    ``hasher(path) -> (sha256 hex, leaf row)`` defaults to ``merkle.hash_file``; ``run_in_thread(f,
     *args) -> Deferred`` (default ``threads.deferToThread``) runs the listing,
     the hashing and the cache's save off the reactor thread.
     """
@@ -45,12 +46,14 @@ class ShareDirectory:
                  run_in_thread: Callable | None = None):
         self.share_dir = Path(share_dir)
         self.cache = cache
-        self.hasher = hasher or sha256_file
+        self.leaf_store = LeafStore(cache.data_dir)
+        self.hasher = hasher or merkle.hash_file
         self.run_in_thread = run_in_thread or _in_thread
         self.files: list[dict] | None = None  # the last scan's objects, sorted by name
         self.changed = False
         self._by_name: dict[str, dict] = {}
         self._disk_names: dict[str, str] = {}  # announced (NFC) name -> its name in share_dir
+        self._stamps: dict[str, tuple[int, int]] = {}  # announced name -> (size, mtime) it was hashed at
         self._scans = SharedResult(lambda run: defer.ensureDeferred(self._scan(run)))
 
     # -- what was announced ----------------------------------------------------------
@@ -61,8 +64,20 @@ class ShareDirectory:
         return frozenset(self._by_name)
 
     def entry(self, name: str) -> dict | None:
-        """The announced ``{"name", "size", "sha256"}`` of ``name``, or None."""
+        """The announced ``{"name", "size", "sha256", "root"}`` of ``name``, or None."""
         return self._by_name.get(name)
+
+    def unchanged(self, name: str, st) -> bool:
+        """Whether the file open for ``name`` (its ``st``) is still the one announced:
+        serving changed bytes under the old root would get this peer excluded."""
+        return self._stamps.get(name) == stamp_of(st)
+
+    def leaves(self, name: str) -> bytes | None:
+        """The leaf row of the announced ``name`` (§13), or None if it is not on disk."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            return None
+        return self.leaf_store.load(entry["root"], entry["size"])
 
     def ls_message(self) -> dict:
         return ls_message([dict(f) for f in (self.files or [])])
@@ -119,45 +134,58 @@ class ShareDirectory:
         return found
 
     def _hash(self, path, st):
-        """The hash of ``path``, or None if it changed while being hashed (runs in a thread)."""
-        sha = self.hasher(path)
+        """(sha256, root) of ``path``, its leaf row saved; None if it changed while being
+        hashed (runs in a thread)."""
+        sha, leaves = self.hasher(path)
         after = os.stat(path)
         if stamp_of(after) != stamp_of(st):
             return None
-        return sha
+        root = merkle.root_hex(leaves)
+        self.leaf_store.save(root, leaves)
+        return sha, root
+
+    def _save(self, roots) -> None:
+        """The cache and the leaf rows of what is shared now (runs in a thread)."""
+        if self.cache.dirty:
+            self.cache.save()
+        self.leaf_store.prune(roots)
 
     async def _scan(self, run) -> list[dict]:
         candidates = await run(self._list)
-        files, seen = [], set()
+        files, seen, stamps = [], set(), {}
         for name, path, st in candidates:
             seen.add(self.cache.key(path))
-            sha = self.cache.lookup(path, st)
-            if sha is None:
+            hashed = self.cache.lookup(path, st)
+            if hashed is not None and not self.leaf_store.has(hashed[1]):
+                hashed = None  # its leaf row went missing: hashed again to serve it end to end
+            if hashed is None:
                 try:
-                    sha = await run(self._hash, path, st)
+                    hashed = await run(self._hash, path, st)
                 except OSError as e:
                     # Safe logging: no file name, and no OSError text (it holds the path).
                     log.warn("a shared file could not be hashed ({error}); it is left out",
                              error=safe_os_error(e))
                     continue
-                if sha is None:
+                if hashed is None:
                     log.info("a shared file changed while being hashed; it is hashed at the next scan")
                     continue
-                self.cache.store(path, st, sha)
-            files.append({"name": name, "size": st.st_size, "sha256": sha})
+                self.cache.store(path, st, *hashed)
+            sha, root = hashed
+            files.append({"name": name, "size": st.st_size, "sha256": sha, "root": root})
+            stamps[name] = stamp_of(st)
         files.sort(key=lambda f: f["name"])
         root = os.path.abspath(self.share_dir.resolve())
         for path in [p for p in self.cache.entries if os.path.dirname(p) == root and p not in seen]:
             self.cache.forget(path)
-        if self.cache.dirty:
-            try:
-                await run(self.cache.save)
-            except OSError as e:
-                log.warn("cannot save the hash cache: {error}", error=str(e))
+        try:
+            await run(self._save, {f["root"] for f in files})
+        except OSError as e:
+            log.warn("cannot save the hash cache: {error}", error=safe_os_error(e))
         self.changed = files != self.files
         self.files = files
         self._by_name = {f["name"]: f for f in files}
         self._disk_names = {name: os.path.basename(path) for name, path, _ in candidates}
+        self._stamps = stamps
         return files
 
 

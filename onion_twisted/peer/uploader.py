@@ -1,14 +1,20 @@
-"""The peer's uploader (PROTOCOL.md §8): serving the tracker's requests, the sharer's side.
+"""The peer's uploader (PROTOCOL.md §8, §13): serving the tracker's requests, the sharer's side.
 
 A ``request`` that reaches the peer on its circuit names a shared file, a
 chunk size and maybe the chunk ranges wanted; the chunks go back on the same
 circuit (the tracker bridges them to the requester), a window of them
 unacknowledged at a time, then ``transfer_end``. At most ``max_uploads``
 run at once; a request past them is answered ``transfer_end`` "busy".
+
+A request with the requester's ``key`` is end to end (§13): the sharer
+makes its own ephemeral key, sends ``transfer_start`` (its key and the leaf
+row sealed under the transfer key) and waits for it to be taken, then seals
+every chunk; the exits see a transfer id, an index and ciphertext.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from twisted.internet import defer
@@ -19,9 +25,11 @@ from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender
+from onion_twisted.protocol import e2e, merkle
 from onion_twisted.protocol.errors import ProtocolError
-from onion_twisted.protocol.messages import (MAX_CHUNK, MessageError, file_chunk_message, is_transfer_id, list_message,
-                                            parse_source_request, transfer_end_message)
+from onion_twisted.protocol.bridged import (file_chunk_message, sealed_chunk_message, transfer_end_message,
+                                           transfer_start_message)
+from onion_twisted.protocol.messages import MAX_CHUNK, MessageError, is_transfer_id, list_message, parse_source_request
 
 
 class TransferRefused(Exception):
@@ -62,36 +70,76 @@ class Uploader:
         d.addBoth(lambda _: self.uploads.pop(transfer, None))
 
     async def _upload(self, circuit: Circuit, transfer: str, message: dict) -> None:
+        end_class = _chunk_size(message)  # the class the transfer_end is padded to
         try:
             # Checked as strictly as the tracker checks the requester's request.
             request = parse_source_request(message)
             name, chunk_size = request.file, request.chunk_size
             path = self.share.path_of(name)
-            ours = (self.share.entry(name) or {}).get("sha256")
-            if request.sha256 is not None and request.sha256 != ours:
+            ours = self.share.entry(name) or {}
+            if request.sha256 is not None and request.sha256 != ours.get("sha256"):
+                raise MessageError("refused", "this peer's copy has another content")
+            if request.root is not None and request.root != ours.get("root"):
                 raise MessageError("refused", "this peer's copy has another content")
             producer = ChunkProducer.open(path, chunk_size, request.chunks)
+            cipher = None
+            try:
+                if request.key is not None:
+                    cipher, start = self._start_e2e(request, transfer, producer)
+                    end_class = chunk_size
+            except BaseException:
+                producer.stopProducing()
+                raise
         except (MessageError, OSError, ValueError) as e:
             detail = getattr(e, "detail", "cannot open the file")
-            await self.send_on(circuit, transfer_end_message(transfer, detail), chunk_size=_chunk_size(message))
+            end = transfer_end_message(transfer, detail, chunk_size=end_class if message.get("key") else None)
+            await self.send_on(circuit, end, chunk_size=end_class)
             return
         size = producer.size
 
-        def send_chunk(index: int, data: bytes):
-            message = file_chunk_message(transfer, name, index, chunk_size, size, data)
-            return defer.ensureDeferred(self.send_on(circuit, message, refusable=True, chunk_size=chunk_size))
+        if cipher is None:
+            def send_chunk(index: int, data: bytes):
+                message = file_chunk_message(transfer, name, index, chunk_size, size, data)
+                return defer.ensureDeferred(self.send_on(circuit, message, refusable=True, chunk_size=chunk_size))
+        else:
+            def send_chunk(index: int, data: bytes):
+                message = sealed_chunk_message(transfer, index, chunk_size, cipher.seal_chunk(index, data))
+                return defer.ensureDeferred(self.send_on(circuit, message, refusable=True, chunk_size=chunk_size))
 
         sender = WindowedChunkSender(send_chunk, window=self.window, clock=self.clock,
                                      ack_timeout=self.stall_timeout * 2)
-        done = sender.start(producer)
         try:
-            await done
+            if cipher is not None:
+                # The requester checks the leaf row before it takes any chunk: it goes first.
+                await self.send_on(circuit, start, refusable=True, chunk_size=chunk_size)
+            await sender.start(producer)
         except TransferRefused as e:
+            producer.stopProducing()
             self.log.info("an upload stopped: {why}", why=str(e))
             return
         except (ProtocolError, defer.TimeoutError, OSError):
+            producer.stopProducing()
             return  # the circuit broke or the file went away; the requester asks again for what it lacks
-        await self.send_on(circuit, transfer_end_message(transfer), chunk_size=chunk_size)
+        await self.send_on(circuit, transfer_end_message(transfer, chunk_size=chunk_size if cipher else None),
+                           chunk_size=chunk_size)
+
+    def _start_e2e(self, request, transfer: str, producer: ChunkProducer):
+        """The transfer's cipher and its ``transfer_start`` (§13); MessageError when this
+        peer cannot serve the file end to end as announced."""
+        name = request.file
+        if not self.share.unchanged(name, os.fstat(producer.fd)):
+            raise MessageError("refused", "the file changed since it was announced")
+        leaves = self.share.leaves(name)
+        if leaves is None:
+            raise MessageError("refused", "the file's leaf row is not ready")
+        if len(leaves) // merkle.HASH_SIZE > merkle.MAX_LEAVES:
+            raise MessageError("refused", "the file is too large for an end-to-end transfer")
+        try:
+            key, cipher = e2e.sharer_side(request.key, transfer)
+        except e2e.TransferKeyError as e:
+            raise MessageError("refused", str(e)) from None
+        start = transfer_start_message(transfer, request.chunk_size, key, cipher.seal_leaves(leaves))
+        return cipher, start
 
     async def send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False,
                       chunk_size: int | None = None):

@@ -82,10 +82,21 @@ def check_leaves(leaves: bytes, root_hex_digits: str, size: int) -> None:
 
 
 def chunk_matches(data, index: int, chunk_size: int, leaves: bytes) -> bool:
-    """True when chunk ``index`` (``chunk_size`` a multiple of PIECE) hashes to its leaves."""
-    first = index * (chunk_size // PIECE) * HASH_SIZE
-    expected = leaves[first:first + -(-max(len(data), 1) // PIECE) * HASH_SIZE]
-    return hmac.compare_digest(leaf_hashes(data), expected)
+    """True when ``data`` is all of chunk ``index`` and hashes to its leaves.
+
+    ``chunk_size`` is a multiple of PIECE. A chunk has every piece it covers:
+    a whole chunk, or the rest of the file for the last one. Fewer pieces
+    (which would leave a hole taken as written), more (bytes written over
+    the next chunk) or an index outside the file do not match.
+    """
+    per_chunk, count = chunk_size // PIECE, len(leaves) // HASH_SIZE
+    if chunk_size <= 0 or chunk_size % PIECE or index < 0 or index * per_chunk >= count:
+        return False
+    first = index * per_chunk
+    pieces = min(per_chunk, count - first)
+    if piece_count(memoryview(data).nbytes) != pieces:
+        return False
+    return hmac.compare_digest(leaf_hashes(data), leaves[first * HASH_SIZE:(first + pieces) * HASH_SIZE])
 
 
 class FileHasher:

@@ -1,9 +1,10 @@
-"""The file messages of PROTOCOL.md §8, with no I/O.
+"""The file messages of PROTOCOL.md §8 and §13, with no I/O.
 
 ``ls``, ``list`` and ``files`` (announcing and the catalogue), ``request``
 (a requester's to the tracker, and the tracker's to the sharing circuit),
-``transfer`` (the tracker's answer), ``file_chunk``, ``transfer_end`` and
-``error``. Modelled on ``control.py``: for each message a frozen dataclass
+``transfer`` (the tracker's answer) and ``error``; what crosses a bridge
+(``file_chunk``, ``transfer_start``, ``transfer_end``) is ``bridged.py``.
+Modelled on ``control.py``: for each message a frozen dataclass
 (or a tuple where 100 000s are kept), the verifying parser and the builder
 side by side, so the tracker, the sharer and the requester check a message
 with one set of rules and write it with one key order.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from onion_twisted.protocol import wire
-from onion_twisted.protocol.merkle import E2E_CHUNK_SIZES
+from onion_twisted.protocol.merkle import is_e2e_chunk_size
 
 LS = "ls"
 LIST = "list"
@@ -241,7 +242,7 @@ def _optional_key(message: dict, chunk_size: int) -> bytes | None:
         raw = b""
     if len(raw) != 32:
         raise MessageError("bad_request", "key is not base64 of a 32-byte X25519 public key")
-    if chunk_size not in E2E_CHUNK_SIZES:
+    if not is_e2e_chunk_size(chunk_size):
         raise MessageError("bad_request", "an end-to-end transfer's chunk_size is 256 KiB times a power of two, "
                                           "up to 4 MiB")
     return raw
@@ -360,137 +361,6 @@ def transfer_message(transfer: str, file: str, size: int | None, sha256: str | N
     if e2e:  # absent: §8's transfer, as a /1 tracker answers
         message["e2e"] = True
     return message
-
-
-# --- file_chunk, transfer_end: the sharer's, over the bridge ---------------------------------
-
-@dataclass(frozen=True, slots=True)
-class FileChunk:
-    transfer: str
-    file: str
-    chunk_idx: int
-    chunk_size: int
-    size: int
-    data: bytes
-
-
-def parse_file_chunk(message: dict) -> FileChunk:
-    """A chunk's fields; whether it fits the download (its length, its index) is the requester's check."""
-    transfer = _transfer_id(message)
-    name = check_name(message.get("file"))
-    index, size = message.get("chunk_idx"), message.get("size")
-    if not _is_integer(index) or not 0 <= index:
-        raise MessageError("bad_request", "file_chunk: chunk_idx is not a non-negative integer")
-    if not _is_size(size):
-        raise MessageError("bad_request", "file_chunk: size is not a non-negative integer")
-    if message.get("chunk_size") is None:  # no default here: the chunk was cut at its own size
-        raise MessageError("bad_request", "file_chunk: missing field chunk_size")
-    chunk_size = _chunk_size(message)
-    try:
-        data = wire.b64decode(message.get("data"), "data")  # bytes already when decoded in passing
-    except Exception:
-        raise MessageError("bad_request", "file_chunk: data is not base64") from None
-    return FileChunk(transfer, name, index, chunk_size, size, data)
-
-
-def file_chunk_message(transfer: str, file: str, chunk_idx: int, chunk_size: int, size: int, data: bytes) -> bytes:
-    """The JSON of a ``file_chunk``, its base64 spliced in (``wire.with_base64``)."""
-    return wire.with_base64({"type": FILE_CHUNK, "transfer": transfer, "file": file, "chunk_idx": chunk_idx,
-                             "chunk_size": chunk_size, "size": size}, "data", data)
-
-
-@dataclass(frozen=True, slots=True)
-class TransferEnd:
-    transfer: str
-    ok: bool
-    detail: str | None = None
-
-
-def parse_transfer_end(message: dict) -> TransferEnd:
-    transfer = _transfer_id(message)
-    status = message.get("status")
-    if status not in ("ok", "error"):
-        raise MessageError("bad_request", "transfer_end: status is neither ok nor error")
-    detail = message.get("detail")
-    if detail is not None and not isinstance(detail, str):
-        raise MessageError("bad_request", "transfer_end: detail is not a string")
-    return TransferEnd(transfer, status == "ok", detail)
-
-
-def transfer_end_message(transfer: str, error: str | None = None, chunk_size: int | None = None) -> dict:
-    """``status`` ``ok``, or ``error`` with ``error`` as its detail. ``chunk_size`` (§13,
-    /2 sharers): the requester's exit pads the end to the chunks' class, as the sharer did."""
-    message = {"type": TRANSFER_END, "transfer": transfer}
-    if chunk_size is not None:
-        message["chunk_size"] = chunk_size
-    if error is None:
-        message["status"] = "ok"
-    else:
-        message["status"], message["detail"] = "error", error
-    return message
-
-
-# --- §13: end-to-end transfers over the bridge -------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class TransferStart:
-    transfer: str
-    chunk_size: int
-    key: bytes      # the sharer's ephemeral X25519 public key
-    leaves: bytes   # the leaf row, sealed under the transfer key
-
-
-def parse_transfer_start(message: dict) -> TransferStart:
-    transfer = _transfer_id(message)
-    chunk_size = message.get("chunk_size")
-    if chunk_size not in E2E_CHUNK_SIZES or isinstance(chunk_size, bool):
-        raise MessageError("bad_request", "transfer_start: chunk_size is not 256 KiB times a power of two")
-    try:
-        key = wire.b64decode(message.get("key"), "key")
-        leaves = wire.b64decode(message.get("leaves"), "leaves")
-    except Exception:
-        raise MessageError("bad_request", "transfer_start: key or leaves is not base64") from None
-    if len(key) != 32:
-        raise MessageError("bad_request", "transfer_start: key is not 32 bytes")
-    return TransferStart(transfer, chunk_size, key, leaves)
-
-
-def transfer_start_message(transfer: str, chunk_size: int, key: bytes, sealed_leaves: bytes) -> bytes:
-    return wire.with_base64({"type": TRANSFER_START, "transfer": transfer, "chunk_size": chunk_size,
-                             "key": wire.b64encode(key)}, "leaves", sealed_leaves)
-
-
-@dataclass(frozen=True, slots=True)
-class SealedChunk:
-    transfer: str
-    chunk_idx: int
-    chunk_size: int
-    data: bytes  # AES-GCM ciphertext and tag
-
-
-def is_sealed_chunk(message: dict) -> bool:
-    """A §13 chunk names no file: that is how it differs from §8's."""
-    return "file" not in message
-
-
-def parse_sealed_chunk(message: dict) -> SealedChunk:
-    transfer = _transfer_id(message)
-    index, chunk_size = message.get("chunk_idx"), message.get("chunk_size")
-    if not _is_integer(index) or not 0 <= index < MAX_SIZE:
-        raise MessageError("bad_request", "file_chunk: chunk_idx is not a non-negative integer")
-    if chunk_size not in E2E_CHUNK_SIZES or isinstance(chunk_size, bool):
-        raise MessageError("bad_request", "file_chunk: chunk_size is not 256 KiB times a power of two")
-    try:
-        data = wire.b64decode(message.get("data"), "data")
-    except Exception:
-        raise MessageError("bad_request", "file_chunk: data is not base64") from None
-    return SealedChunk(transfer, index, chunk_size, data)
-
-
-def sealed_chunk_message(transfer: str, chunk_idx: int, chunk_size: int, sealed: bytes) -> bytes:
-    """A §13 ``file_chunk``: transfer, index and the chunk's class, nothing of the file."""
-    return wire.with_base64({"type": FILE_CHUNK, "transfer": transfer, "chunk_idx": chunk_idx,
-                             "chunk_size": chunk_size}, "data", sealed)
 
 
 # --- error -----------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class Catalogue:
         excluded, and whether the transfer is end-to-end (§13).
 
         The entries of the name that match the request's sha256 and root are
-        candidates. A request with a key (end-to-end wanted) prefers an entry
+        candidates. A request with a key from a sealed circuit prefers an entry
         with a root and sealed sources, and such a source in it; otherwise
         the entry with the most sources wins. Among the sources, the one with
         the fewest transfers under way, ties broken at random.
@@ -185,7 +185,9 @@ class Catalogue:
                       if (request.sha256 is None or k[1] == request.sha256)
                       and (request.root is None or k[2] == request.root)]
         excluded = {self.transfer_sources[t] for t in request.exclude if t in self.transfer_sources}
-        wants_e2e = request.key is not None
+        # End to end only between two sealed circuits: the requester's key must cross
+        # no exit in the clear, on its way in or out.
+        wants_e2e = request.key is not None and is_sealed(requester_key)
         best = None
         for key in candidates:
             sources = [k for k in self.entries.get(key, ()) if k != requester_key and k not in excluded]

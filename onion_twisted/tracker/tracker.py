@@ -160,10 +160,7 @@ class Tracker:
             raise MessageError("busy", "too many transfers being set up; try again")
         # End to end (§13) only between two sealed circuits: the requester's key must
         # cross no exit in the clear, on its way in or out.
-        requester_sealed = self.sealed.get(requester.key) is not None
-        source, shared, e2e = self.catalogue.choose_source(
-            request, requester.key, is_sealed=lambda key: self.sealed.get(key) is not None)
-        e2e = e2e and requester_sealed
+        source, shared, e2e = self.catalogue.choose_source(request, requester.key, is_sealed=self.circuit_is_sealed)
         source_hop = self.sealed.get(source.key)  # kept: the circuit may go while the bridge is made
         transfer = wire.new_circuit_id()
         bridge_cid = wire.new_circuit_id()
@@ -196,6 +193,10 @@ class Tracker:
         self.metrics.request("bridged")
         return messages.transfer_message(transfer, request.file, shared.size, shared.sha256, request.chunk_size,
                                          shared.root, e2e)
+
+    def circuit_is_sealed(self, key) -> bool:
+        """Whether the circuit ``key`` reaches the tracker through its sealed hop (§12)."""
+        return self.sealed.get(key) is not None
 
     def _control(self, exit_address: wire.Address, payload: dict) -> defer.Deferred:
         payload["issued"] = int(self.clock.seconds())

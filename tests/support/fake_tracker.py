@@ -87,18 +87,24 @@ class FakeTracker:
         return [{k: n[k] for k in ("address", "public_key", "fingerprint")} for n in self.nodes.values()]
 
     def _catalogue(self) -> list[dict]:
+        """The ``files`` rows as the real catalogue writes them: one per (name, sha256, root),
+        each circuit counted once, ``root`` only in a row whose entry has one (§8, §13)."""
         entries: dict[tuple, dict] = {}
         for circuit in self.circuits.values():
+            announced: dict[tuple, int | None] = {}  # (name, sha256, root) -> size
             for f in circuit["files"]:
                 if isinstance(f, str):
-                    name, size, sha = f, None, None
+                    announced[(f, None, None)] = None
                 elif isinstance(f, dict) and isinstance(f.get("name"), str):
-                    name, size, sha = f["name"], f.get("size"), f.get("sha256")
-                else:
-                    continue
-                entry = entries.setdefault((name, sha), {"name": name, "size": size, "sha256": sha, "sources": 0})
+                    announced[(f["name"], f.get("sha256"), f.get("root"))] = f.get("size")
+            for (name, sha, root), size in announced.items():
+                entry = entries.get((name, sha, root))
+                if entry is None:
+                    entry = entries[(name, sha, root)] = {"name": name, "size": size, "sha256": sha, "sources": 0}
+                    if root is not None:
+                        entry["root"] = root
                 entry["sources"] += 1
-        return list(entries.values())
+        return list(entries.values())  # in the order announced (the real tracker sorts; tests read this order)
 
     async def _answer(self, request, work):
         try:

@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 from onion_twisted.protocol import cells, crypto, wire
 from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.net.directory_client import DirectoryClient
-from onion_twisted.peer.downloads import DownloadStore
+from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.protocol.errors import NextHopFailed, ProtocolError
 from onion_twisted.peer.peer import CONNECTED, Peer
 from onion_twisted.tracker.registry import NodeRegistry

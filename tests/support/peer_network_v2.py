@@ -97,6 +97,8 @@ class V2Network(Network):
         if sealed:
             self.front = SealedFront(self)
             self.tracker.registry.tracker_onion_key = self.front.ring.current_public
+            # The front holds the sealed hops here, not the tracker: it says which are (§13's choice).
+            self.tracker.circuit_is_sealed = lambda key: key in self.front.sessions
 
     def new_relay(self, key, address, tracker, directory, *, rate: float, burst: int) -> NodeRelay:
         index = NODE_ADDRESSES.index(address)
