@@ -231,23 +231,26 @@ class ProcessesMixin:
             [defer.ensureDeferred(m.stop()) for m in self._members], consumeErrors=True)
 
     def _start_twistd(self, role: str, plugin: str, ip: str, port: int, data_dir, *args: str,
-                      name: str | None = None, options: dict) -> Member:
+                      name: str | None = None, options: dict, launcher: list[str] | None = None) -> Member:
         """``twistd -n PLUGIN`` on ``ip:port``, run in ``data_dir``, its state in ``data_dir/state``.
 
         Its log is ``data_dir/ROLE.log``; ``args`` and ``options`` follow on its command line.
+        ``launcher`` replaces ``TWISTD`` (a test double that patches, then runs twistd).
         """
         data_dir = Path(data_dir).resolve()  # the member runs in data_dir: no relative paths
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = data_dir / f"{role}.log"
-        argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={log_path}",
+        argv = [*(launcher or TWISTD), "-n", "--pidfile=", f"--logfile={log_path}",
                 plugin, "--listen", ip, "--port", str(port), "--data-dir", str(data_dir / "state"),
                 *args, *_options({"tls": self.tls, **options})]
         return self._started(Member(name or f"{role} {ip}", wire.Address(ip, port), data_dir, argv, log_path))
 
-    def start_node(self, ip: str, port: int, tracker, tracker_key: str, data_dir, **extra_options) -> Member:
+    def start_node(self, ip: str, port: int, tracker, tracker_key: str, data_dir, *,
+                   launcher: list[str] | None = None, **extra_options) -> Member:
         """``twistd -n onionnode`` on ``ip:port``; its log is ``data_dir/node.log``."""
         return self._start_twistd("node", "onionnode", ip, port, data_dir,
-                                  "--tracker", str(tracker), "--tracker-key", tracker_key, options=extra_options)
+                                  "--tracker", str(tracker), "--tracker-key", tracker_key, options=extra_options,
+                                  launcher=launcher)
 
     def start_nodes(self, hosts, base, *, per_node: dict | None = None, **options) -> list[Member]:
         """``start_node`` at ``self.ip(host)`` for each of ``hosts``, the i-th with data in ``base/node{i}``.
@@ -275,8 +278,8 @@ class ProcessesMixin:
         """
         return self._start_twistd("tracker", "oniontracker", ip, port, data_dir, options=extra_options)
 
-    def start_peer(self, name: str, ip: str, port: int, tracker, tracker_key: str, data_dir,
-                   **extra_options) -> Member:
+    def start_peer(self, name: str, ip: str, port: int, tracker, tracker_key: str, data_dir, *,
+                   launcher: list[str] | None = None, **extra_options) -> Member:
         """``twistd -n onionpeer`` on ``ip:port``, sharing ``data_dir/share``, downloading to ``data_dir/downloads``.
 
         Its log is ``data_dir/peer.log``; started again with the same
@@ -286,7 +289,7 @@ class ProcessesMixin:
         return self._start_twistd("peer", "onionpeer", ip, port, data_dir,
                                   "--tracker", str(tracker), "--tracker-key", tracker_key,
                                   "--share", str(data_dir / "share"), "--downloads", str(data_dir / "downloads"),
-                                  name=f"peer {name}", options=extra_options)
+                                  name=f"peer {name}", options=extra_options, launcher=launcher)
 
     async def wait_identity(self, member: Member, outbound, timeout: float = 30.0) -> dict:
         """Poll ``GET /identity`` until the member answers it; the identity object."""
