@@ -53,7 +53,7 @@ from collections import Counter
 
 from twisted.trial import unittest
 
-from tests.support.deferreds import current_reactor as _reactor, inline
+from tests.support.deferreds import inline
 from tests.support.e2e_network import PIECE, E2ENetwork, file_root, log_matches
 from tests.support.faults import DownloadWatch
 from tests.support.processes import PeerApiMixin, ProcessesMixin, poll_until
