@@ -3,13 +3,14 @@
 ``onion_twisted.ops.localnet.LocalNetwork`` (what ``./scripts/demo`` runs)
 starts the real tracker, six nodes, alice and bob as ``twistd`` processes on
 a random ``127.R1.R2.x`` base of their own (tracker .10, nodes .11 to .16,
-alice .21, bob .22, all at port 5000), with small files: bob's 2 MiB random
-binary and alice's own 2 MiB one besides the text samples. Alice downloads
+alice .21, bob .22, all at port 5000), with small files: bob's 8 MiB random
+binary and alice's own 8 MiB one besides the text samples. Alice downloads
 bob's binary while bob downloads alice's, each asked for through its peer's
 user API from .200; both copies are checked by SHA-256.
 
-"At once" is shown, not assumed: the peers ask for 16 KiB chunks (128 per
-file, each a round trip through both circuits), and the test polls alice's
+"At once" is shown, not assumed: the sharers keep one chunk in flight (a
+window of 1) and the transfers are end to end (§13), so each file is 32
+chunks of 256 KiB, each a round trip through both circuits; the test polls alice's
 and bob's downloads one after the other until both are done. Download
 progress only grows and "done" is final, so a download seen under way (some
 bytes, not all) at two polls was under way at every poll between them; the
@@ -52,11 +53,12 @@ from tests.support.processes import PORT, PeerApiMixin, allocate_prefix, poll_un
 TRACKER_HOST, FIRST_NODE_HOST, ALICE_HOST, BOB_HOST, ADMIN_HOST = 10, 11, 21, 22, 200
 NODES = 6
 ALL_HOSTS = (TRACKER_HOST, *range(FIRST_NODE_HOST, FIRST_NODE_HOST + NODES), ALICE_HOST, BOB_HOST, ADMIN_HOST)
-BIG_MIB = 2                      # bob's binary; the demo's default is 50
+BIG_MIB = 8                      # bob's binary; the demo's default is 50
 BOB_NAME = f"big-{BIG_MIB}MiB.bin"
 ALICE_NAME = "alice holiday.bin"  # a space in it too
-ALICE_SIZE = 2 << 20
-CHUNK = 16384                    # the smallest chunk a peer may ask for: many round trips per file
+ALICE_SIZE = 8 << 20
+CHUNK = 262144                   # the smallest end-to-end chunk (§13): 32 per file
+WINDOW = 1                       # one chunk in flight: a round trip per chunk, so the two overlap
 START_TIMEOUT = 45               # seconds for the whole network to come up
 TRANSFER_DEADLINE = 40           # seconds for both downloads
 
@@ -74,7 +76,7 @@ class EndToEndTests(PeerApiMixin, unittest.TestCase):
         self.prefix = allocate_prefix(ALL_HOSTS, PORT)
         self.run_dir = Path(self.mktemp()).resolve()
         self.net = LocalNetwork(self.run_dir, base=self.ip(TRACKER_HOST), port=PORT, nodes=NODES,
-                                big_mib=BIG_MIB, key_bits=1024, extra={"peer": {"chunk_size": CHUNK}})
+                                big_mib=BIG_MIB, key_bits=1024, extra={"peer": {"chunk_size": CHUNK, "window": WINDOW}})
         self.assertEqual((self.net.peer_ips["alice"], self.net.peer_ips["bob"]),
                          (self.ip(ALICE_HOST), self.ip(BOB_HOST)), "LocalNetwork's address layout changed")
         self.admin = HTTPOutbound(_reactor(), bind_ip=self.ip(ADMIN_HOST), timeout=10, tls=self.net.tls)
