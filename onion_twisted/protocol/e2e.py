@@ -9,9 +9,10 @@ derive the transfer key::
                     info = LABEL ‖ ":key" ‖ u16 len(T) ‖ T ‖ X ‖ Y, 32 bytes)
 
 and the sharer seals the leaf row and every chunk with AES-256-GCM under K:
-the leaf row with the all-zero nonce, chunk ``I`` with nonce
-``0^4 ‖ u64(I + 1)``, and AAD ``LABEL ‖ ":leaves"|":chunk" ‖ u16 len(T) ‖
-T ‖ u64(I)``, so a chunk cannot be moved to another place or transfer.
+the leaf row with the all-zero nonce and AAD ``LABEL ‖ ":leaves" ‖ u16
+len(T) ‖ T``; chunk ``I`` with nonce ``0^4 ‖ u64(I + 1)`` and AAD ``LABEL ‖
+":chunk" ‖ u16 len(T) ‖ T ‖ u64(I)``, so a chunk cannot be moved to another
+place or transfer.
 Neither exit sees ``X`` (it crosses the tracker's layer both times), so
 neither can derive K: an exit that rewrites a chunk or injects its own is
 refused by the tag. Ephemeral keys are injectable for test vectors.
