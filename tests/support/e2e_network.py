@@ -56,23 +56,18 @@ class E2ENetwork(FaultNetwork):
         """``tampering_node.py`` options for node ``index`` (its directory ``data_dir``); None: a plain node."""
         return None
 
-    async def start_members(self):
-        self.base = Path(self.mktemp()).resolve()
-        self.addCleanup(self._remove_file_copies)  # runs after the members stopped
-        self.peers: dict[str, Member] = {}
-        self.peer_options: dict[str, dict] = {}
-        self.tracker = self.start_test_tracker()
-        self.tracker_key = (await self.wait_identity(self.tracker, self.admin))["public_key"]
-        self.nodes = []
+    def start_test_nodes(self) -> list[Member]:
+        """The nodes, each through ``tampering_node.py`` when ``node_double`` gives it options."""
+        nodes = []
         for i in range(self.node_count):
             data_dir = self.base / f"node{i}"
             data_dir.mkdir(parents=True, exist_ok=True)
             double = self.node_double(i, data_dir)
             launcher = None if double is None else [sys.executable, str(TAMPERING_NODE), *double, "--"]
-            self.nodes.append(self.start_node(self.ip(FIRST_NODE_HOST + i), PORT, self.tracker.address,
-                                              self.tracker_key, data_dir, launcher=launcher, key_bits=1024,
-                                              hop_timeout=HOP_TIMEOUT, register_interval=1))
-        await self.wait_listed(self.nodes)  # a peer needs every node in its first directory
+            nodes.append(self.start_node(self.ip(FIRST_NODE_HOST + i), PORT, self.tracker.address,
+                                         self.tracker_key, data_dir, launcher=launcher, key_bits=1024,
+                                         hop_timeout=HOP_TIMEOUT, register_interval=1))
+        return nodes
 
     def _remove_file_copies(self):
         """The big files go (shared and downloaded copies, node captures); logs and state stay."""

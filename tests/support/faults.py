@@ -70,9 +70,13 @@ class FaultNetwork:
         self.tracker = self.start_test_tracker()
         identity = await self.wait_identity(self.tracker, self.admin)
         self.tracker_key = identity["public_key"]
-        self.nodes = self.start_nodes(range(FIRST_NODE_HOST, FIRST_NODE_HOST + self.node_count), self.base,
-                                      key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1)
+        self.nodes = self.start_test_nodes()
         await self.wait_listed(self.nodes)  # a peer needs every node in its first directory
+
+    def start_test_nodes(self) -> list[Member]:
+        """``node_count`` nodes from ``FIRST_NODE_HOST`` on, their state in ``base/nodeN``."""
+        return self.start_nodes(range(FIRST_NODE_HOST, FIRST_NODE_HOST + self.node_count), self.base,
+                                key_bits=1024, hop_timeout=HOP_TIMEOUT, register_interval=1)
 
     def start_test_tracker(self) -> Member:
         """The tracker, with its key and state in ``base/tracker`` (the same again after a restart)."""
