@@ -81,7 +81,7 @@ def human(n) -> str:
 
 
 def progress_line(d: dict) -> str:
-    """``[#####     ]  42% 12.3 MiB/s receiving`` for one download's status."""
+    """``[#####     ]  42% 12.3 MiB/s from 3 sources receiving`` for one download's status."""
     size, got, state = d.get("size"), d.get("bytes") or 0, d.get("state") or "?"
     if state == "done":
         fraction = 1.0
@@ -92,7 +92,9 @@ def progress_line(d: dict) -> str:
     filled = int(fraction * BAR_WIDTH)
     speed = d.get("speed")
     rate = f" {human(speed)}/s" if state == "receiving" and isinstance(speed, (int, float)) and speed > 0 else ""
-    return f"[{'#' * filled}{' ' * (BAR_WIDTH - filled)}] {int(fraction * 100):3d}%{rate} {state}"
+    asked = d.get("transfers")
+    sources = f" from {asked} sources" if state == "receiving" and type(asked) is int and asked > 1 else ""
+    return f"[{'#' * filled}{' ' * (BAR_WIDTH - filled)}] {int(fraction * 100):3d}%{rate}{sources} {state}"
 
 
 class Bar:

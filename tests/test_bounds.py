@@ -30,7 +30,8 @@ from onion_twisted.node.circuits import RelayTable
 from onion_twisted.protocol.crypto import FORWARD
 from onion_twisted.peer.download_state import FAILED, BadChunk
 from onion_twisted.peer.download_store import DownloadStore
-from onion_twisted.peer.downloads import SEEN_TRANSFERS, Download
+from onion_twisted.peer.downloads import Download
+from onion_twisted.peer.transfer import SEEN_TRANSFERS
 from onion_twisted.net.http_server import QuietSite
 from onion_twisted.node.app import NodeApp
 from onion_twisted.net.ratelimit import RateLimiter
@@ -259,11 +260,11 @@ class PeerBoundsTests(PeerBoundsCase):
         self.assertTrue(d.part_path.exists())
 
     def test_transfer_ids_seen_before_the_reply_are_bounded(self):
-        d = self.world.named
-        d.transfer = None  # as before the tracker's reply: chunks of any transfer are taken by name
+        t = self.world.named.transfers[0]
+        t.transfer = None  # as before the tracker's reply: chunks of any transfer are taken by name
         for n in range(100):
             self.backward({"type": "file_chunk", "transfer": f"t{n}", "file": "named.bin", "chunk_idx": "x"})
-        self.assertEqual(len(d.seen_transfers), SEEN_TRANSFERS)
+        self.assertEqual(len(t.seen), SEEN_TRANSFERS)
 
     def test_early_transfer_ends_are_bounded(self):
         for n in range(1100):

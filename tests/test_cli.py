@@ -269,6 +269,9 @@ class ProgressTests(unittest.TestCase):
         self.assertEqual(cli.progress_line(download("receiving", 42, 100, speed=12.3 * 1024 * 1024)),
                          "[" + "#" * 12 + " " * 18 + "]  42% 12.3 MiB/s receiving")
         self.assertEqual(cli.progress_line(download("done", 0, 0)), "[" + "#" * 30 + "] 100% done")
+        several = dict(download("receiving", 42, 100, speed=12.3 * 1024 * 1024), transfers=3)
+        self.assertEqual(cli.progress_line(several),
+                         "[" + "#" * 12 + " " * 18 + "]  42% 12.3 MiB/s from 3 sources receiving")
 
     def test_human(self):
         self.assertEqual([cli.human(n) for n in (0, 1023, 1024, 1536 * 1024, 5 * 1024 ** 4, None)],

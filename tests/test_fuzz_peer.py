@@ -145,8 +145,9 @@ class PeerWorld:
         peer = self.peer
         return (
             peer.circuit, peer.circuit_state, [len(s) for s in self.circuit._nonces],
-            sorted((name, d.state, d.transfer, d.size, d.chunk_size, d.chunks.have if d.chunks else None,
-                    sorted(d.seen_transfers), d.outcome, d.sha256) for name, d in peer.downloads.items()),
+            sorted((name, d.state, d.size, d.chunk_size, d.chunks.have if d.chunks else None, d.sha256,
+                    [(t.transfer, sorted(t.seen), t.outcome, t.chunks) for t in d.transfers])
+                   for name, d in peer.downloads.items()),
             sorted(peer.uploads), sorted(peer._orphan_ends),
         )
 

@@ -255,6 +255,13 @@ class TrackerFuzzTests(unittest.TestCase):
                     self.assertEqual(circuits.pop(key)[1], ())
                     after = ((circuits, *after[0][1:]), {k: v for k, v in after[1].items() if k != key},
                              *after[2:])
+            if reply["error"] == "source_failed" and failure is not None and failure[0] != "receive_bridge":
+                # The source's exit failed its step: its circuit is forgotten, nothing else changes.
+                sharer = (SHARER_IP, world.sharer)
+                self.assertNotIn(sharer, after[0][0])
+                self.assertEqual(after[0][0], {k: v for k, v in before[0][0].items() if k != sharer})
+                self.assertEqual(after[2:], before[2:])
+                return
             self.assertEqual(after, before, f"{reply['error']} for {cell!r} changed the tracker")
             kinds = world.h.outbound.kinds()
             if reply["error"] == "source_failed":

@@ -164,7 +164,7 @@ class DownloadTests(PeerNetworkCase):
         data = await self.bob_shares_and_start("big.bin", 200 * 1024)
         watch = UploadWatch(self.bob)
         d = self.alice.download("big.bin")
-        net.pump(until=finished(d))
+        net.pump(until=lambda: finished(d)() and watch.ends)  # the file is whole before bob's end arrives
         self.assertDownloaded(d, "big.bin", data)
         self.assertEqual(d.attempts, 1)
         self.assertEqual(sorted(i for _, i, _ in watch.chunks), list(range(13)))  # 200 KiB / 16 KiB
@@ -519,11 +519,12 @@ class OrderTests(PeerNetworkCase):
         data = await self.bob_shares_and_start("fast.bin", 6 * CHUNK + 1)
         net.hold_replies_to.add(ALICE_IP)  # the tracker's answer to alice's request waits
         d = self.alice.download("fast.bin")
-        net.pump(until=lambda: d.outcome is not None)
-        self.assertIsNone(d.transfer)                 # the reply has not arrived yet
-        self.assertEqual(len(d.seen_transfers), 1)
+        net.pump(until=lambda: d.transfers and d.transfers[0].outcome is not None)
+        t = d.transfers[0]
+        self.assertIsNone(t.transfer)                 # the reply has not arrived yet
+        self.assertEqual(len(t.seen), 1)
         self.assertTrue(d.chunks.complete)            # every chunk was taken before it
-        self.assertEqual(d.outcome, "ok")             # and the transfer_end too
+        self.assertEqual(t.outcome, "ok")             # and the transfer is over
         net.release()
         net.pump(until=finished(d))
         self.assertEqual(d.state, DONE, d.error)
@@ -538,8 +539,7 @@ class OrderTests(PeerNetworkCase):
         net.hold_replies_to.add(ALICE_IP)
         d = self.alice.download("empty.bin")
         net.pump(until=lambda: self.alice._orphan_ends)
-        self.assertIsNone(d.transfer)
-        self.assertIsNone(d.outcome)
+        self.assertEqual([(t.transfer, t.outcome) for t in d.transfers], [(None, None)])
         net.release()
         net.pump(until=finished(d))
         self.assertEqual(d.state, DONE, d.error)
@@ -566,6 +566,7 @@ class OrderTests(PeerNetworkCase):
         store = alice.store
         d = Download(store, "f.bin", None, CHUNK)
         d.start_request()
+        t = d.new_transfer(None)
         alice.downloads["f.bin"] = d
 
         def chunk(transfer, index, name="f.bin"):
@@ -574,20 +575,20 @@ class OrderTests(PeerNetworkCase):
 
         alice.downloader.on_chunk(chunk("t1", 0))                 # before the reply: taken
         self.assertEqual(d.chunks.have, 1)
-        self.assertEqual(d.seen_transfers, {"t1"})
+        self.assertEqual(t.seen, {"t1"})
         alice.downloader.on_chunk(chunk("t1", 0, name="other.bin"))  # a file nobody asked for
         self.assertNotIn("other.bin", alice.downloads)
-        d.take_transfer("t2")                           # the reply names another transfer
+        t.transfer = "t2"                               # the reply names another transfer
         alice.downloader.on_chunk(chunk("t1", 1))                 # an earlier transfer's chunk: dropped
         self.assertEqual(d.chunks.have, 1)
         alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t1", "status": "ok"})
-        self.assertIsNone(d.outcome)                    # nor does its end end this attempt
+        self.assertIsNone(t.outcome)                    # nor does its end end this attempt
         alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t9", "status": "ok"})
-        self.assertIsNone(d.outcome)                    # nobody's transfer: kept aside, no effect
+        self.assertIsNone(t.outcome)                    # nobody's transfer: kept aside, no effect
         self.assertIn("t9", alice._orphan_ends)
         alice.downloader.on_chunk(chunk("t2", 1))
         alice.downloader.on_transfer_end({"type": "transfer_end", "transfer": "t2", "status": "ok"})
-        self.assertEqual(d.outcome, "ok")
+        self.assertEqual(t.outcome, "ok")
         self.assertTrue(d.chunks.complete)
         net = self.net
         net.clock.advance(121)

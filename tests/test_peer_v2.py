@@ -257,7 +257,8 @@ class PeerTransferTests(V2Case):
             status = peer.status()["circuit"]
             self.assertEqual((status["state"], status["protocol"], status["sealed"]), ("connected", "onion-http/2", True))
         d = net.alice.download("secret-name.bin")
-        net.pump(until=lambda: d.state is DONE or d.error is not None)
+        # Until the file is whole and bob's upload is over (its transfer_end crossed the bridge too).
+        net.pump(until=lambda: (d.state is DONE or d.error is not None) and not net.bob.uploads)
         self.assertEqual(d.state, DONE, d.error)
         with open(os.path.join(net.downloads_dir(ALICE_IP), "secret-name.bin"), "rb") as f:
             self.assertTrue(f.read() == data)

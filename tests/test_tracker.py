@@ -159,6 +159,10 @@ class BridgeSequenceTests(TrackerCase):
                 self.assertEqual(self.h.catalogue.transfers_under_way(), 0)
                 self.assertEqual(self.h.tracker.metrics.requests["failed"], 1)
                 self.assertEqual(self.h.tracker.pending, 0)
+                # A source whose exit failed its step is not offered again; a requester's
+                # exit that failed leaves the source listed.
+                sharers = [k for k in self.h.catalogue.circuits if k[0] == SHARER_EXIT.ip]
+                self.assertEqual(len(sharers), 0 if failing else 1, (failing, kind))
 
     @inline
     async def test_same_exit_for_both_circuits(self):

@@ -54,18 +54,36 @@ class SourceLied(Exception):
 
 
 class SourceStats:
-    """What one source (one transfer) of a download sent: shown on the page."""
+    """What one source (one transfer) sent a download: shown on the page."""
 
-    __slots__ = ("transfer", "e2e", "chunks", "refused", "mismatched", "excluded")
+    __slots__ = ("transfer", "e2e", "chunks", "bytes", "refused", "mismatched", "excluded", "first_at", "last_at")
 
     def __init__(self, transfer: str, e2e_on: bool):
         self.transfer = transfer
         self.e2e = e2e_on
         self.chunks = 0       # chunks taken from it
+        self.bytes = 0
         self.refused = 0      # chunks that did not authenticate: altered or forged on the way
         self.mismatched = 0   # authenticated, yet not the file's bytes: the sharer's own
         self.excluded = False  # not to be asked again for this file
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+
+    def took(self, length: int, now: float) -> None:
+        self.chunks += 1
+        self.bytes += length
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second from its first chunk to its last (0 with fewer than two)."""
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return 0.0
+        return self.bytes / (self.last_at - self.first_at)
 
     def status(self) -> dict:
-        return {"transfer": self.transfer, "e2e": self.e2e, "chunks": self.chunks, "refused": self.refused,
-                "mismatched": self.mismatched, "excluded": self.excluded}
+        return {"transfer": self.transfer, "e2e": self.e2e, "chunks": self.chunks, "bytes": self.bytes,
+                "rate": round(self.rate), "refused": self.refused, "mismatched": self.mismatched,
+                "excluded": self.excluded}

@@ -31,11 +31,12 @@ from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.peer.downloads import Download
 from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
-from onion_twisted.protocol import e2e, merkle
+from onion_twisted.peer.attempt import Attempt
+from onion_twisted.peer.transfer import Transfer
+from onion_twisted.protocol import e2e
 from onion_twisted.protocol.errors import Conflict, ProtocolError, RateLimited, safe_os_error
 from onion_twisted.protocol.bridged import is_sealed_chunk, parse_sealed_chunk, parse_transfer_start
-from onion_twisted.protocol.messages import (DEFAULT_CHUNK, MessageError, check_name, check_sha256, is_sha256,
-                                            request_message)
+from onion_twisted.protocol.messages import DEFAULT_CHUNK, MessageError, check_name, check_sha256
 
 MAX_DOWNLOADS = 256     # downloads listed at once; the oldest finished or failed make room
 MAX_ORPHAN_ENDS = 1000  # transfer_end messages kept for a reply still under way
@@ -48,12 +49,16 @@ class Downloader:
 
     def __init__(self, *, clock, keeper: CircuitKeeper, store: DownloadStore, chunk_size: int = DEFAULT_CHUNK,
                  max_attempts: int = 5, stall_timeout: float = 60.0, run_in_thread=threads.deferToThread,
-                 unsafe_logging: bool = False, find_root=lambda name, sha256: None):
+                 unsafe_logging: bool = False, find_root=lambda name, sha256: None,
+                 count_sources=lambda name, sha256, root: 0, max_sources: int = 4):
         """``find_root(name, sha256) -> (root, size) | None``: the file's Merkle root as the
         catalogue lists it, asked for in the request so the sharer's leaf row is checked
-        the moment it arrives."""
+        the moment it arrives. ``count_sources(name, sha256, root)``: how many circuits the
+        catalogue says share it; up to ``max_sources`` of them are asked at once."""
         self.clock = clock
         self.find_root = find_root
+        self.count_sources = count_sources
+        self.max_sources = max_sources
         self.keeper = keeper
         self.store = store
         self.chunk_size = chunk_size
@@ -86,7 +91,7 @@ class Downloader:
                 d.save_record()
                 # Wake the attempt waiting for its transfer_end now: left to its stall
                 # timer it would write its record again later, over a newer run's.
-                d.end_transfer("the peer stopped")
+                d.end_transfers("the peer stopped")
             d.close()
 
     def circuit_broken(self, why: str) -> None:
@@ -94,7 +99,7 @@ class Downloader:
         # and ask again, on the next circuit, for what is missing (not after stall_timeout).
         for d in self.downloads.values():
             if d.state in IN_TRANSFER:
-                d.end_transfer(f"circuit broken ({why})")
+                d.end_transfers(f"circuit broken ({why})")
 
     # --- what the user asks ----------------------------------------------------------------
 
@@ -184,214 +189,184 @@ class Downloader:
             d.close()
 
     async def _attempt(self, d: Download) -> str:
-        """One attempt; why it ended. Whether the download is over, its state says."""
+        """One attempt (``attempt.Attempt``); why it ended. Whether the download is over,
+        its state says."""
         d.start_request()
         try:
             circuit = await self.keeper.ready()
         except ProtocolError as e:
             d.requeue()
             return f"no circuit: {e.detail}"
-        request = self._request(d, circuit.sealed)
-        try:
-            reply = await self.keeper.send(request)
-        except ProtocolError as e:
-            d.requeue()
-            return f"circuit failed: {e.detail}"
-        if not isinstance(reply, dict):
-            return "the tracker gave no answer"
-        if reply.get("type") == "error":
-            return self._refused(d, reply)
-        if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):
-            return "the tracker's answer is not a transfer"
-        d.take_transfer(reply["transfer"])
-        size, sha = reply.get("size"), reply.get("sha256")
-        root = reply.get("root") if is_sha256(reply.get("root")) else None
-        chunk_size = reply.get("chunk_size", d.chunk_size)
-        end_to_end = reply.get("e2e") is True and d.private is not None and root is not None
-        d.e2e = end_to_end
-        if not end_to_end:
-            d.private = d.pending_start = None  # §8's transfer: no transfer_start will come
-        if isinstance(size, int) and isinstance(chunk_size, int):
-            try:
-                d.expect(size, chunk_size, sha if isinstance(sha, str) else None, root)
-            except ValueError as e:  # more chunks than a download may have (transfers.MAX_CHUNKS)
-                d.fail(f"this peer does not download that file: {e}")
-                return d.error
-        elif isinstance(sha, str):
-            d.expect(None, d.chunk_size, sha)  # no size: only the sha256 is learnt
-        if d.pending_start is not None:
-            self._check_start(d, d.transfer, *d.pending_start)
-        orphan = self.orphan_ends.pop(d.transfer, None)
-        if orphan is not None:
-            _end(d, orphan[1])
-        if d.chunks is not None and d.chunks.complete:
-            d.end_transfer("ok")  # nothing was missing (or a zero-byte file)
-        outcome = await d.wait_for_end(self.clock, self.stall_timeout)
-        if d.refused_this_attempt:
+        self._look_up(d)
+        attempt = Attempt(self, d, circuit, self._sources(d))
+        results = await attempt.run()
+        if attempt.refused:
             # Chunks that did not authenticate were altered or forged on the way: the
             # tamperer may be on our circuit, so the next attempt goes over another.
-            self.keeper.broken(circuit, f"{d.refused_this_attempt} chunks did not authenticate")
+            self.keeper.broken(circuit, f"{attempt.refused} chunks did not authenticate")
         if self.stopped:
-            return outcome  # stop() saved the record: a stopped peer writes nothing more
-        if outcome != "ok":
-            d.save_record()
-            return outcome
-        if d.chunks is None or not d.chunks.complete:
-            d.save_record()
-            return "the transfer ended with chunks missing"
-        if await d.finish(self.run_in_thread):
-            return "done"
-        return "the file's sha256 did not match; partial data discarded"  # finish queued it again
+            return results[0].why  # stop() saved the record: a stopped peer writes nothing more
+        if d.chunks is not None and d.chunks.complete:
+            if await d.finish(self.run_in_thread):
+                return "done"
+            return "the file's sha256 did not match; partial data discarded"  # finish queued it again
+        first = results[0]
+        if first.fatal and not any(r.progress for r in results):
+            d.fail(first.why)
+            d.save_record()  # a record left by an earlier run stays failed across restarts
+            return first.why
+        d.save_record()
+        return next((r.why for r in results if r.why != "ok"), "the transfer ended with chunks missing")
 
-    def _request(self, d: Download, sealed: bool) -> dict:
-        """This attempt's ``request``: on a sealed circuit with a fresh key (§13), in
-        whole pieces, naming the root when the catalogue lists one."""
-        if d.root is None:
-            found = self.find_root(d.name, d.sha256)
-            if found is not None and d.chunks is None:
-                d.root, d.size = found
-            elif found is not None and found[1] == d.chunks.size:
-                d.root = found[0]
-        chunk_size, key = d.chunk_size, None
-        if sealed:
-            # Whole pieces; the reply's chunk_size is the one asked, e2e or not.
-            chunk_size = d.chunk_size = merkle.e2e_chunk_size(d.chunk_size)
-            d.private = e2e.new_private()
-            key = e2e.public_bytes(d.private)
-        resuming = d.chunks is not None and d.chunks.have and d.chunks.chunk_size == chunk_size
-        return request_message(d.name, chunk_size, d.sha256, d.chunks.missing_ranges() if resuming else None,
-                               root=d.root, key=key, exclude=d.excluded)
-    @staticmethod
-    def _refused(d: Download, reply: dict) -> str:
-        """The tracker answered the request with an error: why the attempt ended."""
-        if reply.get("error") not in ("not_found", "no_source"):
-            return str(reply.get("detail") or reply.get("error"))
-        if reply.get("error") == "no_source" and d.excluded:
-            # Every source left sent data that does not match the file: another may come.
-            d.requeue()
-            return "every source of this file sent data that does not match it; waiting for another"
-        why = "nobody shares this file" if reply.get("error") == "not_found" else "only this peer shares this file"
-        if d.chunks is not None and d.chunks.have:
-            # Part of the file is on disk, so someone shared it: its sharer may be
-            # rebuilding its circuit (our own restart breaks it). Try again later.
-            d.requeue()
-            return why
-        d.fail(why)
-        d.save_record()  # a record left by an earlier run stays failed across restarts
-        return why
+    def _look_up(self, d: Download) -> None:
+        """The file's root and size from the catalogue, when the download does not know them."""
+        if d.root is not None:
+            return
+        found = self.find_root(d.name, d.sha256)
+        if found is None:
+            return
+        if d.chunks is None:
+            d.root, d.size = found
+        elif found[1] == d.chunks.size:
+            d.root = found[0]
 
-    # --- chunks and transfer_end arriving on the circuit ---------------------------------------
+    def _sources(self, d: Download) -> int:
+        """How many sources to ask at once: what the catalogue lists, at most ``max_sources``."""
+        listed = self.count_sources(d.name, d.sha256, d.root)
+        if d.size is None or not listed:
+            return 1
+        return max(1, min(self.max_sources, listed))
 
-    def _find(self, message: dict) -> Download | None:
-        d = self.downloads.get(message.get("file")) if isinstance(message.get("file"), str) else None
-        if d is None or d.state not in IN_TRANSFER:
-            return None
-        transfer = message.get("transfer")
-        if d.transfer is not None and transfer != d.transfer:
-            return None  # a chunk of an earlier transfer of the same file
-        return d
+    # --- chunks, transfer_start and transfer_end arriving on the circuit ---------------------
 
     def on_chunk(self, message: dict) -> None:
         if is_sealed_chunk(message):
             self._on_sealed_chunk(message)
             return
-        d = self._find(message)
-        if d is None:
+        name = message.get("file")
+        d = self.downloads.get(name) if isinstance(name, str) else None
+        transfer = message.get("transfer")
+        if d is None or d.state not in IN_TRANSFER or not isinstance(transfer, str):
             return  # nobody asked: dropped (§8)
-        if d.transfer is None and isinstance(message.get("transfer"), str):
-            d.saw_transfer(message["transfer"])  # chunks may overtake the tracker's reply
-        if d.e2e:
-            return  # this attempt's transfer is end to end: a chunk naming the file is not its
+        t = d.find_transfer(transfer)
+        if t is None:
+            # Chunks may overtake the tracker's reply: a transfer still waiting for its
+            # reply may be this one (an earlier attempt's chunk is not taken).
+            t = next((t for t in d.transfers if t.transfer is None), None)
+            if t is None:
+                return
+            t.saw(transfer)
+        if t.e2e:
+            return  # that transfer is end to end: a chunk naming the file is not its
         try:
-            d.write_chunk(message, self.clock.seconds())
+            d.write_chunk(message, self.clock.seconds(), t)
         except BadChunk as e:
             self.log.warn("a chunk was refused: {why}", why=str(e))
         except OSError as e:
             self._cannot_write(d, e)
+        self._maybe_whole(d)
 
     def _cannot_write(self, d: Download, e: OSError) -> None:
         # The disk, not the sharer (full, read-only, gone): this attempt ends, and
         # a later one resumes from what was written. Safe logging: no path.
         self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
-        d.end_transfer(f"cannot write the download: {safe_os_error(e)}")
+        d.end_transfers(f"cannot write the download: {safe_os_error(e)}")
 
-    # --- §13: end-to-end transfers -------------------------------------------------------------
+    @staticmethod
+    def _maybe_whole(d: Download) -> None:
+        """Every chunk is in: the transfers still under way (endgame copies) are over."""
+        if d.chunks is not None and d.chunks.complete:
+            d.end_transfers("ok")
 
     def on_transfer_start(self, message: dict) -> None:
-        """The sharer's key and sealed leaf row: for the download whose key opens it."""
+        """The sharer's key and sealed leaf row (§13): for the transfer whose key opens it."""
         try:
             start = parse_transfer_start(message)
         except MessageError:
             return
         for d in self.downloads.values():
-            if (d.state not in IN_TRANSFER or d.private is None or d.cipher is not None
-                    or d.transfer not in (None, start.transfer)):
+            if d.state not in IN_TRANSFER:
                 continue
-            try:
-                cipher = e2e.requester_side(d.private, start.key, start.transfer)
-                leaves = cipher.open_leaves(start.leaves)
-            except (e2e.ChunkRefused, e2e.TransferKeyError):
-                continue  # not this download's transfer (or forged)
-            self._check_start(d, start.transfer, cipher, leaves, start.chunk_size)
-            return
+            for t in d.transfers:
+                if t.private is None or t.cipher is not None or t.transfer not in (None, start.transfer):
+                    continue
+                try:
+                    cipher = e2e.requester_side(t.private, start.key, start.transfer)
+                    leaves = cipher.open_leaves(start.leaves)
+                except (e2e.ChunkRefused, e2e.TransferKeyError):
+                    continue  # not this transfer (or forged)
+                t.transfer = start.transfer  # only the holder of t's key could have sealed it
+                self.check_start(d, t, cipher, leaves, start.chunk_size)
+                return
 
-    def _check_start(self, d: Download, transfer: str, cipher, leaves: bytes, chunk_size: int) -> None:
-        if d.transfer is None:
-            d.saw_transfer(transfer)
+    def check_start(self, d: Download, t: Transfer, cipher, leaves: bytes, chunk_size: int) -> None:
+        """``t``'s leaf row, opened: checked now, or once the reply names the root and size."""
         if d.root is None or d.size is None:
-            d.pending_start = (cipher, leaves, chunk_size)  # checked when the tracker's reply names them
+            t.pending_start = (cipher, leaves, chunk_size)
             return
         try:
-            d.begin_e2e(cipher, leaves, chunk_size)
+            d.begin_e2e(t, cipher, leaves, chunk_size)
         except SourceLied as e:
-            self._exclude(d, transfer, str(e))
+            self._exclude(d, t, str(e))
         except ValueError as e:  # more chunks than a download may have
-            d.end_transfer(f"this peer does not download that file: {e}")
+            t.end(f"this peer does not download that file: {e}")
 
     def _on_sealed_chunk(self, message: dict) -> None:
         try:
             chunk = parse_sealed_chunk(message)
         except MessageError:
             return
-        d = next((d for d in self.downloads.values() if d.state in IN_TRANSFER and d.cipher is not None
-                  and d.cipher.transfer == chunk.transfer), None)
-        if d is None:
+        for d in self.downloads.values():
+            if d.state not in IN_TRANSFER:
+                continue
+            t = next((t for t in d.transfers if t.cipher is not None and t.transfer == chunk.transfer), None)
+            if t is not None:
+                break
+        else:
             return  # nobody's, or a transfer whose leaf row is not checked yet: dropped
         try:
-            d.write_sealed_chunk(chunk, self.clock.seconds())
+            d.write_sealed_chunk(t, chunk, self.clock.seconds())
         except BadChunk as e:
             self.log.warn("a chunk was refused: {why}", why=str(e))
         except SourceLied as e:
-            self._exclude(d, chunk.transfer, str(e))
+            self._exclude(d, t, str(e))
         except OSError as e:
             self._cannot_write(d, e)
+        self._maybe_whole(d)
 
-    def _exclude(self, d: Download, transfer: str, why: str) -> None:
+    def _exclude(self, d: Download, t: Transfer, why: str) -> None:
         self.log.warn("a source sent data that does not match the file's root; it is not asked again")
-        d.exclude(transfer)
-        d.cipher = None  # the rest of its chunks are dropped unread
-        d.end_transfer(f"{why}: its source is excluded")
+        d.exclude(t.transfer)
+        t.cipher = None  # the rest of its chunks are dropped unread
+        t.end(f"{why}: its source is excluded")
 
     def on_transfer_end(self, message: dict) -> None:
         transfer = message.get("transfer")
         if not isinstance(transfer, str):
             return
         for d in self.downloads.values():
-            # Before the tracker's reply, any transfer whose chunks came for this file; after it,
-            # only the transfer it named (an earlier attempt's end must not end this one).
-            if d.state in IN_TRANSFER and (d.transfer == transfer or (
-                    d.transfer is None and transfer in d.seen_transfers)):
-                _end(d, message)
+            # Only a transfer of this attempt: an earlier attempt's end must not end this one.
+            t = d.find_transfer(transfer) if d.state in IN_TRANSFER else None
+            if t is not None:
+                _end(t, message)
                 return
+            if transfer in d.ended:
+                return  # a transfer already over (the file was whole first): nothing to keep
         now = self.clock.seconds()
-        for t in [t for t, (at, _) in self.orphan_ends.items() if now - at > ORPHAN_END_TTL]:
-            del self.orphan_ends[t]
+        for old in [old for old, (at, _) in self.orphan_ends.items() if now - at > ORPHAN_END_TTL]:
+            del self.orphan_ends[old]
         if len(self.orphan_ends) < MAX_ORPHAN_ENDS:
             self.orphan_ends[transfer] = (now, message)
 
+    def take_orphan_end(self, d: Download, t: Transfer) -> None:
+        """A ``transfer_end`` that beat the tracker's reply naming ``t``."""
+        orphan = self.orphan_ends.pop(t.transfer, None)
+        if orphan is not None:
+            _end(t, orphan[1])
 
-def _end(d: Download, message: dict) -> None:
+
+def _end(t: Transfer, message: dict) -> None:
     if message.get("status") == "ok":
-        d.end_transfer("ok")
+        t.end("ok")
     else:
-        d.end_transfer(f"the sharer stopped: {message.get('detail') or 'error'}")
+        t.end(f"the sharer stopped: {message.get('detail') or 'error'}")

@@ -1,23 +1,15 @@
 """A peer's downloads on disk (PROTOCOL.md §8, §13): partial files, their records,
-verification and the atomic move into the downloads directory.
+chunks checked and written, and the atomic move into the downloads directory.
 
-An end-to-end transfer (§13) is checked as it arrives: its leaf row against
-the file's root and size, then each chunk's tag (under the transfer key)
-and its leaves, before a byte of it is written; the record says whether
-every chunk on disk was so checked (``verified``).
-
-Layout: ``<downloads>/.partial/NAME.part`` holds the chunks written at their
-offsets; ``NAME.json`` beside it records size, chunk size, sha256, root and
-the chunks received, so a restarted peer asks only for what it lacks. A file
-appears under its name only after its sha256 matched, by one rename.
-
-A download's lifecycle is its own: only ``Download`` changes its state,
-through its named transitions, and it refuses any move ``TRANSITIONS`` does
-not list: ``queued -> requesting -> receiving -> verifying -> done``; an
-attempt that ends short goes back to ``queued`` or asks again
-(``requesting``); any unfinished state may end ``failed``, and a failed one
-is queued again by the user's retry, keeping its chunks (``download_state``).
-The directory itself is ``download_store.DownloadStore``.
+``<downloads>/.partial/NAME.part`` holds the chunks at their offsets;
+``NAME.json`` records size, chunk size, sha256, root, the chunks received
+and whether each was checked against the root (``verified``), so a
+restarted peer asks only for what it lacks. An end-to-end chunk (§13) is
+written only after its tag and its leaves checked; a file appears under
+its name only after its sha256 matched, by one rename. A download's state
+moves only by the named transitions of ``download_state``; its transfers
+(one per source) are ``transfer.Transfer``; the directory is
+``download_store.DownloadStore``.
 """
 
 from __future__ import annotations
@@ -30,10 +22,11 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer, threads
 
 from onion_twisted.protocol import e2e, merkle, wire
-from onion_twisted.protocol.chunks import ChunkMap
+from onion_twisted.protocol.chunks import ChunkClaims, ChunkMap
 from onion_twisted.protocol.bridged import SealedChunk
 from onion_twisted.peer.download_state import (DONE, FAILED, QUEUED, TRANSITIONS, BadChunk, DownloadState,
                                                IllegalTransition, SourceLied, SourceStats)
+from onion_twisted.peer.transfer import Transfer
 from onion_twisted.net.files import atomic_write, sha256_file
 
 if TYPE_CHECKING:
@@ -43,7 +36,6 @@ if TYPE_CHECKING:
 # ".NAME.json.XXXXXXXX.tmp") must fit in a file name too: the partial files of
 # longer names are .partial/long/SHA256-OF-NAME.part, .json.
 MAX_STEM = 255 - len("." + ".json" + ".XXXXXXXX.tmp")
-SEEN_TRANSFERS = 16  # transfer ids remembered from chunks that came before the tracker's reply
 MAX_SOURCES = 32  # sources (transfers) a download remembers for its page
 
 
@@ -62,24 +54,19 @@ class Download:
         self._state = QUEUED
         self.error: str | None = None
         self.attempts = 0
-        self.transfer: str | None = None
-        self.seen_transfers: set[str] = set()
+        self.transfers: list[Transfer] = []  # this attempt's, one per source asked
+        self.claims: ChunkClaims | None = None  # which missing chunks each of them was asked for
+        self.ended: dict[str, None] = {}       # ids of its transfers over (their late end is no orphan)
         self.final_path: Path | None = None
         self.bytes_this_run = 0
         self.unverified = False
         self._fd: int | None = None
         self._unsaved = 0
         self.samples: list[tuple[float, int]] = []  # (time, bytes) for the speed shown
-        self.outcome: str | None = None    # how the current attempt's transfer ended
-        self.wake: defer.Deferred | None = None  # what the attempt waits on
-        # §13, the current attempt: its ephemeral key, and once the sharer's transfer_start
-        # checked out, the transfer's cipher and the file's leaf row.
-        self.e2e: bool | None = None       # whether the last transfer was end to end (None: none yet)
-        self.private = None
-        self.cipher: e2e.TransferCipher | None = None
+        # §13: whether its transfers were end to end (None: none yet; False once one was not),
+        # and the file's leaf row once a transfer_start's checked out.
+        self.e2e: bool | None = None
         self.leaves: bytes | None = None
-        self.pending_start: tuple | None = None  # (cipher, leaves) waiting for the root or size
-        self.refused_this_attempt = 0
         self.verified = True               # every chunk on disk was checked against the root
         self.sources: dict[str, SourceStats] = {}
         self.excluded: list[str] = []      # transfers whose sources are not to be asked again
@@ -100,14 +87,12 @@ class Download:
         self._state = self._check(transition)
 
     def start_request(self) -> None:
-        """A new attempt asks the tracker: what the last transfer left is forgotten."""
+        """A new attempt asks the tracker: what the last one's transfers left is forgotten."""
         self._move("start_request")
         self.attempts += 1
-        self.transfer = None
-        self.seen_transfers.clear()
-        self.outcome = None
-        self.private = self.cipher = self.leaves = self.pending_start = None
-        self.refused_this_attempt = 0
+        self.end_transfers("a new attempt began")
+        self.transfers = []
+        self.claims = None
 
     def fail(self, reason: str) -> None:
         """The download ends without its file: ``reason`` is shown to the user."""
@@ -127,23 +112,54 @@ class Download:
         """An attempt ended short: said on the page while the next one waits."""
         self.error = f"attempt {self.attempts} of {max_attempts}: {why}"
 
-    # --- the current attempt's transfer -------------------------------------------------
+    # --- this attempt's transfers ------------------------------------------------------
 
-    def take_transfer(self, transfer: str) -> None:
-        """The tracker's reply names this attempt's transfer: only its chunks count now."""
-        self.transfer = transfer
+    def new_transfer(self, claimed: list[int] | None) -> Transfer:
+        """A request to one more source, for the chunk indexes ``claimed`` (None: all missing)."""
+        t = Transfer(claimed)
+        if claimed is not None:
+            self.claims.take(claimed)
+        self.transfers.append(t)
+        return t
 
-    def saw_transfer(self, transfer: str) -> None:
-        """A chunk came before the tracker's reply: its transfer may be ours (bounded)."""
-        if len(self.seen_transfers) < SEEN_TRANSFERS:
-            self.seen_transfers.add(transfer)
+    def release(self, t: Transfer) -> None:
+        """``t`` is over: what it claimed and did not bring is free for another source."""
+        if t.transfer is not None:
+            self.ended[t.transfer] = None
+            if len(self.ended) > MAX_SOURCES:
+                del self.ended[next(iter(self.ended))]
+        if t in self.transfers:
+            self.transfers.remove(t)
+            if t.claimed is not None and self.claims is not None:
+                self.claims.give_back(t.claimed)
 
-    def source(self, transfer: str) -> SourceStats:
+    def end_transfers(self, outcome: str) -> None:
+        for t in list(self.transfers):
+            t.end(outcome)
+
+    def find_transfer(self, transfer) -> Transfer | None:
+        """This attempt's transfer a chunk or end of ``transfer`` belongs to."""
+        return next((t for t in self.transfers if t.matches(transfer)), None)
+
+    def claim(self, sources: int, endgame: bool) -> list[int] | None:
+        """Chunk indexes for one more source (``ChunkClaims.pick``), or None: nothing to ask for."""
+        if self.chunks is None:
+            return None
+        if self.claims is None or self.claims.count != self.chunks.count:
+            self.claims = ChunkClaims(self.chunks.count)
+        return self.claims.pick(self.chunks, sources, endgame)
+
+    def taken_e2e(self, end_to_end: bool) -> None:
+        """The tracker's reply for one transfer: was it end to end (§13)?"""
+        self.e2e = end_to_end if self.e2e is None else (self.e2e and end_to_end)
+
+    def source(self, transfer: str, end_to_end: bool = False) -> SourceStats:
+        """What the source of ``transfer`` sent this download (kept for the last MAX_SOURCES)."""
         stats = self.sources.get(transfer)
         if stats is None:
             if len(self.sources) >= MAX_SOURCES:
                 del self.sources[next(iter(self.sources))]
-            stats = self.sources[transfer] = SourceStats(transfer, self.cipher is not None or bool(self.e2e))
+            stats = self.sources[transfer] = SourceStats(transfer, end_to_end)
         return stats
 
     def exclude(self, transfer: str) -> None:
@@ -153,26 +169,6 @@ class Download:
         if transfer not in self.excluded:
             self.excluded.append(transfer)
             del self.excluded[:-64]  # messages.MAX_EXCLUDED: the newest count
-
-    def end_transfer(self, outcome: str) -> None:
-        """The attempt's transfer is over ("ok" or why not); the first outcome counts."""
-        if self.outcome is None:
-            self.outcome = outcome
-            if self.wake is not None and not self.wake.called:
-                self.wake.callback(None)
-
-    async def wait_for_end(self, clock, stall_timeout: float) -> str:
-        """Until ``end_transfer``, or ``stall_timeout`` seconds without a new chunk."""
-        while self.outcome is None:
-            had = self.chunks.have if self.chunks else 0
-            wake = self.wake = defer.Deferred()
-            timer = clock.callLater(stall_timeout, lambda: wake.called or wake.callback(None))
-            await wake
-            if timer.active():
-                timer.cancel()
-            if self.outcome is None and (self.chunks.have if self.chunks else 0) == had:
-                self.outcome = f"stalled: no chunk for {stall_timeout:.0f} s"
-        return self.outcome
 
     # --- paths ----------------------------------------------------------------------
 
@@ -203,7 +199,7 @@ class Download:
                 "speed": self.speed(now), "unverified": self.unverified,
                 "path": self.final_path.name if self.final_path else None,
                 "bytes_this_run": self.bytes_this_run,  # chunk bytes written since this process started
-                "root": self.root, "e2e": self.e2e,
+                "root": self.root, "e2e": self.e2e, "transfers": len(self.transfers),  # sources asked now
                 "sources": [s.status() for s in self.sources.values()]}
 
     def speed(self, now: float) -> float:
@@ -235,8 +231,8 @@ class Download:
             self.chunks = ChunkMap(size, chunk_size)
             self.save_record()
 
-    def write_chunk(self, message: dict, now: float) -> bool:
-        """Write one ``file_chunk`` at its offset; False if it was a duplicate."""
+    def write_chunk(self, message: dict, now: float, t: Transfer | None = None) -> bool:
+        """Write one §8 ``file_chunk`` (of ``t``) at its offset; False if it was a duplicate."""
         self._check("receive")  # before anything is written
         index = message.get("chunk_idx")
         size = message.get("size")
@@ -264,15 +260,19 @@ class Download:
         if index in self.chunks:
             return False
         self.verified = False  # §8: checked only when the file is whole
+        if t is not None:
+            t.chunks += 1
+            t.last_chunk_at = now
+            if isinstance(message.get("transfer"), str):
+                self.source(message["transfer"]).took(len(data), now)
         return self._write(index, data, now)
 
     # --- §13: end to end -----------------------------------------------------------------
 
-    def begin_e2e(self, cipher: e2e.TransferCipher, leaves: bytes, chunk_size: int) -> None:
-        """The sharer's leaf row, opened under the transfer key: checked against the
-        root and size before any chunk is taken. SourceLied when it does not match."""
+    def begin_e2e(self, t: Transfer, cipher: e2e.TransferCipher, leaves: bytes, chunk_size: int) -> None:
+        """The sharer's leaf row, opened under ``t``'s key: checked against the root and
+        size before any chunk is taken. SourceLied when it does not match."""
         self._check("receive")
-        self.e2e = True
         try:
             merkle.check_leaves(leaves, self.root, self.size)
         except merkle.LeafRowError as e:
@@ -284,10 +284,10 @@ class Download:
             self.discard_partial()  # chunks of an unchecked transfer: only checked ones are kept
         self.verified = True
         self.expect(size, chunk_size, None)
-        self.cipher, self.leaves = cipher, leaves
-        self.pending_start = None
+        self.leaves = leaves
+        t.cipher, t.pending_start = cipher, None
 
-    def write_sealed_chunk(self, chunk: SealedChunk, now: float) -> bool:
+    def write_sealed_chunk(self, t: Transfer, chunk: SealedChunk, now: float) -> bool:
         """Open, check and write one §13 chunk; False for a duplicate.
 
         BadChunk (counted ``refused``) for one whose tag does not check: it was
@@ -295,14 +295,14 @@ class Download:
         that authenticates but is not the file's bytes.
         """
         self._check("receive")
-        stats = self.source(chunk.transfer)
+        stats = self.source(chunk.transfer, end_to_end=True)
         try:
             if chunk.chunk_size != self.chunk_size:
                 raise e2e.ChunkRefused("the chunk's size is not the transfer's")
-            data = self.cipher.open_chunk(chunk.chunk_idx, chunk.data)
+            data = t.cipher.open_chunk(chunk.chunk_idx, chunk.data)
         except e2e.ChunkRefused as e:
             stats.refused += 1
-            self.refused_this_attempt += 1
+            t.refused += 1
             raise BadChunk(str(e)) from None
         index = chunk.chunk_idx
         if (not 0 <= index < self.chunks.count or len(data) != self.chunks.chunk_length(index)
@@ -311,7 +311,9 @@ class Download:
             raise SourceLied("a chunk does not match the file's root")
         if index in self.chunks:
             return False
-        stats.chunks += 1
+        stats.took(len(data), now)
+        t.chunks += 1
+        t.last_chunk_at = now
         return self._write(index, data, now)
 
     def _write(self, index: int, data: bytes, now: float) -> bool:

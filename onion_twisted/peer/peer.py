@@ -43,7 +43,7 @@ class Peer:
                  chunk_size: int = DEFAULT_CHUNK, max_attempts: int = 5, stall_timeout: float = 60.0,
                  refresh_interval: float = 30.0, announce_interval: float = 300.0,
                  rng: random.Random | None = None, run_in_thread=threads.deferToThread,
-                 unsafe_logging: bool = False, max_uploads: int = 16):
+                 unsafe_logging: bool = False, max_uploads: int = 16, max_sources: int = 4):
         self.clock = clock
         self.outbound = outbound
         self.share = share
@@ -62,7 +62,8 @@ class Peer:
         self.downloader = Downloader(clock=clock, keeper=self.keeper, store=store, chunk_size=chunk_size,
                                      max_attempts=max_attempts, stall_timeout=stall_timeout,
                                      run_in_thread=run_in_thread, unsafe_logging=unsafe_logging,
-                                     find_root=self._find_root)
+                                     find_root=self._find_root, count_sources=self._count_sources,
+                                     max_sources=max_sources)
 
     def _find_root(self, name: str, sha256: str | None) -> tuple[str, int] | None:
         """(root, size) of ``name`` in the catalogue: the entry with a root and the most
@@ -72,8 +73,14 @@ class Peer:
                 and r["size"] >= 0 and (sha256 is None or r.get("sha256") == sha256)]
         if not rows:
             return None
-        best = max(rows, key=lambda r: r.get("sources") if type(r.get("sources")) is int else 0)
+        best = max(rows, key=_sources_of)
         return best["root"], best["size"]
+
+    def _count_sources(self, name: str, sha256: str | None, root: str | None) -> int:
+        """How many circuits the catalogue says share ``name`` (that content, when given)."""
+        rows = [r for r in self.announcer.catalogue if r.get("name") == name
+                and (sha256 is None or r.get("sha256") == sha256) and (root is None or r.get("root") == root)]
+        return max((_sources_of(r) for r in rows), default=0)
 
     def _first_message(self) -> dict:
         return self.announcer.ls_message()
@@ -227,3 +234,8 @@ class Peer:
             "catalogue": self.announcer.catalogue,
             "downloads": self.downloader.status(now),
         }
+
+
+def _sources_of(row: dict) -> int:
+    sources = row.get("sources")
+    return sources if type(sources) is int and sources > 0 else 0

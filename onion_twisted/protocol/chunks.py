@@ -129,3 +129,62 @@ def wanted_indexes(chunks, count: int):
         for i in range(max(a, seen_end), min(b, count)):
             yield i
         seen_end = max(seen_end, b)
+
+
+def index_ranges(indexes) -> list[list[int]]:
+    """Half-open ranges [a, b) covering the sorted chunk ``indexes`` (a ``request``'s ``chunks``)."""
+    ranges: list[list[int]] = []
+    for i in indexes:
+        if ranges and ranges[-1][1] == i:
+            ranges[-1][1] = i + 1
+        else:
+            ranges.append([i, i + 1])
+    return ranges
+
+
+#: The most one source of several is asked for at once (swarming).
+MAX_BLOCK_BYTES = 32 << 20
+#: Chunks one endgame request asks of a second source.
+ENDGAME_CHUNKS = 2
+
+
+class ChunkClaims:
+    """Which missing chunks of a download each of its sources was asked for (swarming).
+
+    ``counts[i]``: how many transfers under way asked for chunk ``i``.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self.counts = bytearray(count)
+
+    def take(self, indexes) -> None:
+        for i in indexes:
+            self.counts[i] += 1
+
+    def give_back(self, indexes) -> None:
+        for i in indexes:
+            if self.counts[i]:
+                self.counts[i] -= 1
+
+    def pick(self, chunk_map: ChunkMap, sources: int, endgame: bool) -> list[int] | None:
+        """Chunk indexes for one more source, or None when there is nothing to ask for.
+
+        With one source, every missing chunk at once. With more, a block of the
+        missing chunks nobody asked for yet, smaller as fewer are left (a fast
+        source comes back for more sooner, so it brings more); at the end
+        (``endgame``), missing chunks one other source is already bringing: the
+        first copy counts.
+        """
+        bits, counts = chunk_map.bits, self.counts
+        free = [i for i in range(self.count) if not bits[i] and not counts[i]]
+        if not free and endgame:
+            # A few at a time: a slow source's copy may still come first, and each one
+            # asked twice crosses the network twice.
+            return [i for i in range(self.count) if not bits[i] and counts[i] == 1][:ENDGAME_CHUNKS] or None
+        if not free:
+            return None
+        if sources <= 1:
+            return free
+        block = max(1, min(len(free) // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size))
+        return free[:block]

@@ -186,6 +186,12 @@ class Tracker:
             self.metrics.request("failed")
             for exit_address in set(bridged):
                 self._drop_bridge(exit_address, bridge_cid)
+            if bridged:
+                # The requester's exit took its end: the source's exit failed. Its circuit is
+                # not offered again (a dead exit would win every later choice, having no
+                # transfers under way); a live sharer announces again on a new circuit.
+                self.catalogue.forget(source.key)
+                self.sealed.forget(source.key)
             raise MessageError("source_failed", f"the source could not be reached: {e.detail}") from None
         finally:
             self.pending -= 1

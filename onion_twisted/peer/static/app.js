@@ -264,7 +264,9 @@
         setText(li.querySelector(".percent"), percent);
         setAttr(progress, "aria-valuetext", percent || d.state);
         setText(li.querySelector(".amount"), size === null ? human(bytes) : human(bytes) + " of " + human(size));
-        setText(li.querySelector(".speed"), d.state === "receiving" ? speed(d.speed) : "");
+        var asked = isNumber(d.transfers) ? d.transfers : 0;
+        setText(li.querySelector(".speed"), d.state === "receiving"
+          ? speed(d.speed) + (asked > 1 ? " from " + asked + " sources" : "") : "");
         var privacy = li.querySelector(".privacy");
         setText(privacy, privacyText(d));
         privacy.hidden = !privacy.textContent;

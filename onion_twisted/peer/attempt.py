@@ -1,0 +1,164 @@
+"""One attempt of a download (PROTOCOL.md §8, §13): its sources, each a transfer.
+
+An attempt asks the tracker for the missing chunks through the circuit.
+When the catalogue lists more than one circuit sharing the file, it asks
+up to ``max_sources`` of them at once: each *slot* claims a block of the
+chunks nobody asked for yet (smaller as fewer are left, so a fast source
+comes back for more sooner and brings more), asks the tracker for it
+naming the transfers already under way (``avoid``: another source, if
+there is one), and when the block is in, claims the next. When no chunk is
+left unclaimed, an idle slot asks another source for what a slower one is
+still bringing (endgame): the first copy counts, the other is dropped. A
+source that stops (killed, stalled, excluded for lying) leaves its block
+to the others. With one source, one transfer asks for everything, as
+before swarming.
+
+The attempt ends when every slot has ended; whether the download is then
+whole, verified or asked again is the downloader's call (``Downloader``).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from onion_twisted.peer.downloads import Download
+from onion_twisted.peer.transfer import Transfer
+from onion_twisted.protocol import e2e, merkle
+from onion_twisted.protocol.chunks import index_ranges
+from onion_twisted.protocol.errors import ProtocolError
+from onion_twisted.protocol.messages import is_sha256, request_message
+
+# Errors of a request that mean "nobody (else) to ask", not a broken circuit.
+NOBODY = ("not_found", "no_source")
+
+
+class SlotResult:
+    """How one slot ended: why, and whether that alone means the file cannot be had now."""
+
+    __slots__ = ("why", "fatal", "progress")
+
+    def __init__(self, why: str, fatal: bool = False, progress: int = 0):
+        self.why, self.fatal, self.progress = why, fatal, progress
+
+
+class Attempt:
+    """One attempt of ``download`` on ``circuit`` with at most ``sources`` slots."""
+
+    def __init__(self, downloader, download: Download, circuit, sources: int):
+        self.downloader = downloader
+        self.d = download
+        self.circuit = circuit
+        self.sources = max(1, sources)
+        self.refused = 0  # chunks of this attempt that did not authenticate
+
+    async def run(self) -> list[SlotResult]:
+        d = self.d
+        if self.circuit.sealed:
+            # End to end (§13): whole pieces; the reply's chunk_size is the one asked, e2e or not.
+            d.chunk_size = merkle.e2e_chunk_size(d.chunk_size)
+        if d.chunks is None and d.size is not None and self.sources > 1:
+            d.expect(d.size, d.chunk_size, None)  # the catalogue's size: blocks can be claimed now
+        first = defer.ensureDeferred(self._slot(first=True))
+        slots = [first]
+        if d.chunks is not None and self.sources > 1:
+            slots += [defer.ensureDeferred(self._slot()) for _ in range(self.sources - 1)]
+        try:
+            return list(await defer.gatherResults(slots, consumeErrors=True))
+        except defer.FirstError as e:
+            d.end_transfers("the download stopped")  # the other slots end too
+            e.subFailure.raiseException()
+
+    async def _slot(self, first: bool = False) -> SlotResult:
+        d, progress, result = self.d, 0, SlotResult("nothing left to ask for")
+        while not self.downloader.stopped:
+            if d.chunks is not None and d.chunks.complete:
+                return SlotResult("ok", progress=progress)
+            claimed = None
+            if d.chunks is not None and (self.sources > 1 or d.chunks.have):
+                claimed = d.claim(self.sources, endgame=self.sources > 1)
+                if claimed is None:
+                    return SlotResult(result.why, progress=progress)
+            t = d.new_transfer(claimed)
+            try:
+                result = await self._transfer(t, ask_first=first and progress == 0)
+            finally:
+                d.release(t)
+                self.refused += t.refused
+            progress += t.chunks
+            if result.why != "ok" or claimed is None or not t.chunks:
+                # This source is done (or brought nothing): the slot ends, its chunks go to others.
+                result.progress = progress
+                return result
+        return SlotResult("the peer stopped", progress=progress)
+
+    async def _transfer(self, t: Transfer, ask_first: bool) -> SlotResult:
+        """Ask the tracker for ``t``'s chunks and wait for the transfer to end."""
+        downloader, d = self.downloader, self.d
+        request = self._request(t)
+        try:
+            reply = await downloader.keeper.send(request)
+        except ProtocolError as e:
+            return SlotResult(f"circuit failed: {e.detail}")
+        if not isinstance(reply, dict):
+            return SlotResult("the tracker gave no answer")
+        if reply.get("type") == "error":
+            return self._refused(reply, request, ask_first)
+        if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):
+            return SlotResult("the tracker's answer is not a transfer")
+        t.transfer = reply["transfer"]
+        size, sha = reply.get("size"), reply.get("sha256")
+        root = reply.get("root") if is_sha256(reply.get("root")) else None
+        chunk_size = reply.get("chunk_size", d.chunk_size)
+        t.e2e = reply.get("e2e") is True and t.private is not None and root is not None
+        d.taken_e2e(t.e2e)
+        if not t.e2e:
+            t.private = t.pending_start = None  # §8's transfer: no transfer_start will come
+        if isinstance(size, int) and isinstance(chunk_size, int):
+            try:
+                d.expect(size, chunk_size, sha if isinstance(sha, str) else None, root)
+            except ValueError as e:  # more chunks than a download may have (chunks.MAX_CHUNKS)
+                return SlotResult(f"this peer does not download that file: {e}", fatal=True)
+        elif isinstance(sha, str):
+            d.expect(None, d.chunk_size, sha)  # no size: only the sha256 is learnt
+        if t.pending_start is not None:
+            downloader.check_start(d, t, *t.pending_start)
+        downloader.take_orphan_end(d, t)
+        if d.chunks is not None and d.chunks.complete:
+            t.end("ok")  # nothing was missing (or a zero-byte file)
+        return SlotResult(await t.wait_for_end(downloader.clock, downloader.stall_timeout))
+
+    def _request(self, t: Transfer) -> dict:
+        """``t``'s ``request``: on a sealed circuit with a fresh key (§13), in whole pieces,
+        naming the root when known, the chunks it claimed, and the transfers under way."""
+        d = self.d
+        chunk_size, key = d.chunk_size, None
+        if self.circuit.sealed:
+            t.private = e2e.new_private()
+            key = e2e.public_bytes(t.private)
+        ranges = None
+        if t.claimed is not None:
+            ranges = index_ranges(t.claimed)
+        elif d.chunks is not None and d.chunks.have and d.chunks.chunk_size == chunk_size:
+            ranges = d.chunks.missing_ranges()
+        request = request_message(d.name, chunk_size, d.sha256, ranges, root=d.root, key=key, exclude=d.excluded)
+        avoid = [o.transfer for o in d.transfers if o is not t and o.transfer]
+        if avoid:
+            request["avoid"] = avoid[-64:]  # messages.MAX_EXCLUDED
+        return request
+
+    def _refused(self, reply: dict, request: dict, ask_first: bool) -> SlotResult:
+        """The tracker answered a request with an error: why the slot ends, and whether
+        that means the file cannot be had now (nothing on disk, nobody to ask)."""
+        d = self.d
+        why = str(reply.get("detail") or reply.get("error"))
+        if reply.get("error") not in NOBODY:
+            return SlotResult(why)
+        if not ask_first or "avoid" in request:
+            return SlotResult(why)  # another slot's source is the only one: not an end
+        if reply.get("error") == "no_source" and d.excluded:
+            # Every source left sent data that does not match the file: another may come.
+            return SlotResult("every source of this file sent data that does not match it; waiting for another")
+        why = "nobody shares this file" if reply.get("error") == "not_found" else "only this peer shares this file"
+        # Part of the file on disk means someone shared it: its sharer may be rebuilding
+        # its circuit (our own restart breaks it). Then it is asked again later.
+        return SlotResult(why, fatal=not (d.chunks is not None and d.chunks.have))
