@@ -1,4 +1,4 @@
-"""The choice of a source for a request (docs/protocol.md 11.4, 17.13; choices 26, 27, 37-39).
+"""The choice of a source for a request (docs/protocol.md 11.4, 17.13; 17.10, choices 26, 27, 37-39).
 
 The tracker knows a circuit only as (exit IP, CID), so the fairest measure of
 how widely a file is shared that it has is the number of distinct exits its

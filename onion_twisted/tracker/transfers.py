@@ -4,9 +4,9 @@ The tracker never sees ``transfer_end`` (it crosses the bridge), so a
 transfer counts as under way from its ``transfer`` reply for an estimate of
 its duration. The estimate is kept per source circuit (``TrackedCircuit.
 transfers``) and per exit IP, so the choice of a source spreads load over
-exits, not only over circuits (choice 38). Transfer ids are also remembered
-with their source circuit, for the ``exclude`` and ``avoid`` of later
-requests (choices 27, 37).
+exits, not only over circuits (docs/protocol.md 17.10, choice 39).
+Transfer ids are also remembered with their source circuit, for the
+``exclude`` and ``avoid`` of later requests (17.10, choices 27, 37).
 """
 
 from __future__ import annotations
