@@ -25,7 +25,7 @@ from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.protocol.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, RateLimited,
                                   UnknownCircuit)
 from onion_twisted.net.http_server import QuietSite
-from onion_twisted.tracker.app import TrackerApp
+from onion_twisted.tracker.app import TrackerApp, render_network
 
 from tests.support.deferreds import inline
 from tests.support.fake_tracker import FakeTracker
@@ -354,6 +354,7 @@ class SwarmTests(TrackerCase):
         reply = await self.h.ls(OTHER_IP, new_cid(), ["o0", "o1"])
         self.assertEqual([f["name"] for f in reply["files"]], ["a2", "a3", "o0", "o1"])
         self.assertEqual(self.h.catalogue.evicted, 2)
+        self.assertIn("2 entries evicted since start", render_network(self.h.tracker))
         self.assertError(await self.h.ls(SHARER_IP, self.sharer, ["a0", "a1", "a2", "a3"]), "busy")
 
 
