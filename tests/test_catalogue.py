@@ -798,3 +798,27 @@ class BookkeepingTests(unittest.SynchronousTestCase):
             check_bookkeeping(self, cat)
             self.assertLessEqual(len(cat.entries), 40)
         self.assertGreaterEqual(len(outcomes), 5, outcomes)  # every path was taken
+
+
+class CatalogueNeverWalked(dict):
+    """``Catalogue.entries`` that fails a test which walks the whole catalogue."""
+
+    def __iter__(self):
+        raise AssertionError("the whole catalogue was walked")
+
+    keys = values = items = __iter__
+
+
+class AnnounceCostTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_announcing_forgetting_and_evicting_never_walk_the_catalogue(self):
+        cat, _ = make_catalogue(max_entries=6, max_entries_per_exit=6)
+        cat.entries = CatalogueNeverWalked()
+        fill(cat, A, "a", 5)
+        join(cat, B, ["a0", "b0"])
+        join(cat, C, ["c0", "c1"])               # full: a1 and a2 go (a0 has two sources)
+        cat.forget(B)                            # b0 goes; a0 is A's alone now
+        join(cat, (EXIT_4, CID_4), ["d0", "d1"])  # full again: a0 goes
+        self.assertMessageError("busy", join, cat, D, ["a1"])
+        cat.choose_source(request("c0"), A)
+        self.assertEqual(cat.evicted, 3)
+        self.assertEqual([f.name for f in cat.circuits[A].files], ["a3", "a4"])
