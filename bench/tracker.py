@@ -303,7 +303,8 @@ def make_inproc_tracker(exits: list[str], keys: dict, port: int):
     outbound = FakeOutbound({ip: keys[ip]["identity"] for ip in exits})
     catalogue = Catalogue(reactor, idle_timeout=cfg["circuit_idle_timeout"], max_circuits=cfg["max_circuits"],
                           max_files=cfg["max_files_per_circuit"], max_entries=cfg["max_catalogue_entries"],
-                          max_listing=cfg["max_listing"], listing_refresh=cfg["listing_refresh"])
+                          max_entries_per_exit=cfg["max_entries_per_exit"], max_listing=cfg["max_listing"],
+                          listing_refresh=cfg["listing_refresh"])
     registry = NodeRegistry(reactor, signing_key, heartbeat=cfg["heartbeat"], max_nodes=cfg["max_nodes"])
     tracker = Tracker(clock=reactor, signing_key=signing_key, own_address=wire.Address("127.0.0.1", port),
                       catalogue=catalogue, registry=registry, outbound=outbound, max_pending=cfg["max_pending"])

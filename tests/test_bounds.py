@@ -22,7 +22,7 @@ from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from onion_twisted.tracker import catalogue
+from onion_twisted.tracker import transfers as tracker_transfers
 from onion_twisted.protocol import cells, control, chunks as transfers, wire
 from onion_twisted.peer import downloader as downloader_module
 from onion_twisted.peer import circuit as circuit_module
@@ -179,14 +179,14 @@ class TrackerBoundsTests(unittest.TestCase):
                                (NODE_IPS[0], requester, [])):
             fired(defer.ensureDeferred(h.ls(ip, cid, files)))
         source = h.catalogue.circuits[(NODE_IPS[1], sharer)]
-        for n in range(catalogue.MAX_TRANSFERS + 50):
+        for n in range(tracker_transfers.MAX_TRANSFERS + 50):
             h.clock.advance(0.01)
             reply = fired(defer.ensureDeferred(h.send(NODE_IPS[0], requester, {"type": "request", "file": "f"})))
             self.assertEqual(reply["type"], "transfer")
             h.outbound.posts.clear()
-        self.assertEqual(len(source.transfers), catalogue.MAX_TRANSFERS)
+        self.assertEqual(len(source.transfers), tracker_transfers.MAX_TRANSFERS)
         self.assertIn(reply["transfer"], source.transfers)  # the newest is counted, the oldest made room
-        self.assertEqual(h.catalogue.transfers_under_way(), catalogue.MAX_TRANSFERS)
+        self.assertEqual(h.catalogue.transfers_under_way(), tracker_transfers.MAX_TRANSFERS)
         h.clock.advance(61)
         self.assertEqual(h.catalogue.transfers_under_way(), 0)  # and they end with their estimate
 

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from onion_twisted.protocol import wire
 from onion_twisted.protocol.messages import DEFAULT_CHUNK, FileRequest, MessageError, SharedFile, parse_files
-from onion_twisted.tracker import catalogue as catalogue_module
+from onion_twisted.tracker import catalogue as catalogue_module, transfers as transfers_module
 from onion_twisted.tracker.catalogue import Catalogue
 
 from .test_messages import ErrorCase
@@ -299,7 +299,7 @@ class BoundsTests(ErrorCase, unittest.SynchronousTestCase):
         self.assertEqual(set(cat.circuits), {A, C})
 
     def test_max_entries_refuses_and_changes_nothing(self):
-        cat, _ = make_catalogue(max_entries=3)
+        cat, _ = make_catalogue(max_entries=3, max_entries_per_exit=3)
         circuit = join(cat, A, ["a", "b"])
         other = join(cat, B, ["c"])
         before = (dict(cat.entries), cat.listing(), circuit.files, other.files)
@@ -307,14 +307,14 @@ class BoundsTests(ErrorCase, unittest.SynchronousTestCase):
         self.assertEqual((dict(cat.entries), cat.listing(), circuit.files, other.files), before)
 
     def test_max_entries_counts_only_new_entries(self):
-        cat, _ = make_catalogue(max_entries=3)
+        cat, _ = make_catalogue(max_entries=3, max_entries_per_exit=3)
         join(cat, A, ["a", "b"])
         join(cat, B, ["a", "b", "c"])  # a and b already listed: one new entry, three in all
         self.assertEqual(len(cat.entries), 3)
         self.assertEqual(entry(cat, "a", None)["sources"], 2)
 
     def test_full_catalogue_still_lets_a_circuit_replace_its_list(self):
-        cat, _ = make_catalogue(max_entries=2)
+        cat, _ = make_catalogue(max_entries=2, max_entries_per_exit=2)
         join(cat, A, ["a", "b"])
         join(cat, A, ["a", "c"])  # b, held by A alone, makes room for c
         self.assertEqual(set(cat.names), {"a", "c"})
@@ -433,7 +433,7 @@ class E2EChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         self.assertEqual(cat.choose_source(e2e_request("a", exclude=["t-a"]), D)[0].key, B)
 
     def test_transfer_sources_are_bounded_oldest_first(self):
-        self.patch(catalogue_module, "MAX_TRANSFER_SOURCES", 3)
+        self.patch(transfers_module, "MAX_TRANSFER_SOURCES", 3)
         cat, _ = make_catalogue()
         a = join(cat, A, ["f"])
         for i in range(5):
@@ -442,3 +442,383 @@ class E2EChooseSourceTests(ErrorCase, unittest.SynchronousTestCase):
         # t0 is forgotten: it excludes nothing; t4 still excludes A, the only source.
         self.assertEqual(cat.choose_source(e2e_request("f", key=None, exclude=["t0"]), D)[0].key, A)
         self.assertMessageError("no_source", cat.choose_source, e2e_request("f", key=None, exclude=["t4"]), D)
+
+
+# --- issue 16: avoid, fair ranking, load by exit, quotas and eviction --------------------------
+
+EXIT_4, EXIT_5 = "127.0.0.14", "127.0.0.15"
+REQUESTER = ("127.0.0.99", "99999999-9999-4999-8999-999999999999")
+
+
+def circuit_on(exit_ip, n):
+    return (exit_ip, f"{n:08x}-0000-4000-8000-000000000000")
+
+
+def swarm_request(name, sha256=None, exclude=(), avoid=(), key=None):
+    return FileRequest(name, sha256, DEFAULT_CHUNK, None, None, key, tuple(exclude), tuple(avoid))
+
+
+def held_alone(catalogue):
+    """exit IP -> entries all of whose sources come through it, counted from scratch."""
+    counts = {}
+    for sources in catalogue.entries.values():
+        exits = {k[0] for k in sources}
+        if len(exits) == 1:
+            exit_ip = exits.pop()
+            counts[exit_ip] = counts.get(exit_ip, 0) + 1
+    return counts
+
+
+def check_bookkeeping(test, catalogue):
+    """The incremental counts of the quotas agree with the catalogue they summarise."""
+    test.assertEqual(catalogue.exit_entries, held_alone(catalogue))
+    several = {key: {} for key, sources in catalogue.entries.items() if len({k[0] for k in sources}) > 1}
+    for key in several:
+        for k in catalogue.entries[key]:
+            several[key][k[0]] = several[key].get(k[0], 0) + 1
+    test.assertEqual(catalogue.entry_exits, several)
+    with_files = {}
+    for key, circuit in catalogue.circuits.items():
+        if circuit.files:
+            with_files.setdefault(key[0], set()).add(key)
+    test.assertEqual({ip: set(order) for ip, order in catalogue.exit_circuits.items()}, with_files)
+    for key, circuit in catalogue.circuits.items():
+        for f in circuit.files:
+            test.assertIs(catalogue.entries[f.key][key], f)
+    test.assertEqual(sum(len(v) for v in catalogue.entries.values()),
+                     sum(len(c.files) for c in catalogue.circuits.values()))
+
+
+class AvoidTests(ErrorCase, unittest.SynchronousTestCase):
+    def setUp(self):
+        self.cat, _ = make_catalogue()
+        self.a, self.b = join(self.cat, A, ["f"]), join(self.cat, B, ["f"])
+        join(self.cat, C, ["f"])
+        join(self.cat, REQUESTER, ["f"])  # the requester's own copy counts for nothing
+        self.cat.start_transfer(self.a, "t-a", 5)
+        self.cat.start_transfer(self.b, "t-b", 5)
+        self.cat.end_transfer(self.a, "t-a")
+        self.cat.end_transfer(self.b, "t-b")  # idle again: only avoid keeps them out
+
+    def test_an_avoided_source_is_not_chosen(self):
+        chosen = {self.cat.choose_source(swarm_request("f", avoid=["t-a"]), REQUESTER)[0].key for _ in range(40)}
+        self.assertEqual(chosen, {B, C})
+        for _ in range(20):
+            self.assertEqual(self.cat.choose_source(swarm_request("f", avoid=["t-a", "t-b", "t-?"]), REQUESTER)[0].key,
+                             C)
+
+    def test_every_other_source_avoided_is_no_source_with_its_own_detail(self):
+        self.cat.start_transfer(self.cat.circuits[C], "t-c", 5)
+        e = self.assertMessageError("no_source", self.cat.choose_source,
+                                    swarm_request("f", avoid=["t-a", "t-b", "t-c"]), REQUESTER)
+        self.assertEqual(e.detail, "every other source of that file is already serving this download")
+        # Excluded and avoided together: the download has every source not excluded.
+        e = self.assertMessageError("no_source", self.cat.choose_source,
+                                    swarm_request("f", exclude=["t-a"], avoid=["t-b", "t-c"]), REQUESTER)
+        self.assertEqual(e.detail, "every other source of that file is already serving this download")
+        # All excluded, whatever is avoided as well: nothing left to ask, the excluded detail.
+        e = self.assertMessageError("no_source", self.cat.choose_source,
+                                    swarm_request("f", exclude=["t-a", "t-b", "t-c"], avoid=["t-a"]), REQUESTER)
+        self.assertEqual(e.detail, "every other source of that file was excluded")
+
+    def test_avoid_spans_the_entries_of_a_name(self):
+        # The avoided circuit is avoided in every entry: another entry's source is chosen.
+        join(self.cat, B, ["f", {"name": "f", "size": 3, "sha256": SHA_A}])
+        for _ in range(10):
+            circuit, shared, _ = self.cat.choose_source(swarm_request("f", SHA_A, avoid=["t-c"]), REQUESTER)
+            self.assertEqual((circuit.key, shared.sha256), (B, SHA_A))
+        self.assertMessageError("no_source", self.cat.choose_source, swarm_request("f", SHA_A, avoid=["t-b"]),
+                                REQUESTER)
+
+
+class FairRankingTests(unittest.SynchronousTestCase):
+    def test_many_circuits_through_one_exit_do_not_win_a_name(self):
+        cat, _ = make_catalogue()
+        for n in range(10):  # one sharer, ten circuits, one exit
+            join(cat, circuit_on(EXIT_1, n), [{"name": "f", "size": 1, "sha256": SHA_A}])
+        join(cat, B, [{"name": "f", "size": 2, "sha256": SHA_B}])  # two sharers through two exits
+        join(cat, C, [{"name": "f", "size": 2, "sha256": SHA_B}])
+        self.assertEqual(entry(cat, "f", SHA_A)["sources"], 10)  # the listing still counts circuits
+        for _ in range(30):
+            circuit, shared, _ = cat.choose_source(swarm_request("f"), REQUESTER)
+            self.assertEqual(shared.sha256, SHA_B)
+            self.assertIn(circuit.key, (B, C))
+        # With its sha256 the many-circuit entry is still there to be asked for.
+        self.assertEqual(cat.choose_source(swarm_request("f", SHA_A), REQUESTER)[1].sha256, SHA_A)
+
+    def test_then_the_most_circuits(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [{"name": "f", "sha256": SHA_A}])
+        join(cat, B, [{"name": "f", "sha256": SHA_A}])
+        join(cat, circuit_on(EXIT_1, 7), [{"name": "f", "sha256": SHA_B}])
+        join(cat, circuit_on(EXIT_2, 7), [{"name": "f", "sha256": SHA_B}])
+        join(cat, circuit_on(EXIT_2, 8), [{"name": "f", "sha256": SHA_B}])  # two exits, three circuits
+        for _ in range(20):
+            self.assertEqual(cat.choose_source(swarm_request("f"), REQUESTER)[1].sha256, SHA_B)
+
+    def test_exits_counted_among_usable_sources_only(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [{"name": "f", "sha256": SHA_A}])
+        join(cat, (EXIT_2, CID_4), [{"name": "f", "sha256": SHA_A}])  # the requester's own circuit
+        join(cat, B, [{"name": "f", "sha256": SHA_B}])
+        join(cat, C, [{"name": "f", "sha256": SHA_B}])
+        for _ in range(20):
+            self.assertEqual(cat.choose_source(swarm_request("f"), (EXIT_2, CID_4))[1].sha256, SHA_B)
+        b = cat.circuits[B]
+        cat.start_transfer(b, "t-b", 1)  # avoided below: SHA_B is down to one exit and one circuit, as SHA_A
+        chosen = {cat.choose_source(swarm_request("f", avoid=["t-b"]), (EXIT_2, CID_4))[1].sha256 for _ in range(60)}
+        self.assertEqual(chosen, {SHA_A, SHA_B})  # one exit and one circuit each: ties go at random
+
+    def test_a_sealed_root_entry_still_ranks_first_with_a_key(self):
+        cat, _ = make_catalogue()
+        join(cat, A, [with_root(name="f")])  # one sealed source through one exit
+        for n, exit_ip in enumerate((EXIT_2, EXIT_3, EXIT_4)):
+            join(cat, circuit_on(exit_ip, n), [{"name": "f", "size": 5, "sha256": SHA_A}])
+        for _ in range(10):
+            circuit, shared, e2e = cat.choose_source(swarm_request("f", key=KEY), D, is_sealed=sealed(A, D))
+            self.assertEqual((circuit.key, shared.root, e2e), (A, ROOT, True))
+        self.assertIsNone(cat.choose_source(swarm_request("f"), D, is_sealed=sealed(A, D))[1].root)
+
+    def test_entry_ties_drawn_the_same_from_the_same_seed(self):
+        draws = []
+        for _ in range(2):
+            cat, _ = make_catalogue(seed=5)
+            join(cat, A, [{"name": "f", "sha256": SHA_A}])
+            join(cat, B, [{"name": "f", "sha256": SHA_B}])
+            draws.append([cat.choose_source(swarm_request("f"), REQUESTER)[1].sha256 for _ in range(40)])
+        self.assertEqual(draws[0], draws[1])
+        self.assertEqual(set(draws[0]), {SHA_A, SHA_B})
+
+
+class LoadByExitTests(unittest.SynchronousTestCase):
+    def test_a_busy_exit_is_passed_over_for_an_idle_one(self):
+        cat, _ = make_catalogue()
+        a = join(cat, A, ["f"])
+        join(cat, D, ["f"])          # through EXIT_1 as A: no transfer of its own, but its exit has one
+        join(cat, B, ["f"])
+        cat.start_transfer(a, "t-a", 1)
+        for _ in range(30):
+            self.assertEqual(cat.choose_source(request("f"), REQUESTER)[0].key, B)
+        self.assertEqual((cat.transfers.of_exit(EXIT_1), cat.transfers.of_exit(EXIT_2)), (1, 0))
+
+    def test_on_one_exit_the_circuit_with_fewer_transfers(self):
+        cat, _ = make_catalogue()
+        a, d = join(cat, A, ["f"]), join(cat, D, ["f"])
+        cat.start_transfer(a, "t1", 1)
+        cat.start_transfer(a, "t2", 1)
+        cat.start_transfer(d, "t3", 1)
+        for _ in range(20):
+            self.assertEqual(cat.choose_source(request("f"), REQUESTER)[0].key, D)
+
+    def test_an_exits_load_ends_with_the_estimate_an_end_or_the_circuit(self):
+        cat, clock = make_catalogue()
+        a, d, b = join(cat, A, ["f"]), join(cat, D, ["f"]), join(cat, B, ["f"])
+        cat.start_transfer(a, "t1", 0)                   # 60 s
+        cat.start_transfer(d, "t2", 30 * 1024 * 1024)    # 90 s
+        cat.start_transfer(d, "t3", 0)
+        cat.start_transfer(b, "t4", 0)
+        self.assertEqual((cat.transfers.of_exit(EXIT_1), cat.transfers_under_way()), (3, 4))
+        cat.end_transfer(d, "t3")
+        cat.end_transfer(d, "t3")  # twice: counted off once
+        self.assertEqual(cat.transfers.of_exit(EXIT_1), 2)
+        clock.advance(60)
+        self.assertEqual((cat.transfers.of_exit(EXIT_1), cat.transfers.of_exit(EXIT_2)), (1, 0))
+        cat.forget(D)
+        self.assertEqual((cat.transfers.of_exit(EXIT_1), cat.transfers_under_way()), (0, 0))
+        self.assertEqual(cat.transfers._under_way, {})
+
+    def test_the_heap_of_ends_is_compacted(self):
+        cat, _ = make_catalogue()
+        a = join(cat, A, ["f"])
+        for i in range(3000):
+            cat.start_transfer(a, f"t{i}", 0)
+            cat.end_transfer(a, f"t{i}")
+        self.assertLessEqual(len(cat.transfers._ending), 1024 + 1)
+        self.assertEqual(cat.transfers.of_exit(EXIT_1), 0)
+
+
+class ExitQuotaTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_default_is_a_quarter_of_the_catalogue(self):
+        self.assertEqual(make_catalogue(max_entries=1000)[0].max_entries_per_exit, 250)
+        self.assertEqual(make_catalogue(max_entries=3)[0].max_entries_per_exit, 1)
+        self.assertEqual(make_catalogue(max_entries=1000, max_entries_per_exit=7)[0].max_entries_per_exit, 7)
+
+    def test_an_ls_past_the_exits_quota_is_refused_and_changes_nothing(self):
+        cat, _ = make_catalogue(max_entries_per_exit=3)
+        first = join(cat, A, ["a", "b"])
+        join(cat, B, ["z"])
+        before = (dict(cat.entries), dict(cat.exit_entries), first.files, set(cat.circuits))
+        e = self.assertMessageError("busy", join, cat, D, ["c", "d"])  # another circuit, the same exit
+        self.assertEqual(e.detail, "the circuits through this exit hold as many catalogue entries as one exit may")
+        self.assertMessageError("busy", join, cat, A, ["a", "b", "c", "d"])
+        self.assertEqual((dict(cat.entries), dict(cat.exit_entries), first.files), before[:3])
+        join(cat, D, ["c"])  # up to the quota
+        join(cat, A, ["a", "d"])  # b, held by A alone, makes room for d
+        self.assertEqual(cat.exit_entries, {EXIT_1: 3, EXIT_2: 1})
+        check_bookkeeping(self, cat)
+
+    def test_entries_shared_through_another_exit_do_not_count(self):
+        cat, _ = make_catalogue(max_entries_per_exit=2)
+        join(cat, B, ["p", "q", "r"][:2])
+        join(cat, C, ["r"])
+        join(cat, A, ["p", "q", "r", "own1", "own2"])  # three shared, two its own
+        self.assertEqual(cat.exit_entries, {EXIT_1: 2})
+        self.assertMessageError("busy", join, cat, D, ["own3"])
+        check_bookkeeping(self, cat)
+
+    def test_an_exit_left_holding_entries_alone_is_not_cut_but_adds_nothing_more(self):
+        cat, _ = make_catalogue(max_entries_per_exit=2)
+        join(cat, A, ["a", "b", "c"][:2])
+        join(cat, B, ["c", "d"])
+        join(cat, A, ["a", "b", "c"])  # c is shared with B: still two alone
+        cat.forget(B)                  # c is A's alone now: three, over the quota, and kept
+        self.assertEqual(cat.exit_entries, {EXIT_1: 3})
+        join(cat, A, ["a", "b"])        # adds nothing: accepted
+        join(cat, A, ["a", "b", "c"][:2])
+        self.assertMessageError("busy", join, cat, D, ["x"])
+        check_bookkeeping(self, cat)
+
+
+def fill(catalogue, key, prefix, n):
+    return join(catalogue, key, [f"{prefix}{i}" for i in range(n)])
+
+
+class EvictionTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_an_exit_below_its_share_evicts_from_the_exit_holding_the_most(self):
+        cat, clock = make_catalogue(max_entries=10, max_entries_per_exit=10)
+        old = fill(cat, A, "old", 4)              # EXIT_1's circuit that announced least recently
+        clock.advance(1)
+        fill(cat, D, "new", 4)                    # EXIT_1 holds 8
+        join(cat, B, ["b0", "b1"])                # EXIT_2 holds 2: full
+        join(cat, C, ["c0", "c1", "c2"])          # EXIT_3 would hold 3 of a share of 10 // 3
+        self.assertEqual(len(cat.entries), 10)
+        self.assertEqual(cat.exit_entries, {EXIT_1: 5, EXIT_2: 2, EXIT_3: 3})
+        self.assertEqual([f.name for f in old.files], ["old3"])  # its first three went
+        self.assertEqual(cat.evicted, 3)
+        self.assertNotIn("old0", cat.names)
+        self.assertEqual(len(cat.circuits[D].files), 4)
+        check_bookkeeping(self, cat)
+
+    def test_the_richest_exit_gives_up_no_more_than_its_excess(self):
+        cat, _ = make_catalogue(max_entries=12, max_entries_per_exit=12)
+        fill(cat, A, "a", 8)
+        fill(cat, B, "b", 4)
+        fill(cat, C, "c", 2)           # share 12 // 3 = 4: EXIT_1 gives up two, down to 6
+        self.assertEqual(cat.exit_entries, {EXIT_1: 6, EXIT_2: 4, EXIT_3: 2})
+        fill(cat, (EXIT_4, CID_1), "d", 3)   # share 3: EXIT_1 gives up three more, EXIT_2 none
+        self.assertEqual(cat.exit_entries, {EXIT_1: 3, EXIT_2: 4, EXIT_3: 2, EXIT_4: 3})
+        fill(cat, (EXIT_5, CID_1), "e", 2)   # share 2: one at a time from the richest (ties: lowest IP)
+        self.assertEqual(cat.exit_entries, {EXIT_1: 2, EXIT_2: 3, EXIT_3: 2, EXIT_4: 3, EXIT_5: 2})
+        check_bookkeeping(self, cat)
+
+    def test_only_entries_held_by_one_circuit_alone_go(self):
+        cat, _ = make_catalogue(max_entries=5, max_entries_per_exit=5)
+        join(cat, A, ["shared", "twice", "alone0", "alone1"])
+        join(cat, D, ["twice"])              # one exit, two circuits: not evicted with one of them
+        join(cat, B, ["shared", "b0"])       # full: shared (two exits), twice, alone0, alone1, b0
+        join(cat, C, ["c0"])                 # EXIT_3 evicts one of EXIT_1's three (share 5 // 3)
+        self.assertEqual(sorted(f.name for f in cat.circuits[A].files), ["alone1", "shared", "twice"])
+        check_bookkeeping(self, cat)
+
+    def test_an_entry_the_ls_announces_is_not_evicted_to_make_room(self):
+        cat, _ = make_catalogue(max_entries=3, max_entries_per_exit=3)
+        join(cat, A, ["a0", "a1", "a2"])
+        join(cat, B, ["a0", "new"])  # a0, first of A's, is in B's ls: a1 goes, not a0
+        self.assertEqual(sorted(cat.names), ["a0", "a2", "new"])
+        self.assertEqual(cat.entries[("a0", None, None)].keys(), {A, B})
+        check_bookkeeping(self, cat)
+
+    def test_an_exit_over_its_share_is_refused_and_nothing_changes(self):
+        cat, _ = make_catalogue(max_entries=6, max_entries_per_exit=6)
+        fill(cat, A, "a", 3)
+        fill(cat, B, "b", 3)
+        before = ({k: dict(v) for k, v in cat.entries.items()}, dict(cat.exit_entries), cat.circuits[A].files)
+        e = self.assertMessageError("busy", fill, cat, D, "more", 1)
+        self.assertEqual(e.detail, "the tracker's catalogue is full, and the circuits through this exit hold "
+                                   "their fair share of it")
+        e = self.assertMessageError("busy", fill, cat, C, "c", 4)  # 4 > 6 // 3
+        self.assertEqual(({k: dict(v) for k, v in cat.entries.items()}, dict(cat.exit_entries),
+                          cat.circuits[A].files), before)
+        self.assertNotIn(C, {k for k, c in cat.circuits.items() if c.files})
+        self.assertEqual(cat.evicted, 0)
+
+    def test_no_exit_over_its_share_is_a_refusal(self):
+        cat, _ = make_catalogue(max_entries=4, max_entries_per_exit=4)
+        for key in (A, B):
+            join(cat, key, ["s0", "s1", "s2"])  # shared by two exits: nobody's alone
+        join(cat, A, ["s0", "s1", "s2", "a"])
+        e = self.assertMessageError("busy", join, cat, C, ["c"])
+        self.assertEqual(e.detail, "the tracker's catalogue is full, and no exit holds more than its fair share of it")
+        check_bookkeeping(self, cat)
+
+    def test_the_search_for_room_is_bounded(self):
+        self.patch(catalogue_module, "MAX_EVICTION_SCAN", 3)
+        cat, _ = make_catalogue(max_entries=8, max_entries_per_exit=8)
+        join(cat, B, ["s0", "s1", "s2"])
+        join(cat, A, ["s0", "s1", "s2", "a0", "a1", "a2", "a3", "a4"])  # its own five after three shared
+        e = self.assertMessageError("busy", join, cat, C, ["c0"])    # share 4: one of A's five would go
+        self.assertEqual(e.detail, "the tracker's catalogue is full")
+        self.assertIn("a0", cat.names)
+        self.patch(catalogue_module, "MAX_EVICTION_SCAN", 4)
+        join(cat, C, ["c0"])
+        self.assertNotIn("a0", cat.names)
+
+    def test_an_evicted_circuit_announces_again_only_within_its_share(self):
+        cat, _ = make_catalogue(max_entries=4, max_entries_per_exit=4)
+        fill(cat, A, "a", 4)
+        fill(cat, B, "b", 2)
+        self.assertEqual(cat.exit_entries, {EXIT_1: 2, EXIT_2: 2})
+        e = self.assertMessageError("busy", fill, cat, A, "a", 4)
+        self.assertIn("fair share", e.detail)
+        fill(cat, A, "a", 2)
+        check_bookkeeping(self, cat)
+
+
+class BookkeepingTests(unittest.SynchronousTestCase):
+    def test_random_announcements_and_departures_keep_the_counts_right(self):
+        rng = random.Random(16)
+        cat, clock = make_catalogue(max_entries=40, max_entries_per_exit=15, max_files=12)
+        keys = [circuit_on(ip, n) for ip in (EXIT_1, EXIT_2, EXIT_3, EXIT_4) for n in range(4)]
+        names = [f"n{i}" for i in range(60)]
+        outcomes = set()
+        for _ in range(1500):
+            key = rng.choice(keys)
+            clock.advance(1)
+            if rng.random() < 0.1:
+                cat.forget(key)
+                outcomes.add("forgot")
+            else:
+                files = rng.sample(names, rng.randint(0, 12))
+                evicted = cat.evicted
+                try:
+                    join(cat, key, files)
+                    outcomes.add("evicted" if cat.evicted > evicted else "joined")
+                except MessageError as e:
+                    outcomes.add(e.detail)
+            check_bookkeeping(self, cat)
+            self.assertLessEqual(len(cat.entries), 40)
+        self.assertGreaterEqual(len(outcomes), 5, outcomes)  # every path was taken
+
+
+class CatalogueNeverWalked(dict):
+    """``Catalogue.entries`` that fails a test which walks the whole catalogue."""
+
+    def __iter__(self):
+        raise AssertionError("the whole catalogue was walked")
+
+    keys = values = items = __iter__
+
+
+class AnnounceCostTests(ErrorCase, unittest.SynchronousTestCase):
+    def test_announcing_forgetting_and_evicting_never_walk_the_catalogue(self):
+        cat, _ = make_catalogue(max_entries=6, max_entries_per_exit=6)
+        cat.entries = CatalogueNeverWalked()
+        fill(cat, A, "a", 5)
+        join(cat, B, ["a0", "b0"])
+        join(cat, C, ["c0", "c1"])               # full: a1 and a2 go (a0 has two sources)
+        cat.forget(B)                            # b0 goes; a0 is A's alone now
+        join(cat, (EXIT_4, CID_4), ["d0", "d1"])  # full again: a0 goes
+        self.assertMessageError("busy", join, cat, D, ["a1"])
+        cat.choose_source(request("c0"), A)
+        self.assertEqual(cat.evicted, 3)
+        self.assertEqual([f.name for f in cat.circuits[A].files], ["a3", "a4"])

@@ -8,7 +8,8 @@ messages and requests to sharers succeed, or fail the way the example says.
 
 The world: four directory nodes, a sharing circuit (two files: one with its
 sha256, one by name only) and a requesting circuit, at small limits
-(``max_files_per_circuit`` 8, ``max_catalogue_entries`` 12, ``max_nodes`` 5)
+(``max_files_per_circuit`` 8, ``max_catalogue_entries`` 12,
+``max_entries_per_exit`` 8, ``max_nodes`` 5)
 so the refusals past them come up too. After every input:
 
 * ``POST /`` answers only PROTOCOL.md §3 statuses, a 200 carries a
@@ -58,7 +59,7 @@ NEW_NODES = [(wire.Address(f"127.0.0.{31 + i}", PORT), key) for i, key in enumer
 class TrackerWorld:
     def __init__(self):
         self.h = TrackerHarness(nodes=list(zip(NODE_ADDRESSES, NODE_KEYS)), max_files=8, max_entries=12,
-                                max_listing=10)
+                                max_entries_per_exit=8, max_listing=10)
         self.h.registry.max_nodes = 5
         listed, key = NEW_NODES[0]  # the fifth: the directory is full, another new node gets 429
         self.h.registry.register(listed, pem(key), crypto.fingerprint(key))
@@ -121,6 +122,11 @@ chunk_sizes = weighted((3, st.integers(16 * 1024, 4 * 1024 * 1024)),
                        (1, st.sampled_from([None, 16383, 4 * 1024 * 1024 + 1, 0, -1, 65536.0, True, "65536"])),
                        (1, st.integers()))
 MISSING = object()
+#: ``exclude`` and ``avoid``: transfer ids (known to the tracker or not), too many, or not ids at all.
+transfer_id_lists = weighted(
+    (3, st.lists(st.one_of(uuid4s, st.text(min_size=1, max_size=8)), max_size=4)),
+    (1, st.sampled_from([[f"t{i}" for i in range(65)], [""], ["x" * 129], "t1", [3]])),
+    (1, small_json))
 
 
 def _message(kind, fields):
@@ -138,7 +144,9 @@ messages = weighted(
         "file": weighted((3, st.sampled_from(["f", "g", "mine"])), (2, names)),
         "sha256": weighted((3, st.just(MISSING)), (2, shas)),
         "chunk_size": weighted((3, st.just(MISSING)), (2, chunk_sizes)),
-        "chunks": weighted((3, st.just(MISSING)), (2, chunk_ranges))}))),
+        "chunks": weighted((3, st.just(MISSING)), (2, chunk_ranges)),
+        "exclude": weighted((3, st.just(MISSING)), (1, transfer_id_lists)),
+        "avoid": weighted((3, st.just(MISSING)), (1, transfer_id_lists))}))),
     (1, st.builds(_message, st.sampled_from(["file_chunk", "transfer_end"]),
                   st.fixed_dictionaries({"transfer": maybe(small_json), "data": maybe(small_json)}))),
     (1, st.builds(_message, weighted((1, st.just(MISSING)), (2, small_json)), json_objects)),

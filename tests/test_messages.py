@@ -345,6 +345,29 @@ class E2ERequestTests(ErrorCase, unittest.SynchronousTestCase):
         for bad in (most + ["t64"], "t1", {"t1": 1}, [""], [3], [None], ["x" * 129]):
             self.assertMessageError("bad_request", parse_request, {"file": "a", "exclude": bad})
 
+    def test_avoid_round_trip_after_exclude(self):
+        message = messages.request_message("a", E2E_CHUNK, root=ROOT, key=KEY, exclude=["t1"], avoid=["t2", "t3"])
+        self.assertEqual(list(message), ["type", "file", "chunk_size", "root", "key", "exclude", "avoid"])
+        self.assertEqual(wire.dumps({k: message[k] for k in ("exclude", "avoid")}),
+                         b'{"exclude":["t1"],"avoid":["t2","t3"]}')
+        parsed = parse_request(wire.loads(wire.dumps(message)))
+        self.assertEqual((parsed.exclude, parsed.avoid), (("t1",), ("t2", "t3")))
+        self.assertNotIn("avoid", messages.request_message("a", E2E_CHUNK, avoid=()))  # none: no field
+        self.assertEqual(parse_request({"file": "a", "avoid": None}).avoid, ())
+
+    def test_avoid_is_at_most_64_transfer_ids(self):
+        most = [f"t{i}" for i in range(messages.MAX_AVOIDED)]
+        self.assertEqual(parse_request({"file": "a", "avoid": most}).avoid, tuple(most))
+        self.assertEqual(parse_request({"file": "a", "avoid": []}).avoid, ())
+        for bad in (most + ["t64"], "t1", {"t1": 1}, [""], [3], [None], ["x" * 129], 5):
+            e = self.assertMessageError("bad_request", parse_request, {"file": "a", "avoid": bad})
+            self.assertEqual(e.detail, "avoid must be a list of at most 64 transfer ids")
+
+    def test_the_sharer_is_not_told_what_the_requester_avoids(self):
+        request = parse_request({"file": "a", "avoid": ["t1"], "exclude": ["t2"]})
+        ask = messages.source_request_message(request, TRANSFER, SHA_A)
+        self.assertEqual(list(ask), ["type", "file", "transfer", "chunk_size", "sha256"])
+
     def test_root_spelling(self):
         self.assertEqual(parse_request({"file": "a", "root": ROOT}).root, ROOT)
         for bad in (ROOT.upper(), ROOT[:-1], 7, ""):

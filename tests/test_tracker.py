@@ -25,7 +25,7 @@ from onion_twisted.protocol.directory import parse_signed_directory
 from onion_twisted.protocol.errors import (BadRequest, Conflict, Forbidden, NextHopFailed, NextHopTimeout, RateLimited,
                                   UnknownCircuit)
 from onion_twisted.net.http_server import QuietSite
-from onion_twisted.tracker.app import TrackerApp
+from onion_twisted.tracker.app import TrackerApp, render_network
 
 from tests.support.deferreds import inline
 from tests.support.fake_tracker import FakeTracker
@@ -294,6 +294,74 @@ class RootAndExcludeTests(TrackerCase):
         self.assertEqual(self.outbound.posts, [])
 
 
+class SwarmTests(TrackerCase):
+    """Issue 16 at the tracker: more sources for one download, fair ranking, quotas per exit."""
+
+    FOURTH_IP = NODE_IPS[3]
+
+    @inline
+    async def test_avoid_gives_each_request_another_source_until_there_is_none(self):
+        await self.h.ls(REQUESTER_IP, self.requester, [])
+        sharers = {self.sharer: SHARER_IP, new_cid(): OTHER_IP, new_cid(): self.FOURTH_IP}
+        for cid, exit_ip in sharers.items():
+            await self.share(exit_ip=exit_ip, cid=cid)
+        serving, asked = [], []
+        for _ in range(3):
+            reply = await self.ask(avoid=serving)
+            self.assertEqual(reply["type"], "transfer", reply)
+            serving.append(reply["transfer"])
+            asked.append(self.outbound.posts[-1].cell.cid)
+            self.assertNotIn("avoid", self.outbound.posts[-1].payload)  # none of the sharer's business
+        self.assertEqual(sorted(asked), sorted(sharers))  # three requests, three sources
+        before = (len(self.outbound.posts), self.h.catalogue.transfers_under_way())
+        reply = await self.ask(avoid=serving)
+        self.assertError(reply, "no_source")
+        self.assertEqual(reply["detail"], "every other source of that file is already serving this download")
+        self.assertEqual((len(self.outbound.posts), self.h.catalogue.transfers_under_way()), before)
+        reply = await self.ask(avoid=serving[1:], exclude=serving[:1])
+        self.assertEqual(reply["detail"], "every other source of that file is already serving this download")
+        reply = await self.ask(exclude=serving)
+        self.assertEqual(reply["detail"], "every other source of that file was excluded")
+        self.assertError(await self.ask(avoid=[f"t{i}" for i in range(65)]), "bad_request")
+
+    @inline
+    async def test_a_sharer_with_many_circuits_through_one_exit_does_not_win_the_name(self):
+        await self.h.ls(REQUESTER_IP, self.requester, [])
+        for _ in range(8):
+            await self.share(exit_ip=SHARER_IP, cid=new_cid(), files=[{"name": "f", "size": 1, "sha256": SHA_B}])
+        honest = {new_cid(): OTHER_IP, new_cid(): self.FOURTH_IP}
+        for cid, exit_ip in honest.items():
+            await self.share(exit_ip=exit_ip, cid=cid)
+        for _ in range(6):
+            reply = await self.ask()
+            self.assertEqual(reply["sha256"], SHA_A)
+            self.assertIn(self.outbound.posts[-1].cell.cid, honest)
+        # Load spreads over the honest sharers' exits: three transfers each.
+        self.assertEqual({ip: self.h.catalogue.transfers.of_exit(ip) for ip in honest.values()},
+                         {OTHER_IP: 3, self.FOURTH_IP: 3})
+
+    @inline
+    async def test_an_exit_past_its_quota_is_busy_and_nothing_changes(self):
+        self.h = TrackerHarness(max_entries_per_exit=2)
+        await self.share(files=["a", "b"])
+        before = self.h.snapshot()
+        reply = await self.h.ls(SHARER_IP, new_cid(), ["c"])
+        self.assertError(reply, "busy")
+        self.assertEqual(reply["detail"], "the circuits through this exit hold as many catalogue entries as one exit may")
+        self.assertEqual(self.h.snapshot(), before)
+        self.assertEqual(len((await self.h.ls(OTHER_IP, new_cid(), ["c", "d"]))["files"]), 4)
+
+    @inline
+    async def test_a_full_catalogue_makes_room_for_an_exit_below_its_share(self):
+        self.h = TrackerHarness(max_entries=4, max_entries_per_exit=4)
+        await self.share(files=["a0", "a1", "a2", "a3"])
+        reply = await self.h.ls(OTHER_IP, new_cid(), ["o0", "o1"])
+        self.assertEqual([f["name"] for f in reply["files"]], ["a2", "a3", "o0", "o1"])
+        self.assertEqual(self.h.catalogue.evicted, 2)
+        self.assertIn("2 entries evicted since start", render_network(self.h.tracker))
+        self.assertError(await self.h.ls(SHARER_IP, self.sharer, ["a0", "a1", "a2", "a3"]), "busy")
+
+
 def row_order(row):
     return (row["name"], row["sha256"] or "", row.get("root") or "")
 
@@ -500,11 +568,11 @@ class BoundsTests(TrackerCase):
 
     @inline
     async def test_max_catalogue_entries(self):
-        self.h = TrackerHarness(max_entries=2)
+        self.h = TrackerHarness(max_entries=2, max_entries_per_exit=2)
         await self.share(files=["a", "b"])
         before = self.h.snapshot()
         self.assertError(await self.h.ls(SHARER_IP, self.sharer, ["a", "b", "c"]), "busy")
-        self.assertError(await self.h.ls(OTHER_IP, new_cid(), ["c"]), "busy")
+        self.assertError(await self.h.ls(SHARER_IP, new_cid(), ["c"]), "busy")  # the same exit: over its share
         self.assertEqual(self.h.snapshot(), before)
         reply = await self.h.ls(OTHER_IP, new_cid(), ["a"])  # no new entry: accepted
         self.assertEqual([(f["name"], f["sources"]) for f in reply["files"]], [("a", 2), ("b", 1)])

@@ -75,6 +75,8 @@ TRACKER = COMMON + [
     Key("max_circuits", int, 100_000, "most circuits known at once", 1),
     Key("max_files_per_circuit", int, 10_000, "most files one ls may announce", 1),
     Key("max_catalogue_entries", int, 1_000_000, "most distinct (name, sha256) entries", 1),
+    Key("max_entries_per_exit", int, 0,
+        "most catalogue entries the circuits through one exit may hold alone (0: a quarter of the catalogue)", 0),
     Key("max_listing", int, 10_000, "most entries in a files reply (those with the most sources first)", 1),
     Key("listing_refresh", float, 1.0, "a large catalogue's reply is rebuilt at most this often, seconds", 0),
     Key("max_pending", int, 10_000, "most requests being bridged at once", 1),

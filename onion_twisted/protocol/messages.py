@@ -42,6 +42,7 @@ MAX_NAME_BYTES = 255
 MAX_SIZE = 2 ** 53  # JSON-safe integers
 MAX_TRANSFER_ID = 128  # characters; the tracker makes UUIDv4s, 36
 MAX_EXCLUDED = 64  # transfers a request may name whose sources are not to be asked again
+MAX_AVOIDED = 64  # transfers a request may name whose sources already serve the same download
 
 #: The one spelling of a SHA-256 on the wire: 64 lowercase hex digits.
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -222,6 +223,7 @@ class FileRequest:
     root: str | None = None
     key: bytes | None = None          # §13: the requester's ephemeral X25519 public key
     exclude: tuple[str, ...] = ()     # transfers whose sources are not to be asked again
+    avoid: tuple[str, ...] = ()       # transfers whose sources already serve this download (another source)
 
 
 def _optional_root(message: dict) -> str | None:
@@ -248,14 +250,14 @@ def _optional_key(message: dict, chunk_size: int) -> bytes | None:
     return raw
 
 
-def _excluded(message: dict) -> tuple[str, ...]:
-    exclude = message.get("exclude")
-    if exclude is None:
+def _transfer_ids(message: dict, field: str, most: int) -> tuple[str, ...]:
+    """``exclude`` or ``avoid``: transfer ids, never circuits (the requester knows no more)."""
+    ids = message.get(field)
+    if ids is None:
         return ()
-    if (not isinstance(exclude, list) or len(exclude) > MAX_EXCLUDED
-            or not all(is_transfer_id(t) for t in exclude)):
-        raise MessageError("bad_request", f"exclude must be a list of at most {MAX_EXCLUDED} transfer ids")
-    return tuple(exclude)
+    if not isinstance(ids, list) or len(ids) > most or not all(is_transfer_id(t) for t in ids):
+        raise MessageError("bad_request", f"{field} must be a list of at most {most} transfer ids")
+    return tuple(ids)
 
 
 def parse_request(message: dict) -> FileRequest:
@@ -263,11 +265,12 @@ def parse_request(message: dict) -> FileRequest:
     sha = _optional_sha256(message)
     chunk_size = _chunk_size(message)
     return FileRequest(name, sha, chunk_size, _chunks(message), _optional_root(message),
-                       _optional_key(message, chunk_size), _excluded(message))
+                       _optional_key(message, chunk_size), _transfer_ids(message, "exclude", MAX_EXCLUDED),
+                       _transfer_ids(message, "avoid", MAX_AVOIDED))
 
 
 def request_message(file: str, chunk_size: int, sha256: str | None = None, chunks: list | None = None, *,
-                    root: str | None = None, key: bytes | None = None, exclude=()) -> dict:
+                    root: str | None = None, key: bytes | None = None, exclude=(), avoid=()) -> dict:
     message = {"type": REQUEST, "file": file, "chunk_size": chunk_size}
     if sha256:
         message["sha256"] = sha256
@@ -279,6 +282,8 @@ def request_message(file: str, chunk_size: int, sha256: str | None = None, chunk
         message["key"] = wire.b64encode(key)
     if exclude:
         message["exclude"] = list(exclude)
+    if avoid:
+        message["avoid"] = list(avoid)
     return message
 
 

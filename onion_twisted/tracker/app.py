@@ -109,6 +109,9 @@ def render_network(tracker: Tracker) -> str:
         for r in listing[:1000]
     ) or '<tr><td colspan="4">nothing shared yet</td></tr>'
     more = f"<p>{len(listing) - 1000} more entries not shown.</p>" if len(listing) > 1000 else ""
+    evicted = tracker.catalogue.evicted
+    if evicted:
+        more += f"<p>{evicted} entries evicted since start, to make room for exits below their fair share.</p>"
     up = int(tracker.metrics.uptime())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">

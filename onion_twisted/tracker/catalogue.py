@@ -2,19 +2,27 @@
 
 The tracker knows a circuit only as (exit IP, CID): never a peer's address.
 Each circuit's ``ls`` replaces its list of files; the catalogue has one
-entry per distinct (name, sha256) counting the circuits that share it.
+entry per distinct (name, sha256, root) counting the circuits that share it.
+Quotas (docs/protocol.md 17.10, choices 40-42): ``max_files`` per circuit,
+``max_entries_per_exit`` entries held alone by the circuits through one exit,
+and ``max_entries`` in all, where an exit below its fair share evicts from the
+exit holding the most.
 Time comes from an injected clock; randomness from an injected ``random.Random``.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 
 from onion_twisted.protocol import cells, wire
 from onion_twisted.protocol.messages import FileRequest, MessageError, SharedFile, files_message
+from onion_twisted.tracker import sources as source_choice
+from onion_twisted.tracker.transfers import Transfers
 
-MAX_TRANSFERS = 1024  # transfers counted as under way per source circuit (the estimate saturates)
-MAX_TRANSFER_SOURCES = 65536  # transfer id -> its source, kept so a request can exclude a source (§13)
+# Files an ls may look through for entries to evict when the catalogue is full: the
+# cost of one announcement stays bounded whatever the catalogue holds.
+MAX_EVICTION_SCAN = 65536
 
 
 class TrackedCircuit:
@@ -30,22 +38,32 @@ class TrackedCircuit:
 
 class Catalogue:
     def __init__(self, clock, *, idle_timeout: float = 600.0, max_circuits: int = 100_000,
-                 max_files: int = 10_000, max_entries: int = 1_000_000, max_listing: int = 10_000,
-                 listing_refresh: float = 1.0, rng: random.Random | None = None):
+                 max_files: int = 10_000, max_entries: int = 1_000_000, max_entries_per_exit: int | None = None,
+                 max_listing: int = 10_000, listing_refresh: float = 1.0, rng: random.Random | None = None):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_circuits = max_circuits
         self.max_files = max_files
         self.max_entries = max_entries
+        # Unset (or 0): a quarter of the catalogue, so that it takes four exits to fill it.
+        self.max_entries_per_exit = max_entries_per_exit or max(1, max_entries // 4)
         self.max_listing = max_listing
         self.listing_refresh = listing_refresh
         self.rng = rng or random.SystemRandom()
         self.circuits: dict[tuple[str, str], TrackedCircuit] = {}
         self.entries: dict[tuple, dict] = {}  # (name, sha, root) -> {circuit key: SharedFile}
         self.names: dict[str, set] = {}  # name -> its (name, sha, root) entry keys
-        # Which circuit served each recent transfer: a requester that got a bad chunk names
-        # the transfer in ``exclude`` and never learns more of the source than that id.
-        self.transfer_sources: dict[str, tuple] = {}
+        # What each exit holds alone: the entries all of whose sources come through it
+        # (the quota and the fair share count these). An entry with sources through
+        # several exits has its count of sources per exit here; one through a single
+        # exit needs none, since any of its sources names that exit.
+        self.exit_entries: dict[str, int] = {}
+        self.entry_exits: dict[tuple, dict[str, int]] = {}
+        # The circuits with files through each exit, the one that announced least recently first.
+        self.exit_circuits: dict[str, dict[tuple, None]] = {}
+        self.evicted = 0  # entries evicted since start, to make room for an exit below its share
+        self.transfers = Transfers(clock, idle_timeout)
+        self.transfer_sources = self.transfers.sources
         self._listing: list | None = None
         self._listing_json: bytes | None = None
         self._answer: bytes | None = None
@@ -66,45 +84,160 @@ class Catalogue:
         return circuit
 
     def announce(self, circuit: TrackedCircuit, files: tuple[SharedFile, ...]) -> None:
-        """Replace the circuit's list (``ls``)."""
+        """Replace the circuit's list (``ls``); a refusal changes nothing (choices 40, 41)."""
         old_keys = {f.key for f in circuit.files}
         new_keys = {f.key for f in files}
-        # Entries this ls adds, less those only this circuit held and it no longer shares.
+        # Entries this ls adds, less those only this circuit held and it no longer shares:
+        # both are entries its exit holds alone, before and after.
         added = sum(1 for k in new_keys - old_keys if k not in self.entries)
-        freed = sum(1 for k in old_keys - new_keys if self.entries.get(k, {}).keys() == {circuit.key})
-        if added and len(self.entries) + added - freed > self.max_entries:
-            raise MessageError("busy", "the tracker's catalogue is full")
+        freed = sum(1 for k in old_keys - new_keys if len(self.entries[k]) == 1)
+        evictions = {}
+        if added:
+            exit_ip = circuit.key[0]
+            held = self.exit_entries.get(exit_ip, 0) + added - freed
+            if held > self.max_entries_per_exit:
+                raise MessageError("busy", "the circuits through this exit hold as many catalogue entries "
+                                           "as one exit may")
+            over = len(self.entries) + added - freed - self.max_entries
+            if over > 0:
+                evictions = self._plan_eviction(exit_ip, held, over, new_keys)
         self._withdraw(circuit)
         circuit.files = files
         for f in files:
-            sources = self.entries.get(f.key)
-            if sources is None:
-                sources = self.entries[f.key] = {}
-                self.names.setdefault(f.name, set()).add(f.key)
-            sources[circuit.key] = f
+            self._add_source(f, circuit.key)
+        order = self.exit_circuits.setdefault(circuit.key[0], {})
+        order.pop(circuit.key, None)
+        if files:
+            order[circuit.key] = None  # the most recent announcement goes last
+        elif not order:
+            del self.exit_circuits[circuit.key[0]]
+        for key, dropped in evictions.items():
+            self._evict(self.circuits[key], dropped)
         self._dirty = True
+
+    def _plan_eviction(self, exit_ip: str, held: int, over: int, keep: set) -> dict:
+        """Which files of which circuits to drop so that ``over`` entries go, or MessageError.
+
+        An exit that would hold at most its fair share (``max_entries`` over the
+        exits holding entries alone, this one counted) takes room one entry at
+        a time from the exit holding the most, as long as that one holds more
+        than the share: an entry it holds through its circuit that announced
+        least recently, held by that circuit alone, and not in this ls. The plan
+        is made whole before anything changes, so a refusal changes nothing.
+        """
+        share = self.max_entries // (len(self.exit_entries) + (exit_ip not in self.exit_entries))
+        if held > share:
+            raise MessageError("busy", "the tracker's catalogue is full, and the circuits through this exit "
+                                       "hold their fair share of it")
+        richest = [(-n, ip) for ip, n in self.exit_entries.items() if ip != exit_ip and n > share]
+        heapq.heapify(richest)
+        files = {}  # exit IP -> where its scan for files to drop has got to
+        plan: dict[tuple, list] = {}
+        scanned = 0
+        while over > 0:
+            if not richest:
+                raise MessageError("busy", "the tracker's catalogue is full, and no exit holds more than "
+                                           "its fair share of it")
+            minus_n, ip = richest[0]
+            for key, f in files.setdefault(ip, self._files_through(ip)):
+                scanned += 1
+                if scanned > MAX_EVICTION_SCAN:
+                    raise MessageError("busy", "the tracker's catalogue is full")
+                if f.key not in keep and len(self.entries[f.key]) == 1:  # its circuit's alone
+                    plan.setdefault(key, []).append(f)
+                    over -= 1
+                    if -minus_n - 1 > share:
+                        heapq.heapreplace(richest, (minus_n + 1, ip))
+                    else:
+                        heapq.heappop(richest)
+                    break
+            else:
+                heapq.heappop(richest)  # nothing more of it can go
+        return plan
+
+    def _files_through(self, exit_ip: str):
+        """(circuit key, file) of the exit's circuits, the one that announced least recently first."""
+        for key in self.exit_circuits.get(exit_ip, ()):
+            for f in self.circuits[key].files:
+                yield key, f
+
+    def _evict(self, circuit: TrackedCircuit, dropped: list) -> None:
+        for f in dropped:
+            self._remove_source(f, circuit.key)
+        gone = set(dropped)
+        circuit.files = tuple(f for f in circuit.files if f not in gone)
+        self.evicted += len(dropped)
+        if not circuit.files:
+            self._unorder(circuit)
 
     def forget(self, key) -> bool:
         circuit = self.circuits.pop(key, None)
         if circuit is None:
             return False
         self._withdraw(circuit)
+        self._unorder(circuit)
+        self.transfers.forget(circuit)
         return True
+
+    def _unorder(self, circuit: TrackedCircuit) -> None:
+        order = self.exit_circuits.get(circuit.key[0])
+        if order is not None:
+            order.pop(circuit.key, None)
+            if not order:
+                del self.exit_circuits[circuit.key[0]]
 
     def _withdraw(self, circuit: TrackedCircuit) -> None:
         for f in circuit.files:
-            sources = self.entries.get(f.key)
-            if sources is not None:
-                sources.pop(circuit.key, None)
-                if not sources:
-                    del self.entries[f.key]
-                    keys = self.names[f.name]
-                    keys.discard(f.key)
-                    if not keys:
-                        del self.names[f.name]
+            self._remove_source(f, circuit.key)
         if circuit.files:
             self._dirty = True
         circuit.files = ()
+
+    def _add_source(self, f: SharedFile, key) -> None:
+        exit_ip = key[0]
+        sources = self.entries.get(f.key)
+        if sources is None:
+            sources = self.entries[f.key] = {}
+            self.names.setdefault(f.name, set()).add(f.key)
+            self.exit_entries[exit_ip] = self.exit_entries.get(exit_ip, 0) + 1
+        elif f.key in self.entry_exits:
+            counts = self.entry_exits[f.key]
+            counts[exit_ip] = counts.get(exit_ip, 0) + 1
+        else:
+            alone = next(iter(sources))[0]
+            if alone != exit_ip:  # a second exit: no longer held by one exit alone
+                self.entry_exits[f.key] = {alone: len(sources), exit_ip: 1}
+                self._count_alone(alone, -1)
+        sources[key] = f
+
+    def _remove_source(self, f: SharedFile, key) -> None:
+        sources = self.entries.get(f.key)
+        if sources is None or sources.pop(key, None) is None:
+            return
+        counts = self.entry_exits.get(f.key)
+        if counts is not None:
+            left = counts[key[0]] - 1
+            if left:
+                counts[key[0]] = left
+            else:
+                del counts[key[0]]
+                if len(counts) == 1:  # one exit left: it holds the entry alone now
+                    del self.entry_exits[f.key]
+                    self._count_alone(next(iter(counts)), 1)
+        elif not sources:
+            del self.entries[f.key]
+            self._count_alone(key[0], -1)
+            keys = self.names[f.name]
+            keys.discard(f.key)
+            if not keys:
+                del self.names[f.name]
+
+    def _count_alone(self, exit_ip: str, change: int) -> None:
+        n = self.exit_entries.get(exit_ip, 0) + change
+        if n:
+            self.exit_entries[exit_ip] = n
+        else:
+            del self.exit_entries[exit_ip]
 
     def expire(self) -> list:
         now = self.clock.seconds()
@@ -168,72 +301,23 @@ class Catalogue:
         rows.sort(key=lambda r: (r["name"], r["sha256"] or "", r.get("root") or ""))
         return rows
 
-    # --- source choice (§8) -------------------------------------------------------------
+    # --- source choice (§8, §13; tracker/sources.py) --------------------------------------
 
     def choose_source(self, request: FileRequest, requester_key, is_sealed=lambda key: False
                       ) -> tuple[TrackedCircuit, SharedFile, bool]:
         """The sharing circuit for a request, never the requester's own nor one it
-        excluded, and whether the transfer is end-to-end (§13).
-
-        The entries of the name that match the request's sha256 and root are
-        candidates. A request with a key from a sealed circuit prefers an entry
-        with a root and sealed sources, and such a source in it; otherwise
-        the entry with the most sources wins. Among the sources, the one with
-        the fewest transfers under way, ties broken at random.
-        """
-        candidates = [k for k in self.names.get(request.file, ())
-                      if (request.sha256 is None or k[1] == request.sha256)
-                      and (request.root is None or k[2] == request.root)]
-        excluded = {self.transfer_sources[t] for t in request.exclude if t in self.transfer_sources}
-        # End to end only between two sealed circuits: the requester's key must cross
-        # no exit in the clear, on its way in or out.
-        wants_e2e = request.key is not None and is_sealed(requester_key)
-        best = None
-        for key in candidates:
-            sources = [k for k in self.entries.get(key, ()) if k != requester_key and k not in excluded]
-            sealed = [k for k in sources if is_sealed(k)] if wants_e2e and key[2] is not None else []
-            rank = (len(sealed) > 0, len(sealed) or len(sources))
-            if sources and (best is None or rank > best[0]):
-                best = (rank, key, sealed or sources, bool(sealed))
-        if best is None:
-            if any(k != requester_key for c in candidates for k in self.entries.get(c, ())):
-                raise MessageError("no_source", "every other source of that file was excluded")
-            if any(self.entries.get(k) for k in candidates):
-                raise MessageError("no_source", "only the requester's own circuit shares that file")
-            raise MessageError("not_found", "no circuit shares that file")
-        _, key, sources, e2e = best
-        now = self.clock.seconds()
-        load = {k: self._under_way(self.circuits[k], now) for k in sources}
-        least = min(load.values())
-        chosen = self.rng.choice([k for k in sources if load[k] == least])
+        excluded or avoids, and whether the transfer is end-to-end (§13)."""
+        key, usable, e2e = source_choice.choose_source(self, request, requester_key, is_sealed)
+        chosen = source_choice.least_loaded(self, usable)
         return self.circuits[chosen], self.entries[key][chosen], e2e
 
-    # --- transfers under way ------------------------------------------------------------
+    # --- transfers under way (tracker/transfers.py) ------------------------------------------
 
     def start_transfer(self, circuit: TrackedCircuit, transfer: str, size: int | None) -> None:
-        # The tracker never sees transfer_end (it crosses the bridge), so a
-        # transfer counts as under way for an estimate of its duration: its
-        # size at 1 MiB/s plus a minute, and at most the bridges' idle time.
-        estimate = 60.0 + (size or 0) / (1024 * 1024)
-        now = self.clock.seconds()
-        transfers = circuit.transfers
-        if len(transfers) >= MAX_TRANSFERS and self._under_way(circuit, now) >= MAX_TRANSFERS:
-            del transfers[min(transfers, key=transfers.__getitem__)]  # the one that ends first
-        transfers[transfer] = now + min(estimate, self.idle_timeout)
-        sources = self.transfer_sources
-        if len(sources) >= MAX_TRANSFER_SOURCES:
-            del sources[next(iter(sources))]  # the oldest: insertion order
-        sources[transfer] = circuit.key
+        self.transfers.start(circuit, transfer, size)
 
     def end_transfer(self, circuit: TrackedCircuit, transfer: str) -> None:
-        circuit.transfers.pop(transfer, None)
-
-    def _under_way(self, circuit: TrackedCircuit, now: float) -> int:
-        if circuit.transfers:
-            for t in [t for t, until in circuit.transfers.items() if until <= now]:
-                del circuit.transfers[t]
-        return len(circuit.transfers)
+        self.transfers.end(circuit, transfer)
 
     def transfers_under_way(self) -> int:
-        now = self.clock.seconds()
-        return sum(self._under_way(c, now) for c in self.circuits.values() if c.transfers)
+        return self.transfers.total()

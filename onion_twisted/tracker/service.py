@@ -26,7 +26,8 @@ class TrackerService(MemberService):
         self.onion_keys = keys.load_or_create_onion_keys(cfg["data_dir"], self.reactor, lifetime)
         catalogue = Catalogue(self.reactor, idle_timeout=cfg["circuit_idle_timeout"],
                               max_circuits=cfg["max_circuits"], max_files=cfg["max_files_per_circuit"],
-                              max_entries=cfg["max_catalogue_entries"], max_listing=cfg["max_listing"],
+                              max_entries=cfg["max_catalogue_entries"],
+                              max_entries_per_exit=cfg["max_entries_per_exit"], max_listing=cfg["max_listing"],
                               listing_refresh=cfg["listing_refresh"])
         registry = NodeRegistry(self.reactor, self.key, heartbeat=cfg["heartbeat"], max_nodes=cfg["max_nodes"])
         self.tracker = Tracker(clock=self.reactor, signing_key=self.key, own_address=self.address,
