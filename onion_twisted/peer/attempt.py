@@ -26,7 +26,7 @@ from onion_twisted.peer.transfer import Transfer
 from onion_twisted.protocol import e2e, merkle
 from onion_twisted.protocol.chunks import index_ranges
 from onion_twisted.protocol.errors import ProtocolError
-from onion_twisted.protocol.messages import is_sha256, request_message
+from onion_twisted.protocol.messages import MAX_EXCLUDED, is_sha256, request_message
 
 # Errors of a request that mean "nobody (else) to ask", not a broken circuit.
 NOBODY = ("not_found", "no_source")
@@ -140,11 +140,9 @@ class Attempt:
             ranges = index_ranges(t.claimed)
         elif d.chunks is not None and d.chunks.have and d.chunks.chunk_size == chunk_size:
             ranges = d.chunks.missing_ranges()
-        request = request_message(d.name, chunk_size, d.sha256, ranges, root=d.root, key=key, exclude=d.excluded)
-        avoid = [o.transfer for o in d.transfers if o is not t and o.transfer]
-        if avoid:
-            request["avoid"] = avoid[-64:]  # messages.MAX_EXCLUDED
-        return request
+        avoid = [o.transfer for o in d.transfers if o is not t and o.transfer][-MAX_EXCLUDED:]
+        return request_message(d.name, chunk_size, d.sha256, ranges, root=d.root, key=key, exclude=d.excluded,
+                               avoid=avoid)
 
     def _refused(self, reply: dict, request: dict, ask_first: bool) -> SlotResult:
         """The tracker answered a request with an error: why the slot ends, and whether
