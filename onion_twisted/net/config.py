@@ -102,6 +102,7 @@ PEER = COMMON + [
     Key("announce_interval", float, 300.0, "seconds between announcements (ls) of an unchanged share", 1),
     Key("rescan_interval", float, 5.0, "seconds between looks at the share directory", 0.1),
     Key("max_uploads", int, 16, "uploads served at once; more are answered transfer_end busy", 1),
+    Key("max_upload_rate", int, 0, "bytes per second all uploads together may send (0: no cap)", 0),
     Key("ui_listen", str, "", "with tls: IP:PORT of the page and its API, in plain HTTP (empty: this peer's IP:8080)"),
 ]
 
