@@ -44,7 +44,8 @@ class Peer:
                  chunk_size: int = DEFAULT_CHUNK, max_attempts: int = 5, stall_timeout: float = 60.0,
                  refresh_interval: float = 30.0, announce_interval: float = 300.0,
                  rng: random.Random | None = None, run_in_thread=threads.deferToThread,
-                 unsafe_logging: bool = False, max_uploads: int = 16, max_upload_rate: int = 0):
+                 unsafe_logging: bool = False, max_uploads: int = 16, max_upload_rate: int = 0,
+                 seed_downloads: bool = True):
         self.clock = clock
         self.outbound = outbound
         self.share = share
@@ -61,6 +62,7 @@ class Peer:
                                  stall_timeout=stall_timeout, max_uploads=max_uploads,
                                  take_reply=self.announcer.take_catalogue, unsafe_logging=unsafe_logging,
                                  upload_rate=UploadRate(clock, max_upload_rate, burst=chunk_size))
+        share.seed_from(store.downloads_dir if seed_downloads else None)
         self.downloader = Downloader(clock=clock, keeper=self.keeper, store=store, chunk_size=chunk_size,
                                      max_attempts=max_attempts, stall_timeout=stall_timeout,
                                      run_in_thread=run_in_thread, unsafe_logging=unsafe_logging,
