@@ -234,6 +234,18 @@ class BridgeSequenceTests(TrackerCase):
             self.assertEqual(orjson.loads(self.successResultOf(d))["payload"]["type"], "transfer")
 
     @inline
+    async def test_a_block_counts_as_under_way_for_its_own_size_not_the_files(self):
+        await self.h.ls(REQUESTER_IP, self.requester, [])
+        await self.share(files=[{"name": "big", "size": 600 << 20, "sha256": SHA_A}])
+        whole = await self.ask(file="big", chunk_size=1 << 20)
+        block = await self.ask(file="big", chunk_size=1 << 20, chunks=[[0, 16]])
+        until = {t: self.h.catalogue.transfers._under_way[t][1] for t in (whole["transfer"], block["transfer"])}
+        now = self.h.clock.seconds()
+        # 60 s plus the bytes at 1 MiB/s: 600 MiB (capped at the idle timeout) against 16 MiB.
+        self.assertEqual(until[block["transfer"]] - now, 60.0 + 16)
+        self.assertGreater(until[whole["transfer"]] - now, 60.0 + 16)
+
+    @inline
     async def test_busy_when_max_pending_requests(self):
         self.h = TrackerHarness(max_pending=1)
         self.outbound = self.h.outbound

@@ -172,18 +172,21 @@ class ChunkClaimsTests(unittest.SynchronousTestCase):
         sizes = [len(b) for b in _blocks(ChunkClaims(200), ChunkMap(200 * 1024, 1024), 2)]
         self.assertEqual(sizes[0], 50)               # a quarter of what is left, with two sources
         self.assertEqual(sizes, sorted(sizes, reverse=True))
-        self.assertTrue(all(n >= MIN_BLOCK_CHUNKS for n in sizes[:-1]), sizes)  # a transfer costs two chunks
         self.assertEqual(sum(sizes), 200)
+        left = 200
+        for n in sizes:  # a transfer costs two chunks: no small block while each source can have 16
+            self.assertEqual(n, -(-left // 2) if left < 2 * MIN_BLOCK_CHUNKS else max(n, MIN_BLOCK_CHUNKS), sizes)
+            left -= n
 
     def test_endgame_asks_for_a_few_chunks_one_source_is_bringing(self):
         self.claims.take(range(40))
         for i in range(37):
             self.map.mark(i)
         self.assertIsNone(self.claims.pick(self.map, 2, endgame=False))
-        self.assertEqual(self.claims.pick(self.map, 2, endgame=True), [37, 38])
-        self.claims.take([37, 38])
-        self.assertEqual(self.claims.pick(self.map, 2, endgame=True), [39])  # never a third copy
-        self.claims.take([39])
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=True), [38, 39])  # the last first
+        self.claims.take([38, 39])
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=True), [37])  # never a third copy
+        self.claims.take([37])
         self.assertIsNone(self.claims.pick(self.map, 2, endgame=True))
 
     def test_given_back_chunks_are_free_again(self):

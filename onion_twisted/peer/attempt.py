@@ -121,18 +121,20 @@ class Attempt:
         try:
             reply = await downloader.keeper.send(request)
         except ProtocolError as e:
-            return SlotResult(f"circuit failed: {e.detail}")
-        finally:
             self._tracker_answered()
+            return SlotResult(f"circuit failed: {e.detail}")
+        if isinstance(reply, dict) and reply.get("type") == "transfer" and isinstance(reply.get("transfer"), str):
+            t.transfer = reply["transfer"]
+        # Only now: the next slot's ``avoid`` names this transfer (its start runs inside this call).
+        self._tracker_answered()
         if not isinstance(reply, dict):
             return SlotResult("the tracker gave no answer")
         if reply.get("type") == "error":
             if reply.get("error") == "source_failed":
                 return SlotResult(str(reply.get("detail")), next_source=True)  # the tracker forgot it
             return self._refused(reply, request, ask_first)
-        if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):
+        if t.transfer is None:
             return SlotResult("the tracker's answer is not a transfer")
-        t.transfer = reply["transfer"]
         size, sha = reply.get("size"), reply.get("sha256")
         root = reply.get("root") if is_sha256(reply.get("root")) else None
         chunk_size = reply.get("chunk_size", d.chunk_size)

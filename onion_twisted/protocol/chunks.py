@@ -176,19 +176,26 @@ class ChunkClaims:
         With one source, every missing chunk at once. With more, a block of the
         missing chunks nobody asked for yet, smaller as fewer are left (a fast
         source comes back for more sooner, so it brings more), never under
-        MIN_BLOCK_CHUNKS while as many are left; at the end
+        MIN_BLOCK_CHUNKS while each source can have as many, then the tail
+        shared evenly; at the end
         (``endgame``), missing chunks one other source is already bringing: the
         first copy counts.
         """
         bits, counts = chunk_map.bits, self.counts
         free = [i for i in range(self.count) if not bits[i] and not counts[i]]
         if not free and endgame:
-            # A few at a time: a slow source's copy may still come first, and each one
-            # asked twice crosses the network twice.
-            return [i for i in range(self.count) if not bits[i] and counts[i] == 1][:ENDGAME_CHUNKS] or None
+            # A few at a time: a slow source's copy may still come first, and each one asked
+            # twice crosses the network twice. The last of a block first: a source sends its
+            # block in order, so those are the furthest from coming.
+            claimed_once = [i for i in range(self.count - 1, -1, -1) if not bits[i] and counts[i] == 1]
+            return sorted(claimed_once[:ENDGAME_CHUNKS]) or None
         if not free:
             return None
         if sources <= 1:
             return free
-        block = min(len(free) // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size)
-        return free[:max(MIN_BLOCK_CHUNKS, block)]
+        if len(free) < sources * MIN_BLOCK_CHUNKS:
+            block = -(-len(free) // sources)  # the tail, shared evenly
+        else:
+            block = max(MIN_BLOCK_CHUNKS,
+                        min(len(free) // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size))
+        return free[:block]

@@ -167,7 +167,7 @@ class Tracker:
         bridged = []
         # Counted under way from the moment it is chosen: requests set up at the same
         # time (a download asking several sources at once) see each other's load.
-        self.catalogue.start_transfer(source, transfer, shared.size)
+        self.catalogue.start_transfer(source, transfer, _asked_bytes(request, shared.size))
         self.pending += 1
         try:
             await self._control(requester.exit, {
@@ -273,3 +273,18 @@ def _shown_onion_key(identity: dict) -> bytes | None:
         return _optional_onion_key(identity.get("onion_key"), "identity onion_key")
     except BadRequest:
         return None
+
+
+def _asked_bytes(request, size: int | None) -> int | None:
+    """What a request asks of its source: its ``chunks`` (one block of a download asking
+    several sources) or the whole file; the tracker's estimate of how long it lasts."""
+    if request.chunks is None or size is None:
+        return size
+    count = -(-size // request.chunk_size)
+    covered, reached = 0, 0  # merged ranges: a request may name up to 65 536 of them
+    for a, b in sorted(request.chunks):
+        a, b = max(a, reached), min(b, count)
+        if b > a:
+            covered += b - a
+            reached = b
+    return min(size, covered * request.chunk_size)
