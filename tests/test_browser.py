@@ -13,7 +13,8 @@ alone and in any order. Every test opens alice's page as a person would and:
 * the catalogue: clicks an entry's Download button; the page asks for that
   file with the catalogue's hash, and the download completes; alice's own
   files are marked "shared by you", with no button, and a click on them asks
-  for nothing;
+  for nothing; the downloaded file then shows in alice's shared list marked
+  "seeding (downloaded)" (seed_downloads), her own file not;
 * the narrow screen: at 375 px wide nothing overflows sideways and the input
   and button are on screen and clickable; an empty name, a name nobody shares
   (a clear message shows) and a long name without a break are typed and sent;
@@ -289,6 +290,16 @@ class BrowserTests(unittest.TestCase):
             self.assertEqual(asked, [], "a click on alice's own file asked for it")
             expect(self.download_item(page, OWN_NAME)).to_have_count(0)
             b.shot("own file")
+
+            # Seeding: the verified download is shared on from alice's downloads folder, and
+            # marked so (within a rescan_interval); her own shared file is not.
+            seeded = page.locator("#shared-body tr", has=page.locator(".file-name", has_text=CLICKED_NAME))
+            expect(seeded.locator(".seeding")).to_be_visible(timeout=READY_MS)
+            expect(seeded.locator(".seeding")).to_have_text("seeding (downloaded)")
+            own_shared = page.locator("#shared-body tr", has=page.locator(".file-name", has_text=OWN_NAME))
+            expect(own_shared).to_have_count(1)
+            expect(own_shared.locator(".seeding")).to_be_hidden()
+            b.shot("seeding")
         return self.in_browser(scenario)
 
     def test_narrow_screen_unknown_name_and_a_long_one(self):

@@ -128,6 +128,19 @@ class ConfigTests(SynchronousTestCase):
         self.assertIs(options.config["accept_v1"], True)
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--no-unsafe-logging"])
 
+    def test_the_swarming_keys_of_a_peer_and_their_options(self):
+        from onion_twisted.peer import service as peer_service
+        cfg = config.parse("peer")
+        self.assertEqual((cfg["max_upload_rate"], cfg["seed_downloads"]), (0, True))
+        options = peer_service.Options()
+        options.parseOptions(["--tracker", "127.0.0.9", "--max-upload-rate", "4000000", "--no-seed-downloads"])
+        self.assertEqual(options.config["max_upload_rate"], 4_000_000)
+        self.assertIs(options.config["seed_downloads"], False)
+        self.assertEqual(config.parse("peer", "max_upload_rate = 0\n")["max_upload_rate"], 0)
+        self.assertRaises(config.ConfigError, config.parse, "peer", "max_upload_rate = -1\n")
+        self.assertRaises(config.ConfigError, config.parse, "peer", "max_upload_rate = 1.5\n")
+        self.assertNotIn("max_upload_rate", config.parse("node"))
+
     def test_shipped_examples_list_every_key_with_its_default(self):
         here = os.path.dirname(os.path.abspath(__file__))
         for role in ("node", "tracker", "peer"):

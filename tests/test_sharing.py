@@ -3,6 +3,9 @@
 * ``HashCache`` / ``ShareDirectory``: what is announced, hashing only what
   changed (the hasher counts its calls), the cache surviving a restart.
   Hashing runs through a synchronous stand-in for ``deferToThread``.
+* Seeding (issue 16): the downloads directory's finished files shared too,
+  never ``.partial/``; and in a whole in-memory network, a peer that
+  downloaded a file serves it to the next.
 * ``ChunkProducer`` + ``WindowedChunkSender``: the test plays the circuit;
   each ``send`` returns a Deferred the test fires (the acknowledgement).
   Time is a ``task.Clock``; nothing sleeps.
@@ -28,7 +31,12 @@ from onion_twisted.protocol.messages import MAX_CHUNK, MessageError
 from onion_twisted.net.files import sha256_file
 from onion_twisted.peer.hash_cache import HashCache
 from onion_twisted.peer.sharing import ShareDirectory
+from onion_twisted.peer.download_state import DONE
 from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender, open_regular
+from tests.support.deferreds import inline
+from tests.support.peer_network import ALICE_IP, BOB_IP
+
+from .test_peer import PeerNetworkCase, UploadWatch, downloaded, finished, has_chunks
 
 
 def sync_run(f, *args):
@@ -362,6 +370,125 @@ class ShareDirectoryTests(ShareTestBase):
         self.assertEqual(files, [entry("a.txt", b"alpha" * 10000)])
 
 
+# --- seeding: the downloads directory shared too (issue 16) ------------------------------
+
+
+class SeedingTests(ShareTestBase):
+    """``seed_downloads``: the finished files of the downloads directory are shared."""
+
+    def setUp(self):
+        super().setUp()
+        self.downloads = self.share.parent / "downloads"
+        (self.downloads / ".partial").mkdir(parents=True)
+
+    def seeding(self, **kwargs) -> ShareDirectory:
+        return self.share_dir(downloads_dir=self.downloads, **kwargs)
+
+    def download(self, name: str, data: bytes) -> Path:
+        """A verified download as the store leaves it: renamed out of ``.partial/``."""
+        part = self.downloads / ".partial" / (name + ".part")
+        part.write_bytes(data)
+        target = self.downloads / name
+        os.replace(part, target)
+        return target
+
+    async def test_a_finished_download_is_announced_with_its_root_and_served(self):
+        self.write("mine.txt", b"my own")
+        got = self.download("got.bin", b"downloaded bytes" * 100)
+        shares = self.seeding()
+        files = await shares.scan()
+        self.assertEqual(files, [entry("got.bin", b"downloaded bytes" * 100), entry("mine.txt", b"my own")])
+        self.assertEqual(shares.ls_message(), {"type": "ls", "files": files})  # nothing else in the ls
+        self.assertTrue(shares.seeded("got.bin"))
+        self.assertFalse(shares.seeded("mine.txt"))
+        self.assertEqual(shares.path_of("got.bin"), got.resolve())
+        self.assertEqual(shares.path_of("mine.txt"), (self.share / "mine.txt").resolve())
+        self.assertEqual(shares.leaves("got.bin"), merkle.leaf_hashes(b"downloaded bytes" * 100))
+
+    async def test_a_download_that_completes_between_scans_is_announced_at_the_next(self):
+        shares = self.seeding()
+        partial = self.downloads / ".partial" / "late.bin.part"
+        partial.write_bytes(b"half")
+        self.assertEqual(await shares.scan(), [])
+        self.assertEqual(await shares.scan(), [])
+        self.assertFalse(shares.changed)
+        self.download("late.bin", b"whole, verified")
+        self.assertEqual(await shares.scan(), [entry("late.bin", b"whole, verified")])
+        self.assertTrue(shares.changed)
+        self.hasher.calls.clear()
+        await shares.scan()
+        self.assertEqual(self.hasher.calls, [])  # remembered by the hash cache like a shared file
+
+    async def test_partial_hidden_and_escaping_files_of_the_downloads_are_never_seeded(self):
+        (self.downloads / ".partial" / "big.bin.part").write_bytes(b"some chunks")
+        (self.downloads / ".partial" / "big.bin.json").write_bytes(b"{}")
+        (self.downloads / ".hidden").write_bytes(b"dot")
+        (self.downloads / "sub").mkdir()
+        (self.downloads / "sub" / "deep.bin").write_bytes(b"deep")
+        os.symlink(self.downloads / ".partial" / "big.bin.part", self.downloads / "part-link")
+        os.symlink(self.outside, self.downloads / "out-link")
+        os.symlink(self.share / "x", self.downloads / "share-link")
+        self.write("x", b"in the share")
+        os.mkfifo(self.downloads / "fifo")
+        shares = self.seeding()
+        files = await shares.scan()
+        self.assertEqual([f["name"] for f in files], ["x"])
+        self.assertFalse(shares.seeded("x"))
+        for name in (".partial", ".partial/big.bin.part", "big.bin.part", "big.bin", ".hidden", "sub",
+                     "sub/deep.bin", "part-link", "out-link", "share-link", "fifo", "../outside.txt"):
+            self.assertEqual(self.assertRaises(MessageError, shares.path_of, name).error, "refused", name)
+
+    async def test_without_seeding_no_download_is_announced(self):
+        self.download("got.bin", b"downloaded")
+        self.write("mine.txt", b"my own")
+        shares = self.share_dir()  # no downloads directory: seed_downloads = false
+        self.assertEqual(await shares.scan(), [entry("mine.txt", b"my own")])
+        self.assertEqual(self.assertRaises(MessageError, shares.path_of, "got.bin").error, "refused")
+        # Turned on, then off again: announced, then no longer (and no longer served).
+        shares.seed_from(self.downloads)
+        self.assertEqual([f["name"] for f in await shares.scan()], ["got.bin", "mine.txt"])
+        shares.seed_from(None)
+        self.assertEqual(await shares.scan(), [entry("mine.txt", b"my own")])
+        self.assertTrue(shares.changed)
+        self.assertFalse(shares.seeded("got.bin"))
+        self.assertEqual(self.assertRaises(MessageError, shares.path_of, "got.bin").error, "refused")
+
+    async def test_a_name_in_both_directories_is_the_share_directorys_file(self):
+        self.write("same.txt", b"the share's copy")
+        self.download("same.txt", b"the download")
+        shares = self.seeding()
+        self.assertEqual(await shares.scan(), [entry("same.txt", b"the share's copy")])
+        self.assertFalse(shares.seeded("same.txt"))
+        self.assertEqual(shares.path_of("same.txt"), (self.share / "same.txt").resolve())
+        (self.share / "same.txt").unlink()  # gone from the share: the download is shared instead
+        self.assertEqual(await shares.scan(), [entry("same.txt", b"the download")])
+        self.assertTrue(shares.seeded("same.txt"))
+        self.assertEqual(shares.path_of("same.txt"), (self.downloads / "same.txt").resolve())
+
+    async def test_a_seeded_name_that_no_longer_leads_to_a_regular_file_beside_it_is_refused(self):
+        got = self.download("got.bin", b"downloaded")
+        shares = self.seeding()
+        await shares.scan()
+        got.unlink()
+        os.symlink(self.outside, got)  # now it climbs out of the downloads directory
+        e = self.assertRaises(MessageError, shares.path_of, "got.bin")
+        self.assertEqual((e.error, e.detail), ("refused", "the name resolves outside the share directory"))
+        got.unlink()
+        got.mkdir()
+        self.assertEqual(self.assertRaises(MessageError, shares.path_of, "got.bin").detail, "not a regular file")
+
+    async def test_the_cache_forgets_a_download_that_was_deleted(self):
+        got = self.download("got.bin", b"downloaded")
+        self.write("mine.txt", b"my own")
+        shares = self.seeding()
+        await shares.scan()
+        self.assertIn(str(got), HashCache(self.data).entries)
+        got.unlink()
+        self.assertEqual(await shares.scan(), [entry("mine.txt", b"my own")])
+        self.assertEqual(list(HashCache(self.data).entries), [str(self.share / "mine.txt")])
+        self.assertEqual(os.listdir(self.data / "leaves"), [root(b"my own")])  # its leaf row went too
+
+
 # --- serving: the producer and the window -----------------------------------------------
 
 
@@ -631,3 +758,65 @@ class OpenRegularTests(unittest.SynchronousTestCase):
         (self.dir / "d").mkdir()
         for name in ("link", "d", "absent"):
             self.assertEqual(self.assertRaises(MessageError, open_regular, self.dir / name).error, "refused")
+
+
+# --- seeding in a whole network (tests/support/peer_network.py) ---------------------------------
+
+CAROL_IP = "127.0.0.103"
+E2E_CHUNK = 256 * 1024
+
+
+class SeedingPeerTests(PeerNetworkCase):
+    """Alice downloads bob's file and shares it on; carol gets it from her."""
+
+    async def alice_downloads_bobs_song(self) -> bytes:
+        net = self.net
+        data = os.urandom(3 * E2E_CHUNK + 100)  # chunks of 256 KiB: end to end (§17.13)
+        net.write_share(BOB_IP, "song.ogg", data)
+        await net.start()
+        d = self.alice.download("song.ogg")
+        net.pump(until=has_chunks(d, 1))
+        await net.run(self.alice.rescan())  # mid-download: its .partial files are not shared
+        self.assertEqual(self.alice.shared, [])
+        self.assertEqual(sorted(os.listdir(os.path.join(net.downloads_dir(ALICE_IP), ".partial"))),
+                         ["song.ogg.json", "song.ogg.part"])
+        net.pump(until=finished(d))
+        self.assertEqual(downloaded(net, "song.ogg"), data)
+        await net.run(self.alice.tick())  # the peer's rescan_interval: a look, an ls if it changed
+        return data
+
+    @inline
+    async def test_a_verified_download_is_announced_and_served_to_the_next_peer(self):
+        net = self.net
+        carol = net.make_peer(CAROL_IP, "carol")
+        data = await self.alice_downloads_bobs_song()
+        [bobs] = [f for f in self.bob.shared if f["name"] == "song.ogg"]
+        [ls] = net.messages_on(net.tracker_key_of(self.alice), "ls")[-1:]
+        self.assertEqual(ls["files"], [{"name": "song.ogg", "size": len(data), "sha256": sha(data),
+                                        "root": bobs["root"]}])
+        self.assertEqual(self.alice.status()["shared"], [dict(ls["files"][0], seeded=True)])
+        self.assertEqual(bobs["seeded"], False)
+        [row] = [r for r in net.tracker.catalogue.listing() if r["name"] == "song.ogg"]
+        self.assertEqual(row["sources"], 2)
+        # Bob stops sharing it: carol's download can only come from alice's downloads folder.
+        os.unlink(net.share_path(BOB_IP, "song.ogg"))
+        await net.run(self.bob.tick())
+        watch = UploadWatch(self.alice)
+        d = carol.download("song.ogg")
+        net.pump(until=finished(d))
+        self.assertEqual(d.state, DONE, d.error)
+        with open(os.path.join(net.downloads_dir(CAROL_IP), "song.ogg"), "rb") as f:
+            self.assertTrue(f.read() == data, "carol's copy differs from bob's file")
+        self.assertGreater(len(watch.chunks) + len(watch.ends), 0, "alice served nothing")
+        self.assertEqual([e.get("status") for e in watch.ends], ["ok"])
+
+    @inline
+    async def test_with_seed_downloads_false_a_download_is_not_announced(self):
+        net = self.net
+        self.alice = net.make_peer(ALICE_IP, "alice", seed_downloads=False)
+        await self.alice_downloads_bobs_song()
+        self.assertEqual(self.alice.shared, [])
+        self.assertEqual(self.alice.status()["shared"], [])
+        self.assertTrue(all(ls["files"] == [] for ls in net.messages_on(net.tracker_key_of(self.alice), "ls")))
+        [row] = [r for r in net.tracker.catalogue.listing() if r["name"] == "song.ogg"]
+        self.assertEqual(row["sources"], 1)

@@ -105,6 +105,8 @@ PEER = COMMON + [
     Key("rescan_interval", float, 5.0, "seconds between looks at the share directory", 0.1),
     Key("max_uploads", int, 16, "uploads served at once; more are answered transfer_end busy", 1),
     Key("max_sources", int, 4, "sources one download asks at once when several share the file", 1),
+    Key("max_upload_rate", int, 0, "bytes per second all uploads together may send (0: no cap)", 0),
+    Key("seed_downloads", bool, True, "share finished downloads from the downloads directory too"),
     Key("ui_listen", str, "", "with tls: IP:PORT of the page and its API, in plain HTTP (empty: this peer's IP:8080)"),
 ]
 

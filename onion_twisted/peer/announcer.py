@@ -30,7 +30,7 @@ class Announcer:
         self.refresh_interval = refresh_interval
         self.announce_interval = announce_interval
         self.catalogue: list[dict] = []
-        self.shared: list[dict] = []
+        self.shared: list[dict] = []  # the announced objects, each with "seeded": from the downloads?
         self._last_announce = NEVER
         self._last_list = NEVER
         self._listed: set = set()  # (name, sha256) of ours the tracker listed in reply to our last ls
@@ -40,7 +40,9 @@ class Announcer:
 
     async def rescan(self) -> bool:
         """Look at the share directory again; True if the shared set changed."""
-        self.shared = await self.share.scan()
+        files = await self.share.scan()
+        # Not in the ls: the tracker need not know which of our files we downloaded.
+        self.shared = [dict(f, seeded=self.share.seeded(f["name"])) for f in files]
         return self.share.changed
 
     def connected(self, announcement: dict, reply) -> None:

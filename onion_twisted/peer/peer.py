@@ -29,6 +29,7 @@ from onion_twisted.peer.downloads import Download
 from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.peer.keeper import BUILDING, CONNECTED, WAITING, CircuitKeeper, CircuitState
 from onion_twisted.peer.sharing import ShareDirectory
+from onion_twisted.peer.upload_rate import UploadRate
 from onion_twisted.peer.uploader import Uploader
 from onion_twisted.protocol import cells, wire
 from onion_twisted.protocol.errors import Forbidden, UnknownCircuit
@@ -43,7 +44,8 @@ class Peer:
                  chunk_size: int = DEFAULT_CHUNK, max_attempts: int = 5, stall_timeout: float = 60.0,
                  refresh_interval: float = 30.0, announce_interval: float = 300.0,
                  rng: random.Random | None = None, run_in_thread=threads.deferToThread,
-                 unsafe_logging: bool = False, max_uploads: int = 16, max_sources: int = 4):
+                 unsafe_logging: bool = False, max_uploads: int = 16, max_sources: int = 4,
+                 max_upload_rate: int = 0, seed_downloads: bool = True):
         self.clock = clock
         self.outbound = outbound
         self.share = share
@@ -58,7 +60,9 @@ class Peer:
                                    refresh_interval=refresh_interval, announce_interval=announce_interval)
         self.uploader = Uploader(clock=clock, keeper=self.keeper, share=share, window=window,
                                  stall_timeout=stall_timeout, max_uploads=max_uploads,
-                                 take_reply=self.announcer.take_catalogue, unsafe_logging=unsafe_logging)
+                                 take_reply=self.announcer.take_catalogue, unsafe_logging=unsafe_logging,
+                                 upload_rate=UploadRate(clock, max_upload_rate, burst=chunk_size))
+        share.seed_from(store.downloads_dir if seed_downloads else None)
         self.downloader = Downloader(clock=clock, keeper=self.keeper, store=store, chunk_size=chunk_size,
                                      max_attempts=max_attempts, stall_timeout=stall_timeout,
                                      run_in_thread=run_in_thread, unsafe_logging=unsafe_logging,
@@ -233,6 +237,7 @@ class Peer:
             "shared": self.announcer.shared,
             "catalogue": self.announcer.catalogue,
             "downloads": self.downloader.status(now),
+            "upload_rate": self.uploader.upload_rate.status(),
         }
 
 

@@ -6,6 +6,10 @@
   to ``send`` and pauses the producer while ``window`` chunks are
   unacknowledged. Only the chunks in flight are held in memory, so memory
   does not grow with the file's size.
+* With an ``UploadRate`` (the upload cap), the producer takes each chunk's
+  bytes from it before reading the chunk, and waits while it holds them
+  back: a held-back chunk is neither read nor counted in the window, so
+  its acknowledgement timeout starts only when it is sent.
 
 Nothing here touches the network: ``send`` is whatever carries one
 ``file_chunk`` through the peer's circuit.
@@ -19,6 +23,7 @@ import stat as stat_module
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -60,9 +65,13 @@ class ChunkProducer:
     ``consumer.producer_done()``. A read error or a file that shrank calls
     ``consumer.producer_failed(failure)``. The fd is closed when the
     producer finishes, fails or is stopped.
+
+    ``rate`` (an ``upload_rate.UploadRate``, or None for no cap): each chunk's
+    bytes are taken from it before the chunk is read; stopping the producer
+    cancels a request still waiting there.
     """
 
-    def __init__(self, fd: int, size: int, chunk_size: int, chunks=None, *, pread=os.pread):
+    def __init__(self, fd: int, size: int, chunk_size: int, chunks=None, *, pread=os.pread, rate=None):
         if not 0 < chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be 1 .. {MAX_CHUNK}")
         if size < 0:
@@ -79,6 +88,10 @@ class ChunkProducer:
         self.finished = False
         self.chunks_read = 0
         self._producing = False
+        self._rate = rate
+        self._next: int | None = None   # the index taken from the wanted ones and not read yet
+        self._paid = False              # whether the rate let the bytes of _next go
+        self._grant: defer.Deferred | None = None  # the rate's answer being waited for
 
     @classmethod
     def open(cls, path, chunk_size: int, chunks=None, **kwargs) -> "ChunkProducer":
@@ -108,6 +121,9 @@ class ChunkProducer:
 
     def stopProducing(self) -> None:
         self.stopped = True
+        if self._grant is not None:
+            grant, self._grant = self._grant, None
+            grant.cancel()  # no waiter left behind in the upload rate's queue
         self._close()
 
     def _close(self) -> None:
@@ -121,15 +137,25 @@ class ChunkProducer:
             return
         self._producing = True
         try:
-            while not self.paused and not self.stopped:
-                index = next(self._indexes, None)
-                if index is None:
-                    self.stopped = self.finished = True
-                    self._close()
-                    self.consumer.producer_done()
-                    return
+            while not self.paused and not self.stopped and self._grant is None:
+                if self._next is None:
+                    self._next, self._paid = next(self._indexes, None), False
+                    if self._next is None:
+                        self.stopped = self.finished = True
+                        self._close()
+                        self.consumer.producer_done()
+                        return
+                index = self._next
                 offset = index * self.chunk_size
                 length = min(self.chunk_size, self.size - offset)
+                if self._rate is not None and not self._paid:
+                    grant = self._rate.take(length)
+                    if not grant.called:
+                        self._grant = grant  # held back by the upload cap: _taken goes on
+                        grant.addCallbacks(self._taken, lambda f: f.trap(CancelledError))
+                        return
+                    self._paid = True
+                self._next = None
                 try:
                     data = self._pread(self.fd, length, offset)
                     if len(data) != length:
@@ -144,6 +170,11 @@ class ChunkProducer:
                 del data
         finally:
             self._producing = False
+
+    def _taken(self, _) -> None:
+        self._grant = None
+        self._paid = True
+        self._produce()
 
 
 class WindowedChunkSender:

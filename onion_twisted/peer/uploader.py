@@ -5,6 +5,8 @@ chunk size and maybe the chunk ranges wanted; the chunks go back on the same
 circuit (the tracker bridges them to the requester), a window of them
 unacknowledged at a time, then ``transfer_end``. At most ``max_uploads``
 run at once; a request past them is answered ``transfer_end`` "busy".
+All uploads draw from one ``UploadRate`` (``max_upload_rate``): each chunk,
+and each ``transfer_start``, waits for its bytes there before it is sent.
 
 A request with the requester's ``key`` is end to end (§13): the sharer
 makes its own ephemeral key, sends ``transfer_start`` (its key and the leaf
@@ -24,6 +26,7 @@ from onion_twisted.peer.circuit import Circuit
 from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.peer.sharing import ShareDirectory
+from onion_twisted.peer.upload_rate import UploadRate
 from onion_twisted.peer.upload_stream import ChunkProducer, WindowedChunkSender
 from onion_twisted.protocol import e2e, merkle
 from onion_twisted.protocol.errors import ProtocolError
@@ -41,8 +44,10 @@ class Uploader:
 
     def __init__(self, *, clock, keeper: CircuitKeeper, share: ShareDirectory, window: int = 8,
                  stall_timeout: float = 60.0, max_uploads: int = 16,
-                 take_reply: Callable[[object], None] = lambda reply: None, unsafe_logging: bool = False):
-        """``take_reply`` gets the tracker's reply to the ``list`` that probes a circuit."""
+                 take_reply: Callable[[object], None] = lambda reply: None, unsafe_logging: bool = False,
+                 upload_rate: UploadRate | None = None):
+        """``take_reply`` gets the tracker's reply to the ``list`` that probes a circuit;
+        ``upload_rate``: the cap all uploads share (default: none, bytes only counted)."""
         self.clock = clock
         self.keeper = keeper
         self.share = share
@@ -51,6 +56,7 @@ class Uploader:
         self.max_uploads = max_uploads  # uploads served at once; more get transfer_end "busy"
         self.take_reply = take_reply
         self.unsafe_logging = unsafe_logging
+        self.upload_rate = upload_rate if upload_rate is not None else UploadRate(clock, 0)
         self.uploads: dict[str, defer.Deferred] = {}
         self._probing: set[Circuit] = set()
 
@@ -81,7 +87,7 @@ class Uploader:
                 raise MessageError("refused", "this peer's copy has another content")
             if request.root is not None and request.root != ours.get("root"):
                 raise MessageError("refused", "this peer's copy has another content")
-            producer = ChunkProducer.open(path, chunk_size, request.chunks)
+            producer = ChunkProducer.open(path, chunk_size, request.chunks, rate=self.upload_rate)
             cipher = None
             try:
                 if request.key is not None:
@@ -111,6 +117,7 @@ class Uploader:
         try:
             if cipher is not None:
                 # The requester checks the leaf row before it takes any chunk: it goes first.
+                await self.upload_rate.take(len(start))
                 await self.send_on(circuit, start, refusable=True, chunk_size=chunk_size)
             await sender.start(producer)
         except TransferRefused as e:
@@ -120,6 +127,9 @@ class Uploader:
         except (ProtocolError, defer.TimeoutError, OSError):
             producer.stopProducing()
             return  # the circuit broke or the file went away; the requester asks again for what it lacks
+        except BaseException:
+            producer.stopProducing()  # cancelled: the file closed, no waiter left at the upload rate
+            raise
         await self.send_on(circuit, transfer_end_message(transfer, chunk_size=chunk_size if cipher else None),
                            chunk_size=chunk_size)
 

@@ -180,6 +180,8 @@
     }
   }
 
+  // A file shared from the downloads folder (seed_downloads) is marked: the user
+  // did not put it in the share folder, this peer shares it on because it downloaded it.
   function renderShared(files) {
     files = files.filter(function (f) { return f && typeof f.name === "string"; });
     showEmpty("shared-empty", "shared-table", files.length === 0);
@@ -187,7 +189,11 @@
     reconcile($("shared-body"), files, function (f) { return f.name; },
       function () {
         var tr = el("tr");
-        tr.appendChild(el("td", "name"));
+        var name = el("td", "name");
+        name.appendChild(el("span", "file-name"));
+        name.appendChild(document.createTextNode(" "));
+        name.appendChild(el("span", "badge seeding", "seeding (downloaded)"));
+        tr.appendChild(name);
         tr.appendChild(el("td", "num size"));
         var td = el("td");
         td.appendChild(el("code", "sha"));
@@ -195,7 +201,9 @@
         return tr;
       },
       function (tr, f) {
-        setText(tr.querySelector(".name"), f.name);
+        setText(tr.querySelector(".file-name"), f.name);
+        tr.querySelector(".seeding").hidden = f.seeded !== true;
+        tr.classList.toggle("seeded", f.seeded === true);
         setText(tr.querySelector(".size"), isNumber(f.size) ? human(f.size) : "?");
         var code = tr.querySelector(".sha");
         setText(code, typeof f.sha256 === "string" ? f.sha256.slice(0, 12) + "…" : "hashing…");
