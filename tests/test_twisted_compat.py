@@ -110,6 +110,9 @@ class ServerSideTests(unittest.SynchronousTestCase):
         site = server.Site(_Holding())
         channel = twisted_compat.http_channel(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)))
         channel.makeConnection(StringTransport())
+        # Its idle timeout is a call on the global reactor: left behind, the next test
+        # that checks the reactor (any trial TestCase) would fail as unclean.
+        self.addCleanup(channel.setTimeout, None)
         self.assertFalse(twisted_compat.handling_request(channel))
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(twisted_compat.handling_request(channel))
@@ -119,6 +122,7 @@ class ServerSideTests(unittest.SynchronousTestCase):
     def test_request_disconnected_once_the_client_went_away(self):
         channel = http.HTTPChannel()
         channel.makeConnection(StringTransport())
+        self.addCleanup(channel.setTimeout, None)  # as above: no timer left on the reactor
         request = http.Request(channel)
         self.assertFalse(twisted_compat.request_disconnected(request))
         request.connectionLost(Failure(ConnectionDone()))
