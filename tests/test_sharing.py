@@ -803,7 +803,7 @@ class SeedingPeerTests(PeerNetworkCase):
         await net.run(self.bob.tick())
         watch = UploadWatch(self.alice)
         d = carol.download("song.ogg")
-        net.pump(until=finished(d))
+        net.pump(until=lambda: finished(d)() and watch.ends)  # the file is whole before alice's end arrives
         self.assertEqual(d.state, DONE, d.error)
         with open(os.path.join(net.downloads_dir(CAROL_IP), "song.ogg"), "rb") as f:
             self.assertTrue(f.read() == data, "carol's copy differs from bob's file")

@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from onion_twisted.protocol.messages import MessageError
-from onion_twisted.protocol.chunks import ChunkMap, ranges_of, wanted_indexes
+from onion_twisted.protocol.chunks import ChunkClaims, ChunkMap, index_ranges, ranges_of, wanted_indexes
 from onion_twisted.peer.sharing import resolve_shared
 
 
@@ -147,6 +147,58 @@ class WantedIndexesTests(unittest.SynchronousTestCase):
 
     def test_empty_range_list_wants_nothing(self):
         self.assertEqual(list(wanted_indexes([], 5)), [])
+
+
+class ChunkClaimsTests(unittest.SynchronousTestCase):
+    """Which missing chunks each source of a download is asked for (swarming)."""
+
+    def setUp(self):
+        self.map = ChunkMap(40 * 1024, 1024)  # 40 chunks
+        self.claims = ChunkClaims(self.map.count)
+
+    def test_one_source_gets_every_missing_chunk(self):
+        for i in (0, 1, 5):
+            self.map.mark(i)
+        self.assertEqual(self.claims.pick(self.map, 1, endgame=False), [i for i in range(40) if i not in (0, 1, 5)])
+
+    def test_several_sources_get_blocks_that_shrink_and_never_overlap(self):
+        taken = []
+        while (block := self.claims.pick(self.map, 2, endgame=False)) is not None:
+            self.assertTrue(set(block).isdisjoint(taken), block)
+            self.claims.take(block)
+            taken += block
+        self.assertEqual(sorted(taken), list(range(40)))
+        sizes = [len(b) for b in _blocks(ChunkClaims(40), ChunkMap(40 * 1024, 1024), 2)]
+        self.assertEqual(sizes[0], 10)               # a quarter of what is left, with two sources
+        self.assertEqual(sizes, sorted(sizes, reverse=True))
+
+    def test_endgame_asks_for_a_few_chunks_one_source_is_bringing(self):
+        self.claims.take(range(40))
+        for i in range(37):
+            self.map.mark(i)
+        self.assertIsNone(self.claims.pick(self.map, 2, endgame=False))
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=True), [37, 38])
+        self.claims.take([37, 38])
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=True), [39])  # never a third copy
+        self.claims.take([39])
+        self.assertIsNone(self.claims.pick(self.map, 2, endgame=True))
+
+    def test_given_back_chunks_are_free_again(self):
+        block = self.claims.pick(self.map, 4, endgame=False)
+        self.claims.take(block)
+        self.claims.give_back(block)
+        self.assertEqual(self.claims.pick(self.map, 4, endgame=False), block)
+        self.claims.give_back([10 ** 6])  # an index of a map since replaced: ignored
+
+    def test_index_ranges(self):
+        self.assertEqual(index_ranges([]), [])
+        self.assertEqual(index_ranges([0, 1, 2, 5, 7, 8]), [[0, 3], [5, 6], [7, 9]])
+
+
+def _blocks(claims: ChunkClaims, chunk_map: ChunkMap, sources: int):
+    while (block := claims.pick(chunk_map, sources, endgame=False)) is not None:
+        claims.take(block)
+        yield block
 
 
 class ResolveSharedTests(unittest.SynchronousTestCase):

@@ -30,15 +30,18 @@ from onion_twisted.protocol.messages import MAX_EXCLUDED, is_sha256, request_mes
 
 # Errors of a request that mean "nobody (else) to ask", not a broken circuit.
 NOBODY = ("not_found", "no_source")
+# Transfers in a row one slot may see end without a chunk before it gives up its place.
+MAX_FRUITLESS = 3
 
 
 class SlotResult:
     """How one slot ended: why, and whether that alone means the file cannot be had now."""
 
-    __slots__ = ("why", "fatal", "progress")
+    __slots__ = ("why", "fatal", "progress", "next_source")
 
-    def __init__(self, why: str, fatal: bool = False, progress: int = 0):
+    def __init__(self, why: str, fatal: bool = False, progress: int = 0, next_source: bool = False):
         self.why, self.fatal, self.progress = why, fatal, progress
+        self.next_source = next_source  # this source failed, another may not: the slot asks again
 
 
 class Attempt:
@@ -50,6 +53,7 @@ class Attempt:
         self.circuit = circuit
         self.sources = max(1, sources)
         self.refused = 0  # chunks of this attempt that did not authenticate
+        self._answered: defer.Deferred | None = None  # the newest slot's first answer from the tracker
 
     async def run(self) -> list[SlotResult]:
         d = self.d
@@ -58,18 +62,33 @@ class Attempt:
             d.chunk_size = merkle.e2e_chunk_size(d.chunk_size)
         if d.chunks is None and d.size is not None and self.sources > 1:
             d.expect(d.size, d.chunk_size, None)  # the catalogue's size: blocks can be claimed now
-        first = defer.ensureDeferred(self._slot(first=True))
-        slots = [first]
-        if d.chunks is not None and self.sources > 1:
-            slots += [defer.ensureDeferred(self._slot()) for _ in range(self.sources - 1)]
+        slots = [self._start_slot(first=True)]
+        if d.chunks is not None:
+            # One slot after the other, each once the one before has its transfer: its
+            # request then names it in ``avoid``, and the tracker picks another source.
+            for _ in range(self.sources - 1):
+                await self._answered
+                if self.downloader.stopped or d.chunks.complete or all(s.called for s in slots):
+                    break
+                slots.append(self._start_slot())
         try:
             return list(await defer.gatherResults(slots, consumeErrors=True))
         except defer.FirstError as e:
             d.end_transfers("the download stopped")  # the other slots end too
             e.subFailure.raiseException()
 
+    def _start_slot(self, first: bool = False) -> defer.Deferred:
+        answered = self._answered = defer.Deferred()
+        slot = defer.ensureDeferred(self._slot(first))
+        slot.addBoth(lambda result: (answered.called or answered.callback(None), result)[1])
+        return slot
+
+    def _tracker_answered(self) -> None:
+        if self._answered is not None and not self._answered.called:
+            self._answered.callback(None)
+
     async def _slot(self, first: bool = False) -> SlotResult:
-        d, progress, result = self.d, 0, SlotResult("nothing left to ask for")
+        d, progress, result, fruitless = self.d, 0, SlotResult("nothing left to ask for"), 0
         while not self.downloader.stopped:
             if d.chunks is not None and d.chunks.complete:
                 return SlotResult("ok", progress=progress)
@@ -85,8 +104,12 @@ class Attempt:
                 d.release(t)
                 self.refused += t.refused
             progress += t.chunks
+            fruitless = 0 if t.chunks else fruitless + 1
+            if result.next_source and claimed is not None and fruitless < MAX_FRUITLESS:
+                continue  # that source failed (lied, stalled, stopped): the tracker picks another
             if result.why != "ok" or claimed is None or not t.chunks:
-                # This source is done (or brought nothing): the slot ends, its chunks go to others.
+                # Nobody else to ask, the circuit failed, or it asked for everything: the slot
+                # ends, and what it claimed goes to the others.
                 result.progress = progress
                 return result
         return SlotResult("the peer stopped", progress=progress)
@@ -99,9 +122,13 @@ class Attempt:
             reply = await downloader.keeper.send(request)
         except ProtocolError as e:
             return SlotResult(f"circuit failed: {e.detail}")
+        finally:
+            self._tracker_answered()
         if not isinstance(reply, dict):
             return SlotResult("the tracker gave no answer")
         if reply.get("type") == "error":
+            if reply.get("error") == "source_failed":
+                return SlotResult(str(reply.get("detail")), next_source=True)  # the tracker forgot it
             return self._refused(reply, request, ask_first)
         if reply.get("type") != "transfer" or not isinstance(reply.get("transfer"), str):
             return SlotResult("the tracker's answer is not a transfer")
@@ -125,7 +152,9 @@ class Attempt:
         downloader.take_orphan_end(d, t)
         if d.chunks is not None and d.chunks.complete:
             t.end("ok")  # nothing was missing (or a zero-byte file)
-        return SlotResult(await t.wait_for_end(downloader.clock, downloader.stall_timeout))
+        outcome = await t.wait_for_end(downloader.clock, downloader.stall_timeout)
+        # A source that lied, went silent or stopped serving: another may serve the block.
+        return SlotResult(outcome, next_source=outcome != "ok" and t.source_failed)
 
     def _request(self, t: Transfer) -> dict:
         """``t``'s ``request``: on a sealed circuit with a fresh key (§13), in whole pieces,

@@ -338,7 +338,7 @@ class Downloader:
         self.log.warn("a source sent data that does not match the file's root; it is not asked again")
         d.exclude(t.transfer)
         t.cipher = None  # the rest of its chunks are dropped unread
-        t.end(f"{why}: its source is excluded")
+        t.end(f"{why}: its source is excluded", source_failed=True)
 
     def on_transfer_end(self, message: dict) -> None:
         transfer = message.get("transfer")
@@ -369,4 +369,4 @@ def _end(t: Transfer, message: dict) -> None:
     if message.get("status") == "ok":
         t.end("ok")
     else:
-        t.end(f"the sharer stopped: {message.get('detail') or 'error'}")
+        t.end(f"the sharer stopped: {message.get('detail') or 'error'}", source_failed=True)

@@ -21,7 +21,7 @@ class Transfer:
     """One request to the tracker and the transfer it brings; see the module's text."""
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
-                 "refused", "chunks", "last_chunk_at")
+                 "refused", "chunks", "last_chunk_at", "source_failed")
 
     def __init__(self, claimed: list[int] | None):
         self.claimed = claimed             # chunk indexes asked of this source; None: all that are missing
@@ -36,6 +36,7 @@ class Transfer:
         self.refused = 0                   # its chunks that did not authenticate
         self.chunks = 0                    # its chunks written
         self.last_chunk_at: float | None = None
+        self.source_failed = False         # it ended by its source's doing: lied, went silent, stopped
 
     def matches(self, transfer) -> bool:
         """Whether a chunk or end of ``transfer`` is this one's: its id, or before the reply one it saw."""
@@ -46,22 +47,27 @@ class Transfer:
         if len(self.seen) < SEEN_TRANSFERS:
             self.seen.add(transfer)
 
-    def end(self, outcome: str) -> None:
-        """The transfer is over; the first outcome counts."""
+    def end(self, outcome: str, source_failed: bool = False) -> None:
+        """The transfer is over; the first outcome counts. ``source_failed``: by its source's
+        doing, so another source may be asked for what it did not bring."""
         if self.outcome is None:
             self.outcome = outcome
+            self.source_failed = source_failed
             if self.wake is not None and not self.wake.called:
                 self.wake.callback(None)
 
     async def wait_for_end(self, clock, stall_timeout: float) -> str:
-        """Until ``end``, or ``stall_timeout`` seconds without a chunk of this transfer."""
+        """Until ``end``, or ``stall_timeout`` seconds after its last chunk (or its start)."""
+        started = clock.seconds()
         while self.outcome is None:
-            had = self.chunks
+            since = self.last_chunk_at if self.last_chunk_at is not None else started
+            left = stall_timeout - (clock.seconds() - since)
+            if left <= 0:
+                self.end(f"stalled: no chunk for {stall_timeout:.0f} s", source_failed=True)
+                break
             wake = self.wake = defer.Deferred()
-            timer = clock.callLater(stall_timeout, lambda: wake.called or wake.callback(None))
+            timer = clock.callLater(left, lambda: wake.called or wake.callback(None))
             await wake
             if timer.active():
                 timer.cancel()
-            if self.outcome is None and self.chunks == had:
-                self.outcome = f"stalled: no chunk for {stall_timeout:.0f} s"
         return self.outcome

@@ -164,7 +164,7 @@ class ChunkClaims:
 
     def give_back(self, indexes) -> None:
         for i in indexes:
-            if self.counts[i]:
+            if i < self.count and self.counts[i]:  # claims of a map replaced since are not here
                 self.counts[i] -= 1
 
     def pick(self, chunk_map: ChunkMap, sources: int, endgame: bool) -> list[int] | None:

@@ -165,6 +165,9 @@ class Tracker:
         transfer = wire.new_circuit_id()
         bridge_cid = wire.new_circuit_id()
         bridged = []
+        # Counted under way from the moment it is chosen: requests set up at the same
+        # time (a download asking several sources at once) see each other's load.
+        self.catalogue.start_transfer(source, transfer, shared.size)
         self.pending += 1
         try:
             await self._control(requester.exit, {
@@ -184,6 +187,7 @@ class Tracker:
             await self.outbound.post(source.exit, ask_cell)
         except ProtocolError as e:
             self.metrics.request("failed")
+            self.catalogue.end_transfer(source, transfer)
             for exit_address in set(bridged):
                 self._drop_bridge(exit_address, bridge_cid)
             if bridged:
@@ -195,7 +199,6 @@ class Tracker:
             raise MessageError("source_failed", f"the source could not be reached: {e.detail}") from None
         finally:
             self.pending -= 1
-        self.catalogue.start_transfer(source, transfer, shared.size)
         self.metrics.request("bridged")
         return messages.transfer_message(transfer, request.file, shared.size, shared.sha256, request.chunk_size,
                                          shared.root, e2e)
