@@ -65,7 +65,7 @@ class SwarmCase(unittest.TestCase):
 class TwoSourcesTests(SwarmCase):
     @inline
     async def test_both_sources_serve_one_download_and_every_chunk_is_written_once(self):
-        data = await self.share_everywhere("shared.bin", 16 * PIECE + 100)
+        data = await self.share_everywhere("shared.bin", 64 * PIECE + 100)
         d = self.net.alice.download("shared.bin")
         self.net.pump(until=lambda: d.state is DONE or d.error is not None)
         self.assertEqual(d.state, DONE, d.error)
@@ -80,7 +80,7 @@ class TwoSourcesTests(SwarmCase):
 
     @inline
     async def test_a_source_that_goes_silent_leaves_its_chunks_to_the_other(self):
-        data = await self.share_everywhere("shared.bin", 16 * PIECE)
+        data = await self.share_everywhere("shared.bin", 64 * PIECE)
         net = self.net
         d = net.alice.download("shared.bin")
         net.pump(until=lambda: d.chunks is not None and d.chunks.have >= 2 and self.served[CAROL_IP])

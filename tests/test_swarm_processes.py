@@ -5,8 +5,8 @@ Every test gets its own ``127.R1.R2.x`` network (``E2ENetwork`` of
 five nodes at .11 to .15, and four peers: alice (.101), who downloads in
 256 KiB chunks (one piece each, §13) with a 30 s ``stall_timeout``, and the
 sharers bob (.102), carol (.103) and dave (.104), each capped at
-``max_upload_rate`` 1 MiB/s (four chunks a second), so that a 6 MiB file
-(24 chunks) takes seconds even from three of them. Every peer refreshes its
+``max_upload_rate`` 1 MiB/s (four chunks a second), so that a 24 MiB file
+(96 chunks) takes seconds even from three of them. Every peer refreshes its
 catalogue every second; alice is asked to download only once her catalogue
 row lists the three sources (she asks several at once only then).
 
@@ -26,7 +26,7 @@ sharer that served it, from the sharer's own log.
   brought nothing; bob and carol bring every chunk, in one attempt; dave
   was asked once only (his log).
 * ``test_a_sharer_killed_mid_download_leaves_its_chunks_to_the_others``:
-  carol, capped at 256 KiB/s (one chunk a second: her transfers last), is
+  carol, capped at 128 KiB/s (a chunk every two seconds: her transfers last), is
   SIGKILLed while one of her uploads waits for her cap (so in the middle of
   a transfer to alice, after she brought chunks). The download
   completes from bob and dave in the same attempt, its bytes never going
@@ -57,8 +57,8 @@ from tests.support.processes import PORT, Member, PeerApiMixin, ProcessesMixin, 
 PEERS = {"alice": 101, "bob": 102, "carol": 103, "dave": 104}
 SHARERS = ("bob", "carol", "dave")
 CAP = 1 << 20           # each sharer's max_upload_rate: four 256 KiB chunks a second
-SLOW_CAP = 256 << 10    # the killed sharer's: one chunk a second, so that it is caught mid-transfer
-SIZE = 6 << 20          # 24 chunks
+SLOW_CAP = 128 << 10    # the killed sharer's: a chunk every two seconds, so that it is caught mid-transfer
+SIZE = 24 << 20         # 96 chunks: blocks of 16 (MIN_BLOCK_CHUNKS) for all three
 CHUNKS = SIZE // PIECE
 STALL_TIMEOUT = 30      # alice's: a transfer that stalls ends only after this
 DEADLINE = 90           # a bound for the polls, not a promise of speed

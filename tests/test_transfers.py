@@ -13,7 +13,8 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from onion_twisted.protocol.messages import MessageError
-from onion_twisted.protocol.chunks import ChunkClaims, ChunkMap, index_ranges, ranges_of, wanted_indexes
+from onion_twisted.protocol.chunks import (MIN_BLOCK_CHUNKS, ChunkClaims, ChunkMap, index_ranges, ranges_of,
+                                           wanted_indexes)
 from onion_twisted.peer.sharing import resolve_shared
 
 
@@ -168,9 +169,11 @@ class ChunkClaimsTests(unittest.SynchronousTestCase):
             self.claims.take(block)
             taken += block
         self.assertEqual(sorted(taken), list(range(40)))
-        sizes = [len(b) for b in _blocks(ChunkClaims(40), ChunkMap(40 * 1024, 1024), 2)]
-        self.assertEqual(sizes[0], 10)               # a quarter of what is left, with two sources
+        sizes = [len(b) for b in _blocks(ChunkClaims(200), ChunkMap(200 * 1024, 1024), 2)]
+        self.assertEqual(sizes[0], 50)               # a quarter of what is left, with two sources
         self.assertEqual(sizes, sorted(sizes, reverse=True))
+        self.assertTrue(all(n >= MIN_BLOCK_CHUNKS for n in sizes[:-1]), sizes)  # a transfer costs two chunks
+        self.assertEqual(sum(sizes), 200)
 
     def test_endgame_asks_for_a_few_chunks_one_source_is_bringing(self):
         self.claims.take(range(40))

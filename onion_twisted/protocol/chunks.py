@@ -146,6 +146,9 @@ def index_ranges(indexes) -> list[list[int]]:
 MAX_BLOCK_BYTES = 32 << 20
 #: Chunks one endgame request asks of a second source.
 ENDGAME_CHUNKS = 2
+#: The fewest chunks one source of several is asked for (unless fewer are left): every
+#: transfer adds a transfer_start and a transfer_end, each as long as a chunk (§14).
+MIN_BLOCK_CHUNKS = 16
 
 
 class ChunkClaims:
@@ -172,7 +175,8 @@ class ChunkClaims:
 
         With one source, every missing chunk at once. With more, a block of the
         missing chunks nobody asked for yet, smaller as fewer are left (a fast
-        source comes back for more sooner, so it brings more); at the end
+        source comes back for more sooner, so it brings more), never under
+        MIN_BLOCK_CHUNKS while as many are left; at the end
         (``endgame``), missing chunks one other source is already bringing: the
         first copy counts.
         """
@@ -186,5 +190,5 @@ class ChunkClaims:
             return None
         if sources <= 1:
             return free
-        block = max(1, min(len(free) // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size))
-        return free[:block]
+        block = min(len(free) // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size)
+        return free[:max(MIN_BLOCK_CHUNKS, block)]
