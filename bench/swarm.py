@@ -46,9 +46,9 @@ baseline in the same process tree):
 Writes ``bench/swarm.json`` (``--quick``: ``bench/out/swarm-quick.json``)
 and prints a Markdown table.
 
-    python bench/swarm.py [--quick] [--runs 5] [--mib 256] [--capped-mib 64] [--cap 4000000]
+    python bench/swarm.py [--quick] [--runs 5] [--mib 256] [--capped-mib 128] [--cap 4000000]
 
-About five minutes on two cores (``--quick``: 16 and 32 MiB, two runs, under a minute).
+About seven minutes on two cores (``--quick``: 32 MiB each, two runs, about a minute).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small files, two runs: a smoke run (~2 min)")
     parser.add_argument("--runs", type=int, default=None, help="runs of each download (default 5; quick 2)")
     parser.add_argument("--mib", type=int, default=None, help="the uncapped file (default 256; quick 32)")
-    parser.add_argument("--capped-mib", type=int, default=None, help="the capped file (default 64; quick 16)")
+    parser.add_argument("--capped-mib", type=int, default=None, help="the capped file (default 128; quick 32)")
     parser.add_argument("--cap", type=int, default=4_000_000, help="the capped sharers' max_upload_rate, bytes/s")
     parser.add_argument("--key-bits", type=int, default=2048, help="the nodes' RSA keys")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one download")
@@ -337,7 +337,7 @@ def main() -> int:
     q = args.quick
     args.runs = args.runs or (2 if q else 5)
     args.mib = args.mib or (32 if q else 256)
-    args.capped_mib = args.capped_mib or (16 if q else 64)
+    args.capped_mib = args.capped_mib or (32 if q else 128)
     out = args.out or (OUT / "swarm-quick.json" if q else BENCH / "swarm.json")
 
     began = time.perf_counter()
