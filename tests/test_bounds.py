@@ -105,6 +105,18 @@ class NodeBoundsTests(unittest.TestCase):
         self.assertEqual(self.create()[0], 200)
         self.assertEqual(len(self.table), 3)
 
+    def test_a_create_on_a_full_table_is_refused_before_its_key_work(self):
+        # An RSA decryption (or an X25519 handshake) costs far more than the refusal.
+        from onion_twisted.node import relay as relay_module
+        self.node(max_circuits=1)
+        self.assertEqual(self.create()[0], 200)
+        opened = []
+        honest = relay_module.open_session_key
+        self.patch(relay_module, "open_session_key", lambda *a: (opened.append(1), honest(*a))[1])
+        status, answer, _, _ = self.create()
+        self.assertEqual((status, answer["error"]), (429, "rate_limited"))
+        self.assertEqual(opened, [], "the full node decrypted the CREATE's session key")
+
     def test_forward_layers_past_max_nonces_are_409_and_not_relayed(self):
         self.node(max_nonces=3)
         cid, layer, _ = self.exit_circuit()  # the extend was the first layer

@@ -123,6 +123,9 @@ class NodeRelay(OnionV2Relay, RelayFailureLog):
             # traffic for a circuit or bridge that is gone (§3: 404).
             raise UnknownCircuit("no circuit or bridge with that CID")
         sealed = cells.payload_bytes(cell)
+        # A CID in use (409) or a full table (429) is refused before any key work:
+        # an RSA decryption or an X25519 handshake costs far more than the refusal.
+        self.table.check_room(cell.cid)
         if ntor.is_handshake(sealed):
             if self.onion_keys is None:
                 raise BadRequest("this node speaks onion-http/1 only: it has no onion key")
