@@ -9,6 +9,7 @@ reactor: the scripts choose when the reactor starts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import os
@@ -278,3 +279,12 @@ def median_or_none(values):
     """Median of the values that are neither None nor NaN; None if there are none."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.median(values) if values else None
+
+
+def sha256_of(path: Path) -> str:
+    """The hex SHA-256 of a file the bench downloaded, by the bench's own code, a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -36,7 +36,6 @@ to see that everything works (results to bench/out/ only).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -49,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import cpu_seconds, machine, peer_api as api, vm
+from common import cpu_seconds, machine, peer_api as api, sha256_of, vm
 from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -66,13 +65,6 @@ def percentile(values, q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RssSampler(threading.Thread):

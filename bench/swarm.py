@@ -54,7 +54,6 @@ About seven minutes on two cores (``--quick``: 32 MiB each, two runs, about a mi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -68,7 +67,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import CLK_TCK, cpu_seconds, machine, peer_api as api
+from common import CLK_TCK, cpu_seconds, machine, peer_api as api, sha256_of
 from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -83,13 +82,6 @@ UNCAPPED = ("erin", "frank", "grace")
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SwarmNetwork(LocalNetwork):

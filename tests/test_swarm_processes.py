@@ -51,8 +51,7 @@ from twisted.trial import unittest
 
 from tests.support.deferreds import current_reactor, inline
 from tests.support.e2e_network import LYING_SHARER, PIECE, E2ENetwork, file_root, log_matches
-from tests.support.faults import ADMIN_HOST, FIRST_NODE_HOST, PEER_OPTIONS, TRACKER_HOST
-from tests.support.processes import PORT, Member, PeerApiMixin, ProcessesMixin, poll_until
+from tests.support.processes import Member, PeerApiMixin, ProcessesMixin, poll_until
 
 PEERS = {"alice": 101, "bob": 102, "carol": 103, "dave": 104}
 SHARERS = ("bob", "carol", "dave")
@@ -79,25 +78,7 @@ class SwarmNetwork(E2ENetwork):
     """``E2ENetwork`` with a fourth peer, dave, and five nodes."""
 
     node_count = 5
-
-    @property
-    def hosts(self):
-        return (TRACKER_HOST, *range(FIRST_NODE_HOST, FIRST_NODE_HOST + self.node_count), *PEERS.values(),
-                ADMIN_HOST)
-
-    def start_test_peer(self, name: str, **options) -> Member:
-        self.peer_options[name] = options
-        member = self.start_peer(name, self.ip(PEERS[name]), PORT, self.tracker.address, self.tracker_key,
-                                 self.base / name, **{**PEER_OPTIONS, **options})
-        self.peers[name] = member
-        return member
-
-    def _start_double_peer(self, name: str, launcher: list[str], options: dict) -> Member:
-        self.peer_options[name] = options
-        member = self.start_peer(name, self.ip(PEERS[name]), PORT, self.tracker.address, self.tracker_key,
-                                 self.base / name, launcher=launcher, **{**PEER_OPTIONS, **options})
-        self.peers[name] = member
-        return member
+    peer_hosts = PEERS
 
 
 class _SwarmCase(SwarmNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
@@ -108,7 +89,7 @@ class _SwarmCase(SwarmNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
     def start_sharer(self, name: str, file: str, content: bytes, cap: int = CAP) -> Member:
         """An honest sharer of ``content`` as ``file``, capped at ``cap``, whose every upload is logged."""
         self.share_bytes(name, file, content)
-        return self._start_double_peer(name, [sys.executable, str(LYING_SHARER), "--"], {"max_upload_rate": cap})
+        return self.start_test_peer(name, launcher=[sys.executable, str(LYING_SHARER), "--"], max_upload_rate=cap)
 
     def start_alice(self) -> Member:
         return self.start_test_peer("alice", chunk_size=PIECE, stall_timeout=STALL_TIMEOUT)
@@ -152,6 +133,11 @@ class _SwarmCase(SwarmNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
                  if line.startswith(("onion_tracker_requests_total", "onion_tracker_refused_total"))
                  and not line.endswith(" 0")]
         return ", ".join(lines) if status == 200 else f"/metrics answered {status}"
+
+    async def finished(self, watch, since: float) -> tuple[dict, float, str]:
+        """The download once done, the seconds from ``since`` to then, and what went on (for messages)."""
+        done = await watch.done()
+        return done, current_reactor().seconds() - since, await self.diagnosis(watch)
 
     async def diagnosis(self, watch: "SwarmWatch") -> str:
         """Alice's download over time, the sharers' uploads and the tracker's answers: for the messages."""
@@ -264,9 +250,7 @@ class ThreeSharersTests(_SwarmCase):
         started = current_reactor().seconds()
         await self.ask("alice", file, sha)
         watch = SwarmWatch(self, file)
-        done = await watch.done()
-        took = current_reactor().seconds() - started
-        why = await self.diagnosis(watch)
+        done, took, why = await self.finished(watch, started)
         log(f"done in {took:.1f} s, {done['attempts']} attempt(s), at most {watch.most_transfers} transfers "
             f"at once; {self.summary(done)}{why}")
 
@@ -296,8 +280,7 @@ class LyingSharerTests(_SwarmCase):
 
         await self.ask("alice", file, sha)
         watch = SwarmWatch(self, file)
-        done = await watch.done()
-        why = await self.diagnosis(watch)
+        done, _, why = await self.finished(watch, current_reactor().seconds())
         log(f"done in {done['attempts']} attempt(s), at most {watch.most_transfers} transfers at once; "
             f"errors {watch.errors}; {self.summary(done)}{why}")
 
@@ -360,9 +343,7 @@ class KilledSharerTests(_SwarmCase):
         watch.mark()
         log(f"{self.VICTIM} killed at {before['bytes']} of {SIZE} bytes, {before['transfers']} transfers under way")
 
-        done = await watch.done()
-        after = current_reactor().seconds() - killed_at
-        why = await self.diagnosis(watch)
+        done, after, why = await self.finished(watch, killed_at)
         log(f"done {after:.1f} s after the kill, {done['attempts']} attempt(s); errors {watch.errors}; "
             f"{self.summary(done)}{why}")
 

@@ -218,20 +218,23 @@ class BridgeSequenceTests(TrackerCase):
     async def test_requests_set_up_at_the_same_time_go_to_different_sources(self):
         # A download asking several sources at once: each request counts as a transfer
         # under way from the moment its source is chosen, before its bridge is made.
-        await self.h.ls(REQUESTER_IP, self.requester, [])
-        await self.share(exit_ip=SHARER_IP)
-        await self.share(exit_ip=OTHER_IP, cid=new_cid())
-        self.outbound.holding = True
-        asked = [self.h.handle(REQUESTER_IP, cell(self.requester, {"type": "request", "file": "f"}))
-                 for _ in range(2)]
-        self.assertEqual(self.outbound.kinds(), [control.RECEIVE_BRIDGE] * 2)
-        self.assertEqual({p.payload["from"] for p in self.outbound.posts},
-                         {str(wire.Address(SHARER_IP, PORT)), str(wire.Address(OTHER_IP, PORT))})
-        self.outbound.holding = False
-        for post in list(self.outbound.posts):
-            post.deferred.callback(b"{}")
-        for d in asked:
-            self.assertEqual(orjson.loads(self.successResultOf(d))["payload"]["type"], "transfer")
+        # Eight fresh trackers: without that count, each pair would part by chance, one in two.
+        for _ in range(8):
+            self.setUp()
+            await self.h.ls(REQUESTER_IP, self.requester, [])
+            await self.share(exit_ip=SHARER_IP)
+            await self.share(exit_ip=OTHER_IP, cid=new_cid())
+            self.outbound.holding = True
+            asked = [self.h.handle(REQUESTER_IP, cell(self.requester, {"type": "request", "file": "f"}))
+                     for _ in range(2)]
+            self.assertEqual(self.outbound.kinds(), [control.RECEIVE_BRIDGE] * 2)
+            self.assertEqual({p.payload["from"] for p in self.outbound.posts},
+                             {str(wire.Address(SHARER_IP, PORT)), str(wire.Address(OTHER_IP, PORT))})
+            self.outbound.holding = False
+            for post in list(self.outbound.posts):
+                post.deferred.callback(b"{}")
+            for d in asked:
+                self.assertEqual(orjson.loads(self.successResultOf(d))["payload"]["type"], "transfer")
 
     @inline
     async def test_a_block_counts_as_under_way_for_its_own_size_not_the_files(self):

@@ -258,25 +258,23 @@ class Downloader:
             t.saw(transfer)
         if t.e2e:
             return  # that transfer is end to end: a chunk naming the file is not its
+        self._write(d, t, lambda: d.write_chunk(message, self.clock.seconds(), t))
+
+    def _write(self, d: Download, t: Transfer, write) -> None:
+        """``write()`` one chunk of ``t`` (§8 or §13) into ``d``, and take what follows."""
         try:
-            d.write_chunk(message, self.clock.seconds(), t)
+            write()
         except BadChunk as e:
             self.log.warn("a chunk was refused: {why}", why=str(e))
+        except SourceLied as e:
+            self._exclude(d, t, str(e))
         except OSError as e:
-            self._cannot_write(d, e)
-        self._maybe_whole(d)
-
-    def _cannot_write(self, d: Download, e: OSError) -> None:
-        # The disk, not the sharer (full, read-only, gone): this attempt ends, and
-        # a later one resumes from what was written. Safe logging: no path.
-        self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
-        d.end_transfers(f"cannot write the download: {safe_os_error(e)}")
-
-    @staticmethod
-    def _maybe_whole(d: Download) -> None:
-        """Every chunk is in: the transfers still under way (endgame copies) are over."""
+            # The disk, not the sharer (full, read-only, gone): this attempt ends, and
+            # a later one resumes from what was written. Safe logging: no path.
+            self.log.error("a download could not write its chunk: {why}", why=safe_os_error(e))
+            d.end_transfers(f"cannot write the download: {safe_os_error(e)}")
         if d.chunks is not None and d.chunks.complete:
-            d.end_transfers("ok")
+            d.end_transfers("ok")  # every chunk is in: the transfers still under way (endgame copies) are over
 
     def on_transfer_start(self, message: dict) -> None:
         """The sharer's key and sealed leaf row (§13): for the transfer whose key opens it."""
@@ -324,15 +322,7 @@ class Downloader:
                 break
         else:
             return  # nobody's, or a transfer whose leaf row is not checked yet: dropped
-        try:
-            d.write_sealed_chunk(t, chunk, self.clock.seconds())
-        except BadChunk as e:
-            self.log.warn("a chunk was refused: {why}", why=str(e))
-        except SourceLied as e:
-            self._exclude(d, t, str(e))
-        except OSError as e:
-            self._cannot_write(d, e)
-        self._maybe_whole(d)
+        self._write(d, t, lambda: d.write_sealed_chunk(t, chunk, self.clock.seconds()))
 
     def _exclude(self, d: Download, t: Transfer, why: str) -> None:
         self.log.warn("a source sent data that does not match the file's root; it is not asked again")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -106,12 +107,18 @@ class LeafStore:
 
     A row is checked against its root and the file's size when it is read:
     a torn or foreign file reads as missing, and the file is hashed again.
+    The roots known to be on disk and the last few rows read are remembered,
+    so a scan does not stat every row again and a download asking one sharer
+    for block after block does not read its row again each time.
     """
 
     DIR_NAME = "leaves"
+    RECENT_ROWS = 8
 
     def __init__(self, data_dir):
         self.path = Path(data_dir) / self.DIR_NAME
+        self._present: set[str] = set()
+        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def _file(self, root: str) -> Path:
         if not is_sha256(root):
@@ -119,22 +126,31 @@ class LeafStore:
         return self.path / root
 
     def has(self, root: str) -> bool:
-        return self._file(root).is_file()
+        if root not in self._present and self._file(root).is_file():
+            self._present.add(root)
+        return root in self._present
 
     def save(self, root: str, leaves: bytes) -> None:
         target = self._file(root)
-        if target.exists():
-            return  # the same root: the same row
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(target, leaves, mode=0o600)
+        if not target.exists():  # else the same root: the same row
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(target, leaves, mode=0o600)
+        self._present.add(root)
 
     def load(self, root: str, size: int) -> bytes | None:
         """The row of ``root`` for a file of ``size`` bytes, or None (missing or not that root's)."""
-        try:
-            leaves = self._file(root).read_bytes()
-            merkle.check_leaves(leaves, root, size)
-        except (OSError, ValueError):
-            return None
+        leaves = self._recent.get((root, size))
+        if leaves is None:
+            try:
+                leaves = self._file(root).read_bytes()
+                merkle.check_leaves(leaves, root, size)
+            except (OSError, ValueError):
+                self._present.discard(root)
+                return None
+            self._recent[(root, size)] = leaves
+            while len(self._recent) > self.RECENT_ROWS:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end((root, size))
         return leaves
 
     def prune(self, keep) -> None:
@@ -145,6 +161,7 @@ class LeafStore:
             return
         for name in names:
             if name not in keep and is_sha256(name):
+                self._present.discard(name)
                 try:
                     os.unlink(self.path / name)
                 except OSError:

@@ -66,6 +66,7 @@ class ShareDirectory:
         self._seeded: dict[str, str] = {}  # the same for the names seeded from downloads_dir
         self._seeded_from: Path | None = None  # the downloads_dir of the last scan
         self._stamps: dict[str, tuple[int, int]] = {}  # announced name -> (size, mtime) it was hashed at
+        self._saved_roots: set[str] | None = None  # the roots whose rows the last save kept
         self._scans = SharedResult(lambda run: defer.ensureDeferred(self._scan(run)))
 
     def seed_from(self, downloads_dir) -> None:
@@ -181,10 +182,13 @@ class ShareDirectory:
         scanned = {os.path.abspath(d.resolve()) for d in (self.share_dir, downloads_dir) if d is not None}
         for path in [p for p in self.cache.entries if os.path.dirname(p) in scanned and p not in seen]:
             self.cache.forget(path)
-        try:
-            await run(self._save, {f["root"] for f in files})
-        except OSError as e:
-            log.warn("cannot save the hash cache: {error}", error=safe_os_error(e))
+        roots = {f["root"] for f in files}
+        if self.cache.dirty or roots != self._saved_roots:  # else nothing on disk would change
+            try:
+                await run(self._save, roots)
+                self._saved_roots = roots
+            except OSError as e:
+                log.warn("cannot save the hash cache: {error}", error=safe_os_error(e))
         self.changed = files != self.files
         self.files = files
         self._by_name = {f["name"]: f for f in files}

@@ -181,21 +181,38 @@ class ChunkClaims:
         (``endgame``), missing chunks one other source is already bringing: the
         first copy counts.
         """
-        bits, counts = chunk_map.bits, self.counts
-        free = [i for i in range(self.count) if not bits[i] and not counts[i]]
-        if not free and endgame:
+        # Whole-map passes at C speed (a map may have 2^22 chunks, and a download many
+        # blocks): a zero byte of ``taken`` is a chunk neither received nor asked for.
+        taken = _either(chunk_map.bits, self.counts)
+        free_count = taken.count(0)
+        if not free_count and endgame:
             # A few at a time: a slow source's copy may still come first, and each one asked
             # twice crosses the network twice. The last of a block first: a source sends its
             # block in order, so those are the furthest from coming.
-            claimed_once = [i for i in range(self.count - 1, -1, -1) if not bits[i] and counts[i] == 1]
-            return sorted(claimed_once[:ENDGAME_CHUNKS]) or None
-        if not free:
+            once = _either(chunk_map.bits, self.counts.translate(_NOT_ONE))  # zero: asked once, missing
+            picked, end = [], self.count
+            while len(picked) < ENDGAME_CHUNKS and (end := once.rfind(0, 0, end)) >= 0:
+                picked.append(end)
+            return sorted(picked) or None
+        if not free_count:
             return None
         if sources <= 1:
-            return free
-        if len(free) < sources * MIN_BLOCK_CHUNKS:
-            block = -(-len(free) // sources)  # the tail, shared evenly
+            block = free_count
+        elif free_count < sources * MIN_BLOCK_CHUNKS:
+            block = -(-free_count // sources)  # the tail, shared evenly
         else:
             block = max(MIN_BLOCK_CHUNKS,
-                        min(len(free) // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size))
-        return free[:block]
+                        min(free_count // (2 * sources), MAX_BLOCK_BYTES // chunk_map.chunk_size))
+        free, i = [], -1
+        while len(free) < block and (i := taken.find(0, i + 1)) >= 0:
+            free.append(i)
+        return free
+
+
+_NOT_ONE = bytes(0 if n == 1 else 1 for n in range(256))  # counts.translate: zero where asked once
+
+
+def _either(a, b) -> bytes:
+    """Byte by byte, zero where both ``a`` and ``b`` are zero (equal lengths)."""
+    n = len(a)
+    return (int.from_bytes(a, "big") | int.from_bytes(b, "big")).to_bytes(n, "big")

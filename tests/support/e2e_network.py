@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from tests.support import lying_sharer
-from tests.support.faults import FIRST_NODE_HOST, HOP_TIMEOUT, PEER_HOSTS, PEER_OPTIONS, FaultNetwork
+from tests.support.faults import FIRST_NODE_HOST, HOP_TIMEOUT, FaultNetwork
 from tests.support.processes import PORT, Member
 from tests.support.recording_peer import writes_of
 
@@ -86,13 +86,6 @@ class E2ENetwork(FaultNetwork):
         os.replace(tmp, share / name)
         return share / name
 
-    def _start_double_peer(self, name: str, launcher: list[str], options: dict) -> Member:
-        self.peer_options[name] = options
-        member = self.start_peer(name, self.ip(PEER_HOSTS[name]), PORT, self.tracker.address, self.tracker_key,
-                                 self.base / name, launcher=launcher, **{**PEER_OPTIONS, **options})
-        self.peers[name] = member
-        return member
-
     def writes_path(self, name: str) -> Path:
         return self.base / name / "writes.jsonl"
 
@@ -100,14 +93,14 @@ class E2ENetwork(FaultNetwork):
         """Peer ``name`` whose every ``os.pwrite`` is recorded in ``writes_path(name)``."""
         (self.base / name).mkdir(parents=True, exist_ok=True)
         launcher = [sys.executable, str(RECORDING_PEER), "--writes", str(self.writes_path(name)), "--"]
-        return self._start_double_peer(name, launcher, options)
+        return self.start_test_peer(name, launcher=launcher, **options)
 
     def start_lying_sharer(self, name: str, file: str, honest: bytes, first_lie: int = 0, **options) -> Member:
         """Peer ``name`` announcing ``honest`` as ``file`` while its share holds other bytes from piece
         ``first_lie`` on (``lying_sharer.prepare``); it logs each request it serves."""
         self.lie = lying_sharer.prepare(self.base / name, file, honest, first_lie)
         launcher = [sys.executable, str(LYING_SHARER), "--"]
-        return self._start_double_peer(name, launcher, options)
+        return self.start_test_peer(name, launcher=launcher, **options)
 
     # --- what the requester wrote ---------------------------------------------------------------
 

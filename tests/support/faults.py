@@ -46,8 +46,8 @@ FORWARD_BYTES = re.compile(rb'^onion_node_bytes_total\{direction="forward"\} (\d
 TRACKER_MESSAGES = re.compile(rb'^onion_tracker_messages_total\{type="(\w+)"\} (\d+)$', re.M)
 
 
-def all_hosts(node_count: int) -> tuple:
-    return (TRACKER_HOST, *range(FIRST_NODE_HOST, FIRST_NODE_HOST + node_count), *PEER_HOSTS.values(), ADMIN_HOST)
+def all_hosts(node_count: int, peer_hosts: dict = PEER_HOSTS) -> tuple:
+    return (TRACKER_HOST, *range(FIRST_NODE_HOST, FIRST_NODE_HOST + node_count), *peer_hosts.values(), ADMIN_HOST)
 
 
 class FaultNetwork:
@@ -55,10 +55,11 @@ class FaultNetwork:
 
     node_count = 6
     admin_host = ADMIN_HOST
+    peer_hosts = PEER_HOSTS  # peer name -> its host number
 
     @property
     def hosts(self):
-        return all_hosts(self.node_count)
+        return all_hosts(self.node_count, self.peer_hosts)
 
     # --- starting ----------------------------------------------------------------------
 
@@ -111,12 +112,13 @@ class FaultNetwork:
         os.replace(tmp, target)
         return target
 
-    def start_test_peer(self, name: str, **options) -> Member:
-        """Peer ``name`` at its host, with ``PEER_OPTIONS`` and ``options``; remembered for ``restart_peer``."""
+    def start_test_peer(self, name: str, launcher: list[str] | None = None, **options) -> Member:
+        """Peer ``name`` at its host, with ``PEER_OPTIONS`` and ``options`` (through ``launcher``, a
+        test double's wrapper, when given); the options are remembered for ``restart_peer``."""
         self.peer_options[name] = options
         merged = {**PEER_OPTIONS, **options}
-        member = self.start_peer(name, self.ip(PEER_HOSTS[name]), PORT, self.tracker.address, self.tracker_key,
-                                 self.base / name, **merged)
+        member = self.start_peer(name, self.ip(self.peer_hosts[name]), PORT, self.tracker.address, self.tracker_key,
+                                 self.base / name, launcher=launcher, **merged)
         self.peers[name] = member
         return member
 
@@ -125,7 +127,7 @@ class FaultNetwork:
         self.peer_options[name] = options
         data_dir = (self.base / name).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        ip = self.ip(PEER_HOSTS[name])
+        ip = self.ip(self.peer_hosts[name])
         log_path = data_dir / "peer.log"
         argv = [sys.executable, str(LYING_PEER), "-n", "--pidfile=", f"--logfile={log_path}", "onionpeer",
                 "--listen", ip, "--port", str(PORT), "--data-dir", str(data_dir / "state"),
