@@ -74,8 +74,10 @@ class _Transfers(FaultNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
     """Bob shares ``NAME`` (``SIZE`` random bytes); alice sees it in her catalogue."""
 
     timeout = 150
-    bob_options: dict = {"window": 4}
-    alice_options: dict = {"chunk_size": CHUNK}
+    # One circuit per peer (max_circuits = 1): these tests strike the circuit a transfer crosses
+    # and read it as the status's "circuit"; the pool's separate circuits have tests of their own.
+    bob_options: dict = {"window": 4, "max_circuits": 1}
+    alice_options: dict = {"chunk_size": CHUNK, "max_circuits": 1}
 
     async def start_members(self):
         await super().start_members()
@@ -274,8 +276,8 @@ class QuickTrackerRestartTests(_Transfers):
     other list before the kill)."""
 
     REFRESH = 30
-    bob_options = {"window": 4, "refresh_interval": REFRESH}
-    alice_options = {"chunk_size": CHUNK, "refresh_interval": 3600}
+    bob_options = {"window": 4, "refresh_interval": REFRESH, "max_circuits": 1}
+    alice_options = {"chunk_size": CHUNK, "refresh_interval": 3600, "max_circuits": 1}
     SECOND = "after the restart.bin"
     SECOND_SIZE = 256 * 1024
 

@@ -110,7 +110,8 @@ class PeerWorld:
         self.peer = Peer(clock=self.clock, outbound=self.outbound, directory=FakeDirectory(), tracker=TRACKER_ADDRESS,
                          share=ShareDirectory(share, HashCache(data), run_in_thread=synchronous),
                          store=DownloadStore(downloads), data_dir=data, chunk_size=CHUNK, window=4,
-                         rng=random.Random(1), run_in_thread=synchronous, max_uploads=MAX_UPLOADS)
+                         rng=random.Random(1), run_in_thread=synchronous, max_uploads=MAX_UPLOADS,
+                         max_circuits=1, circuit_lifetime=0)
         fired(defer.ensureDeferred(self.peer.rescan()))
         keys = [crypto.new_session_key() for _ in range(3)]
         self.hop_layers = [Layer(k) for k in keys]

@@ -186,7 +186,7 @@ class KeeperCase(CarolCase):
                                     tracker=TRACKER, data_dir=self.mktemp(), rng=random.Random(3),
                                     first_message=lambda: dict(LS),
                                     on_connected=lambda message, reply: self.connected.append((message, reply)),
-                                    on_broken=self.broken.append)
+                                    on_broken=lambda circuit, why: self.broken.append(why))
         os.makedirs(self.keeper.data_dir)
 
     def tearDown(self):

@@ -45,14 +45,18 @@ class SlotResult:
 
 
 class Attempt:
-    """One attempt of ``download`` on ``circuit`` with at most ``sources`` slots."""
+    """One attempt of ``download`` with at most ``sources`` slots, over the circuits of
+    ``keeper`` (``circuit``: its connected one when the attempt starts). Each request
+    goes on the keeper's circuit of the moment: once it is replaced, the next block's
+    request goes on the new one, and the old one drains."""
 
-    def __init__(self, downloader, download: Download, circuit, sources: int):
+    def __init__(self, downloader, download: Download, keeper, circuit, sources: int):
         self.downloader = downloader
         self.d = download
+        self.keeper = keeper
         self.circuit = circuit
         self.sources = max(1, sources)
-        self.refused = 0  # chunks of this attempt that did not authenticate
+        self.refused_on: dict = {}  # circuit -> chunks that came on it and did not authenticate
         self._answered: defer.Deferred | None = None  # the newest slot's first answer from the tracker
 
     async def run(self) -> list[SlotResult]:
@@ -102,7 +106,8 @@ class Attempt:
                 result = await self._transfer(t, ask_first=first and progress == 0)
             finally:
                 d.release(t)
-                self.refused += t.refused
+                if t.refused:
+                    self.refused_on[t.circuit] = self.refused_on.get(t.circuit, 0) + t.refused
             progress += t.chunks
             fruitless = 0 if t.chunks else fruitless + 1
             if result.next_source and claimed is not None and fruitless < MAX_FRUITLESS:
@@ -117,9 +122,10 @@ class Attempt:
     async def _transfer(self, t: Transfer, ask_first: bool) -> SlotResult:
         """Ask the tracker for ``t``'s chunks and wait for the transfer to end."""
         downloader, d = self.downloader, self.d
-        request = self._request(t)
         try:
-            reply = await downloader.keeper.send(request)
+            t.circuit = await self.keeper.ready()
+            request = self._request(t)
+            reply = await self.keeper.send_on(t.circuit, request)
         except ProtocolError as e:
             self._tracker_answered()
             return SlotResult(f"circuit failed: {e.detail}")
@@ -163,7 +169,7 @@ class Attempt:
         naming the root when known, the chunks it claimed, and the transfers under way."""
         d = self.d
         chunk_size, key = d.chunk_size, None
-        if self.circuit.sealed:
+        if t.circuit.sealed:
             t.private = e2e.new_private()
             key = e2e.public_bytes(t.private)
         ranges = None

@@ -29,7 +29,6 @@ from twisted.python.failure import Failure
 from onion_twisted.peer.download_state import ACTIVE, DONE, FAILED, IN_TRANSFER, BadChunk, SourceLied
 from onion_twisted.peer.download_store import DownloadStore
 from onion_twisted.peer.downloads import Download
-from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.peer.attempt import Attempt
 from onion_twisted.peer.transfer import Transfer
@@ -47,19 +46,20 @@ MAX_PAUSE = 30          # seconds between attempts, at most
 class Downloader:
     log = Logger()
 
-    def __init__(self, *, clock, keeper: CircuitKeeper, store: DownloadStore, chunk_size: int = DEFAULT_CHUNK,
+    def __init__(self, *, clock, circuits, store: DownloadStore, chunk_size: int = DEFAULT_CHUNK,
                  max_attempts: int = 5, stall_timeout: float = 60.0, run_in_thread=threads.deferToThread,
                  unsafe_logging: bool = False, find_root=lambda name, sha256: None,
                  count_sources=lambda name, sha256, root: 0, max_sources: int = 4):
         """``find_root(name, sha256) -> (root, size) | None``: the file's Merkle root as the
         catalogue lists it, asked for in the request so the sharer's leaf row is checked
         the moment it arrives. ``count_sources(name, sha256, root)``: how many circuits the
-        catalogue says share it; up to ``max_sources`` of them are asked at once."""
+        catalogue says share it; up to ``max_sources`` of them are asked at once.
+        ``circuits``: the peer's ``CircuitPool``; each attempt takes a download circuit of it."""
         self.clock = clock
         self.find_root = find_root
         self.count_sources = count_sources
         self.max_sources = max_sources
-        self.keeper = keeper
+        self.circuits = circuits
         self.store = store
         self.chunk_size = chunk_size
         self.max_attempts = max_attempts
@@ -94,12 +94,20 @@ class Downloader:
                 d.end_transfers("the peer stopped")
             d.close()
 
-    def circuit_broken(self, why: str) -> None:
-        # Our transfers came back on that circuit: they are over. Their attempts end now
-        # and ask again, on the next circuit, for what is missing (not after stall_timeout).
+    def circuit_broken(self, circuit, why: str) -> None:
+        # The transfers that came back on that circuit are over. Their slots ask again,
+        # on the next circuit, for what is missing (not after stall_timeout).
+        for t in self._transfers_on(circuit):
+            t.end(f"circuit broken ({why})")
+
+    def busy_on(self, circuit) -> bool:
+        """Whether a transfer still comes back on ``circuit`` (a replaced one drains until not)."""
+        return any(True for _ in self._transfers_on(circuit))
+
+    def _transfers_on(self, circuit):
         for d in self.downloads.values():
             if d.state in IN_TRANSFER:
-                d.end_transfers(f"circuit broken ({why})")
+                yield from (t for t in d.transfers if t.circuit is circuit and t.outcome is None)
 
     # --- what the user asks ----------------------------------------------------------------
 
@@ -192,18 +200,22 @@ class Downloader:
         """One attempt (``attempt.Attempt``); why it ended. Whether the download is over,
         its state says."""
         d.start_request()
+        keeper = self.circuits.for_download()
         try:
-            circuit = await self.keeper.ready()
-        except ProtocolError as e:
-            d.requeue()
-            return f"no circuit: {e.detail}"
-        self._look_up(d)
-        attempt = Attempt(self, d, circuit, self._sources(d))
-        results = await attempt.run()
-        if attempt.refused:
+            try:
+                circuit = await keeper.ready()
+            except ProtocolError as e:
+                d.requeue()
+                return f"no circuit: {e.detail}"
+            self._look_up(d)
+            attempt = Attempt(self, d, keeper, circuit, self._sources(d))
+            results = await attempt.run()
+        finally:
+            self.circuits.release(keeper)
+        for tampered, count in attempt.refused_on.items():
             # Chunks that did not authenticate were altered or forged on the way: the
-            # tamperer may be on our circuit, so the next attempt goes over another.
-            self.keeper.broken(circuit, f"{attempt.refused} chunks did not authenticate")
+            # tamperer may be on that circuit, so the next attempt goes over another.
+            self.circuits.broken(tampered, f"{count} chunks did not authenticate")
         if self.stopped:
             return results[0].why  # stop() saved the record: a stopped peer writes nothing more
         if d.chunks is not None and d.chunks.complete:

@@ -1,4 +1,4 @@
-"""The peer's circuit keeper (PROTOCOL.md §5, §6, §9): one connected circuit at a time.
+"""The peer's circuit keeper (PROTOCOL.md §5, §6, §9): one connected circuit of one purpose.
 
 The keeper builds a circuit through nodes picked from a fresh directory,
 retrying with a growing delay; every caller that needs the circuit while a
@@ -11,6 +11,15 @@ The keeper's lifecycle is ``CircuitState`` (what the page shows): waiting
 keeper moves it, and only along ``NEXT_STATES``. What the rest of the peer
 does on those moves (announce, take the catalogue, end the downloads'
 waits) it is told through the callbacks it is given.
+
+Rotation (Tor's circuit dirtiness): with a ``lifetime``, a connected
+circuit is replaced after ``lifetime`` seconds (randomised, at most the
+setting): another is built through fresh nodes while the old one still
+serves; once it is connected, new work goes to it and the old one *drains*:
+it still carries what it carried (an upload, a transfer's chunks) and is
+destroyed once ``in_use`` says nothing is left on it, or after
+``MAX_DRAIN``. A keeper that ``retires_idle`` (download circuits) does not
+replace an unused circuit: it closes it, and builds again when asked.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ SUSPECT_AFTER_BUILD = 60.0   # seconds a node of a failed build is avoided
 SUSPECT_AFTER_BREAK = 30.0   # seconds a node of a broken circuit is avoided
 MAX_BACKOFF = 30.0           # seconds between build attempts, at most
 DIRECTORY_SOURCES = 4        # known nodes asked for the directory before the tracker
+MAX_DRAIN = 3600.0           # seconds a replaced circuit may still carry what it carried
+RETRY_ROTATION = 60.0        # seconds before a replacement that failed to build is tried again
+IDLE_CLOSE = 300.0           # seconds an unused circuit of a keeper that retires_idle is kept
 
 
 class CircuitState(enum.Enum):
@@ -63,10 +75,18 @@ class CircuitKeeper:
                  hops: int = 3, rng: random.Random | None = None,
                  first_message: Callable[[], dict],
                  on_connected: Callable[[dict, object], None],
-                 on_broken: Callable[[str], None]):
+                 on_broken: Callable[[Circuit, str], None],
+                 purpose: str = "announcing", lifetime: float = 0.0, retires_idle: bool = False,
+                 avoid_ends: Callable[[], set] = set,
+                 on_rotated: Callable[[Circuit], None] = lambda old: None,
+                 in_use: Callable[[Circuit], bool] = lambda circuit: False):
         """``first_message()`` is the ``ls`` a new circuit carries to the tracker;
         ``on_connected(that message, the tracker's reply)`` runs once a circuit is
-        connected, ``on_broken(why)`` once the connected one broke."""
+        connected, ``on_broken(circuit, why)`` once one of ours (connected or
+        draining) broke. ``lifetime`` (0: never) and ``on_rotated(old circuit)``:
+        rotation, see above; ``in_use(circuit)``: whether something still runs on
+        it. ``avoid_ends()``: hosts our entry and exit should not be (the peer's
+        circuits of other purposes)."""
         self.clock = clock
         self.outbound = outbound
         self.directory = directory
@@ -78,8 +98,20 @@ class CircuitKeeper:
         self.first_message = first_message
         self.on_connected = on_connected
         self.on_broken = on_broken
+        self.purpose = purpose
+        self.lifetime = lifetime
+        self.retires_idle = retires_idle
+        self.avoid_ends = avoid_ends
+        self.on_rotated = on_rotated
+        self.in_use = in_use
 
         self.circuit: Circuit | None = None
+        self.draining: dict[Circuit, float] = {}  # replaced circuits still carrying work -> since
+        self.rotations = 0
+        self.users = 0  # downloads that took this keeper (CircuitPool.for_download)
+        self._rotation = None  # the call that replaces the connected circuit
+        self._replacing = False
+        self._last_used = clock.seconds()
         self._state = WAITING
         self.detail = "starting"
         self.since = clock.seconds()
@@ -109,6 +141,7 @@ class CircuitKeeper:
         self._move(CONNECTED, "connected")
         self.circuit = circuit
         self.since = self.clock.seconds()
+        self._schedule_rotation()
 
     @property
     def directory_path(self) -> str:
@@ -120,8 +153,11 @@ class CircuitKeeper:
     async def stop(self) -> None:
         """No more building; the circuit is destroyed (its destroy may fail: nobody waits)."""
         self.stopped = True
-        circuit, self.circuit = self.circuit, None
-        if circuit is not None:
+        if self._rotation is not None and self._rotation.active():
+            self._rotation.cancel()
+        circuits, self.circuit = self.circuits(), None
+        self.draining.clear()
+        for circuit in circuits:
             try:
                 await circuit.destroy()
             except ProtocolError:
@@ -138,20 +174,10 @@ class CircuitKeeper:
     async def _build_until_connected(self) -> Circuit:
         while not self.stopped:
             self._move(BUILDING, self.detail)
-            nodes, circuit = [], None
             try:
-                nodes, tracker_onion_key = await self._pick_nodes()
-                self.detail = f"building a circuit through {len(nodes)} nodes"
-                circuit = Circuit(self.outbound, nodes, self.tracker, tracker_onion_key=tracker_onion_key,
-                                  tracker_id=await self._tracker_id() if tracker_onion_key else None)
-                announcement = self.first_message()
-                reply = await circuit.build(announcement)
+                circuit, announcement, reply = await self._build_one()
             except (ProtocolError, ValueError) as e:
                 detail = getattr(e, "detail", str(e))
-                for node in nodes:
-                    self._suspect[node.address] = self.clock.seconds() + SUSPECT_AFTER_BUILD
-                if circuit is not None and circuit.built:
-                    self.destroy_quietly(circuit)
                 delay = self._backoff
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF)
                 self._move(WAITING, f"circuit failed ({detail}); retrying in {delay:.0f} s")
@@ -161,11 +187,31 @@ class CircuitKeeper:
             self._backoff = 1.0
             self.circuit = circuit
             self._move(CONNECTED, "connected")
-            self.since = self.clock.seconds()
+            self.since = self._last_used = self.clock.seconds()
+            self._schedule_rotation()
             self.on_connected(announcement, reply)
             self.log.info("circuit connected through {n} nodes", n=len(circuit.hops))
             return circuit
         raise UnknownCircuit("the peer is stopping")
+
+    async def _build_one(self):
+        """One circuit through fresh nodes, carrying ``first_message()``: (circuit, that
+        message, the tracker's reply); a failure makes its nodes suspect and raises."""
+        nodes, circuit = [], None
+        try:
+            nodes, tracker_onion_key = await self._pick_nodes()
+            self.detail = f"building a circuit through {len(nodes)} nodes" if self.circuit is None else self.detail
+            circuit = Circuit(self.outbound, nodes, self.tracker, tracker_onion_key=tracker_onion_key,
+                              tracker_id=await self._tracker_id() if tracker_onion_key else None)
+            announcement = self.first_message()
+            reply = await circuit.build(announcement)
+        except (ProtocolError, ValueError):
+            for node in nodes:
+                self._suspect[node.address] = self.clock.seconds() + SUSPECT_AFTER_BUILD
+            if circuit is not None and circuit.built:
+                self.destroy_quietly(circuit)
+            raise
+        return circuit, announcement, reply
 
     async def _pick_nodes(self):
         directory = await self._fresh_directory()
@@ -174,7 +220,7 @@ class CircuitKeeper:
         if len({n.address.host for n in candidates}) < self.hops:
             candidates = list(directory.nodes.values())  # everyone failed lately: try anyway
         try:
-            return pick_path(candidates, self.hops, self.rng), directory.tracker_onion_key
+            return pick_path(candidates, self.hops, self.rng, self.avoid_ends()), directory.tracker_onion_key
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
@@ -211,27 +257,111 @@ class CircuitKeeper:
 
     async def send(self, message: dict) -> dict | None:
         """A message to the tracker through the circuit; a failure breaks the circuit."""
-        circuit = await self.ready()
+        return await self.send_on(await self.ready(), message)
+
+    async def send_on(self, circuit: Circuit, message: dict) -> dict | None:
+        """A message to the tracker through ``circuit`` (ours: connected or draining);
+        a failure breaks it."""
         try:
             return await circuit.send(message)
         except ProtocolError as e:
             self.broken(circuit, e.detail)
             raise
 
+    def circuits(self) -> list[Circuit]:
+        """Every circuit of this keeper: the connected one, then those draining."""
+        return ([self.circuit] if self.circuit is not None else []) + list(self.draining)
+
+    def owns(self, circuit: Circuit) -> bool:
+        return circuit is self.circuit or circuit in self.draining
+
     def broken(self, circuit: Circuit, why: str) -> None:
-        """A message on ``circuit`` failed: drop it, tell the peer, build another."""
-        if self.circuit is not circuit:
+        """A message on ``circuit`` failed: drop it, tell the peer, build another (for
+        a draining one, nothing is built: it was replaced already)."""
+        if circuit in self.draining:
+            del self.draining[circuit]
+        elif self.circuit is circuit:
+            if not self.stopped:
+                self.log.warn("circuit broken ({why}); building another", why=why)
+            self.circuit = None
+            self._move(WAITING, f"circuit broken ({why}); rebuilding")
+        else:
             return
-        if not self.stopped:
-            self.log.warn("circuit broken ({why}); building another", why=why)
         for hop in circuit.hops:
             self._suspect[hop.address] = self.clock.seconds() + SUSPECT_AFTER_BREAK
-        self.circuit = None
-        self._move(WAITING, f"circuit broken ({why}); rebuilding")
         self.destroy_quietly(circuit)
-        self.on_broken(why)
-        if not self.stopped:
+        self.on_broken(circuit, why)
+        if self.circuit is None and not self.stopped:
             self.ready().addErrback(lambda f: None)
+
+    # --- rotation ---------------------------------------------------------------------------
+
+    def _schedule_rotation(self, delay: float | None = None) -> None:
+        if self._rotation is not None and self._rotation.active():
+            self._rotation.cancel()
+        self._rotation = None
+        if self.lifetime > 0 and not self.stopped:
+            # Randomised, as Tor's: circuits built together are not all replaced together.
+            delay = delay if delay is not None else self.lifetime * self.rng.uniform(0.75, 1.0)
+            self._rotation = self.clock.callLater(delay, self._rotate)
+
+    def _rotate(self) -> None:
+        self._rotation = None
+        old = self.circuit
+        if self.stopped or old is None or self._replacing:
+            return
+        if self.retires_idle and not self.in_use(old) and not self.users:
+            self._close_idle(old, "replaced at its lifetime; built again when a download needs it")
+            return
+        self._replacing = True
+        defer.ensureDeferred(self._replace(old)).addBoth(lambda _: setattr(self, "_replacing", False))
+
+    async def _replace(self, old: Circuit) -> None:
+        try:
+            circuit, announcement, reply = await self._build_one()
+        except (ProtocolError, ValueError) as e:
+            self.log.warn("a replacement circuit failed: {why}; the old one serves on",
+                          why=getattr(e, "detail", str(e)))
+            if self.circuit is old:
+                self._schedule_rotation(RETRY_ROTATION)
+            return
+        if self.stopped or self.circuit is not old:
+            self.destroy_quietly(circuit)  # stopped, or the old one broke and another is built
+            return
+        now = self.clock.seconds()
+        self.circuit, self.since, self._last_used = circuit, now, now
+        self.draining[old] = now
+        self.rotations += 1
+        self.detail = "connected"
+        self.log.info("circuit replaced after its lifetime ({n} draining)", n=len(self.draining))
+        self._schedule_rotation()
+        self.on_connected(announcement, reply)
+        self.on_rotated(old)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Destroy the draining circuits nothing runs on any more (or drained too long);
+        close the connected one when it went unused too long and the keeper retires_idle."""
+        now = self.clock.seconds()
+        for circuit, since in list(self.draining.items()):
+            if not self.in_use(circuit) or now - since > MAX_DRAIN:
+                del self.draining[circuit]
+                self.destroy_quietly(circuit)
+        circuit = self.circuit
+        if circuit is None or not self.retires_idle:
+            return
+        if self.users or self.in_use(circuit):
+            self._last_used = now
+        elif now - self._last_used > IDLE_CLOSE:
+            self._close_idle(circuit, "closed after going unused; built again when a download needs it")
+
+    def _close_idle(self, circuit: Circuit, detail: str) -> None:
+        if self._rotation is not None and self._rotation.active():
+            self._rotation.cancel()
+        self._rotation = None
+        self.circuit = None
+        self._move(WAITING, detail)
+        self.destroy_quietly(circuit)
 
     @staticmethod
     def destroy_quietly(circuit: Circuit) -> None:
@@ -247,6 +377,9 @@ class CircuitKeeper:
                        "protocol": "onion-http/2" if h.speaks_v2 else "onion-http/1"} for h in circuit.hops]
             if circuit else [],
             "age": int(now - self.since) if circuit else None,
+            "purpose": self.purpose,
+            "rotations": self.rotations,
+            "draining": len(self.draining),
             # onion-http/2 when every hop speaks it; sealed: the tracker's messages in a layer of their own.
             **(circuit.info() if circuit else {"protocol": None, "sealed": False}),
         }

@@ -3,8 +3,10 @@ its files, serve the tracker's requests, download what its user asks for.
 
 ``Peer`` is the facade of four parts, each with its own module:
 
-* ``keeper.CircuitKeeper``: one connected circuit, built with retries, rebuilt
-  through other nodes when a message on it fails;
+* ``circuit_pool.CircuitPool``: the peer's circuits by purpose, one to announce
+  and a few for downloads, each a ``keeper.CircuitKeeper`` (built with retries,
+  rebuilt through other nodes when a message on it fails, replaced after
+  ``circuit_lifetime``);
 * ``announcer.Announcer``: the ``ls`` of the shared files, the periodic
   announce and refresh, the tracker's catalogue;
 * ``uploader.Uploader``: the tracker's requests served, the sharer's side;
@@ -24,10 +26,11 @@ from twisted.internet import defer, threads
 
 from onion_twisted.peer.announcer import Announcer
 from onion_twisted.peer.circuit import Circuit
+from onion_twisted.peer.circuit_pool import CircuitPool
 from onion_twisted.peer.downloader import Downloader
 from onion_twisted.peer.downloads import Download
 from onion_twisted.peer.download_store import DownloadStore
-from onion_twisted.peer.keeper import BUILDING, CONNECTED, WAITING, CircuitKeeper, CircuitState
+from onion_twisted.peer.keeper import BUILDING, CONNECTED, WAITING, CircuitState
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.peer.upload_rate import UploadRate
 from onion_twisted.peer.uploader import Uploader
@@ -45,25 +48,29 @@ class Peer:
                  refresh_interval: float = 30.0, announce_interval: float = 300.0,
                  rng: random.Random | None = None, run_in_thread=threads.deferToThread,
                  unsafe_logging: bool = False, max_uploads: int = 16, max_sources: int = 4,
-                 max_upload_rate: int = 0, seed_downloads: bool = True):
+                 max_upload_rate: int = 0, seed_downloads: bool = True, max_circuits: int = 3,
+                 circuit_lifetime: float = 900.0):
         self.clock = clock
         self.outbound = outbound
         self.share = share
         self.data_dir = data_dir
-        # The keeper tells the others of its circuit through these three; they are
-        # the only wires between the parts besides the keeper itself.
-        self.keeper = CircuitKeeper(clock=clock, outbound=outbound, directory=directory, tracker=tracker,
+        # The circuits tell the others of themselves through these callbacks; they are
+        # the only wires between the parts besides the circuits themselves.
+        self.circuits = CircuitPool(clock=clock, outbound=outbound, directory=directory, tracker=tracker,
                                     data_dir=data_dir, bootstrap=bootstrap, hops=hops, rng=rng,
+                                    max_circuits=max_circuits, circuit_lifetime=circuit_lifetime,
                                     first_message=self._first_message, on_connected=self._connected,
-                                    on_broken=self._broken)
+                                    on_download_circuit=self._download_circuit, on_broken=self._broken,
+                                    in_use=self._in_use)
+        self.keeper = self.circuits.announcing
         self.announcer = Announcer(clock=clock, keeper=self.keeper, share=share,
                                    refresh_interval=refresh_interval, announce_interval=announce_interval)
-        self.uploader = Uploader(clock=clock, keeper=self.keeper, share=share, window=window,
+        self.uploader = Uploader(clock=clock, circuits=self.circuits, share=share, window=window,
                                  stall_timeout=stall_timeout, max_uploads=max_uploads,
                                  take_reply=self.announcer.take_catalogue, unsafe_logging=unsafe_logging,
                                  upload_rate=UploadRate(clock, max_upload_rate, burst=chunk_size))
         share.seed_from(store.downloads_dir if seed_downloads else None)
-        self.downloader = Downloader(clock=clock, keeper=self.keeper, store=store, chunk_size=chunk_size,
+        self.downloader = Downloader(clock=clock, circuits=self.circuits, store=store, chunk_size=chunk_size,
                                      max_attempts=max_attempts, stall_timeout=stall_timeout,
                                      run_in_thread=run_in_thread, unsafe_logging=unsafe_logging,
                                      find_root=self._find_root, count_sources=self._count_sources,
@@ -92,8 +99,15 @@ class Peer:
     def _connected(self, announcement: dict, reply) -> None:
         self.announcer.connected(announcement, reply)
 
-    def _broken(self, why: str) -> None:
-        self.downloader.circuit_broken(why)
+    def _download_circuit(self, announcement: dict, reply) -> None:
+        self.announcer.take_catalogue(reply)  # the reply to its empty ls: the catalogue
+
+    def _broken(self, circuit: Circuit, why: str) -> None:
+        self.downloader.circuit_broken(circuit, why)
+
+    def _in_use(self, circuit: Circuit) -> bool:
+        """Whether an upload or a download's transfer still runs on ``circuit``."""
+        return self.uploader.busy_on(circuit) or self.downloader.busy_on(circuit)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -106,7 +120,7 @@ class Peer:
 
     async def stop(self) -> None:
         self.downloader.stop()
-        await self.keeper.stop()
+        await self.circuits.stop()
 
     @property
     def _stopped(self) -> bool:
@@ -120,7 +134,7 @@ class Peer:
 
     def circuit_broken(self, circuit: Circuit, why: str) -> None:
         """A message on ``circuit`` failed: drop it, build another, announce, resume."""
-        self.keeper.broken(circuit, why)
+        self.circuits.broken(circuit, why)
 
     async def send(self, message: dict) -> dict | None:
         """A message to the tracker through the circuit; a failure breaks the circuit."""
@@ -145,7 +159,9 @@ class Peer:
         return await self.announcer.rescan()
 
     async def tick(self) -> None:
-        """Every few seconds: announce or refresh (see ``Announcer.tick``)."""
+        """Every few seconds: announce or refresh (see ``Announcer.tick``); destroy the
+        replaced circuits nothing runs on any more."""
+        self.circuits.sweep()
         await self.announcer.tick()
 
     @property
@@ -168,13 +184,13 @@ class Peer:
 
     async def receive_cell(self, source_ip: str, body: bytes) -> bytes:
         cell = cells.parse_cell(body)
-        circuit = self.keeper.circuit
-        if circuit is None or cell.cid != circuit.cid:
+        circuit = self.circuits.find(cell.cid)
+        if circuit is None:
             raise UnknownCircuit("no circuit of this peer has that CID")
         if source_ip != circuit.entry.ip:
             raise Forbidden("not this circuit's entry node")
         if cell.destroy:
-            self.keeper.broken(circuit, "destroyed by the network")
+            self.circuits.broken(circuit, "destroyed by the network")
             return cells.EMPTY
         message = circuit.open_backward(cell.payload)
         kind = message.get("type")
@@ -234,6 +250,7 @@ class Peer:
         now = self.clock.seconds()
         return {
             "circuit": self.keeper.status(now),
+            "circuits": self.circuits.status(now),
             "shared": self.announcer.shared,
             "catalogue": self.announcer.catalogue,
             "downloads": self.downloader.status(now),

@@ -38,7 +38,8 @@ class PeerService(MemberService):
                          stall_timeout=cfg["stall_timeout"], refresh_interval=cfg["refresh_interval"],
                          announce_interval=cfg["announce_interval"], unsafe_logging=cfg["unsafe_logging"],
                          max_uploads=cfg["max_uploads"], max_sources=cfg["max_sources"],
-                         max_upload_rate=cfg["max_upload_rate"], seed_downloads=cfg["seed_downloads"])
+                         max_upload_rate=cfg["max_upload_rate"], seed_downloads=cfg["seed_downloads"],
+                         max_circuits=cfg["max_circuits"], circuit_lifetime=cfg["circuit_lifetime"])
         self.outbound.pin_for = directory.pin_for
         page = PeerApp(self.peer, ui_allow=cfg["ui_allow"], address=str(self.address), name=cfg["name"]).resource()
         self.listen(page)

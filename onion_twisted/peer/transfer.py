@@ -21,7 +21,7 @@ class Transfer:
     """One request to the tracker and the transfer it brings; see the module's text."""
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
-                 "refused", "chunks", "last_chunk_at", "source_failed")
+                 "refused", "chunks", "last_chunk_at", "source_failed", "circuit")
 
     def __init__(self, claimed: list[int] | None):
         self.claimed = claimed             # chunk indexes asked of this source; None: all that are missing
@@ -37,6 +37,7 @@ class Transfer:
         self.chunks = 0                    # its chunks written
         self.last_chunk_at: float | None = None
         self.source_failed = False         # it ended by its source's doing: lied, went silent, stopped
+        self.circuit = None                # the peer's circuit its request went on (its chunks come back on it)
 
     def matches(self, transfer) -> bool:
         """Whether a chunk or end of ``transfer`` is this one's: its id, or before the reply one it saw."""

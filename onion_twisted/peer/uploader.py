@@ -23,7 +23,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from onion_twisted.peer.circuit import Circuit
-from onion_twisted.peer.keeper import CircuitKeeper
 from onion_twisted.peer.safe_log import log_unexpected
 from onion_twisted.peer.sharing import ShareDirectory
 from onion_twisted.peer.upload_rate import UploadRate
@@ -42,14 +41,15 @@ class TransferRefused(Exception):
 class Uploader:
     log = Logger()
 
-    def __init__(self, *, clock, keeper: CircuitKeeper, share: ShareDirectory, window: int = 8,
+    def __init__(self, *, clock, circuits, share: ShareDirectory, window: int = 8,
                  stall_timeout: float = 60.0, max_uploads: int = 16,
                  take_reply: Callable[[object], None] = lambda reply: None, unsafe_logging: bool = False,
                  upload_rate: UploadRate | None = None):
         """``take_reply`` gets the tracker's reply to the ``list`` that probes a circuit;
-        ``upload_rate``: the cap all uploads share (default: none, bytes only counted)."""
+        ``upload_rate``: the cap all uploads share (default: none, bytes only counted);
+        ``circuits``: the peer's ``CircuitPool`` (a failed circuit is given back to it)."""
         self.clock = clock
-        self.keeper = keeper
+        self.circuits = circuits
         self.share = share
         self.window = window
         self.stall_timeout = stall_timeout
@@ -58,6 +58,7 @@ class Uploader:
         self.unsafe_logging = unsafe_logging
         self.upload_rate = upload_rate if upload_rate is not None else UploadRate(clock, 0)
         self.uploads: dict[str, defer.Deferred] = {}
+        self._circuit_of: dict[str, Circuit] = {}  # transfer -> the circuit its chunks go back on
         self._probing: set[Circuit] = set()
 
     def serve(self, circuit: Circuit, message: dict) -> None:
@@ -71,9 +72,14 @@ class Uploader:
             return
         d = defer.ensureDeferred(self._upload(circuit, transfer, message))
         self.uploads[transfer] = d
+        self._circuit_of[transfer] = circuit
         d.addErrback(lambda f: f.trap(ProtocolError, TransferRefused))  # the circuit is rebuilt already
         d.addErrback(lambda f: log_unexpected(self.log, "an upload failed", f, self.unsafe_logging))
-        d.addBoth(lambda _: self.uploads.pop(transfer, None))
+        d.addBoth(lambda _: (self.uploads.pop(transfer, None), self._circuit_of.pop(transfer, None)))
+
+    def busy_on(self, circuit: Circuit) -> bool:
+        """Whether an upload still sends on ``circuit`` (a replaced circuit drains until not)."""
+        return any(c is circuit for c in self._circuit_of.values())
 
     async def _upload(self, circuit: Circuit, transfer: str, message: dict) -> None:
         end_class = _chunk_size(message)  # the class the transfer_end is padded to
@@ -165,14 +171,14 @@ class Uploader:
             if refusable:
                 self._probe(circuit, e.detail)
             else:
-                self.keeper.broken(circuit, e.detail)
+                self.circuits.broken(circuit, e.detail)
             raise
         if refusable and isinstance(reply, dict) and reply.get("type") == "error":
             raise TransferRefused(str(reply.get("detail") or reply.get("error")))
         return reply
 
     def _probe(self, circuit: Circuit, why: str) -> None:
-        if self.keeper.circuit is not circuit or circuit in self._probing:
+        if not self.circuits.owns(circuit) or circuit in self._probing:
             return
         self._probing.add(circuit)
 
@@ -180,7 +186,7 @@ class Uploader:
             try:
                 self.take_reply(await circuit.send(list_message()))
             except ProtocolError as e:
-                self.keeper.broken(circuit, f"{why}; then {e.detail}")
+                self.circuits.broken(circuit, f"{why}; then {e.detail}")
             finally:
                 self._probing.discard(circuit)
         defer.ensureDeferred(probe())

@@ -107,25 +107,36 @@ def network_of(address: wire.Address) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-def pick_path(entries, count: int, rng) -> list:
+def pick_path(entries, count: int, rng, avoid_ends=()) -> list:
     """``count`` entries at distinct IPs, from distinct networks when the directory has enough.
 
     Hop by hop, as Tor does: each hop is drawn uniformly from the entries whose
     network no earlier hop has. When no such entry is left, the hop is drawn
     from those whose address no earlier hop has: one host (or one DNS name)
     never holds two hops. ValueError when not even that is possible.
+
+    ``avoid_ends``: hosts the entry and the exit are not drawn from when others
+    are left (a peer's circuits of different purposes do not share an entry or an
+    exit); the entry and the exit are then drawn first, the middle hops after.
     """
     entries = list(entries)
-    path, networks, hosts = [], set(), set()
-    for _ in range(count):
+    avoid_ends = set(avoid_ends)
+    order = list(range(count))
+    if avoid_ends and count > 1:
+        order = [0, count - 1] + list(range(1, count - 1))
+    chosen_at, networks, hosts = {}, set(), set()
+    for position in order:
         fresh = [e for e in entries if network_of(e.address) not in networks and e.address.host not in hosts]
         if not fresh:
             fresh = [e for e in entries if e.address.host not in hosts]
         if not fresh:
             raise ValueError(f"the directory lists {len(hosts)} nodes at distinct addresses; "
                              f"a circuit needs {count}")
+        if avoid_ends and position in (0, count - 1):
+            # Distinct networks first (§15), then ends apart, when both cannot be had.
+            fresh = [e for e in fresh if e.address.host not in avoid_ends] or fresh
         chosen = rng.choice(fresh)
-        path.append(chosen)
+        chosen_at[position] = chosen
         networks.add(network_of(chosen.address))
         hosts.add(chosen.address.host)
-    return path
+    return [chosen_at[i] for i in range(count)]

@@ -1,0 +1,127 @@
+"""The peer's circuits, isolated by purpose (issue 16): one to announce, a few for downloads.
+
+The *announcing* circuit carries the peer's ``ls`` and the tracker's
+requests to serve (uploads go back on it). Downloads go over other
+circuits, up to ``max_circuits - 1`` of them, shared by the downloads (each
+download takes the least used; a second circuit is built before a busy one
+is shared), built when a download first needs one and closed when unused.
+The announcing circuit and a download circuit do not share an entry or an
+exit when the directory has nodes enough: an entry that sees both, or an
+exit that sees both, cannot tie the peer's downloads to what it shares.
+A download circuit's first message is an empty ``ls``: the tracker lists
+the peer's files once, under the announcing circuit only.
+
+Each circuit is replaced after ``circuit_lifetime`` (see ``keeper``): new
+work goes to the new one; the old one drains (its uploads and transfers
+run to their end) and is then destroyed. When the announcing circuit is
+replaced, the old one says an empty ``ls`` at once: the tracker stops
+offering it, and counts the files once.
+
+With ``max_circuits = 1`` everything shares one circuit, as before issue 16.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+
+from onion_twisted.peer.circuit import Circuit
+from onion_twisted.peer.keeper import CONNECTED, CircuitKeeper
+from onion_twisted.protocol.messages import ls_message
+
+MAX_CIRCUITS = 8  # the most a peer keeps at once, whatever its setting
+
+
+class CircuitPool:
+    def __init__(self, *, max_circuits: int = 1, circuit_lifetime: float = 0.0,
+                 first_message: Callable[[], dict], on_connected: Callable[[dict, object], None],
+                 on_download_circuit: Callable[[dict, object], None] = lambda message, reply: None,
+                 on_broken: Callable[[Circuit, str], None], in_use: Callable[[Circuit], bool],
+                 **keeper_options):
+        """``keeper_options``: what every ``CircuitKeeper`` is built with (clock, outbound,
+        directory, tracker, data_dir, bootstrap, hops, rng). ``on_download_circuit``: the
+        tracker's reply to a download circuit's empty ``ls`` (its catalogue)."""
+        count = max(1, min(max_circuits, MAX_CIRCUITS))
+        self.announcing = CircuitKeeper(
+            first_message=first_message, on_connected=on_connected, on_broken=on_broken,
+            purpose="announcing", lifetime=circuit_lifetime, avoid_ends=self._download_ends,
+            on_rotated=self._withdraw, in_use=in_use, **keeper_options)
+        self.for_downloads = [CircuitKeeper(
+            first_message=lambda: ls_message([]), on_connected=on_download_circuit, on_broken=on_broken,
+            purpose="download", lifetime=circuit_lifetime, retires_idle=True,
+            avoid_ends=self._announcing_ends, in_use=in_use, **keeper_options) for _ in range(count - 1)]
+
+    @property
+    def keepers(self) -> list[CircuitKeeper]:
+        return [self.announcing] + self.for_downloads
+
+    # --- which circuit --------------------------------------------------------------------
+
+    def for_download(self) -> CircuitKeeper:
+        """The keeper a download's next attempt uses (``release`` it after): the least used
+        download circuit, an unbuilt one before a busy one is shared; the announcing one
+        when the peer keeps a single circuit."""
+        if not self.for_downloads:
+            keeper = self.announcing
+        else:
+            keeper = min(self.for_downloads, key=lambda k: (k.users, k.state is not CONNECTED))
+        keeper.users += 1
+        return keeper
+
+    @staticmethod
+    def release(keeper: CircuitKeeper) -> None:
+        keeper.users = max(0, keeper.users - 1)
+
+    def find(self, cid: str) -> Circuit | None:
+        """The peer's circuit (connected or draining, any purpose) with that CID."""
+        for keeper in self.keepers:
+            for circuit in keeper.circuits():
+                if circuit.cid == cid:
+                    return circuit
+        return None
+
+    def owner(self, circuit: Circuit) -> CircuitKeeper | None:
+        return next((k for k in self.keepers if k.owns(circuit)), None)
+
+    def owns(self, circuit: Circuit) -> bool:
+        return self.owner(circuit) is not None
+
+    def broken(self, circuit: Circuit, why: str) -> None:
+        """A message on ``circuit`` failed: its keeper drops it (and builds another)."""
+        keeper = self.owner(circuit)
+        if keeper is not None:
+            keeper.broken(circuit, why)
+
+    # --- isolation --------------------------------------------------------------------------
+
+    def _announcing_ends(self) -> set:
+        return _ends(self.announcing.circuits())
+
+    def _download_ends(self) -> set:
+        return _ends(c for k in self.for_downloads for c in k.circuits())
+
+    # --- rotation -----------------------------------------------------------------------------
+
+    def _withdraw(self, old: Circuit) -> None:
+        """The replaced announcing circuit lists nothing any more: requests go to the new one."""
+        defer.ensureDeferred(self.announcing.send_on(old, ls_message([]))).addErrback(lambda f: None)
+
+    def sweep(self) -> None:
+        for keeper in self.keepers:
+            keeper.sweep()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        for keeper in self.keepers:
+            await keeper.stop()
+
+    def status(self, now: float) -> list[dict]:
+        """Every circuit the peer keeps now, by purpose."""
+        return [k.status(now) for k in self.keepers if k.circuit is not None or k is self.announcing]
+
+
+def _ends(circuits) -> set:
+    """The hosts of the entries and exits of ``circuits``."""
+    return {host for c in circuits if c.hops for host in (c.hops[0].address.host, c.hops[-1].address.host)}
