@@ -270,10 +270,11 @@ class QuickTrackerRestartTests(_Transfers):
     announces his files on it, and the download resumes.
 
     The restart is placed by an event, not by luck: alice lists once when she connects and
-    then not for an hour, so every list after hers is bob's. The test waits for bob's first
-    list, then has alice download a quarter of the file and kills and restarts the tracker,
-    all before bob's next list ``REFRESH`` seconds later (checked: the tracker counted no
-    other list before the kill)."""
+    then not for an hour, so the next list is bob's. The test waits for bob's first list,
+    then has alice download a quarter of the file and kills and restarts the tracker, all
+    before bob's next list ``REFRESH`` seconds later (checked: less than ``REFRESH`` went by
+    between them; the tracker's count of lists cannot say, since alice's download may probe
+    her circuit with a list when its chunks pause)."""
 
     REFRESH = 30
     bob_options = {"window": 4, "refresh_interval": REFRESH, "max_circuits": 1}
@@ -300,12 +301,13 @@ class QuickTrackerRestartTests(_Transfers):
     async def test_tracker_restarted_before_the_peers_noticed(self):
         reactor = _reactor()
         await self.wait_lists(2, "bob's first list")
+        bob_listed = reactor.seconds()
         await self.download_until_a_quarter()  # by name and sha256: alice's catalogue is older than bob
         before = {name: await self.circuit(name) for name in ("alice", "bob")}
         forward_before = await self.forward_bytes(self.nodes)
         held = (await self.download("alice", NAME))["bytes"]
-        self.assertEqual((await self.tracker_messages()).get("list", 0), 2,
-                         f"bob listed again before the kill: the quarter took longer than {self.REFRESH} s")
+        self.assertLess(reactor.seconds() - bob_listed, self.REFRESH - 1,
+                        f"bob may have listed again before the kill: the quarter took longer than {self.REFRESH} s")
         self.tracker.kill(signal.SIGKILL)
         await self.tracker.wait_exit(10)
         await self.assertStruckMidTransfer(held)

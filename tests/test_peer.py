@@ -321,6 +321,27 @@ class BrokenCircuitTests(PeerNetworkCase):
 
 
     @inline
+    async def test_a_node_lost_mid_transfer_is_noticed_in_seconds_and_the_same_attempt_goes_on(self):
+        net = self.net
+        data, d = await self.partly_downloaded(40 * CHUNK, 8)
+        old = self.alice.circuit
+        bobs = {h.address.ip for h in self.bob.circuit.hops}
+        lost = next((h.address.ip for h in old.hops if h.address.ip not in bobs), None)
+        self.assertIsNotNone(lost, "every node of alice's circuit is in bob's too (the seed decides)")
+        requests_before = len(net.messages_of_type("request"))
+        net.down.add(lost)  # it answers nothing: only a message through it tells alice
+        downed = net.clock.seconds()
+        net.pump(until=lambda: self.alice.circuit is not old, max_steps=5000)
+        self.assertLess(net.clock.seconds() - downed, 3, "alice noticed the lost node by her stall timeout")
+        net.pump(until=finished(d), max_steps=5000)
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertEqual(d.attempts, 1, "the download started a new attempt instead of going on")
+        self.assertTrue(downloaded(net, "big.bin") == data, "the resumed file differs from the shared one")
+        later = [m for _, _, m in net.messages_of_type("request")][requests_before:]
+        self.assertTrue(later and all(m["chunks"][0][0] >= 8 for m in later),
+                        "the request after the loss asked again for chunks alice had")
+
+    @inline
     async def test_a_broken_circuit_asks_again_without_waiting_for_the_stall_timeout(self):
         net = self.net
         data, d = await self.partly_downloaded(40 * CHUNK, 8)

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from onion_twisted.net.directory_client import DirectoryClient
 from onion_twisted.peer.circuit import Circuit
-from onion_twisted.peer.keeper import (BUILDING, CONNECTED, WAITING, CircuitKeeper, CircuitState,
+from onion_twisted.peer.keeper import (BUILDING, CONNECTED, WAITING, CircuitKeeper, CircuitState, QUICK_RETRIES,
                                        IllegalCircuitTransition)
 from onion_twisted.protocol import cells, crypto
 from onion_twisted.protocol.directory import NodeEntry
@@ -230,13 +230,20 @@ class KeeperLifecycleTests(KeeperCase):
         self.assertEqual(len({cells.parse_cell(p.body).cid for p in creates}), 1)
 
     @inline
-    async def test_a_failed_build_waits_then_builds_again(self):
+    async def test_failed_builds_are_retried_at_once_then_after_a_wait(self):
         net, keeper = self.net, self.keeper
         net.down.update(NODE_IPS)
+        started = net.clock.seconds()
         ready = keeper.ready()
-        net.pump(until=lambda: keeper.state is WAITING)
+        net.pump(until=lambda: keeper.state is WAITING and "retrying in 1 s" in keeper.detail)
         self.assertIn("circuit failed", keeper.detail)
-        self.assertIn("retrying in 1 s", keeper.detail)
+        # The first failures were retried at once (the pump moves its clock half a second at a
+        # time when nothing else is due; waits of 1 and 2 s would make 3), each through an entry
+        # not tried before.
+        self.assertLessEqual(net.clock.seconds() - started, 1.0)
+        entries = [p.address for p in self.posts_from_carol() if p.address in NODE_ADDRESSES]
+        self.assertEqual(len(entries), QUICK_RETRIES + 1)
+        self.assertEqual(len(set(entries)), len(entries), entries)
         self.assertIsNone(keeper.circuit)
         net.down.clear()
         circuit = await net.run(ready)

@@ -366,10 +366,13 @@ class BridgeV2Tests(V2TestCase):
 
 
 class ChunkSizeOfTests(unittest.SynchronousTestCase):
-    def test_every_bridged_type_with_a_valid_chunk_size_has_its_class(self):
-        for kind in messages.CHUNK_TYPES:
-            for size in (messages.MIN_CHUNK, 262144, messages.MAX_CHUNK):
-                self.assertEqual(chunk_size_of({"type": kind, "transfer": "t", "chunk_size": size}), size, kind)
+    def test_a_file_chunk_with_a_valid_chunk_size_has_its_class(self):
+        for size in (messages.MIN_CHUNK, 262144, messages.MAX_CHUNK):
+            self.assertEqual(chunk_size_of({"type": "file_chunk", "transfer": "t", "chunk_size": size}), size)
+
+    def test_a_transfer_start_or_end_is_padded_by_its_length_whatever_its_chunk_size(self):
+        for kind in ("transfer_start", "transfer_end"):
+            self.assertIsNone(chunk_size_of({"type": kind, "transfer": "t", "chunk_size": 262144}), kind)
 
     def test_anything_else_is_none(self):
         for size in (True, 262144.0, "262144", None, messages.MIN_CHUNK - 1, messages.MAX_CHUNK + 1, -1):
@@ -426,8 +429,7 @@ class BridgeE2ETests(V2TestCase):
                 if cell.cid == out_cid]
 
     @inline
-    async def test_transfer_start_crosses_the_bridge_both_ways_padded_to_its_chunk_class(self):
-        chunk_layer = 1 + onion2.chunk_class(E2E_CHUNK) + 2 * onion2.OVERHEAD
+    async def test_transfer_start_crosses_the_bridge_both_ways_padded_by_its_length(self):
         ways = ((self.client, self.a, self.client2, self.b, "t-w-to-z"),
                 (self.client2, self.b, self.client, self.a, "t-z-to-w"))
         for requester, r, sharer, s, transfer in ways:
@@ -436,22 +438,22 @@ class BridgeE2ETests(V2TestCase):
             self.assertIsNone(await self.send_object(sharer, s, start))
             self.assertEqual(requester.backward(r)[-1], start, transfer)
             self.assertEqual(len(self.tracker.received), received, "the tracker never sees it")
-            # A transfer_start is far shorter than a chunk, yet the entry sees a chunk's length.
-            self.assertEqual(self.entry_layers(r, before), [chunk_layer], transfer)
+            # A message's class (§14), not a chunk's: the entry sees 1 KiB for this short one.
+            self.assertEqual(self.entry_layers(r, before), [1 + 1024 + 2 * onion2.OVERHEAD], transfer)
             self.assertEqual((r.exit.table.bridge_count, s.exit.table.bridge_count), (1, 1), "the bridge stays")
             await self.send_object(sharer, s, bridged.transfer_end_message(transfer, chunk_size=E2E_CHUNK))
             self.assertEqual((r.exit.table.bridge_count, s.exit.table.bridge_count), (0, 0))
 
     @inline
-    async def test_transfer_end_with_chunk_size_is_padded_to_its_chunk_class(self):
+    async def test_transfer_end_is_padded_by_its_length_with_or_without_chunk_size(self):
         ends = []
-        for chunk_size, padded in ((E2E_CHUNK, onion2.chunk_class(E2E_CHUNK)), (None, onion2.padded_size(100))):
+        for chunk_size, padded in ((E2E_CHUNK, 1024), (None, 1024)):
             transfer = f"t-{chunk_size}"
             await self.bridge(self.a, self.b, transfer)
             ends.append(bridged.transfer_end_message(transfer, chunk_size=chunk_size))
             before = len(self.net.log)
             await self.send_object(self.client2, self.b, ends[-1])
-            # Without chunk_size (a §8 end) it keeps a short message's class: the size pads it.
+            # A message's class either way: an older sharer's chunk_size field changes nothing.
             self.assertEqual(self.entry_layers(self.a, before), [1 + padded + 2 * onion2.OVERHEAD], chunk_size)
             self.assertEqual(self.z.table.bridge_count, 0, "the end closes the bridge")
         self.assertEqual(self.client.backward(self.a)[-2:], ends)  # peeled once: layer counters are not replayed

@@ -65,7 +65,7 @@ class RotationTests(E2ENetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase)
         bob_before = await self.announcing("bob")
 
         await self.ask("alice", file, sha)
-        shared, polls = [], 0
+        shared, polls, errors = [], 0, []
 
         async def done():
             nonlocal polls
@@ -77,6 +77,8 @@ class RotationTests(E2ENetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase)
                 if row["purpose"] == "download" and ends(row) & ends(announcing):
                     shared.append((ends(announcing), ends(row)))
             d = next((d for d in status["downloads"] if d["file"] == file), None)
+            if d is not None and d.get("error") and d["error"] not in errors:
+                errors.append(d["error"])
             if d is not None and d["state"] == "failed":
                 raise self.failureException(f"the download failed: {d['error']}")
             return (d, rows) if d is not None and d["state"] == "done" else None
@@ -85,7 +87,7 @@ class RotationTests(E2ENetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase)
         except AssertionError as e:
             raise self.failureException(f"{e}\n{self.tails('alice', 'bob', 'tracker')}") from None
 
-        self.assertEqual((d["bytes"], d["sha256"], d["attempts"]), (SIZE, sha, 1), d)
+        self.assertEqual((d["bytes"], d["sha256"], d["attempts"]), (SIZE, sha, 1), (d, errors))
         self.assertOnlyFile("alice", file, sha)
         self.assertEqual(shared, [], f"alice's announcing and download circuits shared an end ({polls} polls)")
         alice_announcing = next(r for r in rows if r["purpose"] == "announcing")

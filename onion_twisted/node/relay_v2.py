@@ -30,15 +30,17 @@ def padded_frame(kind: int, body: bytes, chunk_size: int | None = None) -> bytea
 
 
 def chunk_size_of(obj) -> int | None:
-    """The chunk size a bridged object is padded to (§13, §14); None for any other object.
+    """The chunk size a bridged ``file_chunk`` is padded to (§13, §14); None for any other object.
 
-    Every type that crosses a bridge (``file_chunk``, ``transfer_start``,
-    ``transfer_end``) is padded to its transfer's chunk class, so the
-    requester's entry sees one length for all of a transfer's objects. Only
-    a size a transfer may have (16 KiB .. 4 MiB) counts: the object comes
-    from a peer, and a made-up size must not make the exit allocate more.
+    A transfer's chunks, its last short one included, are padded to its chunk
+    class, so the requester's entry sees one length for all of them; its
+    ``transfer_start`` and ``transfer_end`` are messages, padded by their
+    length (docs, section 17.4: a class each would cost two chunks' worth per
+    transfer and hide nothing the flow of chunks does not show). Only a size a
+    transfer may have (16 KiB .. 4 MiB) counts: the object comes from a peer,
+    and a made-up size must not make the exit allocate more.
     """
-    if not isinstance(obj, dict) or obj.get("type") not in messages.CHUNK_TYPES:
+    if not isinstance(obj, dict) or obj.get("type") != messages.FILE_CHUNK:
         return None
     size = obj.get("chunk_size")
     if type(size) is int and messages.MIN_CHUNK <= size <= messages.MAX_CHUNK:

@@ -37,11 +37,11 @@ MAX_FRUITLESS = 3
 class SlotResult:
     """How one slot ended: why, and whether that alone means the file cannot be had now."""
 
-    __slots__ = ("why", "fatal", "progress", "next_source")
+    __slots__ = ("why", "fatal", "progress", "ask_again")
 
-    def __init__(self, why: str, fatal: bool = False, progress: int = 0, next_source: bool = False):
+    def __init__(self, why: str, fatal: bool = False, progress: int = 0, ask_again: bool = False):
         self.why, self.fatal, self.progress = why, fatal, progress
-        self.next_source = next_source  # this source failed, another may not: the slot asks again
+        self.ask_again = ask_again  # the source or the circuit failed, another may not: the slot asks again
 
 
 class Attempt:
@@ -110,8 +110,11 @@ class Attempt:
                     self.refused_on[t.circuit] = self.refused_on.get(t.circuit, 0) + t.refused
             progress += t.chunks
             fruitless = 0 if t.chunks else fruitless + 1
-            if result.next_source and claimed is not None and fruitless < MAX_FRUITLESS:
-                continue  # that source failed (lied, stalled, stopped): the tracker picks another
+            if result.ask_again and fruitless < MAX_FRUITLESS:
+                # That source failed (lied, went silent, stopped; the tracker picks another), or
+                # the circuit did (the keeper builds the next): ask again for what is missing,
+                # from the chunk reached, in the same attempt.
+                continue
             if result.why != "ok" or claimed is None or not t.chunks:
                 # Nobody else to ask, the circuit failed, or it asked for everything: the slot
                 # ends, and what it claimed goes to the others.
@@ -128,7 +131,7 @@ class Attempt:
             reply = await self.keeper.send_on(t.circuit, request)
         except ProtocolError as e:
             self._tracker_answered()
-            return SlotResult(f"circuit failed: {e.detail}")
+            return SlotResult(f"circuit failed: {e.detail}", ask_again=True)
         if isinstance(reply, dict) and reply.get("type") == "transfer" and isinstance(reply.get("transfer"), str):
             t.transfer = reply["transfer"]
         # Only now: the next slot's ``avoid`` names this transfer (its start runs inside this call).
@@ -137,7 +140,7 @@ class Attempt:
             return SlotResult("the tracker gave no answer")
         if reply.get("type") == "error":
             if reply.get("error") == "source_failed":
-                return SlotResult(str(reply.get("detail")), next_source=True)  # the tracker forgot it
+                return SlotResult(str(reply.get("detail")), ask_again=True)  # the tracker forgot it
             return self._refused(reply, request, ask_first)
         if t.transfer is None:
             return SlotResult("the tracker's answer is not a transfer")
@@ -160,9 +163,14 @@ class Attempt:
         downloader.take_orphan_end(d, t)
         if d.chunks is not None and d.chunks.complete:
             t.end("ok")  # nothing was missing (or a zero-byte file)
-        outcome = await t.wait_for_end(downloader.clock, downloader.stall_timeout)
-        # A source that lied, went silent or stopped serving: another may serve the block.
-        return SlotResult(outcome, next_source=outcome != "ok" and t.source_failed)
+        outcome = await t.wait_for_end(downloader.clock, downloader.stall_timeout,
+                                       probe=lambda: self.keeper.probe(t.circuit))
+        # A circuit that broke: the next one may bring the rest. A source that lied, went
+        # silent or stopped serving: another may serve the block, or the same, when it had
+        # brought some (a sharer that refused a request for everything it would refuse again:
+        # the attempt ends, and the next comes after a pause).
+        again = t.circuit_failed or (t.source_failed and (t.claimed is not None or t.chunks > 0))
+        return SlotResult(outcome, ask_again=outcome != "ok" and again)
 
     def _request(self, t: Transfer) -> dict:
         """``t``'s ``request``: on a sealed circuit with a fresh key (§13), in whole pieces,

@@ -93,6 +93,12 @@ class CircuitPool:
         if keeper is not None:
             keeper.broken(circuit, why)
 
+    def probe(self, circuit: Circuit, take_reply=None) -> None:
+        """Whether ``circuit`` still reaches the tracker (``CircuitKeeper.probe``)."""
+        keeper = self.owner(circuit)
+        if keeper is not None:
+            keeper.probe(circuit, take_reply)
+
     # --- isolation --------------------------------------------------------------------------
 
     def _announcing_ends(self) -> set:

@@ -98,7 +98,7 @@ class Downloader:
         # The transfers that came back on that circuit are over. Their slots ask again,
         # on the next circuit, for what is missing (not after stall_timeout).
         for t in self._transfers_on(circuit):
-            t.end(f"circuit broken ({why})")
+            t.end(f"circuit broken ({why})", circuit_failed=True)
 
     def busy_on(self, circuit) -> bool:
         """Whether a transfer still comes back on ``circuit`` (a replaced one drains until not)."""
@@ -184,15 +184,22 @@ class Downloader:
         d.close()
 
     async def _download(self, d: Download) -> None:
-        why = None
-        while d.attempts < self.max_attempts and not self.stopped:
+        # Only attempts that brought nothing count towards max_attempts, and only they make
+        # the next wait: one that ended short with new chunks (its circuit or its sources went
+        # away, as under churn) is followed by the next at once, from the chunk it reached.
+        why, fruitless = None, 0
+        while fruitless < self.max_attempts and not self.stopped:
+            held = d.chunks.have if d.chunks is not None else 0
             why = await self._attempt(d)
             if d.state in (DONE, FAILED):
                 return
-            d.attempt_failed(why, self.max_attempts)
-            await task.deferLater(self.clock, min(2 ** (d.attempts - 1), MAX_PAUSE), lambda: None)
+            gained = d.chunks is not None and d.chunks.have > held
+            fruitless = 0 if gained else fruitless + 1
+            d.attempt_failed(why, fruitless, self.max_attempts)
+            if not gained:
+                await task.deferLater(self.clock, min(2 ** (fruitless - 1), MAX_PAUSE), lambda: None)
         if not self.stopped:
-            d.fail(f"gave up after {d.attempts} attempts: {why}")
+            d.fail(f"gave up after {fruitless} attempts: {why}")
             d.save_record()  # marked failed: a restart shows it, and does not try again by itself
             d.close()
 

@@ -23,7 +23,6 @@ from twisted.internet import defer, threads
 
 from onion_twisted.protocol import e2e, merkle, wire
 from onion_twisted.protocol.chunks import ChunkClaims, ChunkMap
-from onion_twisted.protocol.bridged import SealedChunk
 from onion_twisted.peer.download_state import (DONE, FAILED, QUEUED, TRANSITIONS, BadChunk, DownloadState,
                                                IllegalTransition, SourceLied, SourceStats)
 from onion_twisted.peer.transfer import Transfer
@@ -108,9 +107,9 @@ class Download:
         self._move("restart")
         self.attempts, self.error = 0, None
 
-    def attempt_failed(self, why: str, max_attempts: int) -> None:
-        """An attempt ended short: said on the page while the next one waits."""
-        self.error = f"attempt {self.attempts} of {max_attempts}: {why}"
+    def attempt_failed(self, why: str, fruitless: int, max_attempts: int) -> None:
+        """An attempt ended short (the ``fruitless``-th in a row that brought nothing, or 0)."""
+        self.error = f"attempt {fruitless} of {max_attempts}: {why}" if fruitless else f"going on after: {why}"
 
     # --- this attempt's transfers ------------------------------------------------------
 
@@ -257,12 +256,13 @@ class Download:
             raise BadChunk("data is not base64") from None
         if len(data) != self.chunks.chunk_length(index):
             raise BadChunk("chunk has the wrong length")
+        if t is not None:
+            t.heard(now)  # a copy another source brought first still shows this one is alive
         if index in self.chunks:
             return False
         self.verified = False  # §8: checked only when the file is whole
         if t is not None:
             t.chunks += 1
-            t.last_chunk_at = now
             if isinstance(message.get("transfer"), str):
                 self.source(message["transfer"]).took(len(data), now)
         return self._write(index, data, now)
@@ -287,8 +287,8 @@ class Download:
         self.leaves = leaves
         t.cipher, t.pending_start = cipher, None
 
-    def write_sealed_chunk(self, t: Transfer, chunk: SealedChunk, now: float) -> bool:
-        """Open, check and write one §13 chunk; False for a duplicate.
+    def write_sealed_chunk(self, t: Transfer, chunk, now: float) -> bool:
+        """Open, check and write one §13 chunk (``bridged.SealedChunk``); False for a duplicate.
 
         BadChunk (counted ``refused``) for one whose tag does not check: it was
         altered or forged on the way. SourceLied (counted ``mismatched``) for one
@@ -304,6 +304,7 @@ class Download:
             stats.refused += 1
             t.refused += 1
             raise BadChunk(str(e)) from None
+        t.heard(now)
         index = chunk.chunk_idx
         if (not 0 <= index < self.chunks.count or len(data) != self.chunks.chunk_length(index)
                 or not merkle.chunk_matches(data, index, self.chunk_size, self.leaves)):
@@ -313,7 +314,6 @@ class Download:
             return False
         stats.took(len(data), now)
         t.chunks += 1
-        t.last_chunk_at = now
         return self._write(index, data, now)
 
     def _write(self, index: int, data: bytes, now: float) -> bool:

@@ -37,10 +37,12 @@ from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol import ntor, wire
 from onion_twisted.protocol.directory import pick_path
 from onion_twisted.protocol.errors import BadRequest, ProtocolError, UnknownCircuit
+from onion_twisted.protocol.messages import list_message
 
 SUSPECT_AFTER_BUILD = 60.0   # seconds a node of a failed build is avoided
 SUSPECT_AFTER_BREAK = 30.0   # seconds a node of a broken circuit is avoided
 MAX_BACKOFF = 30.0           # seconds between build attempts, at most
+QUICK_RETRIES = 2            # failed builds in a row retried at once, through other nodes
 DIRECTORY_SOURCES = 4        # known nodes asked for the directory before the tracker
 MAX_DRAIN = 3600.0           # seconds a replaced circuit may still carry what it carried
 RETRY_ROTATION = 60.0        # seconds before a replacement that failed to build is tried again
@@ -117,8 +119,8 @@ class CircuitKeeper:
         self.since = clock.seconds()
         self.stopped = False
         self._build = SharedResult(lambda: defer.ensureDeferred(self._build_until_connected()))
-        self._backoff = 1.0
         self._suspect: dict[wire.Address, float] = {}  # nodes that failed lately -> until
+        self._probing: set[Circuit] = set()  # circuits a probe is under way on
 
     # --- the lifecycle ---------------------------------------------------------------------
 
@@ -172,19 +174,21 @@ class CircuitKeeper:
         return self._build.get()
 
     async def _build_until_connected(self) -> Circuit:
+        failures = 0
         while not self.stopped:
             self._move(BUILDING, self.detail)
             try:
                 circuit, announcement, reply = await self._build_one()
             except (ProtocolError, ValueError) as e:
                 detail = getattr(e, "detail", str(e))
-                delay = self._backoff
-                self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+                failures += 1
+                # Its nodes are suspect now: the next build goes through others at once (a dead node
+                # stays listed until its heartbeats are missed); only repeated failures wait.
+                delay = 0.0 if failures <= QUICK_RETRIES else min(2.0 ** (failures - QUICK_RETRIES - 1), MAX_BACKOFF)
                 self._move(WAITING, f"circuit failed ({detail}); retrying in {delay:.0f} s")
                 self.log.warn("circuit build failed: {why}; retrying in {delay} s", why=detail, delay=delay)
                 await task.deferLater(self.clock, delay, lambda: None)
                 continue
-            self._backoff = 1.0
             self.circuit = circuit
             self._move(CONNECTED, "connected")
             self.since = self._last_used = self.clock.seconds()
@@ -267,6 +271,17 @@ class CircuitKeeper:
         except ProtocolError as e:
             self.broken(circuit, e.detail)
             raise
+
+    def probe(self, circuit: Circuit, take_reply=None) -> None:
+        """A ``list`` on ``circuit`` (one at a time) when what should come back on it does not:
+        a dead node answers nothing, its neighbour's error (502) comes back at once, and the
+        failure breaks the circuit. ``take_reply``: what to do with the tracker's ``files``."""
+        if not self.owns(circuit) or circuit in self._probing:
+            return
+        self._probing.add(circuit)
+        d = defer.ensureDeferred(self.send_on(circuit, list_message()))
+        d.addCallbacks(take_reply or (lambda _: None), lambda f: f.trap(ProtocolError))
+        d.addBoth(lambda _: self._probing.discard(circuit))
 
     def circuits(self) -> list[Circuit]:
         """Every circuit of this keeper: the connected one, then those draining."""

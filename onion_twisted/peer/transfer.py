@@ -15,13 +15,22 @@ from twisted.internet import defer
 from onion_twisted.protocol import e2e
 
 SEEN_TRANSFERS = 16  # transfer ids remembered from chunks that came before the tracker's reply
+#: Seconds without a chunk before the circuit it comes back on is probed: a node that died
+#: answers nothing, so the probe's error (its neighbour's 502) is how the requester learns.
+PROBE_AFTER = 1.0
+#: Once chunks came, a transfer silent for this many of its mean gaps between chunks (at least
+#: MIN_SILENCE seconds, at most stall_timeout) while its circuit answers has lost its source's
+#: side (the sharer's circuit broke, or its exit): the block is asked of another source.
+SILENT_GAPS = 20
+MIN_SILENCE = 5.0
 
 
 class Transfer:
     """One request to the tracker and the transfer it brings; see the module's text."""
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
-                 "refused", "chunks", "last_chunk_at", "source_failed", "circuit")
+                 "refused", "chunks", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
+                 "circuit_failed", "circuit")
 
     def __init__(self, claimed: list[int] | None):
         self.claimed = claimed             # chunk indexes asked of this source; None: all that are missing
@@ -35,8 +44,11 @@ class Transfer:
         self.wake: defer.Deferred | None = None
         self.refused = 0                   # its chunks that did not authenticate
         self.chunks = 0                    # its chunks written
+        self.heard_count = 0               # its chunks that came, copies another source brought first too
+        self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
         self.source_failed = False         # it ended by its source's doing: lied, went silent, stopped
+        self.circuit_failed = False        # it ended because the peer's circuit broke: ask again on the next
         self.circuit = None                # the peer's circuit its request went on (its chunks come back on it)
 
     def matches(self, transfer) -> bool:
@@ -48,24 +60,54 @@ class Transfer:
         if len(self.seen) < SEEN_TRANSFERS:
             self.seen.add(transfer)
 
-    def end(self, outcome: str, source_failed: bool = False) -> None:
+    def heard(self, now: float) -> None:
+        """One of its chunks came (authenticated, when end to end)."""
+        self.heard_count += 1
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        self.last_chunk_at = now
+        if self.wake is not None and not self.wake.called:
+            self.wake.callback(None)  # the wait re-arms its probe and silence timers from now
+
+    def end(self, outcome: str, source_failed: bool = False, circuit_failed: bool = False) -> None:
         """The transfer is over; the first outcome counts. ``source_failed``: by its source's
-        doing, so another source may be asked for what it did not bring."""
+        doing, so another source may be asked for what it did not bring; ``circuit_failed``:
+        the peer's circuit broke, so the same may be asked again on another."""
         if self.outcome is None:
             self.outcome = outcome
             self.source_failed = source_failed
+            self.circuit_failed = circuit_failed
             if self.wake is not None and not self.wake.called:
                 self.wake.callback(None)
 
-    async def wait_for_end(self, clock, stall_timeout: float) -> str:
-        """Until ``end``, or ``stall_timeout`` seconds after its last chunk (or its start)."""
-        started = clock.seconds()
+    def silence_limit(self, stall_timeout: float) -> float:
+        """Seconds without a chunk after which the source is given up: ``stall_timeout``
+        before two chunks came, then SILENT_GAPS of its mean gap (MIN_SILENCE at least)."""
+        if self.heard_count < 2:
+            return stall_timeout
+        gap = (self.last_chunk_at - self.first_chunk_at) / (self.heard_count - 1)
+        return min(stall_timeout, max(MIN_SILENCE, SILENT_GAPS * gap))
+
+    async def wait_for_end(self, clock, stall_timeout: float, probe=None) -> str:
+        """Until ``end``, or ``silence_limit`` seconds after its last chunk (or its start).
+        ``probe()`` is called once PROBE_AFTER seconds pass without a chunk, and again
+        after each chunk that ends such a silence: it checks the circuit (a broken one
+        ends this transfer through the downloader, at once)."""
+        started, probed_at = clock.seconds(), None
         while self.outcome is None:
             since = self.last_chunk_at if self.last_chunk_at is not None else started
-            left = stall_timeout - (clock.seconds() - since)
-            if left <= 0:
-                self.end(f"stalled: no chunk for {stall_timeout:.0f} s", source_failed=True)
+            quiet = clock.seconds() - since
+            limit = self.silence_limit(stall_timeout)
+            if quiet >= limit:
+                self.end(f"stalled: no chunk for {limit:.0f} s", source_failed=True)
                 break
+            if probe is not None and quiet >= PROBE_AFTER and probed_at != since:
+                probed_at = since  # one probe per silence
+                probe()
+                continue
+            left = limit - quiet
+            if probe is not None and probed_at != since:
+                left = min(left, PROBE_AFTER - quiet)
             wake = self.wake = defer.Deferred()
             timer = clock.callLater(left, lambda: wake.called or wake.callback(None))
             await wake

@@ -31,7 +31,7 @@ from onion_twisted.protocol import e2e, merkle
 from onion_twisted.protocol.errors import ProtocolError
 from onion_twisted.protocol.bridged import (file_chunk_message, sealed_chunk_message, transfer_end_message,
                                            transfer_start_message)
-from onion_twisted.protocol.messages import MAX_CHUNK, MessageError, is_transfer_id, list_message, parse_source_request
+from onion_twisted.protocol.messages import MessageError, is_transfer_id, parse_source_request
 
 
 class TransferRefused(Exception):
@@ -59,7 +59,6 @@ class Uploader:
         self.upload_rate = upload_rate if upload_rate is not None else UploadRate(clock, 0)
         self.uploads: dict[str, defer.Deferred] = {}
         self._circuit_of: dict[str, Circuit] = {}  # transfer -> the circuit its chunks go back on
-        self._probing: set[Circuit] = set()
 
     def serve(self, circuit: Circuit, message: dict) -> None:
         transfer = message.get("transfer")
@@ -67,8 +66,7 @@ class Uploader:
             return  # nothing to answer to, or already under way
         if len(self.uploads) >= self.max_uploads:
             busy = transfer_end_message(transfer, "the sharer is busy; ask again later")
-            defer.ensureDeferred(self.send_on(circuit, busy, chunk_size=_chunk_size(message))
-                                 ).addErrback(lambda f: None)
+            defer.ensureDeferred(self.send_on(circuit, busy)).addErrback(lambda f: None)
             return
         d = defer.ensureDeferred(self._upload(circuit, transfer, message))
         self.uploads[transfer] = d
@@ -82,7 +80,6 @@ class Uploader:
         return any(c is circuit for c in self._circuit_of.values())
 
     async def _upload(self, circuit: Circuit, transfer: str, message: dict) -> None:
-        end_class = _chunk_size(message)  # the class the transfer_end is padded to
         try:
             # Checked as strictly as the tracker checks the requester's request.
             request = parse_source_request(message)
@@ -98,14 +95,12 @@ class Uploader:
             try:
                 if request.key is not None:
                     cipher, start = self._start_e2e(request, transfer, producer)
-                    end_class = chunk_size
             except BaseException:
                 producer.stopProducing()
                 raise
         except (MessageError, OSError, ValueError) as e:
             detail = getattr(e, "detail", "cannot open the file")
-            end = transfer_end_message(transfer, detail, chunk_size=end_class if message.get("key") else None)
-            await self.send_on(circuit, end, chunk_size=end_class)
+            await self.send_on(circuit, transfer_end_message(transfer, detail))
             return
         size = producer.size
 
@@ -124,7 +119,10 @@ class Uploader:
             if cipher is not None:
                 # The requester checks the leaf row before it takes any chunk: it goes first.
                 await self.upload_rate.take(len(start))
-                await self.send_on(circuit, start, refusable=True, chunk_size=chunk_size)
+                # Padded by its length, as a message (§14), not to the chunks' class: a
+                # transfer's start and end hide nothing the flow of its chunks shows, and
+                # a chunk's worth of padding each cost 2.8 MiB per transfer (docs, 17.4).
+                await self.send_on(circuit, start, refusable=True)
             await sender.start(producer)
         except TransferRefused as e:
             producer.stopProducing()
@@ -136,8 +134,7 @@ class Uploader:
         except BaseException:
             producer.stopProducing()  # cancelled: the file closed, no waiter left at the upload rate
             raise
-        await self.send_on(circuit, transfer_end_message(transfer, chunk_size=chunk_size if cipher else None),
-                           chunk_size=chunk_size)
+        await self.send_on(circuit, transfer_end_message(transfer))
 
     def _start_e2e(self, request, transfer: str, producer: ChunkProducer):
         """The transfer's cipher and its ``transfer_start`` (§13); MessageError when this
@@ -159,8 +156,8 @@ class Uploader:
 
     async def send_on(self, circuit: Circuit, message: dict | bytes, refusable: bool = False,
                       chunk_size: int | None = None):
-        """``message`` (a ``file_chunk`` or ``transfer_end``: for the bridge) on the circuit
-        the request came on, padded on a /2 exit to the class of ``chunk_size``. A failed
+        """``message`` (for the bridge) on the circuit the request came on; a ``file_chunk``
+        padded on a /2 exit to the class of ``chunk_size``, anything else by its length. A failed
         chunk (``refusable``) may mean only the requester's side is gone: the circuit is
         probed before it is given up; a refused one raises TransferRefused."""
         sending = circuit.send(message, bridged=True, chunk_size=chunk_size)
@@ -169,31 +166,10 @@ class Uploader:
             reply = await sending
         except ProtocolError as e:
             if refusable:
-                self._probe(circuit, e.detail)
+                self.circuits.probe(circuit, self.take_reply)
             else:
                 self.circuits.broken(circuit, e.detail)
             raise
         if refusable and isinstance(reply, dict) and reply.get("type") == "error":
             raise TransferRefused(str(reply.get("detail") or reply.get("error")))
         return reply
-
-    def _probe(self, circuit: Circuit, why: str) -> None:
-        if not self.circuits.owns(circuit) or circuit in self._probing:
-            return
-        self._probing.add(circuit)
-
-        async def probe():
-            try:
-                self.take_reply(await circuit.send(list_message()))
-            except ProtocolError as e:
-                self.circuits.broken(circuit, f"{why}; then {e.detail}")
-            finally:
-                self._probing.discard(circuit)
-        defer.ensureDeferred(probe())
-
-
-def _chunk_size(request: dict) -> int | None:
-    """The request's chunk size when it is one a transfer could use (the padding class of its
-    ``transfer_end``); None otherwise."""
-    size = request.get("chunk_size")
-    return size if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= MAX_CHUNK else None

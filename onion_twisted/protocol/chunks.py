@@ -147,7 +147,7 @@ MAX_BLOCK_BYTES = 32 << 20
 #: Chunks one endgame request asks of a second source.
 ENDGAME_CHUNKS = 2
 #: The fewest chunks one source of several is asked for (unless fewer are left): every
-#: transfer adds a transfer_start and a transfer_end, each as long as a chunk (§14).
+#: transfer costs a request, two controls for its bridge, a transfer_start and a transfer_end.
 MIN_BLOCK_CHUNKS = 16
 
 
