@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, sha256_of, vm
+from common import cpu_seconds, machine, sha256_of, vm
 from scale_net import ScaleNetwork, pss
 from scale_report import render
 from scale_round import MIB, Layout, log, run_round
@@ -59,8 +59,16 @@ OUT = BENCH / "out"
 DEFAULTS = {"nodes": 60, "peers": 30, "downloads": 20, "mib": 16}
 
 
-def idle_costs(net: ScaleNetwork) -> dict:
-    """Each role's RSS and PSS (MiB) with the network up and nothing to do; median per role."""
+def idle_costs(net: ScaleNetwork, window: float = 10.0) -> dict:
+    """Each role's RSS and PSS (MiB) with the network up and nothing to do, median per role, and
+    the cores each role keeps busy doing nothing (registrations, directory fetches, announcements)
+    over ``window`` seconds: what the network's size costs before any byte moves."""
+    pids = {m.process.pid: m.role for m in net.members if m.process.poll() is None}
+    cpu0 = {pid: cpu_seconds(pid) or 0.0 for pid in pids}
+    time.sleep(window)  # a measuring window, not a wait for something to happen
+    idle_cores: dict[str, float] = {}
+    for pid, role in pids.items():
+        idle_cores[role] = idle_cores.get(role, 0.0) + ((cpu_seconds(pid) or 0.0) - cpu0[pid]) / window
     figures: dict[str, dict[str, list]] = {}
     for m in net.members:
         if m.process.poll() is None:
@@ -68,7 +76,8 @@ def idle_costs(net: ScaleNetwork) -> dict:
             role["rss"].append(vm(m.process.pid, "VmRSS") / MIB)
             role["pss"].append(pss(m.process.pid) / MIB)
     costs = {role: {"rss_mib": statistics.median(v["rss"]), "pss_mib": statistics.median(v["pss"]),
-                    "members": len(v["rss"])} for role, v in figures.items()}
+                    "members": len(v["rss"]), "cores": round(idle_cores.get(role, 0.0), 3)}
+             for role, v in figures.items()}
     costs["all"] = {"rss_mib": sum(sum(v["rss"]) for v in figures.values()),
                     "pss_mib": sum(sum(v["pss"]) for v in figures.values()),
                     "members": sum(len(v["rss"]) for v in figures.values())}

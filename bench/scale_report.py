@@ -16,7 +16,7 @@ def _soak(rounds: list[dict]) -> dict:
     builds = [r["circuit_build"] for r in rounds if r["circuit_build"].get("p50_ms") is not None]
     return {"label": f"soak ({len(rounds)} rounds)", "downloads": sum(r["downloads"] for r in rounds),
             "verified": sum(r["verified"] for r in rounds), "lost": sum(r["lost"] for r in rounds),
-            "corrupt": sum(r["corrupt"] for r in rounds),
+            "corrupt": sum(r["corrupt"] for r in rounds), "went_back": sum(r.get("went_back", 0) for r in rounds),
             "time": f"median {_f(statistics.median(times))} s ({_f(min(times))}–{_f(max(times))})" if times else "—",
             "mb_s": statistics.median(r["mb_s"] for r in rounds if r["mb_s"]) if times else None,
             "build": (statistics.median(b["p50_ms"] for b in builds), max(b["p95_ms"] for b in builds),
@@ -36,6 +36,7 @@ def _column(r: dict) -> dict:
     return {"label": r["label"] + (f" (a node killed every {r['churn_interval_s']:g} s)" if r["churn_interval_s"]
                                    else ""),
             "downloads": r["downloads"], "verified": r["verified"], "lost": r["lost"], "corrupt": r["corrupt"],
+            "went_back": r.get("went_back"),
             "time": f"**{_f(r['seconds_to_all_verified'])} s**" if r["seconds_to_all_verified"] is not None
             else f"last verified at {_f(r['seconds_last_verified'])} s",
             "mb_s": r["mb_s"],
@@ -59,6 +60,7 @@ def render(report: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(c) for c in columns) + " |")
 
     row("verified / lost / corrupt", lambda c: f"{c['verified']} / {c['lost']} / {c['corrupt']}")
+    row("downloads whose byte count went back", lambda c: f"{c.get('went_back', '—')}")
     row("time until every download was verified", lambda c: c["time"])
     row("aggregate MB/s", lambda c: f"{_f(c['mb_s'])}")
     row("circuit build under that load, p50 / p95 (builds; failed)",
@@ -88,7 +90,8 @@ def render(report: dict) -> str:
         lines += ["", "Idle, network up, nothing to do (median per role): " + "; ".join(
             f"{role} {v['rss_mib']:.0f} MiB RSS, {v['pss_mib']:.0f} MiB PSS" for role, v in idle.items()
             if role != "all") + f"; all {idle['all']['members']} members {idle['all']['rss_mib'] / 1024:.1f} GiB "
-            f"RSS, {idle['all']['pss_mib'] / 1024:.1f} GiB PSS."]
+            f"RSS, {idle['all']['pss_mib'] / 1024:.1f} GiB PSS. Cores kept busy doing nothing: " + ", ".join(
+                f"{role}s {v['cores']:.2f}" for role, v in idle.items() if "cores" in v) + "."]
     mach = report["machine"]
     start = report.get("startup", {})
     lines += ["", f"Machine: {mach.get('cores')} cores, {mach.get('cpu', '?')}, Python {mach.get('python')}, "

@@ -218,6 +218,8 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
         api(net.page_address(layout.downloaders[k]), "/api/downloads", {"file": name})
     churner = Churn(net, churn, peer_every, layout.idle, began) if churn else None
     pending, results = set(range(len(names))), {}
+    most: dict[int, int] = {}        # file k -> the most bytes its download showed
+    went_back: dict[int, list] = {}  # file k -> [(bytes before, bytes after)]: a download that lost chunks
     progress_at = began + 10
     while pending and time.perf_counter() - began < deadline:
         if churner:
@@ -227,6 +229,10 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
             peer = layout.downloaders[k]
             state = next((d for d in api(net.page_address(peer), "/api/status")["downloads"]
                           if d["file"] == names[k]), None)
+            if state is not None and state["bytes"] < most.get(k, 0):
+                went_back.setdefault(k, []).append((most[k], state["bytes"]))
+            if state is not None:
+                most[k] = max(most.get(k, 0), state["bytes"])
             if state is None or state["state"] not in ("done", "failed"):
                 under_way.append(state)
                 continue
@@ -236,6 +242,7 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
             if state["state"] == "done":
                 row["sha256_ok"] = sha256_of(net.run_dir / peer / "downloads" / names[k]) == shas[k]
             row["seconds"] = time.perf_counter() - began
+            row["went_back"] = went_back.get(k, [])
             results[k] = row
         if time.perf_counter() > progress_at and under_way:
             progress_at += 10
@@ -261,6 +268,7 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
     last = max((r["seconds"] for r in verified), default=None)
     report = {"label": label, "churn_interval_s": churn or None, "downloads": len(rows), "verified": len(verified),
               "lost": len(lost), "corrupt": len(corrupt), "listed_s": listed_s,
+              "went_back": sum(1 for k in went_back),
               "seconds_to_all_verified": last if not lost and not corrupt else None,
               "seconds_last_verified": last, "round_s": seconds,
               "mb_s": sum(r["size"] for r in verified) / last / 1e6 if verified else None,
