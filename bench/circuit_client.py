@@ -12,6 +12,13 @@ object on stdout. From its own address (``--bind``), like a peer:
   the other and times each (the tracker's ``files`` reply comes back through
   the three layers).
 
+With ``--until FILE`` (``bench/scale.py``, under load and churn) it builds
+instead until FILE exists, ``--pause`` seconds apart, fetching the
+directory again before each build (not timed) so that nodes which left
+drop out of its picks as they drop out of a peer's; a build that fails
+(a node picked had died since the directory was signed) is counted in
+``failed`` with its reason, not timed, and does not stop the run.
+
 Every exchange goes through ``onion_twisted.peer.circuit.Circuit`` and
 ``HTTPOutbound``: the code a peer runs, with a persistent connection pool
 bound to ``--bind`` (PROTOCOL.md §1). The first build warms the pool.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -40,30 +48,54 @@ async def measure(reactor, args) -> dict:
     tracker = wire.parse_address(args.tracker)
     status, headers, body = await outbound.get(tracker, "/identity")
     tracker_key = crypto.load_tracker_public_b64(wire.loads_object(body)["public_key"])
-    status, headers, body = await outbound.get(tracker, "/nodes")
-    signature = headers.getRawHeaders(SIGNATURE_HEADER, [b""])[0]
-    directory = parse_signed_directory(body, signature, tracker_key, tracker.port)
+    directory = None
+
+    async def fetch_directory():
+        nonlocal directory
+        status, headers, body = await outbound.get(tracker, "/nodes")
+        signature = headers.getRawHeaders(SIGNATURE_HEADER, [b""])[0]
+        directory = parse_signed_directory(body, signature, tracker_key, tracker.port)
+
+    await fetch_directory()
     # As a peer does: nodes pinned by their directory fingerprint, the tracker by its key.
     tracker_pin = spki_fingerprint(tracker_key)
     outbound.pin_for = lambda a: tracker_pin if a == tracker else getattr(directory.nodes.get(a), "fingerprint", None)
-    nodes = list(directory.nodes.values())
     # As the peer's keeper does: the tracker sealed as the fourth hop when the directory
     # carries its onion key and the exit speaks /2 (§12).
-    tracker_onion_key = directory.tracker_onion_key
-    tracker_id = ntor.member_id(tracker_key) if tracker_onion_key else None
+    tracker_id = ntor.member_id(tracker_key) if directory.tracker_onion_key else None
     rng = random.Random(args.seed)
     first = {"type": "ls", "files": []}
 
     async def build() -> tuple[Circuit, float]:
-        circuit = Circuit(outbound, rng.sample(nodes, args.hops), tracker, tracker_onion_key=tracker_onion_key,
-                          tracker_id=tracker_id)
+        circuit = Circuit(outbound, rng.sample(list(directory.nodes.values()), args.hops), tracker,
+                          tracker_onion_key=directory.tracker_onion_key, tracker_id=tracker_id)
         started = time.perf_counter()
         await circuit.build(first)
         return circuit, time.perf_counter() - started
 
-    circuit, _ = await build()  # warm-up: connections opened, code paths run once
+    for attempt in range(5):  # warm-up: connections opened, code paths run once
+        try:
+            circuit, _ = await build()
+            break
+        except Exception:  # noqa: BLE001 - under churn a node listed may have died: pick again
+            if attempt == 4 or not args.until:
+                raise
+            await fetch_directory()
     await circuit.destroy()
-    builds = []
+    builds, failed = [], []
+    if args.until:
+        while not os.path.exists(args.until):
+            await fetch_directory()
+            try:
+                circuit, seconds = await build()
+            except Exception as e:  # noqa: BLE001 - a node picked died: counted, not timed
+                failed.append(f"{type(e).__name__}: {e}"[:200])
+            else:
+                builds.append(seconds)
+                await circuit.destroy()
+            await task.deferLater(reactor, args.pause, lambda: None)
+        await outbound.close()
+        return {"nodes": len(directory.nodes), "build_s": builds, "failed": failed, "list_s": []}
     for _ in range(args.builds):
         circuit, seconds = await build()
         builds.append(seconds)
@@ -78,7 +110,7 @@ async def measure(reactor, args) -> dict:
             raise RuntimeError(f"list answered {reply!r}")
     await circuit.destroy()
     await outbound.close()
-    return {"nodes": len(nodes), "build_s": builds, "list_s": round_trips, "protocol": circuit.protocol,
+    return {"nodes": len(directory.nodes), "build_s": builds, "list_s": round_trips, "protocol": circuit.protocol,
             "sealed": tracker_id is not None and circuit.hops[-1].speaks_v2}
 
 
@@ -91,6 +123,8 @@ def main() -> None:
     parser.add_argument("--hops", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tls", action="store_true", help="the network speaks TLS (its default)")
+    parser.add_argument("--until", default=None, help="build until this file exists (then no round trips)")
+    parser.add_argument("--pause", type=float, default=0.2, help="with --until: seconds between builds")
     args = parser.parse_args()
 
     async def run(reactor):
