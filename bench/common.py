@@ -157,6 +157,16 @@ def pick_addresses(hosts, port: int = 0) -> tuple[list[str], int]:
 # --- HTTP -------------------------------------------------------------------------------
 
 
+def machine_busy() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (/proc/stat; steal left out)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return (sum(fields[:7]) - fields[3] - fields[4]) / CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def vm(pid: int, field: str) -> int:
     """A /proc/PID/status memory field (VmRSS, VmHWM, ...) in bytes; 0 if absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -273,6 +283,12 @@ def serve(make_root, listen: str, port: int) -> int:
 
 
 # --- statistics -------------------------------------------------------------------------
+
+
+def percentile(values, q: float) -> float:
+    """The value at fraction ``q`` of the sorted values (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def median_or_none(values):

@@ -48,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import cpu_seconds, machine, peer_api as api, sha256_of, vm
+from common import cpu_seconds, machine, peer_api as api, percentile, sha256_of, vm
 from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -59,11 +59,6 @@ MIB = 1024 * 1024
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def percentile(values, q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 

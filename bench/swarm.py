@@ -67,7 +67,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import CLK_TCK, cpu_seconds, machine, peer_api as api, sha256_of
+from common import cpu_seconds, machine, machine_busy, peer_api as api, sha256_of
 from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -122,16 +122,6 @@ def counters(net: LocalNetwork) -> dict:
                     if name == prefix or (name.startswith(prefix + "{") and "{" not in prefix):
                         totals[key] += float(value)
     return totals
-
-
-def machine_busy() -> float | None:
-    """CPU seconds the whole machine spent busy since boot (/proc/stat; steal left out)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return (sum(fields[:7]) - fields[3] - fields[4]) / CLK_TCK
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def ours(pids: dict) -> float:
