@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script of scripts/, which installs what it needs.
-.PHONY: demo test bench bench-quick
+.PHONY: demo test bench bench-quick bench-tor
 
 demo:
 	./scripts/demo
@@ -12,3 +12,6 @@ bench:
 
 bench-quick:
 	./scripts/bench --quick
+
+bench-tor:
+	./scripts/bench-tor
