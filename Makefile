@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script of scripts/, which installs what it needs.
-.PHONY: demo test bench bench-quick bench-scale
+.PHONY: demo test bench bench-quick bench-scale bench-tor
 
 demo:
 	./scripts/demo
@@ -15,3 +15,6 @@ bench-quick:
 
 bench-scale:
 	./scripts/bench --scale
+
+bench-tor:
+	./scripts/bench-tor
