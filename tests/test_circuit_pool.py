@@ -68,15 +68,7 @@ class PoolCase(unittest.TestCase):
 
     def tracker_key(self, circuit):
         """(exit IP, CID) under which the tracker knows ``circuit``, followed through the nodes."""
-        ip, cid = circuit.entry.ip, circuit.cid
-        for _ in range(10):
-            c = self.net.nodes[ip].table.by_in.get(cid)
-            if c is None or c.out_cid is None:
-                return None
-            if c.out_kind == "exit":
-                return (ip, c.out_cid)
-            ip, cid = c.out_addr.ip, c.out_cid
-        return None
+        return self.net.tracker_key_of_circuit(circuit)
 
     def held_anywhere(self, circuit) -> bool:
         return any(circuit.cid in self.net.nodes[ip].table.by_in for ip in NODE_IPS)

@@ -218,6 +218,23 @@ class DownloadTests(PeerNetworkCase):
         self.assertEqual(len(net.messages_of_type("request")), 1)
 
     @inline
+    async def test_a_listed_file_whose_sharer_is_between_circuits_is_asked_again(self):
+        net = self.net
+        data = await self.bob_shares_and_start("churned.bin", 3 * CHUNK)
+        await net.run(self.alice.tick())  # her catalogue lists bob's file
+        self.assertIn("churned.bin", [r["name"] for r in self.alice.catalogue])
+        # Bob's circuit is forgotten (a node of it died), and he has not announced again yet.
+        self.assertTrue(net.tracker.catalogue.forget(net.tracker_key_of(self.bob)))
+        d = self.alice.download("churned.bin")
+        net.pump(until=lambda: d.error is not None)
+        self.assertNotEqual(d.state, FAILED, "a file the catalogue lists was given up at once")
+        self.assertIn("nobody shares this file", d.error)
+        self.bob.circuit_broken(self.bob.circuit, "test: its node died")  # he builds anew and announces
+        net.pump(until=finished(d), max_steps=5000)
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertTrue(downloaded(net, "churned.bin") == data)
+
+    @inline
     async def test_a_file_only_this_peer_shares_fails_at_once(self):
         net = self.net
         net.write_share(ALICE_IP, "mine.bin", b"alice's own bytes")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from onion_twisted.peer.transfer import MIN_SILENCE, PROBE_AFTER, SILENT_GAPS, Transfer
+from onion_twisted.peer.transfer import FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, SILENT_GAPS, Transfer
 
 STALL = 60.0
 
@@ -37,8 +37,21 @@ class WatchTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.probes), 2)
         self.assertNoResult(self.waiting)
 
-    def test_before_two_chunks_the_source_has_the_whole_stall_timeout(self):
-        self.clock.advance(STALL - 1)
+    def test_a_sharer_that_never_answers_is_given_up_after_the_first_silence(self):
+        self.clock.advance(FIRST_SILENCE - 0.5)
+        self.assertNoResult(self.waiting)
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.waiting), f"stalled: no chunk for {FIRST_SILENCE:.0f} s")
+        self.assertTrue(self.t.source_failed)
+
+    def test_a_block_whose_sharer_answered_has_the_first_silence_too(self):
+        block = Transfer([0, 1, 2])
+        block.answered = True
+        self.assertEqual(block.silence_limit(STALL), FIRST_SILENCE)
+
+    def test_once_the_sharer_of_everything_answered_its_first_chunks_have_half_the_stall_timeout(self):
+        self.t.answered = True  # its transfer_start came
+        self.clock.advance(STALL / 2 - 1)
         self.assertNoResult(self.waiting)
         self.clock.advance(2)
         self.assertTrue(self.successResultOf(self.waiting).startswith("stalled"))

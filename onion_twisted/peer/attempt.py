@@ -202,6 +202,8 @@ class Attempt:
             # Every source left sent data that does not match the file: another may come.
             return SlotResult("every source of this file sent data that does not match it; waiting for another")
         why = "nobody shares this file" if reply.get("error") == "not_found" else "only this peer shares this file"
-        # Part of the file on disk means someone shared it: its sharer may be rebuilding
-        # its circuit (our own restart breaks it). Then it is asked again later.
-        return SlotResult(why, fatal=not (d.chunks is not None and d.chunks.have))
+        # Part of the file on disk means someone shared it, and so does a catalogue that still
+        # lists a source: its sharer may be between circuits (a node of its circuit died, or it
+        # restarted). Then it is asked again later.
+        listed = reply.get("error") == "not_found" and self.downloader.count_sources(d.name, d.sha256, d.root)
+        return SlotResult(why, fatal=not (d.chunks is not None and d.chunks.have) and not listed)

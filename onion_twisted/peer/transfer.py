@@ -23,13 +23,18 @@ PROBE_AFTER = 1.0
 #: side (the sharer's circuit broke, or its exit): the block is asked of another source.
 SILENT_GAPS = 20
 MIN_SILENCE = 5.0
+#: Before the sharer answered at all (its transfer_start, or a chunk), at most this: a sharer
+#: whose circuit broke between the tracker's request and its first chunk never answers, and
+#: a live one answers within a few round trips, even under load (its start is not held by
+#: its upload cap for more than its own few kilobytes).
+FIRST_SILENCE = 20.0
 
 
 class Transfer:
     """One request to the tracker and the transfer it brings; see the module's text."""
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
-                 "refused", "chunks", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
+                 "refused", "chunks", "answered", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
                  "circuit_failed", "circuit")
 
     def __init__(self, claimed: list[int] | None):
@@ -44,6 +49,7 @@ class Transfer:
         self.wake: defer.Deferred | None = None
         self.refused = 0                   # its chunks that did not authenticate
         self.chunks = 0                    # its chunks written
+        self.answered = False              # its sharer answered: an authenticated transfer_start or a chunk
         self.heard_count = 0               # its chunks that came, copies another source brought first too
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
@@ -62,6 +68,7 @@ class Transfer:
 
     def heard(self, now: float) -> None:
         """One of its chunks came (authenticated, when end to end)."""
+        self.answered = True
         self.heard_count += 1
         if self.first_chunk_at is None:
             self.first_chunk_at = now
@@ -81,10 +88,16 @@ class Transfer:
                 self.wake.callback(None)
 
     def silence_limit(self, stall_timeout: float) -> float:
-        """Seconds without a chunk after which the source is given up: ``stall_timeout``
-        before two chunks came, then SILENT_GAPS of its mean gap (MIN_SILENCE at least)."""
+        """Seconds without a chunk after which the source is given up: until two chunks came,
+        FIRST_SILENCE (or, for a transfer of everything whose sharer answered, half
+        ``stall_timeout``: a capped sharer's first chunk may be slow), then SILENT_GAPS of its mean gap
+        (MIN_SILENCE at least); never more than ``stall_timeout``."""
         if self.heard_count < 2:
-            return stall_timeout
+            # A block of several sources' download goes to another source: FIRST_SILENCE. A
+            # sole source asked for everything that answered gets half the stall timeout for
+            # its first chunks: its upload cap may be low (under churn, its circuit may be gone).
+            patient = self.answered and self.claimed is None
+            return stall_timeout / 2 if patient else min(stall_timeout, FIRST_SILENCE)
         gap = (self.last_chunk_at - self.first_chunk_at) / (self.heard_count - 1)
         return min(stall_timeout, max(MIN_SILENCE, SILENT_GAPS * gap))
 

@@ -353,9 +353,10 @@ class Network(InMemoryWorld):
 
         Followed through the nodes' relay tables from the peer's entry node.
         """
-        circuit = peer.circuit
-        if circuit is None:
-            return None
+        return None if peer.circuit is None else self.tracker_key_of_circuit(peer.circuit)
+
+    def tracker_key_of_circuit(self, circuit):
+        """(exit IP, CID) under which the tracker knows ``circuit``, or None."""
         ip, cid = circuit.entry.ip, circuit.cid
         for _ in range(10):
             node = self.nodes.get(ip)
