@@ -148,3 +148,30 @@ class PathChoiceTests(unittest.SynchronousTestCase):
             self.assertEqual(len({e.address.host for e in path}), 3)
             seen.update(e.address.host for e in path)
         self.assertEqual(len(seen), 6)  # every node is used: none is held back by its /16
+
+
+class UsableNodesTests(unittest.SynchronousTestCase):
+    """usable_nodes: nodes that failed lately are left out, unless keeping them out would put a
+    circuit's ends on the peer's other circuits' ends, or leave too few for a path."""
+
+    def setUp(self):
+        from onion_twisted.protocol.directory import NodeEntry
+        self.nodes = [NodeEntry(wire.parse_address(f"127.0.0.{11 + i}", 5000), "", str(i)) for i in range(6)]
+        self.hosts = [n.address.host for n in self.nodes]
+
+    def usable(self, failed, avoid=()):
+        from onion_twisted.protocol.directory import usable_nodes
+        got = usable_nodes(self.nodes, 3, {self.nodes[i].address for i in failed}, {self.hosts[i] for i in avoid})
+        return sorted(self.nodes.index(n) for n in got)
+
+    def test_nodes_that_failed_lately_are_left_out_while_others_make_a_path(self):
+        self.assertEqual(self.usable(failed=[0, 1]), [2, 3, 4, 5])
+        self.assertEqual(self.usable(failed=[0, 1], avoid=[2, 3]), [2, 3, 4, 5])  # 4 and 5 make the ends
+
+    def test_ends_apart_come_before_a_recent_failure(self):
+        # Left with 3, 4, 5 (all ends of other circuits but 5), the failed 0 and 1 are tried
+        # again; the failed 2, an end of another circuit, is not.
+        self.assertEqual(self.usable(failed=[0, 1, 2], avoid=[2, 3, 4]), [0, 1, 3, 4, 5])
+
+    def test_everyone_when_too_few_are_left(self):
+        self.assertEqual(self.usable(failed=[0, 1, 2, 3, 4]), [0, 1, 2, 3, 4, 5])

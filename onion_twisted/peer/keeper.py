@@ -1,7 +1,7 @@
 """The peer's circuit keeper (PROTOCOL.md §5, §6, §9): one connected circuit of one purpose.
 
 The keeper builds a circuit through nodes picked from a fresh directory,
-retrying with a growing delay; every caller that needs the circuit while a
+retrying through other nodes at once, then with a growing delay; every caller that needs the circuit while a
 build runs shares that one build. When a message on the circuit fails
 (502, 504, refused) the circuit is destroyed, its nodes are avoided a while
 and another is built through other nodes.
@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from onion_twisted.net.results import SharedResult
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol import ntor, wire
-from onion_twisted.protocol.directory import pick_path
+from onion_twisted.protocol.directory import pick_path, usable_nodes
 from onion_twisted.protocol.errors import BadRequest, ProtocolError, UnknownCircuit
 from onion_twisted.protocol.messages import list_message
 
@@ -219,12 +219,11 @@ class CircuitKeeper:
 
     async def _pick_nodes(self):
         directory = await self._fresh_directory()
-        now = self.clock.seconds()
-        candidates = [n for n in directory.nodes.values() if self._suspect.get(n.address, 0) <= now]
-        if len({n.address.host for n in candidates}) < self.hops:
-            candidates = list(directory.nodes.values())  # everyone failed lately: try anyway
+        now, avoid = self.clock.seconds(), self.avoid_ends()
+        failed_lately = {address for address, until in self._suspect.items() if until > now}
+        candidates = usable_nodes(directory.nodes.values(), self.hops, failed_lately, avoid)
         try:
-            return pick_path(candidates, self.hops, self.rng, self.avoid_ends()), directory.tracker_onion_key
+            return pick_path(candidates, self.hops, self.rng, avoid), directory.tracker_onion_key
         except ValueError as e:
             raise BadRequest(str(e)) from None
 

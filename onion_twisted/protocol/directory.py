@@ -107,6 +107,21 @@ def network_of(address: wire.Address) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
+def usable_nodes(entries, count: int, avoided=(), avoid_ends=()) -> list:
+    """The entries a path of ``count`` is drawn from (``pick_path``): those whose address
+    is not ``avoided`` (nodes that failed lately) while they make such a path with both ends
+    apart from ``avoid_ends``; else those too whose host is not in ``avoid_ends`` (a peer's
+    circuits kept apart come before a node's recent failure); else every entry."""
+    entries, avoid_ends = list(entries), set(avoid_ends)
+    tiers = ([e for e in entries if e.address not in avoided],
+             [e for e in entries if e.address not in avoided or e.address.host not in avoid_ends])
+    for tier in tiers:
+        hosts = {e.address.host for e in tier}
+        if len(hosts) >= count and (not avoid_ends or len(hosts - avoid_ends) >= min(2, count)):
+            return tier
+    return entries
+
+
 def pick_path(entries, count: int, rng, avoid_ends=()) -> list:
     """``count`` entries at distinct IPs, from distinct networks when the directory has enough.
 
