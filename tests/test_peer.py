@@ -235,6 +235,19 @@ class DownloadTests(PeerNetworkCase):
         self.assertTrue(downloaded(net, "churned.bin") == data)
 
     @inline
+    async def test_a_file_listed_when_asked_for_is_asked_again_after_the_catalogue_lost_it(self):
+        net = self.net
+        await self.bob_shares_and_start("churned.bin", 3 * CHUNK)
+        await net.run(self.alice.tick())
+        self.assertTrue(net.tracker.catalogue.forget(net.tracker_key_of(self.bob)))
+        d = self.alice.download("churned.bin")
+        self.assertIsNotNone(d.root, "the catalogue's root was not taken")
+        # A refresh since (a list, a new circuit's ls) no longer lists it: bob is between circuits.
+        self.patch(self.alice.downloader, "count_sources", lambda name, sha256, root: 0)
+        net.pump(until=lambda: d.error is not None)
+        self.assertNotEqual(d.state, FAILED, "a file listed when it was asked for was given up at once")
+
+    @inline
     async def test_a_file_only_this_peer_shares_fails_at_once(self):
         net = self.net
         net.write_share(ALICE_IP, "mine.bin", b"alice's own bytes")

@@ -202,8 +202,9 @@ class Attempt:
             # Every source left sent data that does not match the file: another may come.
             return SlotResult("every source of this file sent data that does not match it; waiting for another")
         why = "nobody shares this file" if reply.get("error") == "not_found" else "only this peer shares this file"
-        # Part of the file on disk means someone shared it, and so does a catalogue that still
-        # lists a source: its sharer may be between circuits (a node of its circuit died, or it
-        # restarted). Then it is asked again later.
-        listed = reply.get("error") == "not_found" and self.downloader.count_sources(d.name, d.sha256, d.root)
+        # Part of the file on disk means someone shared it, and so does a catalogue that listed
+        # it (the root it gave, or a source still listed): its sharer may be between circuits (a
+        # node of its circuit died, or it restarted). Then it is asked again later.
+        listed = reply.get("error") == "not_found" and (
+            d.root is not None or self.downloader.count_sources(d.name, d.sha256, d.root))
         return SlotResult(why, fatal=not (d.chunks is not None and d.chunks.have) and not listed)
