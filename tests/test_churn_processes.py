@@ -78,11 +78,12 @@ class ChurnTests(FaultNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
         return [n for n in self.nodes if n.running]
 
     async def circuit_nodes(self) -> list[Member]:
-        """The live nodes some peer's circuit goes through now (all live nodes if none is known)."""
+        """The live nodes some peer's circuits (announcing or downloads) go through now (all
+        live nodes if none is known)."""
         on_circuits = set()
         for name in self.peers:
             try:
-                on_circuits.update(await self.circuit(name) or [])
+                on_circuits.update(await self.all_circuits(name))
             except Exception:  # noqa: BLE001 - a peer between circuits answers later
                 continue
         return [n for n in self.live_nodes() if str(n.address) in on_circuits] or self.live_nodes()

@@ -171,6 +171,11 @@ class FaultNetwork:
             return None
         return [n["address"] for n in circuit["nodes"]]
 
+    async def all_circuits(self, name: str) -> set[str]:
+        """The node addresses of every circuit ``name`` keeps now (announcing and downloads)."""
+        rows = (await self.status(name)).get("circuits") or []
+        return {n["address"] for row in rows for n in row.get("nodes") or []}
+
     async def wait_connected(self, name: str, timeout: float = 30) -> list[str]:
         try:
             return await poll_until(lambda: self.circuit(name), timeout=timeout, what=f"{name}'s circuit",
