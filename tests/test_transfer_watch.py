@@ -46,11 +46,11 @@ class WatchTests(unittest.SynchronousTestCase):
 
     def test_a_block_whose_sharer_answered_has_the_first_silence_too(self):
         block = Transfer([0, 1, 2])
-        block.answered = True
+        block.cipher = object()  # its transfer_start opened
         self.assertEqual(block.silence_limit(STALL), FIRST_SILENCE)
 
     def test_once_the_sharer_of_everything_answered_its_first_chunks_have_half_the_stall_timeout(self):
-        self.t.answered = True  # its transfer_start came
+        self.t.cipher = object()  # its transfer_start opened
         self.clock.advance(STALL / 2 - 1)
         self.assertNoResult(self.waiting)
         self.clock.advance(2)

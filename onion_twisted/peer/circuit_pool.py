@@ -84,9 +84,6 @@ class CircuitPool:
     def owner(self, circuit: Circuit) -> CircuitKeeper | None:
         return next((k for k in self.keepers if k.owns(circuit)), None)
 
-    def owns(self, circuit: Circuit) -> bool:
-        return self.owner(circuit) is not None
-
     def broken(self, circuit: Circuit, why: str) -> None:
         """A message on ``circuit`` failed: its keeper drops it (and builds another)."""
         keeper = self.owner(circuit)

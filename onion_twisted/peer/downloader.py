@@ -313,7 +313,6 @@ class Downloader:
                 except (e2e.ChunkRefused, e2e.TransferKeyError):
                     continue  # not this transfer (or forged)
                 t.transfer = start.transfer  # only the holder of t's key could have sealed it
-                t.answered = True
                 self.check_start(d, t, cipher, leaves, start.chunk_size)
                 return
 

@@ -34,7 +34,7 @@ class Transfer:
     """One request to the tracker and the transfer it brings; see the module's text."""
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
-                 "refused", "chunks", "answered", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
+                 "refused", "chunks", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
                  "circuit_failed", "circuit")
 
     def __init__(self, claimed: list[int] | None):
@@ -49,7 +49,6 @@ class Transfer:
         self.wake: defer.Deferred | None = None
         self.refused = 0                   # its chunks that did not authenticate
         self.chunks = 0                    # its chunks written
-        self.answered = False              # its sharer answered: an authenticated transfer_start or a chunk
         self.heard_count = 0               # its chunks that came, copies another source brought first too
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
@@ -66,9 +65,13 @@ class Transfer:
         if len(self.seen) < SEEN_TRANSFERS:
             self.seen.add(transfer)
 
+    @property
+    def answered(self) -> bool:
+        """Whether its sharer answered: a chunk came, or its transfer_start opened (§13)."""
+        return self.heard_count > 0 or self.cipher is not None or self.pending_start is not None
+
     def heard(self, now: float) -> None:
         """One of its chunks came (authenticated, when end to end)."""
-        self.answered = True
         self.heard_count += 1
         if self.first_chunk_at is None:
             self.first_chunk_at = now
