@@ -64,6 +64,12 @@ def machine(*optional: str, openssl: bool = False) -> dict:
     return info
 
 
+def member_options(pairs: list[str]) -> dict:
+    """``--peer-option KEY=VALUE`` arguments as LocalNetwork's ``extra``: true/false are switches."""
+    switches = {"true": True, "false": False}
+    return {key: switches.get(value.lower(), value) for key, value in (pair.split("=", 1) for pair in pairs)}
+
+
 # --- processes --------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import cpu_seconds, machine, peer_api as api, percentile, sha256_of, vm
+from common import cpu_seconds, machine, member_options, peer_api as api, percentile, sha256_of, vm
 from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -267,7 +267,7 @@ def measure_network(profile: str, args, tmp: Path, only: set) -> dict:
     base = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.10"
     extra = {role: dict(options) for role, options in spec["extra"].items()}
     if args.peer_option:
-        extra.setdefault("peer", {}).update(dict(kv.split("=", 1) for kv in args.peer_option))
+        extra.setdefault("peer", {}).update(member_options(args.peer_option))
     run_dir = tmp / profile
     net = LocalNetwork(run_dir / "run", base=base, big_mib=args.mib if "bulk" in only else 0, key_bits=2048,
                        extra=extra, tls=spec["tls"])

@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_seconds, machine, sha256_of, vm
+from common import cpu_seconds, machine, member_options, sha256_of, vm
 from scale_net import ScaleNetwork, pss
 from scale_report import render
 from scale_round import MIB, Layout, log, run_round
@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="for the layout and the victims")
     parser.add_argument("--keep", action="store_true", help="keep the members' directories and logs")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a peer option for every peer, e.g. window_by_delay=false (to compare settings)")
     args = parser.parse_args()
     default_sizes = all(getattr(args, k) == v for k, v in DEFAULTS.items())
     out = args.out or (BENCH / "scale.json" if default_sizes and not args.soak
@@ -125,7 +127,8 @@ def main() -> int:
     began = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="onion-bench-scale-"))
     net = ScaleNetwork(tmp / "run", nodes=args.nodes, peers=args.peers, key_bits=args.key_bits, batch=args.batch,
-                       rng=rng, tls=True, extra={"peer": {"seed_downloads": False}})
+                       rng=rng, tls=True,
+                       extra={"peer": {"seed_downloads": False, **member_options(args.peer_option)}})
     layout = Layout(list(net.peer_ips), args.downloads, rng)
     report = {"bench": "scale", "machine": machine(openssl=True), "date": time.strftime("%Y-%m-%d %H:%M"),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

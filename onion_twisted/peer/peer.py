@@ -44,6 +44,7 @@ __all__ = ["Peer", "CircuitState", "BUILDING", "CONNECTED", "WAITING"]
 class Peer:
     def __init__(self, *, clock, outbound, directory, tracker: wire.Address, share: ShareDirectory,
                  store: DownloadStore, data_dir, bootstrap=(), hops: int = 3, window: int = 8,
+                 window_by_delay: bool = True,
                  chunk_size: int = DEFAULT_CHUNK, max_attempts: int = 5, stall_timeout: float = 60.0,
                  refresh_interval: float = 30.0, announce_interval: float = 300.0,
                  rng: random.Random | None = None, run_in_thread=threads.deferToThread,
@@ -66,6 +67,7 @@ class Peer:
         self.announcer = Announcer(clock=clock, keeper=self.keeper, share=share,
                                    refresh_interval=refresh_interval, announce_interval=announce_interval)
         self.uploader = Uploader(clock=clock, circuits=self.circuits, share=share, window=window,
+                                 window_by_delay=window_by_delay,
                                  stall_timeout=stall_timeout, max_uploads=max_uploads,
                                  take_reply=self.announcer.take_catalogue, unsafe_logging=unsafe_logging,
                                  upload_rate=UploadRate(clock, max_upload_rate, burst=chunk_size))

@@ -34,6 +34,7 @@ class PeerService(MemberService):
         self.peer = Peer(clock=self.reactor, outbound=self.outbound, directory=directory, tracker=tracker,
                          share=share, store=DownloadStore(cfg["downloads"]), data_dir=cfg["data_dir"],
                          bootstrap=cfg["bootstrap"], hops=cfg["hops"], window=cfg["window"],
+                         window_by_delay=cfg["window_by_delay"],
                          chunk_size=cfg["chunk_size"], max_attempts=cfg["max_attempts"],
                          stall_timeout=cfg["stall_timeout"], refresh_interval=cfg["refresh_interval"],
                          announce_interval=cfg["announce_interval"], unsafe_logging=cfg["unsafe_logging"],

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from onion_twisted.protocol.messages import MAX_CHUNK, MessageError
 from onion_twisted.protocol.chunks import wanted_indexes
+from onion_twisted.protocol.congestion import DelayWindow
 
 DEFAULT_WINDOW = 8
 DEFAULT_ACK_TIMEOUT = 120.0
@@ -180,6 +181,10 @@ class ChunkProducer:
 class WindowedChunkSender:
     """The consumer of a ``ChunkProducer``: at most ``window`` chunks unacknowledged.
 
+    With ``adaptive`` (the uploader's way), ``window`` is the most: how many
+    may be in flight is a ``DelayWindow`` of it, moved by the round trips of
+    the acknowledgements (fewer while the path queues, docs 17.10 choice 57).
+
     ``send(index, data) -> Deferred`` carries one chunk (it fires when the far
     end has it). ``done`` fires with the number of chunks sent once the
     producer is done and every chunk was acknowledged, or fails with the
@@ -190,13 +195,15 @@ class WindowedChunkSender:
     """
 
     def __init__(self, send: Callable, window: int = DEFAULT_WINDOW, clock=None,
-                 ack_timeout: float | None = DEFAULT_ACK_TIMEOUT):
+                 ack_timeout: float | None = DEFAULT_ACK_TIMEOUT, adaptive: bool = False):
         if window < 1:
             raise ValueError("window must be at least 1")
         if clock is None:
             from twisted.internet import reactor as clock
         self.send = send
-        self.window = window
+        self.max_window = window
+        self.control = DelayWindow(window) if adaptive else None
+        self._sent_at: dict[int, float] = {}
         self.clock = clock
         self.ack_timeout = ack_timeout
         self.producer = None
@@ -208,6 +215,11 @@ class WindowedChunkSender:
         self._producer_done = False
         self._paused_by_us = False
         self.done = defer.Deferred(canceller=self._cancelled)
+
+    @property
+    def window(self) -> int:
+        """Chunks that may be unacknowledged now."""
+        return self.control.window if self.control is not None else self.max_window
 
     def start(self, producer: ChunkProducer) -> defer.Deferred:
         """Begin the transfer; returns ``done``."""
@@ -232,15 +244,14 @@ class WindowedChunkSender:
         if len(self.in_flight) >= self.window:
             self._fail(Failure(RuntimeError("the producer wrote past the window")))
             return
+        self._sent_at[index] = self.clock.seconds()
         d = defer.maybeDeferred(self.send, index, data)
         del data
         self.in_flight[index] = d
         self.max_in_flight = max(self.max_in_flight, len(self.in_flight))
         if self.ack_timeout is not None:
             self._timers[index] = self.clock.callLater(self.ack_timeout, self._timed_out, index)
-        if len(self.in_flight) >= self.window and self.producer is not None:
-            self._paused_by_us = True
-            self.producer.pauseProducing()
+        self._pause_or_resume()
         d.addCallbacks(self._acked, self._send_failed, callbackArgs=(index,), errbackArgs=(index,))
 
     def producer_done(self) -> None:
@@ -252,21 +263,35 @@ class WindowedChunkSender:
 
     # -- acknowledgements ----------------------------------------------------------------
 
+    def _pause_or_resume(self) -> None:
+        if self.producer is None:
+            return
+        full = len(self.in_flight) >= self.window
+        if full and not self._paused_by_us:
+            self._paused_by_us = True
+            self.producer.pauseProducing()
+        elif not full and self._paused_by_us:
+            self._paused_by_us = False
+            self.producer.resumeProducing()
+
     def _settle(self, index: int) -> bool:
+        self._sent_at.pop(index, None)
         timer = self._timers.pop(index, None)
         if timer is not None and timer.active():
             timer.cancel()
         return self.in_flight.pop(index, None) is not None
 
     def _acked(self, _result, index: int) -> None:
+        sent_at = self._sent_at.get(index)
         if not self._settle(index) or self.finished:
             return None
         self.acknowledged += 1
+        if self.control is not None and sent_at is not None:
+            self.control.acknowledged(self.clock.seconds() - sent_at)
         if self._producer_done:
             self._maybe_finish()
-        elif self._paused_by_us and len(self.in_flight) < self.window and self.producer is not None:
-            self._paused_by_us = False
-            self.producer.resumeProducing()
+        else:
+            self._pause_or_resume()
         return None
 
     def _send_failed(self, failure: Failure, index: int) -> None:
@@ -295,6 +320,7 @@ class WindowedChunkSender:
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        self._sent_at.clear()
         if self.producer is not None:
             producer, self.producer = self.producer, None
             producer.stopProducing()

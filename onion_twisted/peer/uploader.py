@@ -41,7 +41,7 @@ class TransferRefused(Exception):
 class Uploader:
     log = Logger()
 
-    def __init__(self, *, clock, circuits, share: ShareDirectory, window: int = 8,
+    def __init__(self, *, clock, circuits, share: ShareDirectory, window: int = 8, window_by_delay: bool = True,
                  stall_timeout: float = 60.0, max_uploads: int = 16,
                  take_reply: Callable[[object], None] = lambda reply: None, unsafe_logging: bool = False,
                  upload_rate: UploadRate | None = None):
@@ -52,6 +52,7 @@ class Uploader:
         self.circuits = circuits
         self.share = share
         self.window = window
+        self.window_by_delay = window_by_delay  # fewer in flight while the path queues (congestion.py)
         self.stall_timeout = stall_timeout
         self.max_uploads = max_uploads  # uploads served at once; more get transfer_end "busy"
         self.take_reply = take_reply
@@ -114,7 +115,7 @@ class Uploader:
                 return defer.ensureDeferred(self.send_on(circuit, message, refusable=True, chunk_size=chunk_size))
 
         sender = WindowedChunkSender(send_chunk, window=self.window, clock=self.clock,
-                                     ack_timeout=self.stall_timeout * 2)
+                                     ack_timeout=self.stall_timeout * 2, adaptive=self.window_by_delay)
         try:
             if cipher is not None:
                 # The requester checks the leaf row before it takes any chunk: it goes first.
