@@ -21,6 +21,7 @@ from onion_twisted.protocol import crypto
 from onion_twisted.protocol.errors import Unavailable
 from onion_twisted.protocol.identity import identity_json
 from onion_twisted.protocol.wire import SIGNATURE_HEADER
+from onion_twisted.net.cell_scheduler import CellScheduler
 from onion_twisted.net.http_server import AllowList, CellRoute, EMPTY_CONTENT, respond, write_error, write_json
 from onion_twisted.node.relay import NodeRelay
 
@@ -32,6 +33,7 @@ class NodeApp:
         self.relay = relay
         self.directory = directory
         self.metrics_allow = AllowList(metrics_allow, "metrics_allow")
+        self.cells = CellScheduler(relay.clock)  # circuit work before chunks (cell_scheduler.py)
         key = relay.private_key.public_key()
         self.fingerprint = crypto.fingerprint(key)
         self._public_key_pem = crypto.public_key_pem(key)
@@ -54,7 +56,15 @@ class NodeApp:
         body = request.content.getvalue()
         request.content = EMPTY_CONTENT  # the relay drops the body once peeled; so does the request
         signature = request.getHeader(SIGNATURE_HEADER)
-        return respond(request, self.relay.handle(request.getClientAddress().host, body, signature))
+        source = request.getClientAddress().host
+        relay = self.relay
+
+        def start():
+            nonlocal body  # handed over: the relay drops it once peeled, and so must this closure
+            cell, body = body, None
+            return relay.handle(source, cell, signature)
+
+        return respond(request, self.cells.submit(body, start))
 
     @app.route("/identity", methods=["GET"])
     def get_identity(self, request):
