@@ -7,7 +7,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
-from onion_twisted.net.http_server import CellRoute
+from onion_twisted.net.http_server import CellRoute, respond
 
 
 class Other(resource.Resource):
@@ -68,3 +68,22 @@ class CellRouteTests(unittest.SynchronousTestCase):
         self.assertEqual(r.responseCode, 500)
         self.assertIn(b'"error":"internal"', b"".join(r.written))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RespondCancelTests(unittest.SynchronousTestCase):
+    def test_a_cancelled_answer_is_neither_logged_nor_written(self):
+        # A node's queued cell whose previous hop went away: the handler's answer is
+        # cancelled; that is no internal error (the soak logged it as one).
+        waiting = defer.Deferred()
+
+        async def handler():
+            return await waiting
+
+        route = CellRoute(Other(), lambda req: respond(req, handler()))
+        r = request(b"POST", b"/")
+        route.render(r)
+        for d in r._finishedDeferreds:
+            d.errback(ConnectionError("gone"))
+        r._finishedDeferreds = []
+        self.assertEqual(r.written, [])
+        self.assertEqual(self.flushLoggedErrors(), [])

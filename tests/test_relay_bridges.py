@@ -49,16 +49,20 @@ class BridgeTests(BridgeTestCase):
         await self.sharer.send(self.s, dumps(self.end()))
         self.assertEqual(self.requester.backward(self.r), [self.chunk(), self.end()])
         self.assertEqual((self.z.table.bridge_count, self.w.table.bridge_count), (0, 0))
-        # afterwards a chunk of that transfer goes to the tracker, which answers an error
+        # afterwards the exit answers a chunk of that transfer as the tracker would, and
+        # keeps it from the tracker (docs 17.10, choice 59)
+        told = len(self.net.tracker.received)
         reply = await self.sharer.request(self.s, self.chunk(1))
-        self.assertEqual(reply["type"], "error")
-        self.assertEqual(self.net.tracker.received[-1], (self.w.own_address.host, self.s.tracker_cid, self.chunk(1)))
+        self.assertEqual((reply["type"], reply["error"]), ("error", "no_bridge"))
+        self.assertEqual(len(self.net.tracker.received), told)
         self.assertEqual(len(self.requester.backward(self.r)), 2)
 
     @inline
-    async def test_other_transfer_goes_to_the_tracker(self):
+    async def test_a_chunk_of_another_transfer_is_answered_no_bridge_at_the_exit(self):
+        told = len(self.net.tracker.received)
         reply = await self.sharer.request(self.s, self.chunk(transfer="other"))
-        self.assertEqual(reply["type"], "error")
+        self.assertEqual((reply["type"], reply["error"]), ("error", "no_bridge"))
+        self.assertEqual(len(self.net.tracker.received), told)
         self.assertEqual(self.requester.received, [])
         self.assertEqual(self.net.bridge_count(), 2)
 
@@ -69,9 +73,10 @@ class BridgeTests(BridgeTestCase):
 
     @inline
     async def test_requester_circuit_has_no_outgoing_bridge(self):
+        told = len(self.net.tracker.received)
         reply = await self.requester.request(self.r, self.chunk())
-        self.assertEqual(reply["type"], "error")
-        self.assertEqual(self.net.tracker.received[-1][:2], (self.z.own_address.host, self.r.tracker_cid))
+        self.assertEqual((reply["type"], reply["error"]), ("error", "no_bridge"))
+        self.assertEqual(len(self.net.tracker.received), told)
 
     @inline
     async def test_bridge_cid_from_other_ip_is_403(self):
@@ -150,6 +155,11 @@ class BridgeTests(BridgeTestCase):
         self.assertEqual((reply["type"], reply["error"]), ("error", "bridge_gone"))
         self.assertEqual(self.w.table.bridge_count, 0)
         self.assertEqual(self.z.table.bridge_count, 1)
+        # The rest of the sharer's window finds no bridge: no_bridge, from the exit.
+        told = len(self.net.tracker.received)
+        reply = await self.sharer.request(self.s, self.chunk(1))
+        self.assertEqual((reply["type"], reply["error"]), ("error", "no_bridge"))
+        self.assertEqual(len(self.net.tracker.received), told)
 
     @inline
     async def test_deeply_nested_chunk_is_refused_at_the_exit(self):

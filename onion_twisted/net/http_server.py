@@ -242,6 +242,8 @@ def respond(request, coroutine) -> defer.Deferred:
     def failed(failure):
         if failure.check(ProtocolError):
             return write_error(request, failure.value)
+        if failure.check(defer.CancelledError):
+            return failure  # the client went away (its answer was cancelled): nothing to write or log
         _log.failure("internal error while answering a request", failure)
         return write_json(request, 500, INTERNAL_ERROR)
 

@@ -30,6 +30,9 @@ DEFAULT_NODE_CREATE_RATE, DEFAULT_NODE_CREATE_BURST = 200.0, 1000
 DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST = 500.0, 1000
 BRIDGE_GONE = cells.encode_reply_object(messages.error_message(
     "bridge_gone", "the other side of the bridge did not take the chunk"))
+# The tracker's own answer to a chunk that reached it (§8): the exit gives it instead.
+NO_BRIDGE = cells.encode_reply_object(messages.error_message(
+    "no_bridge", "no bridge for this transfer: chunks go to the requester's exit"))
 _CHUNK_DATA = (("data",),)  # a file chunk's base64, decoded in passing (wire.loads_with_base64)
 
 
@@ -186,6 +189,12 @@ class NodeRelay(OnionV2Relay, RelayFailureLog):
                 if message["type"] == messages.TRANSFER_END:
                     self.table.remove_bridge(bridge)
                 return self._wrap_reply(circuit, reply, from_node=False)
+            # No bridge (it went with a chunk the other side did not take, or with its
+            # circuit): the rest of the sharer's window lands here. The tracker would
+            # answer no_bridge, and on a sealed circuit refuse any object outside its
+            # layer (400, which reached the sharer as a 502 and cost the tracker a MiB
+            # per chunk): the exit answers for it (docs 17.10, choice 59).
+            return self._wrap_reply(circuit, NO_BRIDGE, from_node=False)
         sent = self.outbound.post(circuit.out_addr, encode_object_cell(circuit.out_cid, plaintext))
         del plaintext
         with self._logging_failure("a message could not be delivered to the tracker", circuit):
