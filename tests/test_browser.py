@@ -215,12 +215,26 @@ class BrowserTests(unittest.TestCase):
         from playwright.sync_api import expect
 
         expect(page.get_by_label("File name", exact=True)).to_have_id("file-input")
-        shown = [c for c in page.locator(CONTROLS).all() if c.is_visible()]
-        # the input, the form's button, and the catalogue's buttons at least: not a vacuous check
-        self.assertGreaterEqual(len(shown), 5, "too few controls found to check")
-        for control in shown:
-            what = control.evaluate("e => e.outerHTML.slice(0, 120)")
-            expect(control, f"no accessible name: {what}").to_have_accessible_name(re.compile(r"\S"))
+        controls = page.locator(CONTROLS)
+
+        def layout():  # which controls are shown, in order: a locator's nth() re-resolves
+            return [c.is_visible() for c in controls.all()]
+
+        for attempt in range(3):
+            before = layout()
+            shown = [c for c, visible in zip(controls.all(), before) if visible]
+            # the input, the form's button, and the catalogue's buttons at least: not a vacuous check
+            self.assertGreaterEqual(len(shown), 5, "too few controls found to check")
+            try:
+                for control in shown:
+                    what = control.evaluate("e => e.outerHTML.slice(0, 120)")
+                    expect(control, f"no accessible name: {what}").to_have_accessible_name(re.compile(r"\S"))
+                return
+            except AssertionError:
+                # The page re-rendered under the check (a row's button hides once its
+                # file is downloaded), so nth(i) is another control now: check again.
+                if attempt == 2 or layout() == before:
+                    raise
 
     def assert_fits(self, page, width: int, *wanted) -> None:
         """No sideways scrolling at ``width``, and each of ``wanted`` wholly on screen and clickable."""
