@@ -49,14 +49,15 @@ def circuit_hint(body: bytes) -> bytes | None:
 
 
 class _Queued:
-    __slots__ = ("circuit", "start", "result", "running", "cancelled")
+    """A queued cell: ``start`` until it runs or is cancelled (then None), ``running`` once it runs."""
 
-    def __init__(self, circuit, start):
+    __slots__ = ("circuit", "start", "result", "running")
+
+    def __init__(self, circuit, start, canceller):
         self.circuit = circuit
         self.start = start
-        self.result: defer.Deferred | None = None
+        self.result = defer.Deferred(canceller=lambda _d: canceller(self))
         self.running: defer.Deferred | None = None
-        self.cancelled = False
 
 
 class CellScheduler:
@@ -69,7 +70,7 @@ class CellScheduler:
         self._queue: deque[_Queued] = deque()
         self._queued_circuits: Counter = Counter()
         self._turn = None
-        self.small_first = 0  # small cells that went ahead of queued bulk ones (for /metrics and tests)
+        self.small_first = 0  # small cells that went ahead of queued bulk ones (the tests read it)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -80,8 +81,7 @@ class CellScheduler:
             if self._queue:
                 self.small_first += 1
             return defer.ensureDeferred(start())
-        entry = _Queued(circuit, start)
-        entry.result = defer.Deferred(canceller=lambda _d: self._cancel(entry))
+        entry = _Queued(circuit, start, self._cancel)
         self._queue.append(entry)
         self._queued_circuits[circuit] += 1
         self._next_turn()
@@ -100,27 +100,20 @@ class CellScheduler:
         self._turn = None
         began = self.now()
         while self._queue and self.now() - began < self.turn_budget:
-            self._run_one()
-        self._next_turn()
-
-    def _run_one(self) -> None:
-        while self._queue:
             entry = self._queue.popleft()
             self._forget(entry.circuit)
-            if entry.cancelled:
-                continue
-            start, entry.start = entry.start, None
-            try:
-                running = defer.ensureDeferred(start())
-            except Exception:  # noqa: BLE001 - a handler that raised at once: its caller hears it
-                del start
-                entry.result.errback()
-                break
-            del start
-            entry.running = running
-            running.addCallbacks(self._settle, self._settle_failure, callbackArgs=(entry,),
-                                 errbackArgs=(entry,))
-            break
+            if entry.start is not None:  # not cancelled while it waited
+                self._run(entry)
+        self._next_turn()
+
+    def _run(self, entry: _Queued) -> None:
+        start, entry.start = entry.start, None
+        try:
+            entry.running = defer.ensureDeferred(start())
+        except Exception:  # noqa: BLE001 - a handler that raised at once: its caller hears it
+            entry.result.errback()
+            return
+        entry.running.addCallbacks(self._settle, self._settle_failure, callbackArgs=(entry,), errbackArgs=(entry,))
 
     def _forget(self, circuit) -> None:
         self._queued_circuits[circuit] -= 1
@@ -140,6 +133,5 @@ class CellScheduler:
     def _cancel(self, entry: _Queued) -> None:
         if entry.running is not None:
             entry.running.cancel()
-        elif not entry.cancelled:
-            entry.cancelled = True
-            entry.start = None  # its body is let go now, not when its turn comes
+        else:
+            entry.start = None  # skipped when its turn comes; its body is let go now

@@ -31,8 +31,7 @@ DEFAULT_CREATE_WORK_RATE, DEFAULT_CREATE_WORK_BURST = 500.0, 1000
 BRIDGE_GONE = cells.encode_reply_object(messages.error_message(
     "bridge_gone", "the other side of the bridge did not take the chunk"))
 # The tracker's own answer to a chunk that reached it (§8): the exit gives it instead.
-NO_BRIDGE = cells.encode_reply_object(messages.error_message(
-    "no_bridge", "no bridge for this transfer: chunks go to the requester's exit"))
+NO_BRIDGE = cells.encode_reply_object(messages.error_message("no_bridge", messages.NO_BRIDGE_DETAIL))
 _CHUNK_DATA = (("data",),)  # a file chunk's base64, decoded in passing (wire.loads_with_base64)
 
 

@@ -155,8 +155,7 @@ class CircuitKeeper:
     async def stop(self) -> None:
         """No more building; the circuit is destroyed (its destroy may fail: nobody waits)."""
         self.stopped = True
-        if self._rotation is not None and self._rotation.active():
-            self._rotation.cancel()
+        self._cancel_rotation()
         circuits, self.circuit = self.circuits(), None
         self.draining.clear()
         for circuit in circuits:
@@ -310,10 +309,13 @@ class CircuitKeeper:
 
     # --- rotation ---------------------------------------------------------------------------
 
-    def _schedule_rotation(self, delay: float | None = None) -> None:
+    def _cancel_rotation(self) -> None:
         if self._rotation is not None and self._rotation.active():
             self._rotation.cancel()
         self._rotation = None
+
+    def _schedule_rotation(self, delay: float | None = None) -> None:
+        self._cancel_rotation()
         if self.lifetime > 0 and not self.stopped:
             # Randomised, as Tor's: circuits built together are not all replaced together.
             delay = delay if delay is not None else self.lifetime * self.rng.uniform(0.75, 1.0)
@@ -370,9 +372,7 @@ class CircuitKeeper:
             self._close_idle(circuit, "closed after going unused; built again when a download needs it")
 
     def _close_idle(self, circuit: Circuit, detail: str) -> None:
-        if self._rotation is not None and self._rotation.active():
-            self._rotation.cancel()
-        self._rotation = None
+        self._cancel_rotation()
         self.circuit = None
         self._move(WAITING, detail)
         self.destroy_quietly(circuit)

@@ -274,19 +274,20 @@ class WindowedChunkSender:
             self._paused_by_us = False
             self.producer.resumeProducing()
 
-    def _settle(self, index: int) -> bool:
-        self._sent_at.pop(index, None)
+    def _settle(self, index: int) -> float | None:
+        """Chunk ``index`` is no longer in flight: when it was sent, or None if it was not."""
         timer = self._timers.pop(index, None)
         if timer is not None and timer.active():
             timer.cancel()
-        return self.in_flight.pop(index, None) is not None
+        self.in_flight.pop(index, None)
+        return self._sent_at.pop(index, None)
 
     def _acked(self, _result, index: int) -> None:
-        sent_at = self._sent_at.get(index)
-        if not self._settle(index) or self.finished:
+        sent_at = self._settle(index)
+        if sent_at is None or self.finished:
             return None
         self.acknowledged += 1
-        if self.control is not None and sent_at is not None:
+        if self.control is not None:
             self.control.acknowledged(self.clock.seconds() - sent_at)
         if self._producer_done:
             self._maybe_finish()

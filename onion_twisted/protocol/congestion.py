@@ -45,7 +45,7 @@ class DelayWindow:
         self.base_rtt: float | None = None
         self._round_rtt: float | None = None
         self._round_acks = 0
-        self.smallest = self.largest = self.window  # the range it moved in, for the bench's report
+        self.smallest = self.largest = self.window  # the range it moved in (for a look in tests or a debugger)
 
     def acknowledged(self, rtt: float) -> int:
         """One chunk's round trip (seconds from send to acknowledgement); the window now."""

@@ -387,3 +387,7 @@ def parse_error(message: dict) -> ErrorReply:
 
 def error_message(error: str, detail: str) -> dict:
     return {"type": ERROR, "error": error, "detail": detail}
+
+
+#: The answer to a chunk no bridge carries (§8): the tracker's, and a /2 exit's (docs 17.10, choice 59).
+NO_BRIDGE_DETAIL = "no bridge for this transfer: chunks go to the requester's exit"

@@ -147,7 +147,7 @@ class Tracker:
                 circuit = self.catalogue.circuit(key, exit_address)
                 return wire.dumps(await self._request(circuit, request))
             if kind in messages.CHUNK_TYPES:
-                raise MessageError("no_bridge", "no bridge for this transfer: chunks go to the requester's exit")
+                raise MessageError("no_bridge", messages.NO_BRIDGE_DETAIL)
             raise MessageError("bad_request", "unknown message type")
         except MessageError as e:
             self.metrics.refused(e.error)
