@@ -115,6 +115,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a peer option for every peer, e.g. window_by_delay=false (to compare settings)")
+    parser.add_argument("--node-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a node option for every node, e.g. unsafe_logging=true (with --keep, to trace a stall)")
     args = parser.parse_args()
     default_sizes = all(getattr(args, k) == v for k, v in DEFAULTS.items())
     out = args.out or (BENCH / "scale.json" if default_sizes and not args.soak
@@ -128,7 +130,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="onion-bench-scale-"))
     net = ScaleNetwork(tmp / "run", nodes=args.nodes, peers=args.peers, key_bits=args.key_bits, batch=args.batch,
                        rng=rng, tls=True,
-                       extra={"peer": {"seed_downloads": False, **member_options(args.peer_option)}})
+                       extra={"peer": {"seed_downloads": False, **member_options(args.peer_option)},
+                              "node": member_options(args.node_option)})
     layout = Layout(list(net.peer_ips), args.downloads, rng)
     report = {"bench": "scale", "machine": machine(openssl=True), "date": time.strftime("%Y-%m-%d %H:%M"),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

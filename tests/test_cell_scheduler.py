@@ -158,3 +158,14 @@ class CellSchedulerTests(unittest.TestCase):
         self.failureResultOf(d, RuntimeError)
         self.assertEqual(len(self.scheduler), 0)
         self.assertEqual(self.scheduler._queued_circuits, {})
+
+    def test_the_queue_counts_its_bytes_and_remembers_the_most(self):
+        self.submit("chunk0", self.a, BULK_SIZE)
+        cancelled = self.submit("chunk1", self.b, BULK_SIZE + 10)
+        self.submit("create", str(uuid.uuid4()))  # run at once: never queued bytes
+        self.assertEqual(self.scheduler.queued_bytes, 2 * BULK_SIZE + 10)
+        cancelled.cancel()  # its body is let go at once
+        self.assertEqual(self.scheduler.queued_bytes, BULK_SIZE)
+        self.clock.turn()
+        self.assertEqual(self.scheduler.queued_bytes, 0)
+        self.assertEqual(self.scheduler.peak_queued_bytes, 2 * BULK_SIZE + 10)

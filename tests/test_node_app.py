@@ -496,6 +496,9 @@ class ReadOnlyRoutesTests(NodeAppCase):
         self.assertEqual(samples['onion_node_errors_total{status="400"}'], 1)
         self.assertEqual(samples['onion_node_errors_total{status="403"}'], 1)
         self.assertEqual(samples["onion_node_creates_total"], 1)
+        self.assertEqual(types["onion_node_queued_bytes_peak"], "gauge")
+        self.assertEqual(samples["onion_node_queued_cells"], 0)  # small cells are never queued
+        self.assertEqual(samples["onion_node_queued_bytes_peak"], 0)
 
     def test_status_page_shows_the_fingerprint_and_never_a_cid_nor_an_address(self):
         cid, layers, out_cid = self.extend_to_next()

@@ -51,10 +51,11 @@ def circuit_hint(body: bytes) -> bytes | None:
 class _Queued:
     """A queued cell: ``start`` until it runs or is cancelled (then None), ``running`` once it runs."""
 
-    __slots__ = ("circuit", "start", "result", "running")
+    __slots__ = ("circuit", "size", "start", "result", "running")
 
-    def __init__(self, circuit, start, canceller):
+    def __init__(self, circuit, size, start, canceller):
         self.circuit = circuit
+        self.size = size
         self.start = start
         self.result = defer.Deferred(canceller=lambda _d: canceller(self))
         self.running: defer.Deferred | None = None
@@ -71,6 +72,9 @@ class CellScheduler:
         self._queued_circuits: Counter = Counter()
         self._turn = None
         self.small_first = 0  # small cells that went ahead of queued bulk ones (the tests read it)
+        # What /metrics tells of the queue: whether a node's memory is held here.
+        self.queued_bytes = 0
+        self.peak_queued_bytes = 0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -81,8 +85,10 @@ class CellScheduler:
             if self._queue:
                 self.small_first += 1
             return defer.ensureDeferred(start())
-        entry = _Queued(circuit, start, self._cancel)
+        entry = _Queued(circuit, len(body), start, self._cancel)
         self._queue.append(entry)
+        self.queued_bytes += entry.size
+        self.peak_queued_bytes = max(self.peak_queued_bytes, self.queued_bytes)
         self._queued_circuits[circuit] += 1
         self._next_turn()
         return entry.result
@@ -101,7 +107,7 @@ class CellScheduler:
         began = self.now()
         while self._queue and self.now() - began < self.turn_budget:
             entry = self._queue.popleft()
-            self._forget(entry.circuit)
+            self._forget(entry)
             if entry.start is not None:  # not cancelled while it waited
                 self._run(entry)
         self._next_turn()
@@ -115,7 +121,9 @@ class CellScheduler:
             return
         entry.running.addCallbacks(self._settle, self._settle_failure, callbackArgs=(entry,), errbackArgs=(entry,))
 
-    def _forget(self, circuit) -> None:
+    def _forget(self, entry: _Queued) -> None:
+        self.queued_bytes -= entry.size
+        circuit = entry.circuit
         self._queued_circuits[circuit] -= 1
         if self._queued_circuits[circuit] <= 0:
             del self._queued_circuits[circuit]
@@ -135,3 +143,5 @@ class CellScheduler:
             entry.running.cancel()
         else:
             entry.start = None  # skipped when its turn comes; its body is let go now
+            self.queued_bytes -= entry.size
+            entry.size = 0

@@ -92,11 +92,17 @@ class NodeMetrics(MemberMetrics):
     def extend_failed(self) -> None:
         self.extends_failed_total += 1
 
-    def prometheus(self, circuits: int, bridges: int) -> str:
+    def prometheus(self, circuits: int, bridges: int, queue=None) -> str:
+        """``queue``: the node's CellScheduler (bulk cells waiting for a turn), or None."""
         out = PrometheusText()
         directions = ("forward", "backward")
         out.family("onion_node_circuits", "gauge", "Open circuits through this node.", circuits)
         out.family("onion_node_bridges", "gauge", "Open bridge ends at this node.", bridges)
+        if queue is not None:
+            out.family("onion_node_queued_cells", "gauge", "Bulk cells waiting for their turn.", len(queue))
+            out.family("onion_node_queued_bytes", "gauge", "Bytes of the bulk cells waiting.", queue.queued_bytes)
+            out.family("onion_node_queued_bytes_peak", "gauge", "Most bytes ever waiting at once.",
+                       queue.peak_queued_bytes)
         out.family("onion_node_cells_total", "counter", "Cells relayed, by direction.",
                    [("direction", d, self.cells[d]) for d in directions])
         out.family("onion_node_bytes_total", "counter", "Payload bytes relayed, by direction.",

@@ -85,7 +85,7 @@ class NodeApp:
             return refused
         table = self.relay.table
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.relay.metrics.prometheus(len(table), table.bridge_count).encode("utf-8")
+        return self.relay.metrics.prometheus(len(table), table.bridge_count, self.cells).encode("utf-8")
 
     @app.route("/", methods=["GET"])
     def get_status_page(self, request):
