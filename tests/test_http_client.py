@@ -15,13 +15,14 @@ logs after its answer does), without reading anything more.
 
 from __future__ import annotations
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import resource
 from twisted.web.http_headers import Headers
 
 from onion_twisted.protocol import wire
+from onion_twisted.protocol.errors import NextHopAbandoned, NextHopTimeout
 from onion_twisted.net.http_client import HTTPOutbound, keeps_connection
 from onion_twisted.net.http_server import QuietSite
 from tests.support.deferreds import current_reactor, inline
@@ -134,3 +135,58 @@ class IdleTests(unittest.TestCase):
         self.addCleanup(outbound.close)
         site = QuietSite(resource.Resource(), reactor=reactor)
         self.assertLessEqual(outbound.pool.cachedConnectionTimeout + 5, site.timeOut)
+
+
+class _SilentAgent:
+    """An agent whose requests are never answered (until cancelled)."""
+
+    def __init__(self):
+        self.requests = 0
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        self.requests += 1
+        return defer.Deferred()
+
+
+class DeadlineTests(unittest.TestCase):
+    """A timeout is the next hop's failure to answer; a cancellation by whoever
+    awaited the answer is not (a node's previous hop went away): the node logs
+    only the first."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.outbound = HTTPOutbound(self.clock, bind_ip=None, timeout=30, agent=_SilentAgent())
+
+    def test_the_deadline_is_a_timeout(self):
+        d = self.outbound.post(wire.Address("127.0.0.9", 5000), b"{}")
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        failure = self.failureResultOf(d, NextHopTimeout)
+        self.assertNotIsInstance(failure.value, NextHopAbandoned)
+        self.assertEqual(failure.value.detail, "next hop did not answer in time")
+
+    def test_a_cancelled_exchange_is_abandoned_and_handled_as_a_timeout(self):
+        d = self.outbound.post(wire.Address("127.0.0.9", 5000), b"{}")
+        self.clock.advance(3)
+        d.cancel()
+        failure = self.failureResultOf(d, NextHopAbandoned)
+        self.assertIsInstance(failure.value, NextHopTimeout)  # every clean-up of a timeout runs
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # and its deadline is gone
+
+    def test_an_answer_stops_the_deadline(self):
+        answered = HTTPOutbound(self.clock, bind_ip=None, timeout=30, agent=_AnsweringAgent())
+        d = answered.get(wire.Address("127.0.0.9", 5000), "/identity")
+        self.assertEqual(self.successResultOf(d)[0], 200)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _AnsweringAgent:
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        from twisted.web.client import Response
+        from twisted.web.test.test_agent import AbortableStringTransport
+
+        response = Response((b"HTTP", 1, 1), 200, b"OK", Headers({}), AbortableStringTransport())
+        response._bodyDataReceived(b"{}")
+        response._bodyDataFinished()
+        return defer.succeed(response)

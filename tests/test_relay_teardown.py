@@ -9,7 +9,8 @@ from twisted.logger import Logger, LogLevel, formatEvent
 
 from onion_twisted.protocol import cells, wire
 from onion_twisted.node.circuits import EXIT
-from onion_twisted.protocol.errors import BadRequest, NextHopFailed, NextHopTimeout, UnknownCircuit
+from onion_twisted.protocol.errors import (BadRequest, NextHopAbandoned, NextHopFailed, NextHopTimeout,
+                                          UnknownCircuit)
 from tests.support.deferreds import inline
 from tests.support.relay_network import (BridgeTestCase, FILES_REPLY, PORT, RelayTestCase, STRANGER_IP, TRACKER,
                                          TRACKER_IP, dumps)
@@ -171,6 +172,7 @@ class RelayFailureLogTests(BridgeTestCase):
     def setUp(self):
         self.events: list[dict] = []
         self.closing: set = set()
+        self.abandoning: set = set()
         built = super().setUp()
         for node in self.net.nodes:
             node.log = Logger(namespace="onion_twisted.node.relay.NodeRelay", observer=self.events.append)
@@ -179,6 +181,8 @@ class RelayFailureLogTests(BridgeTestCase):
         def post(sender_ip, address, body, headers=None, path="/"):
             if address in self.closing:
                 return defer.fail(NextHopFailed("next hop closed the connection"))
+            if address in self.abandoning:  # as HTTPOutbound fails a post its caller cancelled
+                return defer.fail(NextHopAbandoned("the answer was no longer awaited"))
 
             def reworded(failure):
                 failure.trap(NextHopFailed)
@@ -232,6 +236,17 @@ class RelayFailureLogTests(BridgeTestCase):
             "a forward cell could not be delivered to the next hop: next hop answered 502",      # Y
         ])
         self.assertSafe(self.lines())
+
+    @inline
+    async def test_an_answer_no_longer_awaited_is_not_logged(self):
+        # Whoever the exit relayed for went away and cancelled: nothing failed on the way.
+        # (Here the cancellation comes from below, so the hops before the exit hear its
+        # 504 and log that; in a network it comes from above and they hear nothing.)
+        self.abandoning.add(TRACKER)
+        await self.refused(NextHopFailed, self.sharer.request(self.s, {"type": "list"}))
+        lines = self.lines()
+        self.assertEqual([line for line in lines if "tracker" in line], [])
+        self.assertIn("a forward cell could not be delivered to the next hop: next hop answered 502", lines)
 
     @inline
     async def test_an_extend_that_fails_is_logged(self):

@@ -30,7 +30,7 @@ from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from onion_twisted.protocol import wire
-from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
+from onion_twisted.protocol.errors import NextHopAbandoned, NextHopFailed, NextHopTimeout
 from onion_twisted.protocol.interfaces import IOutbound
 from onion_twisted.net.http_server import IDLE_TIMEOUT
 from onion_twisted.net.tls import PinningPolicy, handshake_failure_detail
@@ -247,8 +247,21 @@ class HTTPOutbound:
 
     def _guarded(self, coroutine) -> defer.Deferred:
         d = defer.ensureDeferred(coroutine)
-        d.addTimeout(self.timeout, self.reactor)
-        d.addErrback(_map_failure)
+        expired = []  # whether the deadline cancelled it, or whoever awaited it
+
+        def expire():
+            expired.append(True)
+            d.cancel()
+
+        deadline = self.reactor.callLater(self.timeout, expire)
+
+        def stop_deadline(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        d.addBoth(stop_deadline)
+        d.addErrback(_map_failure, expired)
         return d
 
     async def _exchange(self, method: bytes, url: str, body, headers, any_status: bool = False):
@@ -290,11 +303,15 @@ def _error_name(body: bytes) -> str:
         return ""
 
 
-def _map_failure(failure):
+def _map_failure(failure, expired: list):
     if failure.check(NextHopFailed, NextHopTimeout):
         return failure
-    if failure.check(defer.TimeoutError, defer.CancelledError):
+    if failure.check(defer.TimeoutError):
         raise NextHopTimeout("next hop did not answer in time")
+    if _cancelled(failure):
+        if expired:
+            raise NextHopTimeout("next hop did not answer in time")
+        raise NextHopAbandoned("the answer was no longer awaited")
     from OpenSSL import SSL
     from twisted.internet import error as net_error
 
@@ -310,11 +327,16 @@ def _map_failure(failure):
         raise NextHopFailed("next hop is unreachable")
     if failure.check(ResponseNeverReceived, ResponseFailed,
                      RequestTransmissionFailed, net_error.ConnectionLost, net_error.ConnectionDone):
-        inner = getattr(failure.value, "reasons", None)
-        if inner and any(r.check(defer.CancelledError) for r in inner):
-            raise NextHopTimeout("next hop did not answer in time")
         raise NextHopFailed("next hop closed the connection")
     raise NextHopFailed(f"next hop failed: {failure.type.__name__}")
+
+
+def _cancelled(failure) -> bool:
+    """Whether ``failure`` is a cancellation: plain, or a request's failure that wraps one."""
+    if failure.check(defer.CancelledError):
+        return True
+    inner = getattr(failure.value, "reasons", None)
+    return bool(inner) and any(r.check(defer.CancelledError) for r in inner)
 
 
 class _Discard:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from onion_twisted.protocol.errors import ProtocolError
+from onion_twisted.protocol.errors import NextHopAbandoned, ProtocolError
 
 
 class RelayFailureLog:
@@ -29,6 +29,8 @@ class RelayFailureLog:
         At most one line a second per kind of failure, with the count of the
         others, so a neighbour that fails every cell cannot flood the log.
         """
+        if isinstance(error, NextHopAbandoned):
+            return  # nothing failed: whoever the cell was relayed for went away and cancelled it
         logged = self._failures_logged
         now = self.clock.seconds()
         last = logged.get(what)

@@ -58,6 +58,14 @@ class NextHopTimeout(ProtocolError):
     error = "next_hop_timeout"
 
 
+class NextHopAbandoned(NextHopTimeout):
+    """The exchange was cancelled by whoever awaited it, before its deadline:
+    the answer was no longer wanted (a node whose previous hop went away
+    cancels the forwarding it was doing for it). Handled as a timeout, so
+    every clean-up runs as before; but nothing failed on the way, so it is
+    not a failure to log."""
+
+
 class Unavailable(ProtocolError):
     """Not in the §3 table: a GET for something this member does not have yet."""
 
