@@ -20,9 +20,11 @@ import os
 import random
 import resource
 import statistics
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from common import cpu_seconds, machine_busy, peer_api as api, percentile, sha256_of, vm
@@ -197,6 +199,29 @@ def memory_and_cpu(net: ScaleNetwork, layout: Layout, before: dict, after: dict,
                               for pid, f in after.items()}}
 
 
+# Our own members' self-signed TLS certificates; never through a proxy.
+_METRICS_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                              urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+
+
+def node_queue_peaks(net: ScaleNetwork) -> dict | None:
+    """The most bytes of chunks that ever waited in a live node's cell queue (its ``/metrics``):
+    whether a node's peak memory is held there. Over each node's life so far."""
+    peaks = []
+    for m in net.role_members("node"):
+        try:
+            with _METRICS_OPENER.open(net.url(m.ip, "/metrics"), timeout=5) as response:
+                text = response.read().decode("utf-8")
+        except OSError:
+            continue  # killed meanwhile
+        for line in text.splitlines():
+            if line.startswith("onion_node_queued_bytes_peak "):
+                peaks.append(float(line.split()[1]) / MIB)
+    if not peaks:
+        return None
+    return {"max": round(max(peaks), 1), "median": round(statistics.median(peaks), 1), "nodes": len(peaks)}
+
+
 def net_alive(net: ScaleNetwork, pid: int) -> bool:
     return any(m.process.pid == pid and m.process.poll() is None for m in net.members)
 
@@ -275,6 +300,7 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
               "per_download": rows, "circuit_build": builds, "other_processes_cores": others,
               "loadavg": os.getloadavg()}
     report.update(memory_and_cpu(net, layout, before, after, seconds))
+    report["node_queue_peak_mib"] = node_queue_peaks(net)
     if churner:
         report["churn"] = churner.summary()
         log(f"[{label}] churn stopped: {report['churn']['nodes_killed']} nodes killed, "
