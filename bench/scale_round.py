@@ -196,7 +196,10 @@ def memory_and_cpu(net: ScaleNetwork, layout: Layout, before: dict, after: dict,
             "rss_growth_mib": {role: {"max": max(v), "median": statistics.median(v)} for role, v in growth.items()},
             "hwm_by_member": {who[pid][0] + ("" if net_alive(net, pid) else f" (killed, pid {pid})"):
                               round(f["hwm"] / MIB, 1)
-                              for pid, f in after.items()}}
+                              for pid, f in after.items()},
+            # At the round's end: whether a member's memory keeps growing over a soak (peaks only rise).
+            "rss_by_member": {who[pid][0]: round(f["rss"] / MIB, 1) for pid, f in after.items()
+                              if net_alive(net, pid)}}
 
 
 # Our own members' self-signed TLS certificates; never through a proxy.

@@ -13,6 +13,18 @@ and hop); with large buffers on the heap (threshold 8 MiB) and up to
 16 MiB of free heap kept instead of given back (trim threshold), a hop
 costs ~5 ms per MiB and a node's resident memory stays near 80 MiB, flat
 in the file's size. The fixed values keep glibc from adapting them.
+
+The trim threshold gives back only the top of the heap. Under load, with
+many chunks of many circuits in flight at once, the buffers freed in the
+middle of the heap stay resident: at size (``bench/scale.py``) a busy
+node's resident memory was 110-146 MiB, and ``malloc_trim(0)`` (called from
+gdb) brought it down to 72-80 MiB. ``HeapTrimmer``, run every
+``TRIM_INTERVAL`` by each member, calls it while the heap holds more than
+``TRIM_SLACK`` free bytes: a busy member gives its free pages back every
+couple of seconds, an idle one never trims. (The free bytes stay counted
+after a trim, their pages gone: glibc tells no resident free size.) Pages
+given back are faulted in again when reused, once per trim rather than
+once per buffer.
 """
 
 from __future__ import annotations
@@ -26,15 +38,56 @@ M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 8 * 1024 * 1024
 TRIM_THRESHOLD = 16 * 1024 * 1024
+TRIM_SLACK = 24 * 1024 * 1024  # free heap bytes kept before a trim (the top's 16 MiB and some of the middle)
+TRIM_INTERVAL = 2.0
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def tune_malloc(threshold: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD) -> bool:
     """Fix glibc's mmap and trim thresholds; False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_glibc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(M_MMAP_THRESHOLD, threshold) == 1
     return mallopt(M_TRIM_THRESHOLD, trim) == 1 and ok
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class HeapTrimmer:
+    """Called every ``TRIM_INTERVAL``: gives the heap's free pages back once it holds more than ``slack``
+    free bytes (glibc's ``mallinfo2`` and ``malloc_trim``; does nothing without them)."""
+
+    def __init__(self, slack: int = TRIM_SLACK, libc=None):
+        self.slack = slack
+        libc = libc if libc is not None else _glibc()
+        self._mallinfo2 = getattr(libc, "mallinfo2", None)
+        self._malloc_trim = getattr(libc, "malloc_trim", None)
+        if self._mallinfo2 is not None and self._malloc_trim is not None:
+            self._mallinfo2.restype = _MallInfo2
+            self._malloc_trim.argtypes = [ctypes.c_size_t]
+        self.trims = 0
+
+    def free_bytes(self) -> int | None:
+        """Bytes the heap holds free (the top included), or None without glibc 2.33."""
+        if self._mallinfo2 is None or self._malloc_trim is None:
+            return None
+        return self._mallinfo2().fordblks
+
+    def __call__(self) -> bool:
+        free = self.free_bytes()
+        if free is None or free <= self.slack:
+            return False
+        self._malloc_trim(0)
+        self.trims += 1
+        return True
