@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -42,7 +43,9 @@ TRIM_SLACK = 24 * 1024 * 1024  # free heap bytes kept before a trim (the top's 1
 TRIM_INTERVAL = 2.0
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
+    # find_library runs ldconfig in a subprocess: once per process is enough.
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
