@@ -28,6 +28,8 @@ def _soak(rounds: list[dict]) -> dict:
             "growth": rounds[-1].get("rss_growth_mib", {}),
             "queue": max(((r.get("node_queue_peak_mib") or {}).get("max") for r in rounds), default=None,
                          key=lambda v: -1 if v is None else v),
+            "relayed": statistics.median([r["nodes_relayed_per_verified"] for r in rounds
+                                          if r.get("nodes_relayed_per_verified")] or [None]),
             "churn": {k: sum(r["churn"][k] for r in rounds) for k in ("nodes_killed", "peers_restarted")},
             "converged": sum(1 for r in rounds if r["directory"]["converged"]),
             "convergence_s": max((r["directory"]["seconds"] or 0) for r in rounds)}
@@ -47,6 +49,7 @@ def _column(r: dict) -> dict:
             "peak": {role: r["peak_mib"][role]["max"] for role in ("tracker", "nodes", "peers") if role in r["peak_mib"]},
             "growth": r.get("rss_growth_mib", {}), "cores": r.get("cores_by_role", {}),
             "queue": (r.get("node_queue_peak_mib") or {}).get("max"),
+            "relayed": r.get("nodes_relayed_per_verified"),
             "others": r.get("other_processes_cores"),
             "churn": r.get("churn"), "directory": r.get("directory")}
 
@@ -74,6 +77,8 @@ def render(report: dict) -> str:
         lambda c: " / ".join(_f(c["peak"].get(role), ".0f") for role in ("tracker", "nodes", "peers")))
     row("most chunk bytes waiting in one node's queue (its /metrics), MiB",
         lambda c: _f(c.get("queue"), ".1f"))
+    row("bytes the nodes relayed per byte verified (six hops; padding, base64, chunks asked twice)",
+        lambda c: _f(c.get("relayed"), ".2f"))
     row("RSS growth over the round, MiB: worst node / worst peer",
         lambda c: " / ".join(_f(c["growth"].get(role, {}).get("max"), "+.1f") for role in ("nodes", "peers")))
     if any(c.get("cores") for c in columns):

@@ -207,22 +207,36 @@ _METRICS_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),
                                               urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
 
 
-def node_queue_peaks(net: ScaleNetwork) -> dict | None:
-    """The most bytes of chunks that ever waited in a live node's cell queue (its ``/metrics``):
-    whether a node's peak memory is held there. Over each node's life so far."""
-    peaks = []
+def node_metrics(net: ScaleNetwork) -> dict[str, dict]:
+    """name -> what each live node's ``/metrics`` says of its cell queue and the bytes it relayed."""
+    found = {}
     for m in net.role_members("node"):
         try:
             with _METRICS_OPENER.open(net.url(m.ip, "/metrics"), timeout=5) as response:
                 text = response.read().decode("utf-8")
         except OSError:
             continue  # killed meanwhile
+        figures = {"queue_peak": 0.0, "relayed": 0.0}
         for line in text.splitlines():
             if line.startswith("onion_node_queued_bytes_peak "):
-                peaks.append(float(line.split()[1]) / MIB)
-    if not peaks:
-        return None
-    return {"max": round(max(peaks), 1), "median": round(statistics.median(peaks), 1), "nodes": len(peaks)}
+                figures["queue_peak"] = float(line.split()[1])
+            elif line.startswith("onion_node_bytes_total{"):
+                figures["relayed"] += float(line.split()[1])
+        found[m.name] = figures
+    return found
+
+
+def node_figures(before: dict, after: dict, verified_bytes: int) -> dict:
+    """The most bytes that ever waited in one node's queue (whether a node's peak memory is held
+    there; over each node's life so far), and the payload bytes the nodes relayed in the round
+    (nodes alive at its start and end) per byte verified: six hops, padding and base64, and
+    whatever a download asked twice."""
+    peaks = [f["queue_peak"] / MIB for f in after.values()]
+    relayed = sum(f["relayed"] - before[name]["relayed"] for name, f in after.items() if name in before)
+    return {"node_queue_peak_mib": {"max": round(max(peaks), 1), "median": round(statistics.median(peaks), 1),
+                                    "nodes": len(peaks)} if peaks else None,
+            "nodes_relayed_mib": round(relayed / MIB, 1),
+            "nodes_relayed_per_verified": round(relayed / verified_bytes, 2) if verified_bytes else None}
 
 
 def net_alive(net: ScaleNetwork, pid: int) -> bool:
@@ -240,6 +254,7 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
     client = start_circuit_client(net, stop_file)
     ended_before = set(net.ended)  # processes of earlier rounds count to those rounds only
     before = {p: f for p, f in process_figures(net).items() if p not in ended_before}
+    nodes_before = node_metrics(net)
     busy0, own0 = machine_busy(), own_cpu()
     began = time.perf_counter()
     for k, name in enumerate(names):
@@ -303,7 +318,7 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
               "per_download": rows, "circuit_build": builds, "other_processes_cores": others,
               "loadavg": os.getloadavg()}
     report.update(memory_and_cpu(net, layout, before, after, seconds))
-    report["node_queue_peak_mib"] = node_queue_peaks(net)
+    report.update(node_figures(nodes_before, node_metrics(net), sum(r["size"] for r in verified)))
     if churner:
         report["churn"] = churner.summary()
         log(f"[{label}] churn stopped: {report['churn']['nodes_killed']} nodes killed, "
