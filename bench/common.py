@@ -25,6 +25,7 @@ from pathlib import Path
 from twisted.web import server
 
 from onion_twisted.net.http_client import BytesProducer  # the node's own: written at once, then dropped
+from onion_twisted.ops.localnet import _get  # our members' TLS (self-signed: not checked), never via a proxy
 
 JSON = b"application/json"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -62,6 +63,16 @@ def machine(*optional: str, openssl: bool = False) -> dict:
     except (OSError, StopIteration):
         pass
     return info
+
+
+def member_metrics(net, ip: str, timeout: float = 10.0) -> dict[str, float]:
+    """A member's ``/metrics`` as {sample (its name and labels): value}."""
+    samples = {}
+    for line in _get(net.url(ip, "/metrics"), timeout).decode("utf-8").splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def member_options(pairs: list[str]) -> dict:

@@ -26,8 +26,8 @@ def _soak(rounds: list[dict]) -> dict:
             "peak": {role: max(r["peak_mib"][role]["max"] for r in rounds if role in r["peak_mib"])
                      for role in ("tracker", "nodes", "peers")},
             "growth": rounds[-1].get("rss_growth_mib", {}),
-            "queue": max(((r.get("node_queue_peak_mib") or {}).get("max") for r in rounds), default=None,
-                         key=lambda v: -1 if v is None else v),
+            "queue": max((r["node_queue_peak_mib"]["max"] for r in rounds if r.get("node_queue_peak_mib")),
+                         default=None),
             "relayed": statistics.median([r["nodes_relayed_per_verified"] for r in rounds
                                           if r.get("nodes_relayed_per_verified")] or [None]),
             "churn": {k: sum(r["churn"][k] for r in rounds) for k in ("nodes_killed", "peers_restarted")},

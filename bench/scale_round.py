@@ -20,14 +20,12 @@ import os
 import random
 import resource
 import statistics
-import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from common import cpu_seconds, machine_busy, peer_api as api, percentile, sha256_of, vm
+from common import cpu_seconds, machine_busy, member_metrics, peer_api as api, percentile, sha256_of, vm
 from scale_net import ScaleNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -202,27 +200,16 @@ def memory_and_cpu(net: ScaleNetwork, layout: Layout, before: dict, after: dict,
                               if net_alive(net, pid)}}
 
 
-# Our own members' self-signed TLS certificates; never through a proxy.
-_METRICS_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                              urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
-
-
 def node_metrics(net: ScaleNetwork) -> dict[str, dict]:
     """name -> what each live node's ``/metrics`` says of its cell queue and the bytes it relayed."""
     found = {}
     for m in net.role_members("node"):
         try:
-            with _METRICS_OPENER.open(net.url(m.ip, "/metrics"), timeout=5) as response:
-                text = response.read().decode("utf-8")
+            samples = member_metrics(net, m.ip, timeout=5)
         except OSError:
             continue  # killed meanwhile
-        figures = {"queue_peak": 0.0, "relayed": 0.0}
-        for line in text.splitlines():
-            if line.startswith("onion_node_queued_bytes_peak "):
-                figures["queue_peak"] = float(line.split()[1])
-            elif line.startswith("onion_node_bytes_total{"):
-                figures["relayed"] += float(line.split()[1])
-        found[m.name] = figures
+        found[m.name] = {"queue_peak": samples.get("onion_node_queued_bytes_peak", 0.0),
+                         "relayed": sum(v for k, v in samples.items() if k.startswith("onion_node_bytes_total{"))}
     return found
 
 

@@ -59,15 +59,13 @@ import os
 import random
 import resource
 import shutil
-import ssl
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from common import cpu_seconds, machine, machine_busy, peer_api as api, sha256_of
+from common import cpu_seconds, machine, machine_busy, member_metrics, peer_api as api, sha256_of
 from onion_twisted.ops.localnet import LocalNetwork
 
 BENCH = Path(__file__).resolve().parent
@@ -95,15 +93,6 @@ class SwarmNetwork(LocalNetwork):
         return super()._spawn(name, role, ip, [*options, *self.member_options.get(name, [])])
 
 
-def _opener():
-    # Our own members' TLS 1.3 (self-signed certificates: not checked; /metrics is public counts).
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
-
-
-OPENER = _opener()
 COUNTERS = {"onion_node_bytes_total": "node_bytes", "onion_node_cells_total": "node_cells",
             'onion_tracker_requests_total{outcome="bridged"}': "transfers"}
 
@@ -115,12 +104,10 @@ def counters(net: LocalNetwork) -> dict:
     for member in net.members:
         if member.role not in ("node", "tracker"):
             continue
-        with OPENER.open(net.url(member.ip, "/metrics"), timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                name, _, value = line.rpartition(" ")
-                for prefix, key in COUNTERS.items():
-                    if name == prefix or (name.startswith(prefix + "{") and "{" not in prefix):
-                        totals[key] += float(value)
+        for name, value in member_metrics(net, member.ip).items():
+            for prefix, key in COUNTERS.items():
+                if name == prefix or (name.startswith(prefix + "{") and "{" not in prefix):
+                    totals[key] += value
     return totals
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web import resource
+from twisted.web.client import Response
 from twisted.web.http_headers import Headers
 
 from onion_twisted.protocol import wire
@@ -183,10 +185,7 @@ class DeadlineTests(unittest.TestCase):
 
 class _AnsweringAgent:
     def request(self, method, uri, headers=None, bodyProducer=None):
-        from twisted.web.client import Response
-        from twisted.web.test.test_agent import AbortableStringTransport
-
-        response = Response((b"HTTP", 1, 1), 200, b"OK", Headers({}), AbortableStringTransport())
+        response = Response((b"HTTP", 1, 1), 200, b"OK", Headers({}), StringTransport())
         response._bodyDataReceived(b"{}")
         response._bodyDataFinished()
         return defer.succeed(response)

@@ -23,6 +23,7 @@ except ImportError:  # older treq
     from http.cookiejar import CookieJar as IndexableCookieJar
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.python.failure import Failure
 from twisted.web.client import (Agent, RequestTransmissionFailed, ResponseFailed,
                                 ResponseNeverReceived)
 from twisted.web.http_headers import Headers
@@ -247,21 +248,10 @@ class HTTPOutbound:
 
     def _guarded(self, coroutine) -> defer.Deferred:
         d = defer.ensureDeferred(coroutine)
-        expired = []  # whether the deadline cancelled it, or whoever awaited it
-
-        def expire():
-            expired.append(True)
-            d.cancel()
-
-        deadline = self.reactor.callLater(self.timeout, expire)
-
-        def stop_deadline(result):
-            if deadline.active():
-                deadline.cancel()
-            return result
-
-        d.addBoth(stop_deadline)
-        d.addErrback(_map_failure, expired)
+        # A cancellation by the deadline is the next hop's timeout; any other, by whoever
+        # awaited the answer, is NextHopAbandoned (_map_failure).
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_deadline_passed)
+        d.addErrback(_map_failure)
         return d
 
     async def _exchange(self, method: bytes, url: str, body, headers, any_status: bool = False):
@@ -303,14 +293,16 @@ def _error_name(body: bytes) -> str:
         return ""
 
 
-def _map_failure(failure, expired: list):
+def _deadline_passed(result, _timeout):
+    if isinstance(result, Failure) and _cancelled(result):
+        raise NextHopTimeout("next hop did not answer in time")
+    return result
+
+
+def _map_failure(failure):
     if failure.check(NextHopFailed, NextHopTimeout):
         return failure
-    if failure.check(defer.TimeoutError):
-        raise NextHopTimeout("next hop did not answer in time")
     if _cancelled(failure):
-        if expired:
-            raise NextHopTimeout("next hop did not answer in time")
         raise NextHopAbandoned("the answer was no longer awaited")
     from OpenSSL import SSL
     from twisted.internet import error as net_error

@@ -46,9 +46,13 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}),  # our me
 PAGE_PORT = 8080  # a peer's page with tls on (ui_listen's default port)
 
 
-def _get_json(url: str, timeout: float = 2.0, source: str | None = None):
+def _get(url: str, timeout: float = 2.0) -> bytes:
     with _OPENER.open(url, timeout=timeout) as response:
-        return json.loads(response.read())
+        return response.read()
+
+
+def _get_json(url: str, timeout: float = 2.0, source: str | None = None):
+    return json.loads(_get(url, timeout))
 
 
 class Member:
