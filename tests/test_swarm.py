@@ -6,7 +6,8 @@ chunks) with a third peer, carol, who shares what bob shares.
   bridge; the chunks are split between them and every chunk is written once.
 * A source that goes silent mid-download (as if killed: nothing it sends
   arrives, and nothing says so) leaves its chunks to the other: the download completes long before the
-  stall timeout, without a new attempt.
+  stall timeout, without a new attempt (the other's slot, out of chunks to claim, looks again
+  until the silent one's chunks are worth copies).
 * One source only: a single transfer asks for every chunk, as before.
 
 Time is the network's ``task.Clock``; nothing sleeps.

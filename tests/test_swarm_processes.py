@@ -25,6 +25,12 @@ sharer that served it, from the sharer's own log.
   row pre-written). His transfer shows ``mismatched`` and ``excluded`` and
   brought nothing; bob and carol bring every chunk, in one attempt; dave
   was asked once only (his log).
+* ``test_a_slow_sharers_last_chunks_come_from_the_faster_ones``: bob is
+  capped at 64 KiB/s (a chunk every four seconds), carol and dave at 1 MiB/s.
+  Bob's first block is 16 chunks, which would take him a minute; the
+  download completes verified in one attempt with bob having brought fewer
+  than 16 chunks: once carol and dave ran out of unclaimed chunks, they
+  were asked for copies of his (the endgame), and each chunk counted once.
 * ``test_a_sharer_killed_mid_download_leaves_its_chunks_to_the_others``:
   carol, capped at 128 KiB/s (a chunk every two seconds: her transfers last), is
   SIGKILLed while one of her uploads waits for her cap (so in the middle of
@@ -49,6 +55,7 @@ import sys
 
 from twisted.trial import unittest
 
+from onion_twisted.protocol.chunks import MIN_BLOCK_CHUNKS
 from tests.support.deferreds import current_reactor, inline
 from tests.support.e2e_network import LYING_SHARER, PIECE, E2ENetwork, file_root, log_matches
 from tests.support.processes import Member, PeerApiMixin, ProcessesMixin, poll_until
@@ -57,6 +64,7 @@ PEERS = {"alice": 101, "bob": 102, "carol": 103, "dave": 104}
 SHARERS = ("bob", "carol", "dave")
 CAP = 1 << 20           # each sharer's max_upload_rate: four 256 KiB chunks a second
 SLOW_CAP = 128 << 10    # the killed sharer's: a chunk every two seconds, so that it is caught mid-transfer
+SLOWEST_CAP = 64 << 10  # the slow sharer's: a chunk every four seconds, his first block a minute
 SIZE = 24 << 20         # 96 chunks: blocks of 16 (MIN_BLOCK_CHUNKS) for all three
 CHUNKS = SIZE // PIECE
 STALL_TIMEOUT = 30      # alice's: a transfer that stalls ends only after this
@@ -303,6 +311,35 @@ class LyingSharerTests(_SwarmCase):
                          f"dave was asked {len(self.served('dave'))} times; his transfers at alice: "
                          f"{by_sharer['dave']}{why}")
         self.assertEqual(done["attempts"], 1, f"errors seen: {watch.errors}{why}")
+
+
+class SlowSharerTests(_SwarmCase):
+    SLOW = "bob"
+
+    @inline
+    async def test_a_slow_sharers_last_chunks_come_from_the_faster_ones(self):
+        file, content, sha = random_file()
+        for name in SHARERS:
+            self.start_sharer(name, file, content, SLOWEST_CAP if name == self.SLOW else CAP)
+        self.start_alice()
+        await self.wait_ready(file, content, sha)
+
+        await self.ask("alice", file, sha)
+        watch = SwarmWatch(self, file)
+        done, took, why = await self.finished(watch, current_reactor().seconds())
+        log(f"done in {took:.1f} s, {done['attempts']} attempt(s); {self.summary(done)}{why}")
+
+        self.assertDone(done, file, content, sha)
+        self.assertEqual(done["attempts"], 1, f"errors seen: {watch.errors}{why}")
+        by_sharer = self.sources_by_sharer(done)
+        slow = sum(r["chunks"] for r in by_sharer[self.SLOW])
+        # Every first block is MIN_BLOCK_CHUNKS (16) of the 96: bob, at a chunk every four
+        # seconds, brought less than his, so the others brought some of it (endgame copies).
+        self.assertLess(slow, MIN_BLOCK_CHUNKS, f"the download waited for {self.SLOW}'s whole block: "
+                                                f"{by_sharer}{why}")
+        for name in SHARERS:
+            if name != self.SLOW:
+                self.assertGreater(sum(r["chunks"] for r in by_sharer[name]), 0, f"{name} brought no chunk")
 
 
 class KilledSharerTests(_SwarmCase):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from onion_twisted.peer.transfer import FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, SILENT_GAPS, Transfer
+from onion_twisted.peer.transfer import FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, SILENT_GAPS, Transfer, chunks_behind
 
 STALL = 60.0
 
@@ -81,3 +81,61 @@ class WatchTests(unittest.SynchronousTestCase):
         self.t.end("circuit broken (test)", circuit_failed=True)
         self.assertEqual(self.successResultOf(self.waiting), "circuit broken (test)")
         self.assertEqual((self.t.circuit_failed, self.t.source_failed), (True, False))
+
+
+def _transfer(claimed, asked_at, chunk_times=()):
+    t = Transfer(list(claimed))
+    t.asked_at = asked_at
+    for at in chunk_times:
+        t.heard(at)
+    return t
+
+
+class EndgameEstimateTests(unittest.SynchronousTestCase):
+    """Which chunks an endgame copy is worth asking for (docs 17.10, choice 62): those their own
+    source would bring later than a fresh request of the asking slot would."""
+
+    def test_a_fresh_request_is_estimated_from_the_slots_last_transfer(self):
+        t = _transfer(range(4), asked_at=10.0, chunk_times=(10.5, 10.7, 10.9, 11.1))
+        self.assertAlmostEqual(t.fresh_estimate(2), 0.5 + 0.2)
+        self.assertAlmostEqual(t.fresh_estimate(1), 0.5)
+        one = _transfer(range(4), asked_at=10.0, chunk_times=(10.5,))
+        self.assertAlmostEqual(one.fresh_estimate(2), 1.0)  # no gap yet: its first wait stands for it
+        self.assertIsNone(_transfer(range(4), asked_at=10.0).fresh_estimate(2))
+        self.assertIsNone(Transfer([1]).fresh_estimate(2))
+
+    def test_a_source_as_fast_as_a_fresh_request_gets_no_copies(self):
+        have = bytearray(10)
+        for i in range(8):
+            have[i] = 1
+        steady = _transfer(range(5, 10), asked_at=0.0, chunk_times=(1.0, 1.2, 1.4))  # owes 8, 9
+        self.assertEqual(chunks_behind([steady], have, now=1.5, fresh=0.7), set())
+
+    def test_the_chunks_a_slow_source_owes_past_a_fresh_request_are_behind(self):
+        have = bytearray(20)
+        slow = _transfer(range(10, 20), asked_at=0.0, chunk_times=(1.0, 3.0, 5.0))  # gap 2 s
+        for i in (10, 11, 12):
+            have[i] = 1
+        # It owes 13..19: 13 in 2 s, 14 in 4 s, ...; a fresh request brings chunks in 3 s.
+        self.assertEqual(chunks_behind([slow], have, now=5.0, fresh=3.0), set(range(14, 20)))
+
+    def test_a_source_gone_quiet_is_not_counted_on(self):
+        have = bytearray(4)
+        quiet = _transfer(range(4), asked_at=0.0, chunk_times=(1.0, 1.1))
+        have[0] = have[1] = 1
+        self.assertEqual(chunks_behind([quiet], have, now=1.2, fresh=1.0), set())
+        self.assertEqual(chunks_behind([quiet], have, now=3.0, fresh=1.0), {2, 3})  # silent 1.9 s: a gap that long
+
+    def test_a_transfer_without_two_chunks_is_behind_once_it_waited_longer_than_a_fresh_one(self):
+        have = bytearray(4)
+        starting = _transfer([2, 3], asked_at=0.0)
+        self.assertEqual(chunks_behind([starting], have, now=0.5, fresh=1.0), set())
+        self.assertEqual(chunks_behind([starting], have, now=1.5, fresh=1.0), {2, 3})
+
+    def test_transfers_over_or_asked_for_everything_are_left_out(self):
+        have = bytearray(4)
+        over = _transfer([0, 1], asked_at=0.0)
+        over.end("ok")
+        everything = Transfer(None)
+        everything.asked_at = 0.0
+        self.assertEqual(chunks_behind([over, everything], have, now=100.0, fresh=1.0), set())

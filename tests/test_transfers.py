@@ -189,6 +189,21 @@ class ChunkClaimsTests(unittest.SynchronousTestCase):
         self.claims.take([37])
         self.assertIsNone(self.claims.pick(self.map, 2, endgame=True))
 
+    def test_the_endgame_copies_only_chunks_said_to_be_behind(self):
+        self.claims.take(range(40))
+        for i in range(36):
+            self.map.mark(i)
+        asked = []
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=True, behind=lambda: asked.append(1) or {36, 38}),
+                         [36, 38])  # 39 and 37 are coming soon enough from their source
+        # Chunks owed, none behind: nothing now, and not None (the slot looks again later).
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=True, behind=set), [])
+        self.assertEqual(len(asked), 1)
+        self.claims.take(range(36, 40))
+        self.assertIsNone(self.claims.pick(self.map, 2, endgame=True, behind=set))  # every one asked twice
+        self.assertEqual(self.claims.pick(self.map, 2, endgame=False, behind=lambda: self.fail("not the endgame")),
+                         None)
+
     def test_given_back_chunks_are_free_again(self):
         block = self.claims.pick(self.map, 4, endgame=False)
         self.claims.take(block)

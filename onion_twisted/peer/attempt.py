@@ -8,10 +8,11 @@ comes back for more sooner and brings more), asks the tracker for it
 naming the transfers already under way (``avoid``: another source, if
 there is one), and when the block is in, claims the next. When no chunk is
 left unclaimed, an idle slot asks another source for what a slower one is
-still bringing (endgame): the first copy counts, the other is dropped. A
-source that stops (killed, stalled, excluded for lying) leaves its block
-to the others. With one source, one transfer asks for everything, as
-before swarming.
+still bringing, if that one would bring it later than a new request would
+(endgame): the first copy counts, the other is dropped. A source that
+stops (killed, stalled, excluded for lying) leaves its block to the
+others. With one source, one transfer asks for everything, as before
+swarming.
 
 The attempt ends when every slot has ended; whether the download is then
 whole, verified or asked again is the downloader's call (``Downloader``).
@@ -22,9 +23,9 @@ from __future__ import annotations
 from twisted.internet import defer
 
 from onion_twisted.peer.downloads import Download
-from onion_twisted.peer.transfer import Transfer
+from onion_twisted.peer.transfer import Transfer, chunks_behind
 from onion_twisted.protocol import e2e, merkle
-from onion_twisted.protocol.chunks import index_ranges
+from onion_twisted.protocol.chunks import ENDGAME_CHUNKS, index_ranges
 from onion_twisted.protocol.errors import ProtocolError
 from onion_twisted.protocol.messages import MAX_EXCLUDED, is_sha256, request_message
 
@@ -32,6 +33,9 @@ from onion_twisted.protocol.messages import MAX_EXCLUDED, is_sha256, request_mes
 NOBODY = ("not_found", "no_source")
 # Transfers in a row one slot may see end without a chunk before it gives up its place.
 MAX_FRUITLESS = 3
+# An endgame slot with no chunk worth a copy looks again after what a request of its own
+# takes (the time a chunk owed becomes worth one), within these bounds in seconds.
+MIN_ENDGAME_LOOK, ENDGAME_LOOK = 0.1, 1.0
 
 
 class SlotResult:
@@ -58,6 +62,7 @@ class Attempt:
         self.sources = max(1, sources)
         self.refused_on: dict = {}  # circuit -> chunks that came on it and did not authenticate
         self._answered: defer.Deferred | None = None  # the newest slot's first answer from the tracker
+        self._idle_slots: list[defer.Deferred] = []  # endgame slots waiting to look again (_idle)
 
     async def run(self) -> list[SlotResult]:
         d = self.d
@@ -93,14 +98,18 @@ class Attempt:
 
     async def _slot(self, first: bool = False) -> SlotResult:
         d, progress, result, fruitless = self.d, 0, SlotResult("nothing left to ask for"), 0
+        fresh = None  # seconds a request of this slot takes for an endgame's chunks, once known
         while not self.downloader.stopped:
             if d.chunks is not None and d.chunks.complete:
                 return SlotResult("ok", progress=progress)
             claimed = None
             if d.chunks is not None and (self.sources > 1 or d.chunks.have):
-                claimed = d.claim(self.sources, endgame=self.sources > 1)
+                claimed = d.claim(self.sources, endgame=self.sources > 1, behind=self._behind(fresh))
                 if claimed is None:
                     return SlotResult(result.why, progress=progress)
+                if not claimed:
+                    await self._idle(fresh)
+                    continue
             t = d.new_transfer(claimed)
             try:
                 result = await self._transfer(t, ask_first=first and progress == 0)
@@ -108,8 +117,10 @@ class Attempt:
                 d.release(t)
                 if t.refused:
                     self.refused_on[t.circuit] = self.refused_on.get(t.circuit, 0) + t.refused
+                self._wake_idle()
             progress += t.chunks
             fruitless = 0 if t.chunks else fruitless + 1
+            fresh = t.fresh_estimate(ENDGAME_CHUNKS) if t.chunks else fresh
             if result.ask_again and fruitless < MAX_FRUITLESS:
                 # That source failed (lied, went silent, stopped; the tracker picks another), or
                 # the circuit did (the keeper builds the next): ask again for what is missing,
@@ -122,12 +133,39 @@ class Attempt:
                 return result
         return SlotResult("the peer stopped", progress=progress)
 
+    async def _idle(self, fresh: float | None) -> None:
+        """An endgame slot with nothing worth a copy yet: until another slot's transfer
+        ends (the file may be whole, or chunks free again) or about ``fresh`` seconds pass."""
+        seconds = ENDGAME_LOOK if fresh is None else min(ENDGAME_LOOK, max(MIN_ENDGAME_LOOK, fresh))
+        waiting = defer.Deferred()
+        self._idle_slots.append(waiting)
+        timer = self.downloader.clock.callLater(seconds, self._wake_idle)
+        try:
+            await waiting
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _wake_idle(self) -> None:
+        idle, self._idle_slots = self._idle_slots, []
+        for waiting in idle:
+            waiting.callback(None)
+
+    def _behind(self, fresh: float | None):
+        """For the endgame: the chunks worth a copy (``chunks_behind``), or None (any) while
+        this slot does not know yet how long one of its requests takes."""
+        if fresh is None:
+            return None
+        d, clock = self.d, self.downloader.clock
+        return lambda: chunks_behind(d.transfers, d.chunks.bits, clock.seconds(), fresh)
+
     async def _transfer(self, t: Transfer, ask_first: bool) -> SlotResult:
         """Ask the tracker for ``t``'s chunks and wait for the transfer to end."""
         downloader, d = self.downloader, self.d
         try:
             t.circuit = await self.keeper.ready()
             request = self._request(t)
+            t.asked_at = downloader.clock.seconds()
             reply = await self.keeper.send_on(t.circuit, request)
         except ProtocolError as e:
             self._tracker_answered()

@@ -140,13 +140,13 @@ class Download:
         """This attempt's transfer a chunk or end of ``transfer`` belongs to."""
         return next((t for t in self.transfers if t.matches(transfer)), None)
 
-    def claim(self, sources: int, endgame: bool) -> list[int] | None:
+    def claim(self, sources: int, endgame: bool, behind=None) -> list[int] | None:
         """Chunk indexes for one more source (``ChunkClaims.pick``), or None: nothing to ask for."""
         if self.chunks is None:
             return None
         if self.claims is None or self.claims.count != self.chunks.count:
             self.claims = ChunkClaims(self.chunks.count)
-        return self.claims.pick(self.chunks, sources, endgame)
+        return self.claims.pick(self.chunks, sources, endgame, behind)
 
     def taken_e2e(self, end_to_end: bool) -> None:
         """The tracker's reply for one transfer: was it end to end (§13)?"""

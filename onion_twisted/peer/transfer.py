@@ -5,7 +5,9 @@ ask is a ``Transfer``, with the chunk indexes it claimed, its own
 ephemeral key (§13) and, once the sharer's ``transfer_start`` opened, its
 cipher. The tracker's reply names its transfer id; chunks may come before
 it (``saw``). It ends once (``end``): its ``transfer_end``, a stall, a lie,
-the download whole, or the circuit gone. Nothing here does I/O.
+the download whole, or the circuit gone. ``chunks_behind`` tells the
+endgame which chunks the transfers under way are slow to bring. Nothing
+here does I/O.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Transfer:
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
                  "refused", "chunks", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
-                 "circuit_failed", "circuit")
+                 "circuit_failed", "circuit", "asked_at")
 
     def __init__(self, claimed: list[int] | None):
         self.claimed = claimed             # chunk indexes asked of this source; None: all that are missing
@@ -55,6 +57,7 @@ class Transfer:
         self.source_failed = False         # it ended by its source's doing: lied, went silent, stopped
         self.circuit_failed = False        # it ended because the peer's circuit broke: ask again on the next
         self.circuit = None                # the peer's circuit its request went on (its chunks come back on it)
+        self.asked_at: float | None = None  # when its request went to the tracker
 
     def matches(self, transfer) -> bool:
         """Whether a chunk or end of ``transfer`` is this one's: its id, or before the reply one it saw."""
@@ -78,6 +81,21 @@ class Transfer:
         self.last_chunk_at = now
         if self.wake is not None and not self.wake.called:
             self.wake.callback(None)  # the wait re-arms its probe and silence timers from now
+
+    def mean_gap(self) -> float | None:
+        """Seconds between its chunks on average; None before two came."""
+        if self.heard_count < 2:
+            return None
+        return (self.last_chunk_at - self.first_chunk_at) / (self.heard_count - 1)
+
+    def fresh_estimate(self, chunks: int) -> float | None:
+        """Seconds a request like this one would take to bring ``chunks`` chunks, from how
+        this one went: its wait for the first chunk, then its mean gap (None before a chunk)."""
+        if self.asked_at is None or self.first_chunk_at is None:
+            return None
+        start = max(0.0, self.first_chunk_at - self.asked_at)
+        gap = self.mean_gap()
+        return start + (chunks - 1) * (gap if gap is not None else start)
 
     def end(self, outcome: str, source_failed: bool = False, circuit_failed: bool = False) -> None:
         """The transfer is over; the first outcome counts. ``source_failed``: by its source's
@@ -130,3 +148,32 @@ class Transfer:
             if timer.active():
                 timer.cancel()
         return self.outcome
+
+
+def chunks_behind(transfers, have, now: float, fresh: float) -> set[int]:
+    """The chunks ``transfers`` are bringing that a fresh request, ``fresh`` seconds away,
+    would likely bring sooner: what an endgame copy is worth asking for (docs 17.10, choice 62).
+
+    ``have[i]`` is nonzero for a chunk received. A source sends its block in order, so the
+    k-th chunk it still owes is expected k gaps from now, a gap being its mean gap between
+    chunks, or its silence so far when longer (a source gone quiet is not counted on). A
+    transfer with fewer than two chunks has no gap yet: all it owes is behind once it has
+    waited longer than ``fresh``.
+    """
+    behind: set[int] = set()
+    for t in transfers:
+        if t.outcome is not None or t.claimed is None:
+            continue
+        owed = [i for i in t.claimed if not have[i]]
+        last = t.last_chunk_at if t.last_chunk_at is not None else t.asked_at
+        since = now - last if last is not None else 0.0
+        gap = t.mean_gap()
+        if gap is None:
+            if since > fresh:
+                behind.update(owed)
+            continue
+        gap = max(gap, since)
+        first_late = next((k for k in range(len(owed)) if (k + 1) * gap > fresh), None)
+        if first_late is not None:
+            behind.update(owed[first_late:])
+    return behind

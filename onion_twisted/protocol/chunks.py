@@ -170,7 +170,7 @@ class ChunkClaims:
             if i < self.count and self.counts[i]:  # claims of a map replaced since are not here
                 self.counts[i] -= 1
 
-    def pick(self, chunk_map: ChunkMap, sources: int, endgame: bool) -> list[int] | None:
+    def pick(self, chunk_map: ChunkMap, sources: int, endgame: bool, behind=None) -> list[int] | None:
         """Chunk indexes for one more source, or None when there is nothing to ask for.
 
         With one source, every missing chunk at once. With more, a block of the
@@ -179,7 +179,9 @@ class ChunkClaims:
         MIN_BLOCK_CHUNKS while each source can have as many, then the tail
         shared evenly; at the end
         (``endgame``), missing chunks one other source is already bringing: the
-        first copy counts.
+        first copy counts. ``behind``, if given, is called then for the only chunks worth
+        a copy (those their source would bring later than a fresh request would); an
+        empty list says that chunks are owed, none of them behind yet: look again later.
         """
         # Whole-map passes at C speed (a map may have 2^22 chunks, and a download many
         # blocks): a zero byte of ``taken`` is a chunk neither received nor asked for.
@@ -190,10 +192,13 @@ class ChunkClaims:
             # twice crosses the network twice. The last of a block first: a source sends its
             # block in order, so those are the furthest from coming.
             once = _either(chunk_map.bits, self.counts.translate(_NOT_ONE))  # zero: asked once, missing
-            picked, end = [], self.count
+            picked, end, owed = [], self.count, False
+            worth = behind() if behind is not None else None
             while len(picked) < ENDGAME_CHUNKS and (end := once.rfind(0, 0, end)) >= 0:
-                picked.append(end)
-            return sorted(picked) or None
+                owed = True
+                if worth is None or end in worth:
+                    picked.append(end)
+            return sorted(picked) if owed else None
         if not free_count:
             return None
         if sources <= 1:
