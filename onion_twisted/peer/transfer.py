@@ -119,7 +119,7 @@ class Transfer:
             # its first chunks: its upload cap may be low (under churn, its circuit may be gone).
             patient = self.answered and self.claimed is None
             return stall_timeout / 2 if patient else min(stall_timeout, FIRST_SILENCE)
-        gap = (self.last_chunk_at - self.first_chunk_at) / (self.heard_count - 1)
+        gap = self.mean_gap()
         return min(stall_timeout, max(MIN_SILENCE, SILENT_GAPS * gap))
 
     async def wait_for_end(self, clock, stall_timeout: float, probe=None) -> str:
