@@ -30,7 +30,10 @@ Then, once for /2 circuits and once for /1 (one node, no TLS):
 
 Prints a table, writes ``bench/results.json`` and ``bench/results.md`` (the
 table with the machine it ran on). ``--quick``: a small file, fewer runs,
-to see that everything works (results to bench/out/ only).
+to see that everything works (results to bench/out/ only). ``--perf
+PREFIX``: each onion bulk run is also sampled by Linux ``perf`` over the
+whole machine (``PREFIX-PROFILE-RUN.data``); ``bench/perf_split.py`` tells
+where the cores' time went, by kind of work, and the report keeps that.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +52,7 @@ import threading
 import time
 from pathlib import Path
 
+import perf_split
 from common import cpu_seconds, machine, member_options, peer_api as api, percentile, sha256_of, vm
 from onion_twisted.ops.localnet import LocalNetwork
 
@@ -83,6 +88,26 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
+class PerfRecord:
+    """``perf record`` of every core's software clock into ``path`` while in the block (``--perf``)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self):
+        if self.path:
+            self.process = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-o", self.path],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # perf opens its buffers on every core before the run begins
+        return self
+
+    def __exit__(self, *exc):
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(60)
+
+
 def onion_download(net: LocalNetwork, name: str, pids: dict, timeout: float) -> dict:
     alice = net.page_address("alice")
     cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
@@ -114,7 +139,7 @@ def plain_download(bob_ip: str, alice_ip: str, port: int, name: str, out: Path) 
     return json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def bulk(net: LocalNetwork, args, tmp: Path) -> dict:
+def bulk(net: LocalNetwork, args, tmp: Path, profile: str) -> dict:
     pids = {m.name: m.process.pid for m in net.members}
     alice_ip, bob_ip = net.peer_ips["alice"], net.peer_ips["bob"]
     share = net.run_dir / "bob" / "share"
@@ -124,13 +149,17 @@ def bulk(net: LocalNetwork, args, tmp: Path) -> dict:
     server = subprocess.Popen([PY, str(BENCH / "plain_get.py"), "serve", "--listen", bob_ip,
                                "--port", str(plain_port), "--root", str(share)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    onion, plain = [], []
+    onion, plain, perf_files = [], [], []
     try:
         time.sleep(0.5)  # the plain server binds (the first GET below retries once if not)
         for run in range(1, args.runs + 1):
             name = f"bulk-{run}.bin"
             log(f"bulk run {run}/{args.runs}: onion ...")
-            result = onion_download(net, name, pids, timeout=args.timeout)
+            perf = f"{args.perf}-{profile}-{run}.data" if args.perf else None
+            with PerfRecord(perf):
+                result = onion_download(net, name, pids, timeout=args.timeout)
+            if perf:
+                perf_files.append(perf)
             got = net.run_dir / "alice" / "downloads" / name
             if sha256_of(got) != expected:
                 raise RuntimeError(f"{name}: alice's copy does not match bob's")
@@ -164,6 +193,7 @@ def bulk(net: LocalNetwork, args, tmp: Path) -> dict:
         "cpu_ms_per_mib_total": sum(cpu_per_mib.values()),
         "peak_rss_mib": {p: max(r["peak_rss"][p] for r in onion) / MIB for p in ("alice", "bob")},
         "hwm_mib": {p: max(r["hwm"][p] for r in onion) / MIB for p in ("alice", "bob")},
+        **({"perf": perf_split.combine([perf_split.split(f) for f in perf_files])} if perf_files else {}),
     }
 
 
@@ -293,7 +323,7 @@ def measure_network(profile: str, args, tmp: Path, only: set) -> dict:
             client_ip = str(__import__("ipaddress").IPv4Address(base) + 40)
             result["circuits"] = circuits(net, args, client_ip)
         if "bulk" in only:
-            result["bulk"] = bulk(net, args, run_dir)
+            result["bulk"] = bulk(net, args, run_dir, profile)
     finally:
         net.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -313,6 +343,8 @@ def main() -> int:
                         help="a peer option for both peers, e.g. window=16 (to compare settings)")
     parser.add_argument("--profiles", default=",".join(PROFILES),
                         help=f"networks to measure, side by side ({', '.join(PROFILES)})")
+    parser.add_argument("--perf", default=None, metavar="PREFIX",
+                        help="sample every onion bulk run with Linux perf into PREFIX-PROFILE-RUN.data")
     parser.add_argument("--only", default="bulk,circuits,relay,memory",
                         help="comma-separated subset of bulk,circuits,relay,memory")
     args = parser.parse_args()
@@ -323,6 +355,8 @@ def main() -> int:
     args.round_trips = args.round_trips or (20 if q else 200)
     args.circuits = args.circuits or (1000 if q else 10_000)
     only = set(args.only.split(","))
+    if args.perf and shutil.which("perf") is None:
+        parser.error("--perf needs Linux perf (Debian: apt-get install linux-perf)")
     profiles = [p for p in args.profiles.split(",") if p]
     unknown = set(profiles) - set(PROFILES)
     if unknown:
