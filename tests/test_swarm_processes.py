@@ -102,6 +102,17 @@ class _SwarmCase(SwarmNetwork, ProcessesMixin, PeerApiMixin, unittest.TestCase):
     def start_alice(self) -> Member:
         return self.start_test_peer("alice", chunk_size=PIECE, stall_timeout=STALL_TIMEOUT)
 
+    async def start_download(self, slow: str | None = None, slow_cap: int = CAP):
+        """The three sharers of a new file (``slow`` capped at ``slow_cap``, the others at
+        CAP) and alice, who asks for it once it is listed: (file, content, sha, watch)."""
+        file, content, sha = random_file()
+        for name in SHARERS:
+            self.start_sharer(name, file, content, slow_cap if name == slow else CAP)
+        self.start_alice()
+        await self.wait_ready(file, content, sha)
+        await self.ask("alice", file, sha)
+        return file, content, sha, SwarmWatch(self, file)
+
     async def wait_ready(self, file: str, content: bytes, sha: str) -> dict:
         """Until every sharer is capped and alice's catalogue row of ``file`` lists the three."""
         for name in SHARERS:
@@ -249,16 +260,8 @@ class SwarmWatch:
 class ThreeSharersTests(_SwarmCase):
     @inline
     async def test_three_capped_sharers_serve_one_download(self):
-        file, content, sha = random_file()
-        for name in SHARERS:
-            self.start_sharer(name, file, content)
-        self.start_alice()
-        await self.wait_ready(file, content, sha)
-
-        started = current_reactor().seconds()
-        await self.ask("alice", file, sha)
-        watch = SwarmWatch(self, file)
-        done, took, why = await self.finished(watch, started)
+        file, content, sha, watch = await self.start_download()
+        done, took, why = await self.finished(watch, watch.began)
         log(f"done in {took:.1f} s, {done['attempts']} attempt(s), at most {watch.most_transfers} transfers "
             f"at once; {self.summary(done)}{why}")
 
@@ -318,14 +321,7 @@ class SlowSharerTests(_SwarmCase):
 
     @inline
     async def test_a_slow_sharers_last_chunks_come_from_the_faster_ones(self):
-        file, content, sha = random_file()
-        for name in SHARERS:
-            self.start_sharer(name, file, content, SLOWEST_CAP if name == self.SLOW else CAP)
-        self.start_alice()
-        await self.wait_ready(file, content, sha)
-
-        await self.ask("alice", file, sha)
-        watch = SwarmWatch(self, file)
+        file, content, sha, watch = await self.start_download(self.SLOW, SLOWEST_CAP)
         done, took, why = await self.finished(watch, current_reactor().seconds())
         log(f"done in {took:.1f} s, {done['attempts']} attempt(s); {self.summary(done)}{why}")
 
@@ -347,14 +343,7 @@ class KilledSharerTests(_SwarmCase):
 
     @inline
     async def test_a_sharer_killed_mid_download_leaves_its_chunks_to_the_others(self):
-        file, content, sha = random_file()
-        for name in SHARERS:
-            self.start_sharer(name, file, content, SLOW_CAP if name == self.VICTIM else CAP)
-        self.start_alice()
-        await self.wait_ready(file, content, sha)
-
-        await self.ask("alice", file, sha)
-        watch = SwarmWatch(self, file)
+        file, content, sha, watch = await self.start_download(self.VICTIM, SLOW_CAP)
         victim = self.peers[self.VICTIM]
 
         # Carol in the middle of a transfer to alice: she brought chunks, and an upload of
