@@ -39,6 +39,7 @@ where the cores' time went, by kind of work, and the report keeps that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -88,24 +89,20 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
-class PerfRecord:
+@contextlib.contextmanager
+def perf_record(path: str | None):
     """``perf record`` of every core's software clock into ``path`` while in the block (``--perf``)."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self):
-        if self.path:
-            self.process = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-o", self.path],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)  # perf opens its buffers on every core before the run begins
-        return self
-
-    def __exit__(self, *exc):
-        if self.process is not None:
-            self.process.send_signal(signal.SIGINT)
-            self.process.wait(60)
+    process = None if not path else subprocess.Popen(
+        ["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-o", path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if process is not None:
+        time.sleep(0.5)  # perf opens its buffers on every core before the run begins
+    try:
+        yield
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
 
 
 def onion_download(net: LocalNetwork, name: str, pids: dict, timeout: float) -> dict:
@@ -156,7 +153,7 @@ def bulk(net: LocalNetwork, args, tmp: Path, profile: str) -> dict:
             name = f"bulk-{run}.bin"
             log(f"bulk run {run}/{args.runs}: onion ...")
             perf = f"{args.perf}-{profile}-{run}.data" if args.perf else None
-            with PerfRecord(perf):
+            with perf_record(perf):
                 result = onion_download(net, name, pids, timeout=args.timeout)
             if perf:
                 perf_files.append(perf)
