@@ -87,8 +87,9 @@ class IdleSlotTests(unittest.SynchronousTestCase):
         self.finish_busy(SlotResult("ok"))
         self.successResultOf(self.busy)
 
-    def test_a_slot_that_brought_chunks_asks_only_for_copies_of_what_is_behind(self):
-        # Its first claim knew nothing of its own pace (None: any copy); the next passes a filter.
+    def test_a_slot_passes_the_endgame_filter_once_it_knows_its_own_pace(self):
+        # Its first claim knew nothing of its own pace (None: any copy); the next passes a filter
+        # (what the filter keeps: tests.test_transfer_watch.EndgameEstimateTests).
         self.finish_busy(SlotResult("ok"))
         self.assertIsNone(self.d.claims[0])
         self.assertTrue(callable(self.d.claims[-1]))

@@ -173,7 +173,6 @@ def chunks_behind(transfers, have, now: float, fresh: float) -> set[int]:
                 behind.update(owed)
             continue
         gap = max(gap, since)
-        first_late = next((k for k in range(len(owed)) if (k + 1) * gap > fresh), None)
-        if first_late is not None:
-            behind.update(owed[first_late:])
+        if gap > 0:  # the k-th owed (from 0) is due in (k + 1) gaps: late from k = fresh // gap on
+            behind.update(owed[int(fresh // gap):])
     return behind

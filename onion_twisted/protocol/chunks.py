@@ -192,13 +192,14 @@ class ChunkClaims:
             # twice crosses the network twice. The last of a block first: a source sends its
             # block in order, so those are the furthest from coming.
             once = _either(chunk_map.bits, self.counts.translate(_NOT_ONE))  # zero: asked once, missing
-            picked, end, owed = [], self.count, False
+            if once.find(0) < 0:
+                return None  # every missing chunk is asked twice already
+            picked, end = [], self.count
             worth = behind() if behind is not None else None
             while len(picked) < ENDGAME_CHUNKS and (end := once.rfind(0, 0, end)) >= 0:
-                owed = True
                 if worth is None or end in worth:
                     picked.append(end)
-            return sorted(picked) if owed else None
+            return sorted(picked)
         if not free_count:
             return None
         if sources <= 1:
