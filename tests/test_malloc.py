@@ -6,7 +6,8 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from onion_twisted.net.config import parse
-from onion_twisted.net.malloc import TRIM_INTERVAL, TRIM_SLACK, HeapTrimmer, _MallInfo2, _glibc
+from onion_twisted.net.malloc import (CAP_INTERVAL, RSS_CEILING, TRIM_INTERVAL, TRIM_SLACK, HeapTrimmer, _MallInfo2,
+                                      _glibc, resident_bytes)
 from onion_twisted.net.member_service import MemberService
 
 
@@ -44,6 +45,32 @@ class HeapTrimmerTests(unittest.TestCase):
         self.assertIsNone(trimmer.free_bytes())
         self.assertFalse(trimmer())
 
+    def test_above_the_ceiling_the_free_pages_go_back_at_once(self):
+        libc = FakeLibc(0)  # whatever glibc counts as free: the resident size decides
+        trimmer = HeapTrimmer(libc=libc, resident=lambda: RSS_CEILING + 1)
+        self.assertTrue(trimmer.cap())
+        self.assertEqual((libc.trimmed, trimmer.trims, trimmer.cap_trims), ([0], 1, 1))
+
+    def test_at_or_under_the_ceiling_nothing_is_trimmed(self):
+        libc = FakeLibc(TRIM_SLACK * 4)
+        trimmer = HeapTrimmer(libc=libc, resident=lambda: RSS_CEILING)
+        self.assertFalse(trimmer.cap())
+        self.assertEqual((libc.trimmed, trimmer.cap_trims), ([], 0))
+
+    def test_without_a_resident_size_the_ceiling_is_not_checked(self):
+        libc = FakeLibc(TRIM_SLACK * 4)
+        trimmer = HeapTrimmer(libc=libc, resident=lambda: None)
+        self.assertFalse(trimmer.cap())
+        self.assertFalse(HeapTrimmer(libc=object(), resident=lambda: RSS_CEILING * 2).cap())
+        self.assertEqual(libc.trimmed, [])
+
+    def test_the_real_resident_size_is_read(self):
+        resident = resident_bytes()
+        if resident is None:
+            raise unittest.SkipTest("no /proc/self/statm here")
+        self.assertGreater(resident, 1024 * 1024)  # an interpreter with Twisted loaded
+        self.assertLess(resident, 1 << 40)
+
     def test_the_real_heap_answers(self):
         if getattr(_glibc(), "mallinfo2", None) is None:
             raise unittest.SkipTest("no glibc 2.33 here")
@@ -56,9 +83,25 @@ class HeapTrimmerTests(unittest.TestCase):
         cfg = parse("node", overrides={"data_dir": self.mktemp(), "listen": "127.0.0.1"})
         member = MemberService(cfg, reactor=clock)
         libc = FakeLibc(TRIM_SLACK * 2)
-        member.heap.__init__(libc=libc)  # the same trimmer, which the timer calls, on the fake heap
+        # The same trimmer, which the timers call, on a fake heap under the ceiling.
+        member.heap.__init__(libc=libc, resident=lambda: RSS_CEILING)
         member.startService()
         self.addCleanup(member.stopService)
         self.assertEqual(len(libc.trimmed), 1)  # at start, then every TRIM_INTERVAL
         clock.advance(TRIM_INTERVAL)
         self.assertEqual(len(libc.trimmed), 2)
+
+    def test_every_member_checks_its_resident_size_on_a_shorter_timer(self):
+        clock = task.Clock()
+        cfg = parse("node", overrides={"data_dir": self.mktemp(), "listen": "127.0.0.1"})
+        member = MemberService(cfg, reactor=clock)
+        libc = FakeLibc(0)  # the slack rule never trims: only the ceiling does
+        member.heap.__init__(libc=libc, resident=lambda: RSS_CEILING + 1)
+        member.startService()
+        self.addCleanup(member.stopService)
+        self.assertLess(CAP_INTERVAL, TRIM_INTERVAL)
+        self.assertEqual(member.heap.cap_trims, 1)  # at start
+        clock.advance(CAP_INTERVAL)
+        self.assertEqual(member.heap.cap_trims, 2)
+        clock.advance(CAP_INTERVAL)
+        self.assertEqual((member.heap.cap_trims, len(libc.trimmed)), (3, 3))

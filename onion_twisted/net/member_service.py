@@ -16,7 +16,7 @@ from onion_twisted.net.tls_transport import BulkTLSFactory
 from onion_twisted.net.config import UI_PORT
 from onion_twisted.net.http_client import HTTPOutbound
 from onion_twisted.net.http_server import QuietSite
-from onion_twisted.net.malloc import TRIM_INTERVAL, HeapTrimmer
+from onion_twisted.net.malloc import CAP_INTERVAL, TRIM_INTERVAL, HeapTrimmer
 
 
 class MemberService(service.MultiService):
@@ -34,6 +34,7 @@ class MemberService(service.MultiService):
                                      max_response=cfg["max_body"] * 2, tls=self.tls)
         self.heap = HeapTrimmer()  # free heap back to the system (malloc.py)
         self.every(TRIM_INTERVAL, self.heap)
+        self.every(CAP_INTERVAL, self.heap.cap)
 
     def _site(self, resource) -> QuietSite:
         return QuietSite(resource, max_body=self.cfg["max_body"], reactor=self.reactor,
