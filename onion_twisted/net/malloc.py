@@ -116,17 +116,18 @@ class HeapTrimmer:
         free = self.free_bytes()
         if free is None or free <= self.slack:
             return False
-        self._malloc_trim(0)
-        self.trims += 1
-        return True
+        return self._trim()
 
     def cap(self) -> bool:
-        if self._mallinfo2 is None or self._malloc_trim is None:
+        if self.free_bytes() is None:  # no glibc to trim with
             return False
         resident = self.resident()
         if resident is None or resident <= self.ceiling:
             return False
+        self.cap_trims += 1
+        return self._trim()
+
+    def _trim(self) -> bool:
         self._malloc_trim(0)
         self.trims += 1
-        self.cap_trims += 1
         return True
