@@ -322,7 +322,7 @@ class SlowSharerTests(_SwarmCase):
     @inline
     async def test_a_slow_sharers_last_chunks_come_from_the_faster_ones(self):
         file, content, sha, watch = await self.start_download(self.SLOW, SLOWEST_CAP)
-        done, took, why = await self.finished(watch, current_reactor().seconds())
+        done, took, why = await self.finished(watch, watch.began)
         log(f"done in {took:.1f} s, {done['attempts']} attempt(s); {self.summary(done)}{why}")
 
         self.assertDone(done, file, content, sha)

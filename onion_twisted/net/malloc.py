@@ -106,9 +106,14 @@ class HeapTrimmer:
         self.trims = 0
         self.cap_trims = 0  # of which ``cap``'s
 
+    @property
+    def can_trim(self) -> bool:
+        """Whether this glibc has ``mallinfo2`` (2.33 and later) and ``malloc_trim``."""
+        return self._mallinfo2 is not None and self._malloc_trim is not None
+
     def free_bytes(self) -> int | None:
         """Bytes the heap holds free (the top included), or None without glibc 2.33."""
-        if self._mallinfo2 is None or self._malloc_trim is None:
+        if not self.can_trim:
             return None
         return self._mallinfo2().fordblks
 
@@ -119,7 +124,7 @@ class HeapTrimmer:
         return self._trim()
 
     def cap(self) -> bool:
-        if self.free_bytes() is None:  # no glibc to trim with
+        if not self.can_trim:  # (not free_bytes(): mallinfo2 walks the heap's bins, four times a second here)
             return False
         resident = self.resident()
         if resident is None or resident <= self.ceiling:

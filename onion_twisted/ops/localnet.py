@@ -51,7 +51,7 @@ def _get(url: str, timeout: float = 2.0) -> bytes:
         return response.read()
 
 
-def _get_json(url: str, timeout: float = 2.0, source: str | None = None):
+def _get_json(url: str, timeout: float = 2.0):
     return json.loads(_get(url, timeout))
 
 
