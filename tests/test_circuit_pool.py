@@ -27,6 +27,9 @@ import os
 from twisted.internet import task
 from twisted.trial import unittest
 
+from types import SimpleNamespace
+
+from onion_twisted.peer.circuit_pool import _ends_apart_from
 from onion_twisted.peer.download_state import DONE
 from onion_twisted.peer.keeper import CONNECTED, IDLE_CLOSE, RETRY_ROTATION, WAITING
 from onion_twisted.protocol.directory import pick_path
@@ -100,6 +103,23 @@ class DownloadCircuitTests(PoolCase):
         self.assertEqual([m["files"] for m in self.net.messages_on(key, "ls")], [[]])  # announced nothing
         self.assertEqual(ends(announcing) & ends(download[0]), set())
 
+    @inline
+    async def test_circuits_built_at_once_keep_their_ends_apart(self):
+        # Two keepers building in the same turns (rotations due together): each pick must see the
+        # path the other picked, not only its connected circuits (there are none here).
+        await self.start("at-once.bin", os.urandom(16384), ticks=False)
+        pool = self.net.alice.circuits
+        announcing, download = pool.announcing, pool.for_downloads[0]
+        for round_ in range(6):  # paths are drawn at random: apart by chance one time in six
+            for keeper in (announcing, download):
+                if keeper.circuit is not None:
+                    keeper._close_idle(keeper.circuit, "closed by the test")
+            built = [keeper.ready() for keeper in (announcing, download)]
+            self.net.pump(until=lambda: all(b.called for b in built))
+            first, second = (self.successResultOf(b) for b in built)
+            self.assertEqual(ends(first) & ends(second), set(), f"round {round_}")
+            self.assertEqual((announcing.building, download.building), ([], []))
+
     def test_the_ends_are_drawn_apart_when_the_directory_allows(self):
         import random
         nodes = list(self.net.alice.directory.current.nodes.values()) if self.net.alice.directory.current else []
@@ -132,6 +152,24 @@ class DownloadCircuitTests(PoolCase):
         self.net.pump(until=lambda: d.state is DONE or d.error is not None)
         self.assertEqual(d.state, DONE, d.error)
         self.assertTrue(any(k.circuit is not None and k.circuit is not used for k in alice.circuits.for_downloads))
+
+
+def _path(*hosts):
+    return [SimpleNamespace(address=SimpleNamespace(host=h)) for h in hosts]
+
+
+class _Circuit:  # hashable, as a keeper's draining circuits are its dict's keys
+    def __init__(self, *hosts):
+        self.hops = _path(*hosts)
+
+
+class EndsApartFromTests(unittest.SynchronousTestCase):
+    def test_every_circuit_first_then_the_connected_and_new_ones_only(self):
+        keeper = SimpleNamespace(circuit=_Circuit("a", "m", "b"), building=[_path("c", "m", "d")],
+                                 draining={_Circuit("e", "m", "f"): 0.0})
+        idle = SimpleNamespace(circuit=None, building=[], draining={})
+        self.assertEqual(_ends_apart_from([keeper, idle]), [set("abcdef"), set("abcd")])
+        self.assertEqual(_ends_apart_from([idle]), [set(), set()])
 
 
 class RotationTests(PoolCase):

@@ -1,5 +1,7 @@
 """directory.py: the tracker's signed node list, mirrored byte for byte (PROTOCOL.md §6)."""
 
+import random
+
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.trial import unittest
@@ -175,3 +177,33 @@ class UsableNodesTests(unittest.SynchronousTestCase):
 
     def test_everyone_when_too_few_are_left(self):
         self.assertEqual(self.usable(failed=[0, 1, 2, 3, 4]), [0, 1, 2, 3, 4, 5])
+
+
+class PickApartTests(unittest.SynchronousTestCase):
+    """pick_apart: a path's ends apart from the first set of hosts (in order of preference) the
+    directory allows; ends_apart: whether it allows one."""
+
+    def setUp(self):
+        from onion_twisted.protocol.directory import NodeEntry
+        self.nodes = [NodeEntry(wire.parse_address(f"127.0.0.{11 + i}", 5000), "", str(i)) for i in range(6)]
+        self.hosts = [n.address.host for n in self.nodes]
+
+    def ends(self, tiers, seed):
+        from onion_twisted.protocol.directory import pick_apart
+        path = pick_apart(self.nodes, 3, random.Random(seed), (), [{self.hosts[i] for i in t} for t in tiers])
+        self.assertEqual(len({n.address.host for n in path}), 3)
+        return {self.hosts.index(path[0].address.host), self.hosts.index(path[-1].address.host)}
+
+    def test_the_first_set_the_directory_allows_is_kept_apart_from(self):
+        for seed in range(30):
+            self.assertEqual(self.ends([[0, 1, 2, 3], [0]], seed), {4, 5})
+
+    def test_a_set_too_large_gives_way_to_the_next(self):
+        for seed in range(30):
+            self.assertEqual(self.ends([[0, 1, 2, 3, 4], [0, 1]], seed) & {0, 1}, set())
+
+    def test_ends_apart_needs_two_hosts_outside_the_set(self):
+        from onion_twisted.protocol.directory import ends_apart
+        self.assertTrue(ends_apart(self.nodes, 3, set(self.hosts[:4])))
+        self.assertFalse(ends_apart(self.nodes, 3, set(self.hosts[:5])))
+        self.assertFalse(ends_apart(self.nodes[:2], 3))  # too few for a path at all

@@ -98,11 +98,11 @@ class CircuitPool:
 
     # --- isolation --------------------------------------------------------------------------
 
-    def _announcing_ends(self) -> set:
-        return _ends(self.announcing.circuits())
+    def _announcing_ends(self) -> list[set]:
+        return _ends_apart_from([self.announcing])
 
-    def _download_ends(self) -> set:
-        return _ends(c for k in self.for_downloads for c in k.circuits())
+    def _download_ends(self) -> list[set]:
+        return _ends_apart_from(self.for_downloads)
 
     # --- rotation -----------------------------------------------------------------------------
 
@@ -125,6 +125,16 @@ class CircuitPool:
         return [k.status(now) for k in self.keepers if k.circuit is not None or k is self.announcing]
 
 
-def _ends(circuits) -> set:
-    """The hosts of the entries and exits of ``circuits``."""
-    return {host for c in circuits if c.hops for host in (c.hops[0].address.host, c.hops[-1].address.host)}
+def _ends_apart_from(keepers) -> list[set]:
+    """What a circuit of another purpose keeps its entry and exit apart from (``pick_apart``):
+    the ends of every circuit of ``keepers``, connected, draining or being built (two keepers
+    rotate at once: each must see the other's new path); else, when the directory has too few
+    nodes for that, those of their connected and new circuits only (the draining ones go soon)."""
+    current = [k.circuit.hops for k in keepers if k.circuit is not None] + [p for k in keepers for p in k.building]
+    every = current + [c.hops for k in keepers for c in k.draining]
+    return [_ends(every), _ends(current)]
+
+
+def _ends(paths) -> set:
+    """The hosts of the entries and exits of ``paths`` (a circuit's hops or a picked path)."""
+    return {host for path in paths if path for host in (path[0].address.host, path[-1].address.host)}

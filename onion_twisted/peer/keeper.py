@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from onion_twisted.net.results import SharedResult
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.protocol import ntor, wire
-from onion_twisted.protocol.directory import pick_path, usable_nodes
+from onion_twisted.protocol.directory import pick_apart
 from onion_twisted.protocol.errors import BadRequest, ProtocolError, UnknownCircuit
 from onion_twisted.protocol.messages import list_message
 
@@ -74,12 +74,10 @@ class CircuitKeeper:
     log = Logger()
 
     def __init__(self, *, clock, outbound, directory, tracker: wire.Address, data_dir, bootstrap=(),
-                 hops: int = 3, rng: random.Random | None = None,
-                 first_message: Callable[[], dict],
-                 on_connected: Callable[[dict, object], None],
-                 on_broken: Callable[[Circuit, str], None],
+                 hops: int = 3, rng: random.Random | None = None, first_message: Callable[[], dict],
+                 on_connected: Callable[[dict, object], None], on_broken: Callable[[Circuit, str], None],
                  purpose: str = "announcing", lifetime: float = 0.0, retires_idle: bool = False,
-                 avoid_ends: Callable[[], set] = set,
+                 avoid_ends: Callable[[], list[set]] = lambda: [set()],
                  on_rotated: Callable[[Circuit], None] = lambda old: None,
                  in_use: Callable[[Circuit], bool] = lambda circuit: False):
         """``first_message()`` is the ``ls`` a new circuit carries to the tracker;
@@ -88,7 +86,7 @@ class CircuitKeeper:
         draining) broke. ``lifetime`` (0: never) and ``on_rotated(old circuit)``:
         rotation, see above; ``in_use(circuit)``: whether something still runs on
         it. ``avoid_ends()``: hosts our entry and exit should not be (the peer's
-        circuits of other purposes)."""
+        circuits of other purposes), as sets in order of preference (``pick_apart``)."""
         self.clock = clock
         self.outbound = outbound
         self.directory = directory
@@ -109,6 +107,7 @@ class CircuitKeeper:
 
         self.circuit: Circuit | None = None
         self.draining: dict[Circuit, float] = {}  # replaced circuits still carrying work -> since
+        self.building: list[list] = []  # the node paths of builds under way: their ends are taken too
         self.rotations = 0
         self.users = 0  # downloads that took this keeper (CircuitPool.for_download)
         self._rotation = None  # the call that replaces the connected circuit
@@ -141,8 +140,7 @@ class CircuitKeeper:
     def adopt(self, circuit: Circuit) -> None:
         """A circuit connected elsewhere (tests and tools build one by hand) becomes ours."""
         self._move(CONNECTED, "connected")
-        self.circuit = circuit
-        self.since = self.clock.seconds()
+        self.circuit, self.since = circuit, self.clock.seconds()
         self._schedule_rotation()
 
     @property
@@ -203,6 +201,7 @@ class CircuitKeeper:
         nodes, circuit = [], None
         try:
             nodes, tracker_onion_key = await self._pick_nodes()
+            self.building.append(nodes)  # in the same turn as the pick: any later pick sees it
             self.detail = f"building a circuit through {len(nodes)} nodes" if self.circuit is None else self.detail
             circuit = Circuit(self.outbound, nodes, self.tracker, tracker_onion_key=tracker_onion_key,
                               tracker_id=await self._tracker_id() if tracker_onion_key else None)
@@ -214,15 +213,17 @@ class CircuitKeeper:
             if circuit is not None and circuit.built:
                 self.destroy_quietly(circuit)
             raise
+        finally:
+            self.building = [path for path in self.building if path is not nodes]
         return circuit, announcement, reply
 
     async def _pick_nodes(self):
         directory = await self._fresh_directory()
-        now, avoid = self.clock.seconds(), self.avoid_ends()
+        now = self.clock.seconds()
         failed_lately = {address for address, until in self._suspect.items() if until > now}
-        candidates = usable_nodes(directory.nodes.values(), self.hops, failed_lately, avoid)
         try:
-            return pick_path(candidates, self.hops, self.rng, avoid), directory.tracker_onion_key
+            return (pick_apart(directory.nodes.values(), self.hops, self.rng, failed_lately, self.avoid_ends()),
+                    directory.tracker_onion_key)
         except ValueError as e:
             raise BadRequest(str(e)) from None
 

@@ -116,10 +116,26 @@ def usable_nodes(entries, count: int, avoided=(), avoid_ends=()) -> list:
     tiers = ([e for e in entries if e.address not in avoided],
              [e for e in entries if e.address not in avoided or e.address.host not in avoid_ends])
     for tier in tiers:
-        hosts = {e.address.host for e in tier}
-        if len(hosts) >= count and (not avoid_ends or len(hosts - avoid_ends) >= min(2, count)):
+        if ends_apart(tier, count, avoid_ends):
             return tier
     return entries
+
+
+def ends_apart(entries, count: int, avoid_ends=()) -> bool:
+    """Whether ``entries`` make a path of ``count`` whose entry and exit are not in ``avoid_ends``."""
+    hosts = {e.address.host for e in entries}
+    return len(hosts) >= count and len(hosts - set(avoid_ends)) >= min(2, count)
+
+
+def pick_apart(entries, count: int, rng, avoided=(), avoid_tiers=((),)) -> list:
+    """``pick_path`` from ``usable_nodes``, its ends apart from the first of ``avoid_tiers``
+    (sets of hosts, in order of preference) that the entries allow, else the last."""
+    entries = list(entries)
+    for avoid in avoid_tiers:
+        candidates = usable_nodes(entries, count, avoided, avoid)
+        if ends_apart(candidates, count, avoid):
+            break
+    return pick_path(candidates, count, rng, avoid)
 
 
 def pick_path(entries, count: int, rng, avoid_ends=()) -> list:
