@@ -7,7 +7,8 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from onion_twisted.peer.transfer import FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, SILENT_GAPS, Transfer, chunks_behind
+from onion_twisted.peer.transfer import (FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, RECHECK_GAPS, SILENT_GAPS, Transfer,
+                                         chunks_behind)
 
 STALL = 60.0
 
@@ -83,6 +84,75 @@ class WatchTests(unittest.SynchronousTestCase):
         self.assertEqual((self.t.circuit_failed, self.t.source_failed), (True, False))
 
 
+class ReplacedSourceTests(unittest.SynchronousTestCase):
+    """A source whose sharer announced the file on a new circuit (its old one lost a node;
+    the tracker still lists both) is given up after RECHECK_GAPS of its gaps, not SILENT_GAPS."""
+
+    GAP = 2.0  # seconds between chunks: RECHECK_GAPS of them are over MIN_SILENCE
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.t = Transfer(None)
+        self.probes: list[float] = []
+        self.new_circuit = False
+        self.waiting = defer.ensureDeferred(self.t.wait_for_end(
+            self.clock, STALL, probe=lambda: self.probes.append(self.clock.seconds()),
+            replaced=lambda: self.new_circuit))
+        for _ in range(10):
+            self.clock.advance(self.GAP)
+            self.t.heard(self.clock.seconds())
+        self.silence_began = self.clock.seconds()
+        del self.probes[:]  # those of the gaps between the chunks
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        """Time passes in small steps, so a probe is recorded when it is due."""
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() + step < end:
+            self.clock.advance(step)
+        self.clock.advance(end - self.clock.seconds())
+
+    def test_a_quiet_source_is_given_up_after_a_few_gaps_once_a_new_circuit_shares_the_file(self):
+        self.new_circuit = True
+        recheck = RECHECK_GAPS * self.GAP
+        self.assertEqual(self.t.recheck_after(), recheck)
+        self.clock.advance(recheck - 0.1)
+        self.assertNoResult(self.waiting)
+        self.clock.advance(0.2)
+        self.assertEqual(self.successResultOf(self.waiting),
+                         f"no chunk for {recheck:.0f} s, and a new circuit shares the file")
+        self.assertTrue(self.t.source_failed)
+
+    def test_without_a_new_circuit_the_source_keeps_its_whole_silence_and_is_probed_at_every_mark(self):
+        limit = SILENT_GAPS * self.GAP
+        self.advance(limit - 0.1)
+        self.assertNoResult(self.waiting)
+        recheck = RECHECK_GAPS * self.GAP
+        marks = [PROBE_AFTER] + [k * recheck for k in range(1, SILENT_GAPS // RECHECK_GAPS)]
+        self.assertEqual([round(p - self.silence_began, 1) for p in self.probes], marks)
+        self.clock.advance(0.2)
+        self.assertEqual(self.successResultOf(self.waiting), f"stalled: no chunk for {limit:.0f} s")
+
+    def test_a_probe_reply_that_lists_a_new_circuit_ends_the_wait_at_once(self):
+        recheck = RECHECK_GAPS * self.GAP
+        self.advance(recheck + 1)  # probed at the mark; the catalogue had no new circuit then
+        self.assertNoResult(self.waiting)
+        self.assertEqual(len(self.probes), 2)
+        self.new_circuit = True
+        self.t.poke()  # the probe's reply came: the catalogue lists one more circuit
+        self.assertTrue(self.successResultOf(self.waiting).startswith(f"no chunk for {recheck + 1:.0f} s"))
+        self.assertEqual(self.clock.getDelayedCalls(), [], "a timer was left behind")
+
+    def test_before_two_chunks_a_new_circuit_changes_nothing(self):
+        first = Transfer([0, 1, 2])  # a block: FIRST_SILENCE until its second chunk
+        first.heard(self.clock.seconds())
+        self.assertIsNone(first.recheck_after())
+        waiting = defer.ensureDeferred(first.wait_for_end(self.clock, STALL, replaced=lambda: True))
+        self.clock.advance(FIRST_SILENCE - 0.5)
+        self.assertNoResult(waiting)
+        self.clock.advance(1)
+        self.assertTrue(self.successResultOf(waiting).startswith("stalled"))
+
+
 def _transfer(claimed, asked_at, chunk_times=()):
     t = Transfer(list(claimed))
     t.asked_at = asked_at
@@ -139,3 +209,64 @@ class EndgameEstimateTests(unittest.SynchronousTestCase):
         everything = Transfer(None)
         everything.asked_at = 0.0
         self.assertEqual(chunks_behind([over, everything], have, now=100.0, fresh=1.0), set())
+
+
+class _Keeper:
+    def __init__(self):
+        self.probes: list = []
+
+    def probe(self, circuit, take_reply=None):
+        self.probes.append((circuit, take_reply))
+
+
+class _Downloader:
+    def __init__(self):
+        self.listed = 1
+        self.catalogues: list = []
+
+    def count_sources(self, name, sha256, root):
+        return self.listed
+
+    def take_catalogue(self, reply):
+        self.catalogues.append(reply)
+
+
+class _Download:
+    name, sha256, root = "a.bin", None, None
+
+
+class AttemptProbeTests(unittest.SynchronousTestCase):
+    """How an attempt wires a transfer's probe and its look for a new circuit to the peer's
+    keeper and catalogue (``Attempt._probe``, ``Attempt._replaced``)."""
+
+    def setUp(self):
+        from onion_twisted.peer.attempt import Attempt
+        self.keeper, self.downloader = _Keeper(), _Downloader()
+        self.attempt = Attempt(self.downloader, _Download(), self.keeper, circuit=None, sources=1)
+        self.t = Transfer(None)
+        self.t.circuit = object()
+
+    def test_a_probe_goes_on_the_transfers_circuit_and_its_reply_is_the_catalogue(self):
+        clock = task.Clock()
+        self.t.heard(0.0)
+        self.t.heard(1.0)
+        waiting = defer.ensureDeferred(self.t.wait_for_end(clock, STALL))
+        clock.advance(1.5)
+        self.attempt._probe(self.t)
+        ((circuit, take),) = self.keeper.probes
+        self.assertIs(circuit, self.t.circuit)
+        woken = self.t.wake
+        take({"type": "files", "files": []})
+        self.assertEqual(self.downloader.catalogues, [{"type": "files", "files": []}])
+        self.assertTrue(woken.called, "the reply did not wake the transfer's wait")
+        self.t.end("ok")
+        self.successResultOf(waiting)
+
+    def test_a_new_circuit_is_one_more_than_the_catalogue_listed_when_the_transfer_was_asked(self):
+        self.assertFalse(self.attempt._replaced(self.t), "unknown at the ask: never replaced")
+        self.t.listed = 1
+        self.assertFalse(self.attempt._replaced(self.t))
+        self.downloader.listed = 2
+        self.assertTrue(self.attempt._replaced(self.t))
+        self.downloader.listed = 0  # the catalogue lost the entry: nothing new
+        self.assertFalse(self.attempt._replaced(self.t))

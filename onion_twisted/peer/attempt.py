@@ -166,6 +166,7 @@ class Attempt:
             t.circuit = await self.keeper.ready()
             request = self._request(t)
             t.asked_at = downloader.clock.seconds()
+            t.listed = downloader.count_sources(d.name, d.sha256, d.root)
             reply = await self.keeper.send_on(t.circuit, request)
         except ProtocolError as e:
             self._tracker_answered()
@@ -202,13 +203,26 @@ class Attempt:
         if d.chunks is not None and d.chunks.complete:
             t.end("ok")  # nothing was missing (or a zero-byte file)
         outcome = await t.wait_for_end(downloader.clock, downloader.stall_timeout,
-                                       probe=lambda: self.keeper.probe(t.circuit))
+                                       probe=lambda: self._probe(t), replaced=lambda: self._replaced(t))
         # A circuit that broke: the next one may bring the rest. A source that lied, went
         # silent or stopped serving: another may serve the block, or the same, when it had
         # brought some (a sharer that refused a request for everything it would refuse again:
         # the attempt ends, and the next comes after a pause).
         again = t.circuit_failed or (t.source_failed and (t.claimed is not None or t.chunks > 0))
         return SlotResult(outcome, ask_again=outcome != "ok" and again)
+
+    def _probe(self, t: Transfer) -> None:
+        """A ``list`` on the circuit ``t``'s chunks come back on (``CircuitKeeper.probe``):
+        its reply is the catalogue, which may now list its sharer's new circuit."""
+        def take(reply) -> None:
+            self.downloader.take_catalogue(reply)
+            t.poke()
+        self.keeper.probe(t.circuit, take)
+
+    def _replaced(self, t: Transfer) -> bool:
+        """Whether the catalogue lists more circuits sharing the file than when ``t`` was asked."""
+        d = self.d
+        return t.listed is not None and self.downloader.count_sources(d.name, d.sha256, d.root) > t.listed
 
     def _request(self, t: Transfer) -> dict:
         """``t``'s ``request``: on a sealed circuit with a fresh key (§13), in whole pieces,

@@ -49,15 +49,19 @@ class Downloader:
     def __init__(self, *, clock, circuits, store: DownloadStore, chunk_size: int = DEFAULT_CHUNK,
                  max_attempts: int = 5, stall_timeout: float = 60.0, run_in_thread=threads.deferToThread,
                  unsafe_logging: bool = False, find_root=lambda name, sha256: None,
-                 count_sources=lambda name, sha256, root: 0, max_sources: int = 4):
+                 count_sources=lambda name, sha256, root: 0, max_sources: int = 4,
+                 take_catalogue=lambda reply: None):
         """``find_root(name, sha256) -> (root, size) | None``: the file's Merkle root as the
         catalogue lists it, asked for in the request so the sharer's leaf row is checked
         the moment it arrives. ``count_sources(name, sha256, root)``: how many circuits the
         catalogue says share it; up to ``max_sources`` of them are asked at once.
+        ``take_catalogue(reply)``: the tracker's ``files`` reply to a probe of a download's
+        circuit, for the catalogue that ``count_sources`` reads.
         ``circuits``: the peer's ``CircuitPool``; each attempt takes a download circuit of it."""
         self.clock = clock
         self.find_root = find_root
         self.count_sources = count_sources
+        self.take_catalogue = take_catalogue
         self.max_sources = max_sources
         self.circuits = circuits
         self.store = store

@@ -76,7 +76,7 @@ class Peer:
                                      max_attempts=max_attempts, stall_timeout=stall_timeout,
                                      run_in_thread=run_in_thread, unsafe_logging=unsafe_logging,
                                      find_root=self._find_root, count_sources=self._count_sources,
-                                     max_sources=max_sources)
+                                     max_sources=max_sources, take_catalogue=self.announcer.take_catalogue)
 
     def _find_root(self, name: str, sha256: str | None) -> tuple[str, int] | None:
         """(root, size) of ``name`` in the catalogue: the entry with a root and the most

@@ -25,6 +25,13 @@ PROBE_AFTER = 1.0
 #: side (the sharer's circuit broke, or its exit): the block is asked of another source.
 SILENT_GAPS = 20
 MIN_SILENCE = 5.0
+#: A source silent for this many of its mean gaps (MIN_SILENCE s at least) while the catalogue
+#: lists more circuits sharing the file than when it was asked is given up then, not after
+#: SILENT_GAPS: its sharer most likely lost its circuit and announced the file on a new one
+#: (a sharer rebuilds at once, and its ls is the new circuit's first message), which the
+#: tracker does not know the old one is gone for. The circuit is probed again at each such
+#: mark of a silence: the probe's reply is the catalogue.
+RECHECK_GAPS = 4
 #: Before the sharer answered at all (its transfer_start, or a chunk), at most this: a sharer
 #: whose circuit broke between the tracker's request and its first chunk never answers, and
 #: a live one answers within a few round trips, even under load (its start is not held by
@@ -37,7 +44,7 @@ class Transfer:
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
                  "refused", "chunks", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
-                 "circuit_failed", "circuit", "asked_at")
+                 "circuit_failed", "circuit", "asked_at", "listed")
 
     def __init__(self, claimed: list[int] | None):
         self.claimed = claimed             # chunk indexes asked of this source; None: all that are missing
@@ -58,6 +65,7 @@ class Transfer:
         self.circuit_failed = False        # it ended because the peer's circuit broke: ask again on the next
         self.circuit = None                # the peer's circuit its request went on (its chunks come back on it)
         self.asked_at: float | None = None  # when its request went to the tracker
+        self.listed: int | None = None     # circuits the catalogue listed sharing the file when it was asked
 
     def matches(self, transfer) -> bool:
         """Whether a chunk or end of ``transfer`` is this one's: its id, or before the reply one it saw."""
@@ -79,8 +87,12 @@ class Transfer:
         if self.first_chunk_at is None:
             self.first_chunk_at = now
         self.last_chunk_at = now
+        self.poke()  # the wait re-arms its probe and silence timers from now
+
+    def poke(self) -> None:
+        """Wake the wait to look again (a chunk came, or the catalogue changed)."""
         if self.wake is not None and not self.wake.called:
-            self.wake.callback(None)  # the wait re-arms its probe and silence timers from now
+            self.wake.callback(None)
 
     def mean_gap(self) -> float | None:
         """Seconds between its chunks on average; None before two came."""
@@ -122,26 +134,43 @@ class Transfer:
         gap = self.mean_gap()
         return min(stall_timeout, max(MIN_SILENCE, SILENT_GAPS * gap))
 
-    async def wait_for_end(self, clock, stall_timeout: float, probe=None) -> str:
+    def recheck_after(self) -> float | None:
+        """Seconds of silence between looks for a replaced source (RECHECK_GAPS of its mean
+        gap, MIN_SILENCE at least); None before two chunks came."""
+        gap = self.mean_gap()
+        return None if gap is None else max(MIN_SILENCE, RECHECK_GAPS * gap)
+
+    async def wait_for_end(self, clock, stall_timeout: float, probe=None, replaced=None) -> str:
         """Until ``end``, or ``silence_limit`` seconds after its last chunk (or its start).
-        ``probe()`` is called once PROBE_AFTER seconds pass without a chunk, and again
-        after each chunk that ends such a silence: it checks the circuit (a broken one
-        ends this transfer through the downloader, at once)."""
-        started, probed_at = clock.seconds(), None
+        ``probe()`` is called once PROBE_AFTER seconds pass without a chunk, and then at
+        every ``recheck_after`` of the same silence: it checks the circuit (a broken one
+        ends this transfer through the downloader, at once), and its reply refreshes the
+        catalogue (``poke`` then wakes this wait). ``replaced()``: whether the catalogue
+        lists more circuits sharing the file than ``listed``; from ``recheck_after`` of
+        silence on, that gives the source up."""
+        started, silence, probes = clock.seconds(), None, 0
         while self.outcome is None:
             since = self.last_chunk_at if self.last_chunk_at is not None else started
+            if since != silence:
+                silence, probes = since, 0  # a new silence: its probes start again
             quiet = clock.seconds() - since
             limit = self.silence_limit(stall_timeout)
             if quiet >= limit:
                 self.end(f"stalled: no chunk for {limit:.0f} s", source_failed=True)
                 break
-            if probe is not None and quiet >= PROBE_AFTER and probed_at != since:
-                probed_at = since  # one probe per silence
+            recheck = self.recheck_after()
+            if replaced is not None and recheck is not None and quiet >= recheck and replaced():
+                self.end(f"no chunk for {quiet:.0f} s, and a new circuit shares the file", source_failed=True)
+                break
+            # When the next probe of this silence is due: after PROBE_AFTER, then every recheck.
+            due = PROBE_AFTER if probes == 0 else None if recheck is None else probes * recheck
+            if probe is not None and due is not None and quiet >= due:
+                probes += 1
                 probe()
                 continue
             left = limit - quiet
-            if probe is not None and probed_at != since:
-                left = min(left, PROBE_AFTER - quiet)
+            if probe is not None and due is not None:
+                left = min(left, due - quiet)
             wake = self.wake = defer.Deferred()
             timer = clock.callLater(left, lambda: wake.called or wake.callback(None))
             await wake
