@@ -209,6 +209,10 @@ class Attempt:
         # brought some (a sharer that refused a request for everything it would refuse again:
         # the attempt ends, and the next comes after a pause).
         again = t.circuit_failed or (t.source_failed and (t.claimed is not None or t.chunks > 0))
+        if t.source_failed and outcome != "ok":
+            # No name: what an operator needs is how often sources go quiet, and after how long.
+            downloader.log.info("a download's source was given up ({why}); {next}", why=outcome,
+                                next="asking again" if again else "this attempt ends")
         return SlotResult(outcome, ask_again=outcome != "ok" and again)
 
     def _probe(self, t: Transfer) -> None:
