@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from onion_twisted.peer.transfer import (FIRST_RECHECK, FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, RECHECK_GAPS, SILENT_GAPS, Transfer,
+from onion_twisted.peer.transfer import (FIRST_SILENCE, MIN_SILENCE, PROBE_AFTER, RECHECK_GAPS, SILENT_GAPS, Transfer,
                                          chunks_behind)
 
 STALL = 60.0
@@ -26,18 +26,16 @@ class WatchTests(unittest.SynchronousTestCase):
             self.clock.advance(gap)
             self.t.heard(self.clock.seconds())
 
-    def test_a_silent_circuit_is_probed_after_a_second_and_again_only_at_the_recheck(self):
+    def test_a_silent_circuit_is_probed_after_a_second_and_once_per_silence(self):
         self.clock.advance(PROBE_AFTER - 0.01)
         self.assertEqual(self.probes, [])
         self.clock.advance(0.02)
         self.assertEqual(len(self.probes), 1)
-        self.clock.advance(FIRST_RECHECK - PROBE_AFTER - 0.1)
-        self.assertEqual(len(self.probes), 1, "probed again before the recheck")
-        self.clock.advance(0.2)
-        self.assertEqual(len(self.probes), 2)
+        self.clock.advance(10)
+        self.assertEqual(len(self.probes), 1, "probed again within one silence")
         self.chunks(1, 0.1)  # a chunk ends the silence; the next one is probed again
         self.clock.advance(PROBE_AFTER + 0.5)
-        self.assertEqual(len(self.probes), 3)
+        self.assertEqual(len(self.probes), 2)
         self.assertNoResult(self.waiting)
 
     def test_a_sharer_that_never_answers_is_given_up_after_the_first_silence(self):
@@ -144,22 +142,11 @@ class ReplacedSourceTests(unittest.SynchronousTestCase):
         self.assertTrue(self.successResultOf(self.waiting).startswith(f"no chunk for {recheck + 1:.0f} s"))
         self.assertEqual(self.clock.getDelayedCalls(), [], "a timer was left behind")
 
-    def test_before_two_chunks_a_new_circuit_gives_the_source_up_at_the_first_recheck(self):
+    def test_before_two_chunks_a_new_circuit_changes_nothing(self):
         first = Transfer([0, 1, 2])  # a block: FIRST_SILENCE until its second chunk
         first.heard(self.clock.seconds())
-        self.assertEqual(first.recheck_after(), FIRST_RECHECK)
-        self.assertLess(FIRST_RECHECK, FIRST_SILENCE)
+        self.assertIsNone(first.recheck_after())
         waiting = defer.ensureDeferred(first.wait_for_end(self.clock, STALL, replaced=lambda: True))
-        self.clock.advance(FIRST_RECHECK - 0.5)
-        self.assertNoResult(waiting)
-        self.clock.advance(1)
-        self.assertEqual(self.successResultOf(waiting),
-                         f"no chunk for {FIRST_RECHECK:.0f} s, and a new circuit shares the file")
-        self.assertTrue(first.source_failed)
-
-    def test_before_two_chunks_without_a_new_circuit_the_first_silence_holds(self):
-        first = Transfer([0, 1, 2])
-        waiting = defer.ensureDeferred(first.wait_for_end(self.clock, STALL, replaced=lambda: False))
         self.clock.advance(FIRST_SILENCE - 0.5)
         self.assertNoResult(waiting)
         self.clock.advance(1)

@@ -37,10 +37,6 @@ RECHECK_GAPS = 4
 #: a live one answers within a few round trips, even under load (its start is not held by
 #: its upload cap for more than its own few kilobytes).
 FIRST_SILENCE = 20.0
-#: Before two chunks came there is no gap to count in: a source still silent this long while
-#: the catalogue lists a new circuit sharing the file is given up then (most first silences
-#: that ran to FIRST_SILENCE in a soak were of a sharer that had lost its circuit).
-FIRST_RECHECK = FIRST_SILENCE / 2
 
 
 class Transfer:
@@ -138,11 +134,11 @@ class Transfer:
         gap = self.mean_gap()
         return min(stall_timeout, max(MIN_SILENCE, SILENT_GAPS * gap))
 
-    def recheck_after(self) -> float:
-        """Seconds of silence between looks for a replaced source: RECHECK_GAPS of its mean
-        gap (MIN_SILENCE at least), or FIRST_RECHECK before two chunks came."""
+    def recheck_after(self) -> float | None:
+        """Seconds of silence between looks for a replaced source (RECHECK_GAPS of its mean
+        gap, MIN_SILENCE at least); None before two chunks came."""
         gap = self.mean_gap()
-        return FIRST_RECHECK if gap is None else max(MIN_SILENCE, RECHECK_GAPS * gap)
+        return None if gap is None else max(MIN_SILENCE, RECHECK_GAPS * gap)
 
     async def wait_for_end(self, clock, stall_timeout: float, probe=None, replaced=None) -> str:
         """Until ``end``, or ``silence_limit`` seconds after its last chunk (or its start).
@@ -163,20 +159,18 @@ class Transfer:
                 self.end(f"stalled: no chunk for {limit:.0f} s", source_failed=True)
                 break
             recheck = self.recheck_after()
-            if replaced is not None and quiet >= recheck and replaced():
+            if replaced is not None and recheck is not None and quiet >= recheck and replaced():
                 self.end(f"no chunk for {quiet:.0f} s, and a new circuit shares the file", source_failed=True)
                 break
             # When the next probe of this silence is due: after PROBE_AFTER, then every recheck.
-            due = PROBE_AFTER if probes == 0 else probes * recheck
-            if probe is not None and quiet >= due:
+            due = PROBE_AFTER if probes == 0 else None if recheck is None else probes * recheck
+            if probe is not None and due is not None and quiet >= due:
                 probes += 1
                 probe()
                 continue
             left = limit - quiet
-            if probe is not None:
+            if probe is not None and due is not None:
                 left = min(left, due - quiet)
-            if replaced is not None and quiet < recheck:
-                left = min(left, recheck - quiet)
             wake = self.wake = defer.Deferred()
             timer = clock.callLater(left, lambda: wake.called or wake.callback(None))
             await wake
