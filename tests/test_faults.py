@@ -8,7 +8,9 @@ an 8 MiB random file) and, for the lying sharer, carol. Timers are short
 5 s) so that each fault is noticed in seconds.
 
 * ``NodeKilledTests``: a node is killed (SIGKILL) while alice downloads, once
-  in each position: alice's entry, middle and exit, and bob's exit. The
+  in each position: alice's entry, middle and exit, and bob's middle and exit.
+  When it was bob's, alice's check of her silent transfer's source (docs
+  17.10, choice 64) finds his old circuit gone. The
   other peer's circuit is made not to hold that node first (restarting that
   peer until its random circuit avoids it), so each test kills exactly one
   position. The peer concerned notices, builds a circuit without the dead
@@ -153,6 +155,7 @@ class NodeKilledTests(_Transfers):
         # The baselines, read before the kill: the concerned peer may notice and rebuild within
         # milliseconds of it, so whatever is read after the kill may already include its ls.
         ls_before = (await self.tracker_messages()).get("ls", 0)
+        gone_before = (await self.tracker_checks()).get("gone", 0)
         forward_before = await self.forward_bytes(survivors)
         held = (await self.download("alice", NAME))["bytes"]
         # Checked after the baselines: the circuits are still those measured, so no rebuild (the
@@ -193,9 +196,14 @@ class NodeKilledTests(_Transfers):
         # only that upload; a chunk that fails first probes the circuit): the ls counted above
         # was the concerned peer's.
         self.assertEqual(await self.circuit(other), paths[other], f"{other} rebuilt its circuit")
+        gone = (await self.tracker_checks()).get("gone", 0) - gone_before
+        if concerned == "bob":
+            # Alice's transfer went silent; her check of its source (docs 17.10, choice 64) made
+            # the tracker send a message down bob's old circuit, which failed at the dead node.
+            self.assertGreater(gone, 0, "no check found bob's old circuit gone")
         log(f"killed at {held * 100 // SIZE} %; {concerned} noticed in {noticed_after:.1f} s, rebuilt in "
             f"{rebuilt_after:.1f} s; done {finished_after:.1f} s after the kill in {done['attempts']} attempts; "
-            f"at most {sent_again * 100 // SIZE} % of the file sent from the kill on")
+            f"at most {sent_again * 100 // SIZE} % of the file sent from the kill on; {gone} checks answered gone")
 
     @inline
     async def test_requesters_entry_killed(self):
@@ -212,6 +220,10 @@ class NodeKilledTests(_Transfers):
     @inline
     async def test_sharers_exit_killed(self):
         await self.kill_in_position("bob", EXIT)
+
+    @inline
+    async def test_sharers_middle_killed(self):
+        await self.kill_in_position("bob", MIDDLE)
 
 
 class TrackerRestartTests(_Transfers):

@@ -120,7 +120,7 @@ class NodeMetrics(MemberMetrics):
 class TrackerMetrics(MemberMetrics):
     """What the tracker counts: never an address, a CID or a file name."""
 
-    MESSAGE_TYPES = ("ls", "list", "request", "file_chunk", "transfer_end")
+    MESSAGE_TYPES = ("ls", "list", "request", "check", "file_chunk", "transfer_end")
     # The error names the tracker answers a message with (catalogue.MessageError); a
     # fixed set, so a hostile exit cannot grow the metrics with names of its own.
     REFUSALS = ("not_found", "no_source", "busy", "source_failed", "too_many_files", "no_bridge", "bad_request")
@@ -130,12 +130,16 @@ class TrackerMetrics(MemberMetrics):
         self.messages = Counter()   # message type (known types only) -> count
         self.requests = Counter()   # outcome -> count
         self.refusals = Counter()   # error name (known names only) -> count
+        self.checks = Counter()     # a source check's answer (reachable, gone, unknown) -> count
 
     def message(self, kind) -> None:
         self.messages[kind if kind in self.MESSAGE_TYPES else "other"] += 1
 
     def request(self, outcome: str) -> None:
         self.requests[outcome] += 1
+
+    def checked(self, state: str) -> None:
+        self.checks[state] += 1
 
     def refused(self, reason) -> None:
         """A message answered ``{"type": "error", "error": reason}``."""
@@ -153,6 +157,9 @@ class TrackerMetrics(MemberMetrics):
                    [("type", kind, self.messages[kind]) for kind in (*self.MESSAGE_TYPES, "other")])
         out.family("onion_tracker_requests_total", "counter", "File requests, by outcome.",
                    [("outcome", o, self.requests[o]) for o in ("bridged", "failed")])
+        out.family("onion_tracker_checks_total", "counter",
+                   "Source checks (does a transfer's source circuit still reach its sharer?), by answer.",
+                   [("source", s, self.checks[s]) for s in ("reachable", "gone", "unknown")])
         out.family("onion_tracker_refused_total", "counter",
                    "Messages from circuits answered with an error, by reason (a refused request: "
                    "not_found, no_source, busy ...).",

@@ -24,7 +24,7 @@ from twisted.internet import defer
 
 from onion_twisted.peer.downloads import Download
 from onion_twisted.peer.transfer import Transfer, chunks_behind
-from onion_twisted.protocol import e2e, merkle
+from onion_twisted.protocol import checks, e2e, merkle
 from onion_twisted.protocol.chunks import ENDGAME_CHUNKS, index_ranges
 from onion_twisted.protocol.errors import ProtocolError
 from onion_twisted.protocol.messages import MAX_EXCLUDED, is_sha256, request_message
@@ -203,7 +203,8 @@ class Attempt:
         if d.chunks is not None and d.chunks.complete:
             t.end("ok")  # nothing was missing (or a zero-byte file)
         outcome = await t.wait_for_end(downloader.clock, downloader.stall_timeout,
-                                       probe=lambda: self._probe(t), replaced=lambda: self._replaced(t))
+                                       probe=lambda: self._probe(t), replaced=lambda: self._replaced(t),
+                                       check=lambda: self._check(t))
         # A circuit that broke: the next one may bring the rest. A source that lied, went
         # silent or stopped serving: another may serve the block, or the same, when it had
         # brought some (a sharer that refused a request for everything it would refuse again:
@@ -222,6 +223,30 @@ class Attempt:
             self.downloader.take_catalogue(reply)
             t.poke()
         self.keeper.probe(t.circuit, take)
+
+    def _check(self, t: Transfer) -> None:
+        """Ask the tracker whether ``t``'s source circuit still reaches its sharer (one check
+        at a time): ``gone`` gives the source up now. Only on a sealed circuit, whose tracker
+        speaks this project's /2 (docs 17.10, choice 64); a tracker that does not know the
+        message answers ``bad_request``, and is not asked again."""
+        downloader = self.downloader
+        if (not downloader.source_checks or t.checking or t.transfer is None or t.outcome is not None
+                or not t.circuit.sealed or not self.keeper.owns(t.circuit)):
+            return
+        t.checking = True
+
+        def take(reply) -> None:
+            state = checks.checked_state(reply, t.transfer)
+            if state == checks.GONE:
+                t.end("its source's circuit is gone (the tracker's check)", source_failed=True)
+            elif state == checks.REACHABLE:
+                t.reached_at = downloader.clock.seconds()
+            elif state is None and isinstance(reply, dict) and reply.get("error") == "bad_request":
+                downloader.source_checks = False
+
+        d = defer.ensureDeferred(self.keeper.send_on(t.circuit, checks.check_message(t.transfer)))
+        d.addCallbacks(take, lambda f: f.trap(ProtocolError))  # a broken circuit: the keeper's to handle
+        d.addBoth(lambda _: setattr(t, "checking", False))
 
     def _replaced(self, t: Transfer) -> bool:
         """Whether the catalogue lists more circuits sharing the file than when ``t`` was asked."""

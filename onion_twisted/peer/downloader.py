@@ -73,6 +73,7 @@ class Downloader:
         self.downloads: dict[str, Download] = {}
         self.orphan_ends: dict[str, tuple[float, dict]] = {}  # transfer_end that beat the reply
         self.stopped = False
+        self.source_checks = True  # False once the tracker answered a check bad_request (attempt.py)
 
     # --- the lifecycle ---------------------------------------------------------------------
 

@@ -204,6 +204,8 @@ class Peer:
             self.downloader.on_transfer_start(message)
         elif kind == "transfer_end":
             self.downloader.on_transfer_end(message)
+        # Anything else is answered {} too: for the tracker's ``check`` of this circuit
+        # (docs 17.10, choice 64), reaching this peer is the whole answer.
         return cells.EMPTY
 
     # --- serving the tracker's requests ----------------------------------------------------------

@@ -32,6 +32,12 @@ MIN_SILENCE = 5.0
 #: tracker does not know the old one is gone for. The circuit is probed again at each such
 #: mark of a silence: the probe's reply is the catalogue.
 RECHECK_GAPS = 4
+#: Every this many seconds of a silence, the tracker is asked whether the transfer's source
+#: circuit still reaches its sharer (a ``check``, docs 17.10 choice 64): a source whose circuit
+#: lost a node is given up at the first ``gone``, seconds into the silence, whatever the
+#: silence's limit. ``reachable`` keeps it (a live source may be slow), and the catalogue's
+#: hint below (RECHECK_GAPS) is not taken in that silence: the check knows better.
+CHECK_EVERY = 2.5
 #: Before the sharer answered at all (its transfer_start, or a chunk), at most this: a sharer
 #: whose circuit broke between the tracker's request and its first chunk never answers, and
 #: a live one answers within a few round trips, even under load (its start is not held by
@@ -44,7 +50,7 @@ class Transfer:
 
     __slots__ = ("claimed", "transfer", "seen", "private", "cipher", "pending_start", "e2e", "outcome", "wake",
                  "refused", "chunks", "heard_count", "first_chunk_at", "last_chunk_at", "source_failed",
-                 "circuit_failed", "circuit", "asked_at", "listed")
+                 "circuit_failed", "circuit", "asked_at", "listed", "checking", "reached_at")
 
     def __init__(self, claimed: list[int] | None):
         self.claimed = claimed             # chunk indexes asked of this source; None: all that are missing
@@ -66,6 +72,8 @@ class Transfer:
         self.circuit = None                # the peer's circuit its request went on (its chunks come back on it)
         self.asked_at: float | None = None  # when its request went to the tracker
         self.listed: int | None = None     # circuits the catalogue listed sharing the file when it was asked
+        self.checking = False              # a check of its source is under way (one at a time)
+        self.reached_at: float | None = None  # when a check last answered that its source is reachable
 
     def matches(self, transfer) -> bool:
         """Whether a chunk or end of ``transfer`` is this one's: its id, or before the reply one it saw."""
@@ -140,7 +148,7 @@ class Transfer:
         gap = self.mean_gap()
         return None if gap is None else max(MIN_SILENCE, RECHECK_GAPS * gap)
 
-    async def wait_for_end(self, clock, stall_timeout: float, probe=None, replaced=None) -> str:
+    async def wait_for_end(self, clock, stall_timeout: float, probe=None, replaced=None, check=None) -> str:
         """Until ``end``, or ``silence_limit`` seconds after its last chunk (or its start).
         ``probe()`` is called once PROBE_AFTER seconds pass without a chunk, and then at
         every ``recheck_after`` of the same silence: it checks the circuit (a broken one
@@ -152,14 +160,16 @@ class Transfer:
         while self.outcome is None:
             since = self.last_chunk_at if self.last_chunk_at is not None else started
             if since != silence:
-                silence, probes = since, 0  # a new silence: its probes start again
+                silence, probes, checks = since, 0, 0  # a new silence: its probes start again
             quiet = clock.seconds() - since
             limit = self.silence_limit(stall_timeout)
             if quiet >= limit:
                 self.end(f"stalled: no chunk for {limit:.0f} s", source_failed=True)
                 break
             recheck = self.recheck_after()
-            if replaced is not None and recheck is not None and quiet >= recheck and replaced():
+            # A check that reached the source in this silence knows better than the catalogue.
+            reached = self.reached_at is not None and self.reached_at >= since
+            if replaced is not None and recheck is not None and quiet >= recheck and not reached and replaced():
                 self.end(f"no chunk for {quiet:.0f} s, and a new circuit shares the file", source_failed=True)
                 break
             # When the next probe of this silence is due: after PROBE_AFTER, then every recheck.
@@ -168,9 +178,16 @@ class Transfer:
                 probes += 1
                 probe()
                 continue
+            check_due = (checks + 1) * CHECK_EVERY
+            if check is not None and quiet >= check_due:
+                checks += 1
+                check()
+                continue
             left = limit - quiet
             if probe is not None and due is not None:
                 left = min(left, due - quiet)
+            if check is not None:
+                left = min(left, check_due - quiet)
             wake = self.wake = defer.Deferred()
             timer = clock.callLater(left, lambda: wake.called or wake.callback(None))
             await wake

@@ -12,15 +12,17 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from onion_twisted.protocol import cells, control, crypto, messages, ntor, onion2, wire
+from onion_twisted.protocol import cells, checks, control, crypto, messages, ntor, onion2, wire
 from onion_twisted.protocol.cells import EMPTY
-from onion_twisted.protocol.errors import BadRequest, Forbidden, NextHopFailed, ProtocolError, RateLimited, UnknownCircuit
+from onion_twisted.protocol.errors import (BadRequest, Forbidden, NextHopFailed, NextHopTimeout, ProtocolError,
+                                           RateLimited, UnknownCircuit)
 from onion_twisted.protocol.messages import MessageError, parse_files, parse_request
 from onion_twisted.protocol.onion_keys import OnionKeyRing, parse_onion_key
 from onion_twisted.net.metrics import TrackerMetrics
 from onion_twisted.tracker.catalogue import Catalogue
 from onion_twisted.tracker.registry import NodeRegistry
 from onion_twisted.tracker import sealed
+from onion_twisted.tracker.source_checks import SourceChecks
 
 # A sealed message is padded to 1 KiB at least (§14): anything this long on an unknown
 # circuit is a layer, not a handshake (97 bytes).
@@ -56,6 +58,7 @@ class Tracker:
                                             max_circuits=catalogue.max_circuits,
                                             idle_timeout=catalogue.idle_timeout)
         self.registry.tracker_onion_key = self.onion_keys.current_public if sealed_hop else None
+        self.source_checks = SourceChecks(clock)
 
     def rotate_onion_key(self) -> bool:
         """Rotate the onion key when due (the directory is signed again with the new one),
@@ -146,6 +149,12 @@ class Tracker:
                 request = parse_request(message)
                 circuit = self.catalogue.circuit(key, exit_address)
                 return wire.dumps(await self._request(circuit, request))
+            if kind == checks.CHECK:
+                transfer = checks.parse_check(message)
+                self.catalogue.circuit(key, exit_address)
+                state = await self._check(transfer)
+                self.metrics.checked(state)
+                return wire.dumps(checks.checked_message(transfer, state))
             if kind in messages.CHUNK_TYPES:
                 raise MessageError("no_bridge", messages.NO_BRIDGE_DETAIL)
             raise MessageError("bad_request", "unknown message type")
@@ -202,6 +211,36 @@ class Tracker:
         self.metrics.request("bridged")
         return messages.transfer_message(transfer, request.file, shared.size, shared.sha256, request.chunk_size,
                                          shared.root, e2e)
+
+    # --- check: does a transfer's source still reach its sharer? (docs 17.10, choice 64) --------
+
+    async def _check(self, transfer: str) -> str:
+        key = self.catalogue.transfer_sources.get(transfer)
+        if key is None:
+            return checks.UNKNOWN
+        source = self.catalogue.circuits.get(key)
+        if source is None:
+            return checks.GONE  # destroyed, expired, or forgotten after a failed request
+        hop = self.sealed.get(key)
+        if hop is None:
+            # Probed only inside the tracker's layer: a sharer of another implementation
+            # on an unsealed circuit might refuse a message it does not know, which would
+            # read as a broken circuit.
+            return checks.UNKNOWN
+        return await self.source_checks.check(key, lambda: self._probe_source(source, hop, transfer))
+
+    async def _probe_source(self, source, hop, transfer: str) -> str:
+        cell = sealed.seal_cell(hop, source.key[1], wire.dumps(checks.check_message(transfer)))
+        try:
+            await self.outbound.post(source.exit, cell)
+        except NextHopTimeout:
+            return checks.UNKNOWN  # slow is not gone: a live sharer under load may answer late
+        except ProtocolError:
+            # As after a failed request: a dead circuit is not offered again.
+            self.catalogue.forget(source.key)
+            self.sealed.forget(source.key)
+            return checks.GONE
+        return checks.REACHABLE
 
     def circuit_is_sealed(self, key) -> bool:
         """Whether the circuit ``key`` reaches the tracker through its sealed hop (§12)."""

@@ -44,6 +44,7 @@ STALL_TIMEOUT = 5          # the requester asks again after 5 to 10 s without a 
 PEER_OPTIONS = dict(hop_timeout=HOP_TIMEOUT, rescan_interval=1, refresh_interval=1, stall_timeout=STALL_TIMEOUT)
 FORWARD_BYTES = re.compile(rb'^onion_node_bytes_total\{direction="forward"\} (\d+)$', re.M)
 TRACKER_MESSAGES = re.compile(rb'^onion_tracker_messages_total\{type="(\w+)"\} (\d+)$', re.M)
+TRACKER_CHECKS = re.compile(rb'^onion_tracker_checks_total\{source="(\w+)"\} (\d+)$', re.M)
 
 
 def all_hosts(node_count: int, peer_hosts: dict = PEER_HOSTS) -> tuple:
@@ -240,6 +241,12 @@ class FaultNetwork:
         status, _, body = await self.admin.get(self.tracker.address, "/metrics")
         self.assertEqual(status, 200)
         return {kind.decode(): int(n) for kind, n in TRACKER_MESSAGES.findall(body)}
+
+    async def tracker_checks(self) -> dict:
+        """The tracker's ``onion_tracker_checks_total`` by answer (reachable, gone, unknown)."""
+        status, _, body = await self.admin.get(self.tracker.address, "/metrics")
+        self.assertEqual(status, 200)
+        return {state.decode(): int(n) for state, n in TRACKER_CHECKS.findall(body)}
 
     async def tracker_gauge(self, name: str) -> int:
         """One unlabelled gauge of the tracker's ``/metrics`` (``onion_tracker_catalogue_entries`` …)."""
