@@ -235,6 +235,37 @@ class DownloadTests(PeerNetworkCase):
         self.assertTrue(downloaded(net, "churned.bin") == data)
 
     @inline
+    async def test_a_sharer_away_longer_than_the_attempts_pauses_is_waited_for_within_the_grace(self):
+        net = self.net
+        data = await self.bob_shares_and_start("churned.bin", 3 * CHUNK)
+        await net.run(self.alice.tick())
+        self.assertTrue(net.tracker.catalogue.forget(net.tracker_key_of(self.bob)))
+        d = self.alice.download("churned.bin")
+        # Bob stays away for a minute: past the pauses of max_attempts (1 + 2 + 4 + 8 s), which
+        # under churn a sharer whose builds fail can outlast, and within AWAY_GRACE.
+        began = net.clock.seconds()
+        net.pump(until=lambda: d.state == FAILED or net.clock.seconds() - began >= 60)
+        self.assertNotEqual(d.state, FAILED, d.error)
+        self.assertGreater(len(net.messages_of_type("request")), self.alice.downloader.max_attempts)
+        self.bob.circuit_broken(self.bob.circuit, "test: its node died")  # he builds anew and announces
+        net.pump(until=finished(d), max_steps=5000)
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertTrue(downloaded(net, "churned.bin") == data)
+
+    @inline
+    async def test_a_sharer_away_past_the_grace_fails_the_download(self):
+        from onion_twisted.peer.downloader import AWAY_GRACE
+        net = self.net
+        await self.bob_shares_and_start("churned.bin", 3 * CHUNK)
+        await net.run(self.alice.tick())
+        self.assertTrue(net.tracker.catalogue.forget(net.tracker_key_of(self.bob)))
+        d = self.alice.download("churned.bin")
+        began = net.clock.seconds()
+        net.pump(until=lambda: d.state == FAILED)
+        self.assertGreaterEqual(net.clock.seconds() - began, AWAY_GRACE)
+        self.assertEqual(d.error, "gave up after 5 attempts: nobody shares this file")
+
+    @inline
     async def test_a_file_listed_when_asked_for_is_asked_again_after_the_catalogue_lost_it(self):
         net = self.net
         await self.bob_shares_and_start("churned.bin", 3 * CHUNK)

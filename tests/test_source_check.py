@@ -16,7 +16,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from onion_twisted.peer.attempt import Attempt
-from onion_twisted.peer.transfer import CHECK_EVERY, MIN_SILENCE, Transfer
+from onion_twisted.peer.transfer import CHECK_AFTER, MIN_SILENCE, Transfer
 from onion_twisted.protocol import cells, checks
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.tracker.source_checks import MAX_RECENT, SourceChecks
@@ -190,21 +190,29 @@ class WaitChecksTests(unittest.SynchronousTestCase):
             self.clock, STALL, probe=lambda: None, replaced=lambda: self.new_circuit,
             check=lambda: self.asked.append(self.clock.seconds())))
 
-    def test_a_silence_is_checked_every_few_seconds_and_again_after_a_chunk(self):
-        self.clock.advance(CHECK_EVERY - 0.01)
+    def test_a_silence_is_checked_after_a_few_seconds_then_at_every_doubling(self):
+        self.t.cipher = object()  # its sharer answered: half the stall timeout (30 s) before it is given up
+        for count, at in enumerate((CHECK_AFTER, 2 * CHECK_AFTER, 4 * CHECK_AFTER, 8 * CHECK_AFTER)):
+            self.clock.advance(at - 0.01 - self.clock.seconds())
+            self.assertEqual(len(self.asked), count, f"checked again before {at} s")
+            self.clock.advance(0.02)
+            self.assertEqual(len(self.asked), count + 1, f"not checked at {at} s")
+        self.assertNoResult(self.waiting)
+
+    def test_a_chunk_starts_the_checks_again_after_two_of_its_gaps(self):
+        self.t.heard(self.clock.seconds())
+        self.clock.advance(4.0)
+        self.t.heard(self.clock.seconds())  # a mean gap of 4 s: the first check after 8 s
+        del self.asked[:]
+        self.clock.advance(8.0 - 0.01)
         self.assertEqual(self.asked, [])
-        for _ in range(3):
-            self.clock.advance(CHECK_EVERY)
-        self.assertEqual(len(self.asked), 3)
-        self.t.heard(self.clock.seconds())  # a new silence: its checks start again
-        self.clock.advance(CHECK_EVERY - 0.01)
-        self.assertEqual(len(self.asked), 3)
         self.clock.advance(0.02)
-        self.assertEqual(len(self.asked), 4)
+        self.assertEqual(len(self.asked), 1)
         self.assertNoResult(self.waiting)
 
     def test_a_gone_ends_the_wait_at_once(self):
-        self.clock.advance(CHECK_EVERY)
+        self.clock.advance(CHECK_AFTER)
+        self.assertEqual(len(self.asked), 1)
         self.t.end("its source's circuit is gone (the tracker's check)", source_failed=True)
         self.assertEqual(self.successResultOf(self.waiting), "its source's circuit is gone (the tracker's check)")
         self.assertTrue(self.t.source_failed)
@@ -215,9 +223,9 @@ class WaitChecksTests(unittest.SynchronousTestCase):
             self.t.heard(self.clock.seconds())  # chunks 0.5 s apart: the hint at MIN_SILENCE, the stall at 10 s
         self.assertEqual((self.t.recheck_after(), self.t.silence_limit(STALL)), (MIN_SILENCE, 10.0))
         self.new_circuit = True
-        self.clock.advance(CHECK_EVERY)
+        self.clock.advance(CHECK_AFTER)
         self.t.reached_at = self.clock.seconds()
-        self.clock.advance(MIN_SILENCE - CHECK_EVERY + 0.5)
+        self.clock.advance(MIN_SILENCE - CHECK_AFTER + 0.5)
         self.assertNoResult(self.waiting)
         self.t.heard(self.clock.seconds())  # a new silence, no check reached it yet: the hint counts
         self.clock.advance(MIN_SILENCE + 0.01)

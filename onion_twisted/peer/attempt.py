@@ -41,11 +41,13 @@ MIN_ENDGAME_LOOK, ENDGAME_LOOK = 0.1, 1.0
 class SlotResult:
     """How one slot ended: why, and whether that alone means the file cannot be had now."""
 
-    __slots__ = ("why", "fatal", "progress", "ask_again")
+    __slots__ = ("why", "fatal", "progress", "ask_again", "away")
 
-    def __init__(self, why: str, fatal: bool = False, progress: int = 0, ask_again: bool = False):
+    def __init__(self, why: str, fatal: bool = False, progress: int = 0, ask_again: bool = False,
+                 away: bool = False):
         self.why, self.fatal, self.progress = why, fatal, progress
         self.ask_again = ask_again  # the source or the circuit failed, another may not: the slot asks again
+        self.away = away  # nobody shares it now, but someone did: its sharer may be between circuits
 
 
 class Attempt:
@@ -288,4 +290,5 @@ class Attempt:
         # node of its circuit died, or it restarted). Then it is asked again later.
         listed = reply.get("error") == "not_found" and (
             d.root is not None or self.downloader.count_sources(d.name, d.sha256, d.root))
-        return SlotResult(why, fatal=not (d.chunks is not None and d.chunks.have) and not listed)
+        away = bool(d.chunks is not None and d.chunks.have) or bool(listed)
+        return SlotResult(why, fatal=not away, away=away)

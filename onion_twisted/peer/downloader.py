@@ -41,6 +41,10 @@ MAX_DOWNLOADS = 256     # downloads listed at once; the oldest finished or faile
 MAX_ORPHAN_ENDS = 1000  # transfer_end messages kept for a reply still under way
 ORPHAN_END_TTL = 120.0  # seconds one is kept
 MAX_PAUSE = 30          # seconds between attempts, at most
+#: Seconds without a new chunk for which a download someone shared (part of it on disk, or
+#: listed) waits for a sharer between circuits, asking every AWAY_PAUSE s (a not_found costs the
+#: tracker a lookup), before its attempts count to ``max_attempts`` (docs 17.10, choice 65).
+AWAY_GRACE, AWAY_PAUSE = 120.0, 1.0
 
 
 class Downloader:
@@ -192,24 +196,33 @@ class Downloader:
         # Only attempts that brought nothing count towards max_attempts, and only they make
         # the next wait: one that ended short with new chunks (its circuit or its sources went
         # away, as under churn) is followed by the next at once, from the chunk it reached.
-        why, fruitless = None, 0
+        why, fruitless, gained_at = None, 0, self.clock.seconds()
         while fruitless < self.max_attempts and not self.stopped:
             held = d.chunks.have if d.chunks is not None else 0
-            why = await self._attempt(d)
+            why, away = await self._attempt(d)
             if d.state in (DONE, FAILED):
                 return
             gained = d.chunks is not None and d.chunks.have > held
+            if gained:
+                gained_at = self.clock.seconds()
             fruitless = 0 if gained else fruitless + 1
+            pause = min(2 ** (fruitless - 1), MAX_PAUSE)
+            if away and self.clock.seconds() - gained_at < AWAY_GRACE:
+                # Its only sharer lost its circuit and has not announced on a new one yet (under
+                # churn its builds may fail for tens of seconds): as a BitTorrent client waits
+                # for peers, the download waits, asking often, and the attempt does not count yet.
+                fruitless, pause = min(fruitless, self.max_attempts - 1), AWAY_PAUSE
             d.attempt_failed(why, fruitless, self.max_attempts)
             if not gained:
-                await task.deferLater(self.clock, min(2 ** (fruitless - 1), MAX_PAUSE), lambda: None)
+                await task.deferLater(self.clock, pause, lambda: None)
         if not self.stopped:
             d.fail(f"gave up after {fruitless} attempts: {why}")
             d.save_record()  # marked failed: a restart shows it, and does not try again by itself
             d.close()
 
-    async def _attempt(self, d: Download) -> str:
-        """One attempt (``attempt.Attempt``); why it ended. Whether the download is over,
+    async def _attempt(self, d: Download) -> tuple[str, bool]:
+        """One attempt (``attempt.Attempt``): why it ended, and whether nobody shared the
+        file then though someone did (``SlotResult.away``). Whether the download is over,
         its state says."""
         d.start_request()
         keeper = self.circuits.for_download()
@@ -218,7 +231,7 @@ class Downloader:
                 circuit = await keeper.ready()
             except ProtocolError as e:
                 d.requeue()
-                return f"no circuit: {e.detail}"
+                return f"no circuit: {e.detail}", False
             self._look_up(d)
             attempt = Attempt(self, d, keeper, circuit, self._sources(d))
             results = await attempt.run()
@@ -229,18 +242,19 @@ class Downloader:
             # tamperer may be on that circuit, so the next attempt goes over another.
             self.circuits.broken(tampered, f"{count} chunks did not authenticate")
         if self.stopped:
-            return results[0].why  # stop() saved the record: a stopped peer writes nothing more
+            return results[0].why, False  # stop() saved the record: a stopped peer writes nothing more
         if d.chunks is not None and d.chunks.complete:
             if await d.finish(self.run_in_thread):
-                return "done"
-            return "the file's sha256 did not match; partial data discarded"  # finish queued it again
+                return "done", False
+            return "the file's sha256 did not match; partial data discarded", False  # finish queued it again
         first = results[0]
         if first.fatal and not any(r.progress for r in results):
             d.fail(first.why)
             d.save_record()  # a record left by an earlier run stays failed across restarts
-            return first.why
+            return first.why, False
         d.save_record()
-        return next((r.why for r in results if r.why != "ok"), "the transfer ended with chunks missing")
+        why = next((r.why for r in results if r.why != "ok"), "the transfer ended with chunks missing")
+        return why, any(r.away for r in results)
 
     def _look_up(self, d: Download) -> None:
         """The file's root and size from the catalogue, when the download does not know them."""

@@ -32,12 +32,14 @@ MIN_SILENCE = 5.0
 #: tracker does not know the old one is gone for. The circuit is probed again at each such
 #: mark of a silence: the probe's reply is the catalogue.
 RECHECK_GAPS = 4
-#: Every this many seconds of a silence, the tracker is asked whether the transfer's source
-#: circuit still reaches its sharer (a ``check``, docs 17.10 choice 64): a source whose circuit
-#: lost a node is given up at the first ``gone``, seconds into the silence, whatever the
-#: silence's limit. ``reachable`` keeps it (a live source may be slow), and the catalogue's
-#: hint below (RECHECK_GAPS) is not taken in that silence: the check knows better.
-CHECK_EVERY = 2.5
+#: After this many seconds of a silence (or two of the transfer's mean gaps, when longer), and
+#: then at every doubling of it, the tracker is asked whether the transfer's source circuit
+#: still reaches its sharer (a ``check``, docs 17.10 choice 64): a source whose circuit lost a
+#: node is given up at the first ``gone``, whatever the silence's limit. ``reachable`` keeps it
+#: (a live source may be slow), and the catalogue's hint (RECHECK_GAPS) is not taken in that
+#: silence: the check knows better. Doubling: under load 1 MiB chunks come seconds apart, and
+#: a check every few seconds of every silence cost the network more CPU than it saved.
+CHECK_AFTER = 3.0
 #: Before the sharer answered at all (its transfer_start, or a chunk), at most this: a sharer
 #: whose circuit broke between the tracker's request and its first chunk never answers, and
 #: a live one answers within a few round trips, even under load (its start is not held by
@@ -142,6 +144,11 @@ class Transfer:
         gap = self.mean_gap()
         return min(stall_timeout, max(MIN_SILENCE, SILENT_GAPS * gap))
 
+    def check_after(self) -> float:
+        """Seconds of silence before its first check (CHECK_AFTER, or two mean gaps)."""
+        gap = self.mean_gap()
+        return CHECK_AFTER if gap is None else max(CHECK_AFTER, 2 * gap)
+
     def recheck_after(self) -> float | None:
         """Seconds of silence between looks for a replaced source (RECHECK_GAPS of its mean
         gap, MIN_SILENCE at least); None before two chunks came."""
@@ -178,7 +185,7 @@ class Transfer:
                 probes += 1
                 probe()
                 continue
-            check_due = (checks + 1) * CHECK_EVERY
+            check_due = self.check_after() * 2 ** checks
             if check is not None and quiet >= check_due:
                 checks += 1
                 check()
