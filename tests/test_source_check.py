@@ -11,6 +11,8 @@ requester's on ``Transfer.wait_for_end`` with a ``task.Clock`` and
 
 from __future__ import annotations
 
+import os
+
 import orjson
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -22,6 +24,7 @@ from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.tracker.source_checks import MAX_RECENT, SourceChecks
 
 from tests.support.deferreds import inline
+from tests.support.peer_network import ALICE_IP, BOB_IP
 from tests.support.sealed_client import SealedClient
 from tests.support.tracker_fakes import NODE_ADDRESSES, NODE_IPS, SHA_A, TrackerHarness, new_cid
 
@@ -311,3 +314,70 @@ class AttemptCheckTests(unittest.SynchronousTestCase):
         self.keeper.sent[0][2].errback(NextHopFailed("next hop refused the connection"))
         self.assertIsNone(self.t.outcome)
         self.assertFalse(self.t.checking)
+
+
+class CheckInNetworkTests(unittest.TestCase):
+    """The check across the in-memory /2 network (``peer_network_v2``: sealed circuits, real
+    relays and tracker): a sole sharer dies right after the tracker's request reached him."""
+
+    def setUp(self):
+        from tests.support.peer_network_v2 import V2Network
+        self.net = V2Network(self.mktemp())
+
+    def tearDown(self):
+        self.revive()  # a failed assertion may leave bob dead: his stop would wait for ever
+        for peer in list(self.net.peers.values()):
+            if not peer._stopped:
+                self.net.run(peer.stop())
+        self.net.pump()
+
+    def revive(self) -> None:
+        bob = self.net.peers[BOB_IP]
+        self.net.down.discard(BOB_IP)
+        if "post" in vars(bob.outbound):
+            del bob.outbound.post
+        if "serve" in vars(bob.uploader):
+            del bob.uploader.serve
+
+    @inline
+    async def test_a_sole_sharer_whose_circuit_died_is_given_up_at_the_check_and_waited_for(self):
+        from onion_twisted.peer.attempt import SOURCE_GONE
+        from onion_twisted.peer.download_state import DONE, FAILED
+        from onion_twisted.peer.transfer import FIRST_SILENCE
+        net = self.net
+        data = os.urandom(3 * 256 * 1024)
+        net.write_share(BOB_IP, "solo.bin", data)
+        await net.start()
+        alice, bob = net.alice, net.peers[BOB_IP]
+        alice.announcer.take_catalogue(await net.run(alice.send({"type": "list"})))
+        died = []
+
+        def die(circuit, message):
+            # Bob is gone as if killed the moment the request reached him: nothing he sends
+            # arrives, and his entry's connections to him are refused.
+            died.append(net.clock.seconds())
+            net.down.add(BOB_IP)
+            bob.outbound.post = lambda *args, **kwargs: defer.Deferred()
+        bob.uploader.serve = die
+        from twisted.logger import globalLogPublisher
+        outcomes = []
+
+        def given_up(event):
+            if event.get("log_namespace", "").endswith("Downloader") and "why" in event:
+                outcomes.append(event["why"])
+        globalLogPublisher.addObserver(given_up)
+        self.addCleanup(globalLogPublisher.removeObserver, given_up)
+        d = alice.download("solo.bin")
+        net.pump(until=lambda: SOURCE_GONE in outcomes or d.state == FAILED)
+        self.assertEqual(outcomes, [SOURCE_GONE], d.error)
+        self.assertLess(net.clock.seconds() - died[0], FIRST_SILENCE, "the first silence was waited out")
+        self.assertEqual(dict(net.tracker.metrics.checks), {"gone": 1})
+        # Bob is back 30 s later, on a new circuit: alice waited for him (choice 65).
+        net.pump(until=lambda: d.state == FAILED or net.clock.seconds() - died[0] >= 30)
+        self.assertNotEqual(d.state, FAILED, d.error)
+        self.revive()
+        bob.circuit_broken(bob.circuit, "test: a node of it died")
+        net.pump(until=lambda: d.state in (DONE, FAILED))
+        self.assertEqual(d.state, DONE, d.error)
+        with open(os.path.join(net.downloads_dir(ALICE_IP), "solo.bin"), "rb") as f:
+            self.assertTrue(f.read() == data)

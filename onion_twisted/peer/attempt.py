@@ -31,6 +31,8 @@ from onion_twisted.protocol.messages import MAX_EXCLUDED, is_sha256, request_mes
 
 # Errors of a request that mean "nobody (else) to ask", not a broken circuit.
 NOBODY = ("not_found", "no_source")
+# How a transfer ends whose source circuit the tracker's check found gone (docs choice 64).
+SOURCE_GONE = "its source's circuit is gone (the tracker's check)"
 # Transfers in a row one slot may see end without a chunk before it gives up its place.
 MAX_FRUITLESS = 3
 # An endgame slot with no chunk worth a copy looks again after what a request of its own
@@ -210,13 +212,16 @@ class Attempt:
         # A circuit that broke: the next one may bring the rest. A source that lied, went
         # silent or stopped serving: another may serve the block, or the same, when it had
         # brought some (a sharer that refused a request for everything it would refuse again:
-        # the attempt ends, and the next comes after a pause).
-        again = t.circuit_failed or (t.source_failed and (t.claimed is not None or t.chunks > 0))
+        # the attempt ends, and the next comes after a pause). A source whose circuit is gone
+        # refused nothing: its sharer is between circuits (choice 65), and the tracker forgot
+        # that circuit, so the request goes to another (or finds none, and the download waits).
+        gone = outcome == SOURCE_GONE
+        again = t.circuit_failed or gone or (t.source_failed and (t.claimed is not None or t.chunks > 0))
         if t.source_failed and outcome != "ok":
             # No name: what an operator needs is how often sources go quiet, and after how long.
             downloader.log.info("a download's source was given up ({why}); {next}", why=outcome,
                                 next="asking again" if again else "this attempt ends")
-        return SlotResult(outcome, ask_again=outcome != "ok" and again)
+        return SlotResult(outcome, ask_again=outcome != "ok" and again, away=gone)
 
     def _probe(self, t: Transfer) -> None:
         """A ``list`` on the circuit ``t``'s chunks come back on (``CircuitKeeper.probe``):
@@ -240,7 +245,7 @@ class Attempt:
         def take(reply) -> None:
             state = checks.checked_state(reply, t.transfer)
             if state == checks.GONE:
-                t.end("its source's circuit is gone (the tracker's check)", source_failed=True)
+                t.end(SOURCE_GONE, source_failed=True)
             elif state == checks.REACHABLE:
                 t.reached_at = downloader.clock.seconds()
             elif state is None and isinstance(reply, dict) and reply.get("error") == "bad_request":

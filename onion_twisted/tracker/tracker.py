@@ -189,11 +189,7 @@ class Tracker:
             bridged.append(source.exit)
             ask = messages.source_request_message(request, transfer, shared.sha256, shared.root, e2e)
             # The request names the file: on a sealed circuit only the sharer can read it (§12).
-            if source_hop is not None:
-                ask_cell = sealed.seal_cell(source_hop, source.key[1], wire.dumps(ask))
-            else:
-                ask_cell = cells.encode_object_cell(source.key[1], wire.dumps(ask))
-            await self.outbound.post(source.exit, ask_cell)
+            await self.outbound.post(source.exit, _cell_for(source, source_hop, ask))
         except ProtocolError as e:
             self.metrics.request("failed")
             self.catalogue.end_transfer(source, transfer)
@@ -221,16 +217,15 @@ class Tracker:
         source = self.catalogue.circuits.get(key)
         if source is None:
             return checks.GONE  # destroyed, expired, or forgotten after a failed request
-        hop = self.sealed.get(key)
-        if hop is None:
+        if not self.circuit_is_sealed(key):
             # Probed only inside the tracker's layer: a sharer of another implementation
             # on an unsealed circuit might refuse a message it does not know, which would
             # read as a broken circuit.
             return checks.UNKNOWN
-        return await self.source_checks.check(key, lambda: self._probe_source(source, hop, transfer))
+        return await self.source_checks.check(key, lambda: self._probe_source(source, transfer))
 
-    async def _probe_source(self, source, hop, transfer: str) -> str:
-        cell = sealed.seal_cell(hop, source.key[1], wire.dumps(checks.check_message(transfer)))
+    async def _probe_source(self, source, transfer: str) -> str:
+        cell = _cell_for(source, self.sealed.get(source.key), checks.check_message(transfer))
         try:
             await self.outbound.post(source.exit, cell)
         except NextHopTimeout:
@@ -312,6 +307,14 @@ def _shown_onion_key(identity: dict) -> bytes | None:
         return _optional_onion_key(identity.get("onion_key"), "identity onion_key")
     except BadRequest:
         return None
+
+
+def _cell_for(circuit, hop, message: dict) -> bytes:
+    """A message the tracker starts, down ``circuit``: sealed under its tracker ``hop`` (§12),
+    or as an object when it has none."""
+    if hop is not None:
+        return sealed.seal_cell(hop, circuit.key[1], wire.dumps(message))
+    return cells.encode_object_cell(circuit.key[1], wire.dumps(message))
 
 
 def _asked_bytes(request, size: int | None) -> int | None:
