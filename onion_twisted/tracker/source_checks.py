@@ -46,14 +46,14 @@ class SourceChecks:
 
     def _done(self, key, result) -> None:
         waiting = self._waiting.pop(key, [])
-        if isinstance(result, str):
-            recent = self._recent
-            recent.pop(key, None)
-            if len(recent) >= MAX_RECENT:
-                del recent[next(iter(recent))]  # the oldest: insertion order
-            recent[key] = (self.clock.seconds(), result)
-        for d in waiting:
-            if isinstance(result, str):
-                d.callback(result)
-            else:
+        if not isinstance(result, str):  # the probe failed: every check waiting fails with it
+            for d in waiting:
                 d.errback(result)
+            return
+        recent = self._recent
+        recent.pop(key, None)
+        if len(recent) >= MAX_RECENT:
+            del recent[next(iter(recent))]  # the oldest: insertion order
+        recent[key] = (self.clock.seconds(), result)
+        for d in waiting:
+            d.callback(result)

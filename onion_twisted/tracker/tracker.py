@@ -118,10 +118,15 @@ class Tracker:
                 raise UnknownCircuit("destroy for a circuit the tracker does not know")
             if sealed.open_message(hop, cells.payload_bytes(cell)) != onion2.DESTROY:
                 raise BadRequest('the layered destroy does not hold {"type":"destroy"}')
-        forgot_sealed = self.sealed.forget(key)
-        if not self.catalogue.forget(key) and not forgot_sealed:
+        if not self._forget(key):
             raise UnknownCircuit("destroy for a circuit the tracker does not know")
         return EMPTY
+
+    def _forget(self, key) -> bool:
+        """The circuit is gone (destroyed, or a message down it failed): its files and its
+        sealed hop go. Whether the tracker knew it."""
+        forgot_sealed = self.sealed.forget(key)
+        return self.catalogue.forget(key) or forgot_sealed
 
     async def _message(self, key, source_ip: str, message: dict) -> bytes | None:
         """The reply to one message, as JSON bytes; None for the catalogue's files reply
@@ -199,8 +204,7 @@ class Tracker:
                 # The requester's exit took its end: the source's exit failed. Its circuit is
                 # not offered again (a dead exit would win every later choice, having no
                 # transfers under way); a live sharer announces again on a new circuit.
-                self.catalogue.forget(source.key)
-                self.sealed.forget(source.key)
+                self._forget(source.key)
             raise MessageError("source_failed", f"the source could not be reached: {e.detail}") from None
         finally:
             self.pending -= 1
@@ -231,9 +235,7 @@ class Tracker:
         except NextHopTimeout:
             return checks.UNKNOWN  # slow is not gone: a live sharer under load may answer late
         except ProtocolError:
-            # As after a failed request: a dead circuit is not offered again.
-            self.catalogue.forget(source.key)
-            self.sealed.forget(source.key)
+            self._forget(source.key)  # as after a failed request: not offered again
             return checks.GONE
         return checks.REACHABLE
 
