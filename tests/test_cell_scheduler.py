@@ -165,6 +165,7 @@ class CellSchedulerTests(unittest.TestCase):
         self.submit("create", str(uuid.uuid4()))  # run at once: never queued bytes
         self.assertEqual(self.scheduler.queued_bytes, 2 * BULK_SIZE + 10)
         cancelled.cancel()  # its body is let go at once
+        self.failureResultOf(cancelled, defer.CancelledError)
         self.assertEqual(self.scheduler.queued_bytes, BULK_SIZE)
         self.clock.turn()
         self.assertEqual(self.scheduler.queued_bytes, 0)
