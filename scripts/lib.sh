@@ -35,6 +35,16 @@ ensure_venv() {
     "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
     echo "$want" > "$stamp"
   fi
+  compile_checkout
+}
+
+# The tests' members import the package from this checkout (PYTHONPATH), and a
+# machine may set PYTHONDONTWRITEBYTECODE (this one does): then every twistd process
+# a test starts compiles the whole package again, about 0.5 CPU s of its ~1.2 s
+# start. Writing the bytecode once here (only what changed; 0.3 s when none did)
+# spares that in every process.
+compile_checkout() {
+  "$VENV/bin/python" -m compileall -q -j 0 onion_twisted tests bench >/dev/null
 }
 
 # Debian packages the tests need, installed only as root with apt-get (CI's case):
