@@ -112,6 +112,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=10, help="members started at once")
     parser.add_argument("--seed", type=int, default=None, help="for the layout and the victims")
     parser.add_argument("--keep", action="store_true", help="keep the members' directories and logs")
+    parser.add_argument("--fork-starts", action="store_true",
+                        help="fork the churn's new members from a process that imported them once "
+                             "(bench/forkserver.py): their imports off the shared cores")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a peer option for every peer, e.g. window_by_delay=false (to compare settings)")
@@ -119,7 +122,7 @@ def main() -> int:
                         help="a node option for every node, e.g. unsafe_logging=true (with --keep, to trace a stall)")
     args = parser.parse_args()
     default_sizes = all(getattr(args, k) == v for k, v in DEFAULTS.items())
-    out = args.out or (BENCH / "scale.json" if default_sizes and not args.soak
+    out = args.out or (BENCH / "scale.json" if default_sizes and not args.soak and not args.fork_starts
                        else OUT / ("scale-soak.json" if args.soak else "scale.json"))
     if args.soak and not args.churn:
         parser.error("--soak needs --churn")
@@ -129,7 +132,7 @@ def main() -> int:
     began = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="onion-bench-scale-"))
     net = ScaleNetwork(tmp / "run", nodes=args.nodes, peers=args.peers, key_bits=args.key_bits, batch=args.batch,
-                       rng=rng, tls=True,
+                       rng=rng, tls=True, fork_starts=args.fork_starts,
                        extra={"peer": {"seed_downloads": False, **member_options(args.peer_option)},
                               "node": member_options(args.node_option)})
     layout = Layout(list(net.peer_ips), args.downloads, rng)

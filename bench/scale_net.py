@@ -30,10 +30,13 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import cpu_seconds, vm
+from forkserver import ForkServer
 from onion_twisted.ops.localnet import LocalNetwork, Member, _get_json
 
 FIRST_HOST = 10  # .1 is the tracker, .2 the circuit client; members from .10 on
@@ -63,8 +66,12 @@ def pss(pid: int) -> int:
 
 class ScaleNetwork(LocalNetwork):
     def __init__(self, run_dir: Path, *, nodes: int, peers: int, key_bits: int, batch: int = 10,
-                 rng: random.Random | None = None, **kwargs):
+                 rng: random.Random | None = None, fork_starts: bool = False, **kwargs):
         self.rng = rng or random.Random()
+        # --fork-starts: the churn's new members forked from a process that imported them once
+        # (bench/forkserver.py); the network's first members start as always.
+        self.fork_server = ForkServer() if fork_starts else None
+        self._forking = False
         a, b = self.rng.randint(100, 250), self.rng.randint(1, 200)
         self.prefix = ipaddress.IPv4Address(f"127.{a}.{b}.0")
         names = tuple(f"peer{i + 1:02d}" for i in range(peers))
@@ -77,6 +84,7 @@ class ScaleNetwork(LocalNetwork):
         self.node_ips = [self.next_ip() for _ in range(nodes)]
         self.node_count = 0          # nodes started so far (names node01, node02, ...)
         self.ended: dict[int, dict] = {}  # pid -> {"cpu_s", "hwm", "rss"} read just before its SIGKILL
+        self.start_cpu: dict[str, list[float]] = {"node": [], "peer": []}
         self.tracker_key = ""
 
     def next_ip(self) -> str:
@@ -135,6 +143,7 @@ class ScaleNetwork(LocalNetwork):
             spawned = [self.spawn_node(ip) for ip in self.node_ips[first:first + self.batch]]
             for node in spawned:
                 self._wait(lambda node=node: self.answers_identity(node), deadline, f"{node.name} did not start", node)
+                self.start_cpu["node"].append(cpu_seconds(node.process.pid))
         every = {self.address(ip) for ip in self.node_ips}
 
         def all_listed():
@@ -151,10 +160,33 @@ class ScaleNetwork(LocalNetwork):
             spawned = [self.spawn_peer(name) for name in names[first:first + self.batch]]
             for peer in spawned:
                 self._wait(lambda peer=peer: self.connected(peer), deadline, f"{peer.name} did not connect", peer)
+                self.start_cpu["peer"].append(cpu_seconds(peer.process.pid))
         return {"nodes_s": nodes_up - began, "peers_s": time.monotonic() - nodes_up,
-                "total_s": time.monotonic() - began, "batch": self.batch}
+                "total_s": time.monotonic() - began, "batch": self.batch,
+                # CPU seconds each member had used when first seen up (a node answering /identity,
+                # a peer connected), ``batch`` starting at once: what one member's start costs.
+                "cpu_to_start_s": {role: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)}
+                                   for role, v in self.start_cpu.items() if v}}
 
     # --- churn ------------------------------------------------------------------------
+
+    def _start(self, member: Member, command: list[str]):
+        if self._forking and self.fork_server is not None:
+            return self.fork_server.start(command, member.directory, member.directory / "stderr.log")
+        return super()._start(member, command)
+
+    @contextmanager
+    def _churn_start(self):
+        self._forking = True
+        try:
+            yield
+        finally:
+            self._forking = False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        if self.fork_server is not None:
+            self.fork_server.stop()
 
     def _end(self, member: Member) -> None:
         """SIGKILL ``member``, keeping its CPU seconds and peak memory read just before."""
@@ -173,11 +205,13 @@ class ScaleNetwork(LocalNetwork):
         ``converged`` checks later that it was listed)."""
         ip = self.next_ip()
         self.node_ips.append(ip)
-        return self.spawn_node(ip)
+        with self._churn_start():
+            return self.spawn_node(ip)
 
     def restart_peer(self, name: str) -> Member:
         self._end(self.member(name))
-        return self.spawn_peer(name)
+        with self._churn_start():
+            return self.spawn_peer(name)
 
     # --- the directory ----------------------------------------------------------------
 

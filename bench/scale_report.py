@@ -10,6 +10,14 @@ def _f(value, fmt: str = ".1f", none: str = "—") -> str:
     return none if value is None else format(value, fmt)
 
 
+def _split_sum(splits: list[dict]) -> dict | None:
+    if not splits:
+        return None
+    total = {k: sum(s[k] for s in splits) for k in ("through", "killed", "started", "nodes_started")}
+    total["per_started_node_s"] = total["started"] / total["nodes_started"] if total["nodes_started"] else None
+    return total
+
+
 def _soak(rounds: list[dict]) -> dict:
     """The soak rounds as one column: counts summed, times as median (range), memory at its worst."""
     times = [r["seconds_last_verified"] for r in rounds if r["seconds_last_verified"] is not None]
@@ -31,6 +39,7 @@ def _soak(rounds: list[dict]) -> dict:
             "relayed": statistics.median([r["nodes_relayed_per_verified"] for r in rounds
                                           if r.get("nodes_relayed_per_verified")] or [None]),
             "churn": {k: sum(r["churn"][k] for r in rounds) for k in ("nodes_killed", "peers_restarted")},
+            "split": _split_sum([r["node_cpu_split"] for r in rounds if r.get("node_cpu_split")]),
             "converged": sum(1 for r in rounds if r["directory"]["converged"]),
             "convergence_s": max((r["directory"]["seconds"] or 0) for r in rounds)}
 
@@ -51,7 +60,7 @@ def _column(r: dict) -> dict:
             "queue": (r.get("node_queue_peak_mib") or {}).get("max"),
             "relayed": r.get("nodes_relayed_per_verified"),
             "others": r.get("other_processes_cores"),
-            "churn": r.get("churn"), "directory": r.get("directory")}
+            "churn": r.get("churn"), "directory": r.get("directory"), "split": r.get("node_cpu_split")}
 
 
 def render(report: dict) -> str:
@@ -86,6 +95,11 @@ def render(report: dict) -> str:
             lambda c: " / ".join(_f(c.get("cores", {}).get(k), ".2f") for k in
                                  ("tracker", "nodes", "downloading peers", "other peers")) +
             f" / {_f(c.get('others'), '.2f')}" if c.get("cores") else "—")
+    if any(c.get("split") for c in columns):
+        row("nodes' CPU seconds: there all through / killed in the round / started in it (each)",
+            lambda c: f"{c['split']['through']:.0f} / {c['split']['killed']:.0f} / {c['split']['started']:.0f}"
+            + (f" ({c['split']['per_started_node_s']:.2f})" if c["split"]["per_started_node_s"] else "")
+            if c.get("split") else "—")
     if any(c.get("churn") for c in columns):
         row("nodes killed (and started); peers restarted",
             lambda c: f"{c['churn']['nodes_killed']}; {c['churn']['peers_restarted']}" if c.get("churn") else "—")
@@ -104,6 +118,11 @@ def render(report: dict) -> str:
                 f"{role}s {v['cores']:.2f}" for role, v in idle.items() if "cores" in v) + "."]
     mach = report["machine"]
     start = report.get("startup", {})
+    if start.get("cpu_to_start_s"):
+        lines += ["", "CPU seconds one member used until it was up (a node answering, a peer connected; "
+                  f"{start.get('batch')} starting at once), median (most): " + "; ".join(
+                      f"{role} {v['median']:.2f} ({v['max']:.2f})" for role, v in start["cpu_to_start_s"].items())
+                  + "."]
     lines += ["", f"Machine: {mach.get('cores')} cores, {mach.get('cpu', '?')}, Python {mach.get('python')}, "
               f"{mach.get('openssl')}, Twisted {mach.get('twisted')}; load average before "
               f"{report['loadavg_before'][0]:.2f}; {report['date']}; network up in {_f(start.get('total_s'), '.0f')} s "

@@ -187,6 +187,7 @@ def memory_and_cpu(net: ScaleNetwork, layout: Layout, before: dict, after: dict,
             growth.setdefault(role, []).append((end["rss"] - before[pid]["rss"]) / MIB)
     tracker = next(pid for pid, (name, _) in who.items() if name == "tracker")
     return {"cpu_s_by_role": {k: round(v, 2) for k, v in cpu.items()},
+            "node_cpu_split": node_cpu_split(net, who, before, after),
             "cores_by_role": {k: round(v / seconds, 3) for k, v in cpu.items()},
             "tracker": {"cpu_s": round(cpu.get("tracker", 0.0), 2), "rss_mib": after[tracker]["rss"] / MIB,
                         "hwm_mib": after[tracker]["hwm"] / MIB},
@@ -198,6 +199,28 @@ def memory_and_cpu(net: ScaleNetwork, layout: Layout, before: dict, after: dict,
             # At the round's end: whether a member's memory keeps growing over a soak (peaks only rise).
             "rss_by_member": {who[pid][0]: round(f["rss"] / MIB, 1) for pid, f in after.items()
                               if net_alive(net, pid)}}
+
+
+def node_cpu_split(net: ScaleNetwork, who: dict, before: dict, after: dict) -> dict:
+    """The nodes' CPU seconds in the round by where it went: nodes there all through it, nodes
+    killed in it (up to the kill), nodes started in it (their start included: imports, keys,
+    registration; each started node counted once, killed again or not): what churn costs
+    the cores beyond the relaying, on a machine where every new member starts on the same cores."""
+    split = {"through": 0.0, "killed": 0.0, "started": 0.0}
+    started = 0
+    for pid, end in after.items():
+        if who[pid][1] != "nodes":
+            continue
+        used = (end["cpu_s"] or 0.0) - (before.get(pid, {}).get("cpu_s") or 0.0)
+        if pid not in before:
+            split["started"] += used
+            started += 1
+        else:
+            split["through" if net_alive(net, pid) else "killed"] += used
+    figures = {k: round(v, 2) for k, v in split.items()}
+    figures["nodes_started"] = started
+    figures["per_started_node_s"] = round(split["started"] / started, 2) if started else None
+    return figures
 
 
 def node_metrics(net: ScaleNetwork) -> dict[str, dict]:

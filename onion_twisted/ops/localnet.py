@@ -133,6 +133,17 @@ class LocalNetwork:
         directory = self.run_dir / name
         directory.mkdir(parents=True, exist_ok=True)
         member = Member(name, role, ip, directory, options)
+        member.process = self._start(member, self._command(member))
+        self.members.append(member)
+        return member
+
+    def _start(self, member: Member, command: list[str]):
+        """The member's process, running ``command`` in its directory (a subclass may start it otherwise)."""
+        return subprocess.Popen(command, cwd=member.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=open(member.directory / "stderr.log", "ab"), start_new_session=True)
+
+    def _command(self, member: Member) -> list[str]:
+        role, ip, options = member.role, member.ip, member.options
         config = self.conf_dir / f"{role}.toml" if self.conf_dir else None
         config_option = ["--config", str(config)] if config and config.is_file() else []
         command = [self.python, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={member.log_path}",
@@ -144,12 +155,8 @@ class LocalNetwork:
             command += [f"--{option}"] if value is True else [f"--no-{option}"] if value is False \
                 else [f"--{option}", str(value)]
         if self.wrap is not None:
-            command = [*self.wrap(name), *command]
-        member.process = subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=open(directory / "stderr.log", "ab"),
-                                          start_new_session=True)
-        self.members.append(member)
-        return member
+            command = [*self.wrap(member.name), *command]
+        return command
 
     def start(self, timeout: float = 60.0) -> None:
         self.make_samples()

@@ -1,0 +1,70 @@
+"""What the churn round costs beyond starting processes: ``bench/scale.py`` runs with and
+without ``--fork-starts``, side by side.
+
+    for i in 1 2 3; do
+      python bench/scale.py --out bench/out/scale-exec$i.json
+      python bench/scale.py --fork-starts --out bench/out/scale-fork$i.json
+    done
+    python bench/scale_starts.py bench/out/scale-exec*.json bench/out/scale-fork*.json
+
+Per run: the calm and churn rounds' times and their ratio, every member's CPU
+seconds in each round, and the share of the churn round's that the members
+started in it used (the nodes: their start and whatever they relayed after
+it; the restarted peers at the median start cost the run measured). The
+cores are full in both rounds (1.9 of 2), so a round's time follows its CPU
+seconds.
+Writes ``bench/scale-starts.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+def figures(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    calm, churn = report["rounds"][:2]
+    calm_cpu, churn_cpu = (sum(r["cpu_s_by_role"].values()) for r in (calm, churn))
+    split = churn["node_cpu_split"]
+    peer_start = report["startup"]["cpu_to_start_s"]["peer"]["median"]
+    starts = split["started"] + churn["churn"]["peers_restarted"] * peer_start
+    return {"file": path.name, "fork_starts": bool(report["config"].get("fork_starts")), "date": report["date"],
+            "calm_s": round(calm["seconds_to_all_verified"], 1), "churn_s": round(churn["seconds_to_all_verified"], 1),
+            "ratio": round(churn["seconds_to_all_verified"] / calm["seconds_to_all_verified"], 2),
+            "calm_cpu_s": round(calm_cpu, 1), "churn_cpu_s": round(churn_cpu, 1),
+            "cores_calm": round(calm_cpu / calm["round_s"], 2), "cores_churn": round(churn_cpu / churn["round_s"], 2),
+            "nodes_started": split["nodes_started"], "started_nodes_cpu_s": split["started"],
+            "peers_restarted": churn["churn"]["peers_restarted"],
+            "started_members_share": round(starts / churn_cpu, 2),
+            "worst_node_mib": max(r["peak_mib"]["nodes"]["max"] for r in (calm, churn)),
+            "lost_or_corrupt": sum(r["lost"] + r["corrupt"] for r in (calm, churn))}
+
+
+def main(paths: list[str]) -> int:
+    runs = [figures(Path(p)) for p in paths]
+    summary = {}
+    for fork in (False, True):
+        mine = [r for r in runs if r["fork_starts"] == fork]
+        if mine:
+            summary["fork" if fork else "exec"] = {
+                "runs": len(mine), "ratio_median": statistics.median(r["ratio"] for r in mine),
+                "ratio_range": [min(r["ratio"] for r in mine), max(r["ratio"] for r in mine)],
+                "started_members_share_median": statistics.median(r["started_members_share"] for r in mine)}
+    (BENCH / "scale-starts.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
+    print("| run | new members | calm | churn | churn ÷ calm | CPU s calm / churn |"
+          " of the churn round's CPU, members started in it |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r['file']} | {'forked' if r['fork_starts'] else 'started'} | {r['calm_s']} s | {r['churn_s']} s | "
+              f"{r['ratio']:.2f}× | {r['calm_cpu_s']:.0f} / {r['churn_cpu_s']:.0f} | {r['started_members_share']:.0%} |")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
