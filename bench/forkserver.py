@@ -18,7 +18,6 @@ child, not ours).
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import os
@@ -28,16 +27,14 @@ import signal
 import subprocess
 import sys
 
+from common import die_with_parent
+
 # What a member imports, but Klein: klein._app imports twisted.internet.reactor, which installs
 # the default reactor, and a reactor made here would be shared by every child (one epoll
 # instance). Each child imports Klein and the roles' apps and services itself (about 40 ms).
 PRELOAD = ("twisted.scripts.twistd", "twisted.internet.epollreactor", "twisted.web.server", "twisted.web.client",
            "treq", "werkzeug.routing", "werkzeug.exceptions", "werkzeug.serving", "werkzeug.datastructures")
 PACKAGES = ("onion_twisted.protocol", "onion_twisted.net", "onion_twisted.node", "onion_twisted.peer")
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class ForkedProcess:
@@ -75,7 +72,7 @@ class ForkedProcess:
 class ForkServer:
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, preexec_fn=_die_with_parent)
+                                     text=True, preexec_fn=die_with_parent)
         ready = self.proc.stdout.readline().strip()
         if ready != "ready":
             raise RuntimeError(f"the fork server did not start: {ready!r}")
@@ -107,7 +104,7 @@ def _reap(_signum, _frame) -> None:
 def _child(request: dict) -> None:
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
+    die_with_parent()
     os.chdir(request["cwd"])
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)

@@ -32,7 +32,6 @@ import random
 import socket
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from common import cpu_seconds, vm
@@ -68,10 +67,10 @@ class ScaleNetwork(LocalNetwork):
     def __init__(self, run_dir: Path, *, nodes: int, peers: int, key_bits: int, batch: int = 10,
                  rng: random.Random | None = None, fork_starts: bool = False, **kwargs):
         self.rng = rng or random.Random()
-        # --fork-starts: the churn's new members forked from a process that imported them once
-        # (bench/forkserver.py); the network's first members start as always.
-        self.fork_server = ForkServer() if fork_starts else None
-        self._forking = False
+        # --fork-starts: once the network is up (``start``), its new members are forked from a
+        # process that imported them once (bench/forkserver.py); the first ones start as always.
+        self.fork_starts = fork_starts
+        self.fork_server: ForkServer | None = None
         a, b = self.rng.randint(100, 250), self.rng.randint(1, 200)
         self.prefix = ipaddress.IPv4Address(f"127.{a}.{b}.0")
         names = tuple(f"peer{i + 1:02d}" for i in range(peers))
@@ -161,27 +160,22 @@ class ScaleNetwork(LocalNetwork):
             for peer in spawned:
                 self._wait(lambda peer=peer: self.connected(peer), deadline, f"{peer.name} did not connect", peer)
                 self.start_cpu["peer"].append(cpu_seconds(peer.process.pid))
-        return {"nodes_s": nodes_up - began, "peers_s": time.monotonic() - nodes_up,
-                "total_s": time.monotonic() - began, "batch": self.batch,
-                # CPU seconds each member had used when first seen up (a node answering /identity,
-                # a peer connected), ``batch`` starting at once: what one member's start costs.
-                "cpu_to_start_s": {role: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)}
-                                   for role, v in self.start_cpu.items() if v}}
+        figures = {"nodes_s": nodes_up - began, "peers_s": time.monotonic() - nodes_up,
+                   "total_s": time.monotonic() - began, "batch": self.batch,
+                   # CPU seconds each member had used when first seen up (a node answering /identity,
+                   # a peer connected), ``batch`` starting at once: what one member's start costs.
+                   "cpu_to_start_s": {role: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)}
+                                      for role, v in self.start_cpu.items() if v}}
+        if self.fork_starts:
+            self.fork_server = ForkServer()
+        return figures
 
     # --- churn ------------------------------------------------------------------------
 
     def _start(self, member: Member, command: list[str]):
-        if self._forking and self.fork_server is not None:
+        if self.fork_server is not None:
             return self.fork_server.start(command, member.directory, member.directory / "stderr.log")
         return super()._start(member, command)
-
-    @contextmanager
-    def _churn_start(self):
-        self._forking = True
-        try:
-            yield
-        finally:
-            self._forking = False
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
@@ -205,13 +199,11 @@ class ScaleNetwork(LocalNetwork):
         ``converged`` checks later that it was listed)."""
         ip = self.next_ip()
         self.node_ips.append(ip)
-        with self._churn_start():
-            return self.spawn_node(ip)
+        return self.spawn_node(ip)
 
     def restart_peer(self, name: str) -> Member:
         self._end(self.member(name))
-        with self._churn_start():
-            return self.spawn_peer(name)
+        return self.spawn_peer(name)
 
     # --- the directory ----------------------------------------------------------------
 

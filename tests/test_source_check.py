@@ -15,16 +15,19 @@ import os
 
 import orjson
 from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from onion_twisted.peer.attempt import Attempt
-from onion_twisted.peer.transfer import CHECK_AFTER, MIN_SILENCE, Transfer
+from onion_twisted.peer.attempt import SOURCE_GONE, Attempt
+from onion_twisted.peer.download_state import DONE, FAILED
+from onion_twisted.peer.transfer import CHECK_AFTER, FIRST_SILENCE, MIN_SILENCE, Transfer
 from onion_twisted.protocol import cells, checks
 from onion_twisted.protocol.errors import NextHopFailed, NextHopTimeout
 from onion_twisted.tracker.source_checks import MAX_RECENT, SourceChecks
 
 from tests.support.deferreds import inline
 from tests.support.peer_network import ALICE_IP, BOB_IP
+from tests.support.peer_network_v2 import V2Network
 from tests.support.sealed_client import SealedClient
 from tests.support.tracker_fakes import NODE_ADDRESSES, NODE_IPS, SHA_A, TrackerHarness, new_cid
 
@@ -321,7 +324,6 @@ class CheckInNetworkTests(unittest.TestCase):
     relays and tracker): a sole sharer dies right after the tracker's request reached him."""
 
     def setUp(self):
-        from tests.support.peer_network_v2 import V2Network
         self.net = V2Network(self.mktemp())
 
     def tearDown(self):
@@ -341,9 +343,6 @@ class CheckInNetworkTests(unittest.TestCase):
 
     @inline
     async def test_a_sole_sharer_whose_circuit_died_is_given_up_at_the_check_and_waited_for(self):
-        from onion_twisted.peer.attempt import SOURCE_GONE
-        from onion_twisted.peer.download_state import DONE, FAILED
-        from onion_twisted.peer.transfer import FIRST_SILENCE
         net = self.net
         data = os.urandom(3 * 256 * 1024)
         net.write_share(BOB_IP, "solo.bin", data)
@@ -359,7 +358,6 @@ class CheckInNetworkTests(unittest.TestCase):
             net.down.add(BOB_IP)
             bob.outbound.post = lambda *args, **kwargs: defer.Deferred()
         bob.uploader.serve = die
-        from twisted.logger import globalLogPublisher
         outcomes = []
 
         def given_up(event):

@@ -221,6 +221,8 @@ class Tracker:
         source = self.catalogue.circuits.get(key)
         if source is None:
             return checks.GONE  # destroyed, expired, or forgotten after a failed request
+        # Asked of ``circuit_is_sealed``, as the request's choice asks, and the hop looked up
+        # again at the probe: what holds the hops says (a test network's front holds them).
         if not self.circuit_is_sealed(key):
             # Probed only inside the tracker's layer: a sharer of another implementation
             # on an unsealed circuit might refuse a message it does not know, which would
