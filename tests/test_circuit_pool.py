@@ -15,6 +15,9 @@ The in-memory network (four real nodes, the real tracker, real peers) with
   tried again later.
 * An unused download circuit is closed, and built again when a download
   needs one.
+* While a download runs, a spare download circuit is kept (however long
+  the download takes), and a download whose circuit loses a node goes on
+  over it without waiting for its own circuit's rebuild.
 
 Time is the network's ``task.Clock``; the peers' ``tick`` runs on it as the
 service's timer would.
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from types import SimpleNamespace
@@ -95,13 +98,13 @@ class DownloadCircuitTests(PoolCase):
             self.assertTrue(f.read() == data)
 
         download = [k.circuit for k in alice.circuits.for_downloads if k.circuit is not None]
-        self.assertEqual(len(download), 1)  # one download: one circuit built for it
-        key = self.tracker_key(download[0])
-        requests = self.net.messages_on(key, "request")
-        self.assertTrue(requests)
+        used = [c for c in download if self.net.messages_on(self.tracker_key(c), "request")]
+        self.assertEqual(len(used), 1)  # one download: one circuit carried it (the other is the spare)
         self.assertEqual(self.net.messages_on(self.tracker_key(announcing), "request"), [])
-        self.assertEqual([m["files"] for m in self.net.messages_on(key, "ls")], [[]])  # announced nothing
-        self.assertEqual(ends(announcing) & ends(download[0]), set())
+        for circuit in download:
+            key = self.tracker_key(circuit)
+            self.assertEqual([m["files"] for m in self.net.messages_on(key, "ls")], [[]])  # announced nothing
+            self.assertEqual(ends(announcing) & ends(circuit), set())
 
     @inline
     async def test_circuits_built_at_once_keep_their_ends_apart(self):
@@ -243,3 +246,65 @@ class RotationTests(PoolCase):
         self.assertIs(alice.keeper.circuit, old)
         net.pump(until=lambda: alice.keeper.rotations == 1, max_steps=int(RETRY_ROTATION * 3))
         self.assertIsNot(alice.keeper.circuit, old)
+
+
+class SpareCircuitTests(PoolCase):
+    options = dict(max_circuits=3, circuit_lifetime=0, max_upload_rate=4096)
+
+    def download_keepers(self):
+        pool = self.net.alice.circuits
+        used = next(k for k in pool.for_downloads if k.users)
+        spare = next(k for k in pool.for_downloads if k is not used)
+        return used, spare
+
+    @inline
+    async def test_a_spare_download_circuit_is_kept_while_a_download_runs(self):
+        net = self.net
+        data = os.urandom(96 * 16384)  # 4 KiB/s: over six minutes, longer than IDLE_CLOSE
+        await self.start("spare.bin", data)
+        alice = net.alice
+        d = alice.download("spare.bin")
+        net.pump(until=lambda: all(k.state is CONNECTED for k in alice.circuits.for_downloads))
+        used, spare = self.download_keepers()
+        kept = spare.circuit
+        self.assertEqual(net.messages_on(self.tracker_key(kept), "request"), [])
+        net.pump(until=lambda: d.state is DONE or d.error is not None, max_steps=int(4 * 96 * 4))
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertGreater(net.clock.seconds() - spare.since, IDLE_CLOSE)
+        self.assertIs(spare.circuit, kept)  # not closed for going unused while the download ran
+        self.assertEqual(net.messages_on(self.tracker_key(kept), "request"), [])
+        # Once no download runs, unused circuits are closed as before.
+        net.pump(until=lambda: all(k.circuit is None for k in alice.circuits.for_downloads),
+                 max_steps=int(4 * IDLE_CLOSE))
+        self.assertFalse(alice.circuits.downloading)
+
+    @inline
+    async def test_a_download_whose_circuit_loses_a_node_goes_on_over_the_spare(self):
+        net = self.net
+        data = os.urandom(40 * 16384)
+        await self.start("failover.bin", data)
+        alice = net.alice
+        d = alice.download("failover.bin")
+        net.pump(until=lambda: all(k.state is CONNECTED for k in alice.circuits.for_downloads)
+                 and d.chunks is not None and d.chunks.have >= 4)
+        used, spare = self.download_keepers()
+        for _ in range(20):  # a node of the download's circuit that the spare does not go through
+            victims = {h.address.host for h in used.circuit.hops} - {h.address.host for h in spare.circuit.hops}
+            if victims:
+                break
+            spare._close_idle(spare.circuit, "closed by the test")
+            net.pump(until=lambda: spare.state is CONNECTED)
+        self.assertTrue(victims)
+        in_hand, broken = spare.circuit, used.circuit
+        used._build_one = lambda: defer.Deferred()  # its rebuild never ends (as under load, for seconds)
+        net.down.add(sorted(victims)[0])
+        net.pump(until=lambda: d.state is DONE or d.error is not None, max_steps=2000)
+        self.assertEqual(d.state, DONE, d.error)
+        self.assertEqual(d.attempts, 1)
+        with open(os.path.join(net.downloads_dir(ALICE_IP), "failover.bin"), "rb") as f:
+            self.assertTrue(f.read() == data)
+        self.assertIsNot(used.circuit, broken)
+        self.assertIsNone(used.circuit)  # still "rebuilding": the download did not wait for it
+        self.assertIs(spare.circuit, in_hand)
+        self.assertTrue(net.messages_on(self.tracker_key(in_hand), "request"))
+        self.assertEqual((used.users, spare.users), (0, 0))  # the attempt released the one it moved to

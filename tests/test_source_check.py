@@ -256,9 +256,14 @@ class _Keeper:
 
 
 class _Downloader:
-    def __init__(self):
+    def __init__(self, keeper: _Keeper):
         self.clock = task.Clock()
         self.source_checks = True
+        self.keeper = keeper
+        self.circuits = self  # the peer's pool: the keeper of a circuit
+
+    def owner(self, circuit):
+        return self.keeper if self.keeper.owns(circuit) else None
 
 
 class _Download:
@@ -269,7 +274,8 @@ class AttemptCheckTests(unittest.SynchronousTestCase):
     """``Attempt._check``: what it sends, and what it does with the answer."""
 
     def setUp(self):
-        self.keeper, self.downloader = _Keeper(), _Downloader()
+        self.keeper = _Keeper()
+        self.downloader = _Downloader(self.keeper)
         self.attempt = Attempt(self.downloader, _Download(), self.keeper, circuit=None, sources=1)
         self.t = Transfer(None)
         self.t.circuit, self.t.transfer = _Circuit(), "t-1"

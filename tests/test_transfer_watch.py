@@ -242,6 +242,7 @@ class AttemptProbeTests(unittest.SynchronousTestCase):
     def setUp(self):
         from onion_twisted.peer.attempt import Attempt
         self.keeper, self.downloader = _Keeper(), _Downloader()
+        self.downloader.circuits = self.keeper  # the peer's pool: probes go to the circuit's keeper
         self.attempt = Attempt(self.downloader, _Download(), self.keeper, circuit=None, sources=1)
         self.t = Transfer(None)
         self.t.circuit = object()

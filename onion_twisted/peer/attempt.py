@@ -56,7 +56,9 @@ class Attempt:
     """One attempt of ``download`` with at most ``sources`` slots, over the circuits of
     ``keeper`` (``circuit``: its connected one when the attempt starts). Each request
     goes on the keeper's circuit of the moment: once it is replaced, the next block's
-    request goes on the new one, and the old one drains."""
+    request goes on the new one, and the old one drains. When it broke, the attempt
+    moves to another download circuit connected then (``CircuitPool.in_hand``):
+    ``keeper`` is the one it holds at the end."""
 
     def __init__(self, downloader, download: Download, keeper, circuit, sources: int):
         self.downloader = downloader
@@ -166,12 +168,14 @@ class Attempt:
     async def _transfer(self, t: Transfer, ask_first: bool) -> SlotResult:
         """Ask the tracker for ``t``'s chunks and wait for the transfer to end."""
         downloader, d = self.downloader, self.d
+        # A circuit that broke is being rebuilt: the request goes on a spare already connected.
+        keeper = self.keeper = downloader.circuits.in_hand(self.keeper)
         try:
-            t.circuit = await self.keeper.ready()
+            t.circuit = await keeper.ready()
             request = self._request(t)
             t.asked_at = downloader.clock.seconds()
             t.listed = downloader.count_sources(d.name, d.sha256, d.root)
-            reply = await self.keeper.send_on(t.circuit, request)
+            reply = await keeper.send_on(t.circuit, request)
         except ProtocolError as e:
             self._tracker_answered()
             return SlotResult(f"circuit failed: {e.detail}", ask_again=True)
@@ -229,7 +233,7 @@ class Attempt:
         def take(reply) -> None:
             self.downloader.take_catalogue(reply)
             t.poke()
-        self.keeper.probe(t.circuit, take)
+        self.downloader.circuits.probe(t.circuit, take)  # its keeper's: the attempt may have moved on
 
     def _check(self, t: Transfer) -> None:
         """Ask the tracker whether ``t``'s source circuit still reaches its sharer (one check
@@ -237,8 +241,9 @@ class Attempt:
         speaks this project's /2 (docs 17.10, choice 64); a tracker that does not know the
         message answers ``bad_request``, and is not asked again."""
         downloader = self.downloader
+        keeper = downloader.circuits.owner(t.circuit)
         if (not downloader.source_checks or t.checking or t.transfer is None or t.outcome is not None
-                or not t.circuit.sealed or not self.keeper.owns(t.circuit)):
+                or not t.circuit.sealed or keeper is None):
             return
         t.checking = True
 
@@ -251,7 +256,7 @@ class Attempt:
             elif state is None and isinstance(reply, dict) and reply.get("error") == "bad_request":
                 downloader.source_checks = False
 
-        d = defer.ensureDeferred(self.keeper.send_on(t.circuit, checks.check_message(t.transfer)))
+        d = defer.ensureDeferred(keeper.send_on(t.circuit, checks.check_message(t.transfer)))
         d.addCallbacks(take, lambda f: f.trap(ProtocolError))  # a broken circuit: the keeper's to handle
         d.addBoth(lambda _: setattr(t, "checking", False))
 

@@ -11,6 +11,12 @@ exit that sees both, cannot tie the peer's downloads to what it shares.
 A download circuit's first message is an empty ``ls``: the tracker lists
 the peer's files once, under the announcing circuit only.
 
+While a download runs, one download circuit more than the downloads use
+is built ahead and kept (Tor's preemptive circuits): when a download's
+circuit breaks, its next request goes over a circuit already connected
+(``in_hand``) instead of waiting for the rebuild, which under load takes
+seconds. The broken keeper rebuilds, and is the next spare.
+
 Each circuit is replaced after ``circuit_lifetime`` (see ``keeper``): new
 work goes to the new one; the old one drains (its uploads and transfers
 run to their end) and is then destroyed. When the announcing circuit is
@@ -27,7 +33,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from onion_twisted.peer.circuit import Circuit
-from onion_twisted.peer.keeper import CONNECTED, CircuitKeeper
+from onion_twisted.peer.keeper import CONNECTED, WAITING, CircuitKeeper
 from onion_twisted.protocol.messages import ls_message
 
 MAX_CIRCUITS = 8  # the most a peer keeps at once, whatever its setting
@@ -51,6 +57,8 @@ class CircuitPool:
             first_message=lambda: ls_message([]), on_connected=on_download_circuit, on_broken=on_broken,
             purpose="download", lifetime=circuit_lifetime, retires_idle=True,
             avoid_ends=self._announcing_ends, in_use=in_use, **keeper_options) for _ in range(count - 1)]
+        for keeper in self.for_downloads:
+            keeper.in_use = self._kept_while_downloading(keeper, in_use)
 
     @property
     def keepers(self) -> list[CircuitKeeper]:
@@ -67,7 +75,41 @@ class CircuitPool:
         else:
             keeper = min(self.for_downloads, key=lambda k: (k.users, k.state is not CONNECTED))
         keeper.users += 1
+        self._warm_spare()
         return keeper
+
+    def in_hand(self, keeper: CircuitKeeper) -> CircuitKeeper:
+        """The keeper a download that took ``keeper`` sends its next request on: ``keeper``
+        while it is connected; else a download circuit connected now, the least used (the
+        download moves to it), rather than a wait for ``keeper``'s rebuild."""
+        if keeper.state is CONNECTED or keeper not in self.for_downloads:
+            return keeper
+        connected = [k for k in self.for_downloads if k.state is CONNECTED]
+        if not connected:
+            return keeper
+        other = min(connected, key=lambda k: k.users)
+        self.release(keeper)
+        other.users += 1
+        return other
+
+    @property
+    def downloading(self) -> bool:
+        return any(k.users for k in self.for_downloads)
+
+    def _warm_spare(self) -> None:
+        """While a download runs, a download circuit nobody uses is built (or being built),
+        when the peer keeps one more than the downloads use."""
+        if not self.downloading or any(k.users == 0 and k.state is not WAITING for k in self.for_downloads):
+            return
+        spare = next((k for k in self.for_downloads if k.users == 0 and not k.stopped), None)
+        if spare is not None:
+            spare.ready().addErrback(lambda f: None)  # failures retry inside; stop() ends it
+
+    def _kept_while_downloading(self, keeper: CircuitKeeper, in_use: Callable[[Circuit], bool]):
+        """``in_use`` for a download keeper: while a download runs, its connected circuit
+        counts as used (a spare is not closed for going unused, and is replaced at its
+        lifetime); a draining one only while something runs on it."""
+        return lambda circuit: in_use(circuit) or (circuit is keeper.circuit and self.downloading)
 
     @staticmethod
     def release(keeper: CircuitKeeper) -> None:
@@ -113,6 +155,7 @@ class CircuitPool:
     def sweep(self) -> None:
         for keeper in self.keepers:
             keeper.sweep()
+        self._warm_spare()
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -225,7 +225,7 @@ class Downloader:
         file then though someone did (``SlotResult.away``). Whether the download is over,
         its state says."""
         d.start_request()
-        keeper = self.circuits.for_download()
+        keeper, attempt = self.circuits.for_download(), None
         try:
             try:
                 circuit = await keeper.ready()
@@ -236,7 +236,7 @@ class Downloader:
             attempt = Attempt(self, d, keeper, circuit, self._sources(d))
             results = await attempt.run()
         finally:
-            self.circuits.release(keeper)
+            self.circuits.release(keeper if attempt is None else attempt.keeper)  # it may have moved
         for tampered, count in attempt.refused_on.items():
             # Chunks that did not authenticate were altered or forged on the way: the
             # tamperer may be on that circuit, so the next attempt goes over another.
