@@ -47,6 +47,13 @@ class CertificateTests(unittest.SynchronousTestCase):
             self.assertEqual(tls.spki_fingerprint(certificate.public_key()), tls.spki_fingerprint(key))
             tls.server_options(key).getContext()  # pyOpenSSL takes key and certificate together
 
+    def test_both_sides_free_empty_record_buffers_and_write_whole(self):
+        from OpenSSL import SSL
+        for context in (tls.server_options(RSA_KEY).getContext(), tls.client_context()):
+            mode = context.set_mode(0)  # SSL_CTX_set_mode answers the mode it has (0 adds nothing)
+            self.assertTrue(mode & SSL.MODE_RELEASE_BUFFERS)
+            self.assertFalse(mode & tls._PARTIAL_WRITE)
+
     def test_the_peers_key_is_made_once_with_mode_0600(self):
         data_dir = self.mktemp()
         first = tls.load_or_create_peer_key(data_dir)

@@ -117,6 +117,13 @@ class HeapTrimmer:
             return None
         return self._mallinfo2().fordblks
 
+    def used_bytes(self) -> int | None:
+        """Bytes allocated from the heap and by mmap (what is live), or None without glibc 2.33."""
+        if not self.can_trim:
+            return None
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
     def __call__(self) -> bool:
         free = self.free_bytes()
         if free is None or free <= self.slack:
