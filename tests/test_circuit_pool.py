@@ -308,3 +308,4 @@ class SpareCircuitTests(PoolCase):
         self.assertIs(spare.circuit, in_hand)
         self.assertTrue(net.messages_on(self.tracker_key(in_hand), "request"))
         self.assertEqual((used.users, spare.users), (0, 0))  # the attempt released the one it moved to
+        self.assertEqual(alice.circuits.moves, 1)

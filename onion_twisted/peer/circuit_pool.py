@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from onion_twisted.peer.circuit import Circuit
 from onion_twisted.peer.keeper import CONNECTED, WAITING, CircuitKeeper
@@ -40,6 +41,8 @@ MAX_CIRCUITS = 8  # the most a peer keeps at once, whatever its setting
 
 
 class CircuitPool:
+    log = Logger()
+
     def __init__(self, *, max_circuits: int = 1, circuit_lifetime: float = 0.0,
                  first_message: Callable[[], dict], on_connected: Callable[[dict, object], None],
                  on_download_circuit: Callable[[dict, object], None] = lambda message, reply: None,
@@ -49,6 +52,7 @@ class CircuitPool:
         directory, tracker, data_dir, bootstrap, hops, rng). ``on_download_circuit``: the
         tracker's reply to a download circuit's empty ``ls`` (its catalogue)."""
         count = max(1, min(max_circuits, MAX_CIRCUITS))
+        self.moves = 0  # downloads moved to another circuit while theirs was rebuilt (in_hand)
         self.announcing = CircuitKeeper(
             first_message=first_message, on_connected=on_connected, on_broken=on_broken,
             purpose="announcing", lifetime=circuit_lifetime, avoid_ends=self._download_ends,
@@ -90,6 +94,8 @@ class CircuitPool:
         other = min(connected, key=lambda k: k.users)
         self.release(keeper)
         other.users += 1
+        self.moves += 1
+        self.log.info("a download moved to a connected circuit while its own is rebuilt ({n} so far)", n=self.moves)
         return other
 
     @property
