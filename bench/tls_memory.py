@@ -19,7 +19,7 @@ Each variant runs in a fresh child process (so one's heap does not hide in
 the other's), ``--runs`` times, alternating: the contexts as shipped, and
 with OpenSSL's ``SSL_MODE_RELEASE_BUFFERS`` cleared and set (a connection
 frees its record buffers while they are empty, as Tor's links do).
-Prints and writes (``--out``) JSON: per variant, the KiB per connection
+Prints and writes (``--out``, ``bench/tls-memory.json``) JSON: per variant, the KiB per connection
 end after the handshakes and after the bodies, median of the runs.
 """
 
@@ -129,7 +129,7 @@ def main() -> int:
     parser.add_argument("--body-kib", type=int, default=1400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bulk-bodies", type=int, default=40, help="bodies sent over one connection for the CPU figure")
-    parser.add_argument("--out", default=str(BENCH / "out" / "tls-memory.json"))
+    parser.add_argument("--out", default=str(BENCH / "tls-memory.json"))
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
