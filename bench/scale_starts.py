@@ -14,6 +14,11 @@ it; the restarted peers at the median start cost the run measured). The
 cores are full in both rounds (1.9 of 2), so a round's time follows its CPU
 seconds.
 Writes ``bench/scale-starts.json`` and prints a Markdown table.
+
+Any other comparison of runs, by labels (``--out`` for another file):
+
+    python bench/scale_starts.py --out bench/scale-spare.json spare=bench/out/scale-spare1.json \
+        nospare=bench/out/scale-nospare1.json ...
 """
 
 from __future__ import annotations
@@ -45,22 +50,31 @@ def figures(path: Path) -> dict:
             "lost_or_corrupt": sum(r["lost"] + r["corrupt"] for r in (calm, churn))}
 
 
-def main(paths: list[str]) -> int:
-    runs = [figures(Path(p)) for p in paths]
+def main(args: list[str]) -> int:
+    out = BENCH / "scale-starts.json"
+    if args[:1] == ["--out"]:
+        out, args = Path(args[1]), args[2:]
+    runs = []
+    for arg in args:
+        label, _, path = arg.rpartition("=")
+        run = figures(Path(path))
+        run["label"] = label or ("fork" if run["fork_starts"] else "exec")
+        runs.append(run)
     summary = {}
-    for fork in (False, True):
-        mine = [r for r in runs if r["fork_starts"] == fork]
+    for label in dict.fromkeys(r["label"] for r in runs):
+        mine = [r for r in runs if r["label"] == label]
         if mine:
-            summary["fork" if fork else "exec"] = {
+            summary[label] = {
                 "runs": len(mine), "ratio_median": statistics.median(r["ratio"] for r in mine),
                 "ratio_range": [min(r["ratio"] for r in mine), max(r["ratio"] for r in mine)],
-                "started_members_share_median": statistics.median(r["started_members_share"] for r in mine)}
-    (BENCH / "scale-starts.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
-    print("| run | new members | calm | churn | churn ÷ calm | CPU s calm / churn |"
+                "started_members_share_median": statistics.median(r["started_members_share"] for r in mine),
+                "worst_node_mib": [min(r["worst_node_mib"] for r in mine), max(r["worst_node_mib"] for r in mine)]}
+    out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
+    print("| run | label | calm | churn | churn ÷ calm | CPU s calm / churn |"
           " of the churn round's CPU, members started in it |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r['file']} | {'forked' if r['fork_starts'] else 'started'} | {r['calm_s']} s | {r['churn_s']} s | "
+        print(f"| {r['file']} | {r['label']} | {r['calm_s']} s | {r['churn_s']} s | "
               f"{r['ratio']:.2f}× | {r['calm_cpu_s']:.0f} / {r['churn_cpu_s']:.0f} | {r['started_members_share']:.0%} |")
     print(json.dumps(summary))
     return 0
