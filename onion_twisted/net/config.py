@@ -110,8 +110,8 @@ PEER = COMMON + [
     Key("max_sources", int, 4, "sources one download asks at once when several share the file", 1),
     Key("max_upload_rate", int, 0, "bytes per second all uploads together may send (0: no cap)", 0),
     Key("seed_downloads", bool, True, "share finished downloads from the downloads directory too"),
-    Key("max_circuits", int, 3, "circuits kept at once: one announces, the others carry downloads (1: one for all)",
-        1),
+    Key("max_circuits", int, 3,
+        "circuits kept at once: one announces, the others carry downloads, a spare among them (1: one for all)", 1),
     Key("circuit_lifetime", float, 900.0, "seconds before a circuit is replaced, randomised (0: never)", 0),
     Key("ui_listen", str, "", "with tls: IP:PORT of the page and its API, in plain HTTP (empty: this peer's IP:8080)"),
 ]
