@@ -43,13 +43,16 @@ MIN_ENDGAME_LOOK, ENDGAME_LOOK = 0.1, 1.0
 class SlotResult:
     """How one slot ended: why, and whether that alone means the file cannot be had now."""
 
-    __slots__ = ("why", "fatal", "progress", "ask_again", "away")
+    __slots__ = ("why", "fatal", "progress", "ask_again", "away", "spare_failed")
 
     def __init__(self, why: str, fatal: bool = False, progress: int = 0, ask_again: bool = False,
-                 away: bool = False):
+                 away: bool = False, spare_failed: bool = False):
         self.why, self.fatal, self.progress = why, fatal, progress
         self.ask_again = ask_again  # the source or the circuit failed, another may not: the slot asks again
         self.away = away  # nobody shares it now, but someone did: its sharer may be between circuits
+        # The circuit the slot had just moved to (a spare, in_hand) failed its request: it had
+        # lost a node unseen. Neither the source's fault nor the slot's: not counted as fruitless.
+        self.spare_failed = spare_failed
 
 
 class Attempt:
@@ -125,7 +128,7 @@ class Attempt:
                     self.refused_on[t.circuit] = self.refused_on.get(t.circuit, 0) + t.refused
                 self._wake_idle()
             progress += t.chunks
-            fruitless = 0 if t.chunks else fruitless + 1
+            fruitless = 0 if t.chunks else fruitless + (0 if result.spare_failed else 1)
             fresh = t.fresh_estimate(ENDGAME_CHUNKS) if t.chunks else fresh
             if result.ask_again and fruitless < MAX_FRUITLESS:
                 # That source failed (lied, went silent, stopped; the tracker picks another), or
@@ -169,7 +172,8 @@ class Attempt:
         """Ask the tracker for ``t``'s chunks and wait for the transfer to end."""
         downloader, d = self.downloader, self.d
         # A circuit that broke is being rebuilt: the request goes on a spare already connected.
-        keeper = self.keeper = downloader.circuits.in_hand(self.keeper)
+        keeper = downloader.circuits.in_hand(self.keeper)
+        moved, self.keeper = keeper is not self.keeper, keeper
         try:
             t.circuit = await keeper.ready()
             request = self._request(t)
@@ -178,7 +182,7 @@ class Attempt:
             reply = await keeper.send_on(t.circuit, request)
         except ProtocolError as e:
             self._tracker_answered()
-            return SlotResult(f"circuit failed: {e.detail}", ask_again=True)
+            return SlotResult(f"circuit failed: {e.detail}", ask_again=True, spare_failed=moved)
         if isinstance(reply, dict) and reply.get("type") == "transfer" and isinstance(reply.get("transfer"), str):
             t.transfer = reply["transfer"]
         # Only now: the next slot's ``avoid`` names this transfer (its start runs inside this call).
