@@ -11,6 +11,7 @@ from twisted.trial import unittest
 from onion_twisted.peer.attempt import MAX_FRUITLESS, Attempt, SlotResult
 from onion_twisted.peer.transfer import Transfer
 from onion_twisted.protocol.errors import NextHopFailed
+from tests.support.attempts import TransferLedger
 
 
 class _Circuit:
@@ -39,19 +40,8 @@ class _Pool:
         return self.to or keeper
 
 
-class _Download:
+class _Download(TransferLedger):
     name, sha256, root, chunk_size, chunks, excluded = "a.bin", None, None, 16384, None, ()
-
-    def __init__(self):
-        self.transfers: list[Transfer] = []
-
-    def new_transfer(self, claimed):
-        t = Transfer(claimed)
-        self.transfers.append(t)
-        return t
-
-    def release(self, t):
-        self.transfers.remove(t)
 
 
 class _Downloader:

@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from onion_twisted.peer.attempt import ENDGAME_LOOK, Attempt, SlotResult
-from onion_twisted.peer.transfer import Transfer
+from tests.support.attempts import TransferLedger
 
 
 class _Chunks:
@@ -19,26 +19,18 @@ class _Chunks:
         self.bits = bytearray(8)
 
 
-class _Download:
+class _Download(TransferLedger):
     """What a slot asks of its download: claims come from ``answers``, one per call."""
 
     def __init__(self, answers):
+        super().__init__()
         self.chunks = _Chunks()
-        self.transfers: list[Transfer] = []
         self.answers = list(answers)
         self.claims: list = []
 
     def claim(self, sources, endgame, behind=None):
         self.claims.append(behind)
         return self.answers.pop(0) if self.answers else None
-
-    def new_transfer(self, claimed):
-        t = Transfer(claimed)
-        self.transfers.append(t)
-        return t
-
-    def release(self, t):
-        self.transfers.remove(t)
 
 
 class _Downloader:
