@@ -63,12 +63,11 @@ def main(args: list[str]) -> int:
     summary = {}
     for label in dict.fromkeys(r["label"] for r in runs):
         mine = [r for r in runs if r["label"] == label]
-        if mine:
-            summary[label] = {
-                "runs": len(mine), "ratio_median": statistics.median(r["ratio"] for r in mine),
-                "ratio_range": [min(r["ratio"] for r in mine), max(r["ratio"] for r in mine)],
-                "started_members_share_median": statistics.median(r["started_members_share"] for r in mine),
-                "worst_node_mib": [min(r["worst_node_mib"] for r in mine), max(r["worst_node_mib"] for r in mine)]}
+        summary[label] = {
+            "runs": len(mine), "ratio_median": statistics.median(r["ratio"] for r in mine),
+            "ratio_range": [min(r["ratio"] for r in mine), max(r["ratio"] for r in mine)],
+            "started_members_share_median": statistics.median(r["started_members_share"] for r in mine),
+            "worst_node_mib": [min(r["worst_node_mib"] for r in mine), max(r["worst_node_mib"] for r in mine)]}
     out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
     print("| run | label | calm | churn | churn ÷ calm | CPU s calm / churn |"
           " of the churn round's CPU, members started in it |")

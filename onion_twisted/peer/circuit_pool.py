@@ -60,9 +60,8 @@ class CircuitPool:
         self.for_downloads = [CircuitKeeper(
             first_message=lambda: ls_message([]), on_connected=on_download_circuit, on_broken=on_broken,
             purpose="download", lifetime=circuit_lifetime, retires_idle=True,
-            avoid_ends=self._announcing_ends, in_use=in_use, **keeper_options) for _ in range(count - 1)]
-        for keeper in self.for_downloads:
-            keeper.in_use = self._kept_while_downloading(keeper, in_use)
+            avoid_ends=self._announcing_ends, in_use=lambda circuit: in_use(circuit) or self._kept(circuit),
+            **keeper_options) for _ in range(count - 1)]
 
     @property
     def keepers(self) -> list[CircuitKeeper]:
@@ -111,11 +110,11 @@ class CircuitPool:
         if spare is not None:
             spare.ready().addErrback(lambda f: None)  # failures retry inside; stop() ends it
 
-    def _kept_while_downloading(self, keeper: CircuitKeeper, in_use: Callable[[Circuit], bool]):
-        """``in_use`` for a download keeper: while a download runs, its connected circuit
-        counts as used (a spare is not closed for going unused, and is replaced at its
-        lifetime); a draining one only while something runs on it."""
-        return lambda circuit: in_use(circuit) or (circuit is keeper.circuit and self.downloading)
+    def _kept(self, circuit: Circuit) -> bool:
+        """Whether a download keeper's ``circuit`` counts as used beyond what runs on it: a
+        connected one does while a download runs (a spare is not closed for going unused, and
+        is replaced at its lifetime); a draining one does not."""
+        return self.downloading and any(circuit is k.circuit for k in self.for_downloads)
 
     @staticmethod
     def release(keeper: CircuitKeeper) -> None:
