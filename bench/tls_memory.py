@@ -16,9 +16,13 @@ end keeps (both ends live in this process). Then ``--bulk-bodies`` more
 bodies cross one connection: the process's CPU per MiB, both ends.
 
 Each variant runs in a fresh child process (so one's heap does not hide in
-the other's), ``--runs`` times, alternating: the contexts as shipped, and
-with OpenSSL's ``SSL_MODE_RELEASE_BUFFERS`` cleared and set (a connection
-frees its record buffers while they are empty, as Tor's links do).
+the other's), ``--runs`` times, alternating: the links as shipped; with
+their memory BIOs kept for good (``bios_kept``: a quiet link's BIOs are not
+renewed, as before docs choice 68); and with OpenSSL's
+``SSL_MODE_RELEASE_BUFFERS`` cleared as well (``release_off``: as before
+choice 67; with it, a connection frees its record buffers while they are
+empty, as Tor's links do). The idle figure is read once the links have
+been quiet for longer than ``BIO_RELEASE_IDLE``.
 Prints and writes (``--out``, ``bench/tls-memory.json``) JSON: per variant, the KiB per connection
 end after the handshakes and after the bodies, median of the runs.
 """
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-VARIANTS = ("shipped", "release_off", "release_on")
+VARIANTS = ("shipped", "bios_kept", "release_off")
 
 
 def child(variant: str, connections: int, body: int, bulk_bodies: int) -> dict:
@@ -43,6 +47,7 @@ def child(variant: str, connections: int, body: int, bulk_bodies: int) -> dict:
     from twisted.internet import defer, protocol, reactor, task
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
+    from onion_twisted.net import tls_transport
     from onion_twisted.net.malloc import HeapTrimmer, tune_malloc
     from onion_twisted.net.tls import PinningPolicy, server_options
     from onion_twisted.net.tls_transport import BulkTLSEndpoint, BulkTLSFactory
@@ -50,10 +55,10 @@ def child(variant: str, connections: int, body: int, bulk_bodies: int) -> dict:
     tune_malloc()  # as a node starts (node/service.py)
     heap = HeapTrimmer()
     server, policy = server_options(ec.generate_private_key(ec.SECP256R1())), PinningPolicy()
-    for context in (server.getContext(), policy.context):
-        if variant == "release_on":
-            context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-        elif variant == "release_off":
+    if variant in ("bios_kept", "release_off"):
+        tls_transport.BIO_RELEASE_SIZE = float("inf")
+    if variant == "release_off":
+        for context in (server.getContext(), policy.context):
             context.clear_mode(SSL.MODE_RELEASE_BUFFERS)
 
     class Sink(protocol.Protocol):
@@ -99,7 +104,7 @@ def child(variant: str, connections: int, body: int, bulk_bodies: int) -> dict:
             sender.transport.write(payload)
             await sender.answered
         del payload
-        await task.deferLater(reactor, 0.2, lambda: None)
+        await task.deferLater(reactor, 2 * tls_transport.BIO_RELEASE_IDLE + 0.5, lambda: None)
         carried = heap.used_bytes()
         ends = 2 * connections
         result.update(handshake_kib=(handshaken - before) / ends / 1024, idle_kib=(carried - before) / ends / 1024)

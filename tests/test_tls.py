@@ -10,13 +10,15 @@ import ssl as stdlib_ssl
 import stat
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import defer, threads
+from twisted.internet import defer, protocol, task, threads
+from twisted.test import iosim
 from twisted.trial import unittest
 from twisted.web import resource
 
 from onion_twisted.net import tls
 from onion_twisted.net.http_client import HTTPOutbound
 from onion_twisted.net.http_server import QuietSite
+from onion_twisted.net import tls_transport
 from onion_twisted.net.tls_transport import WRITE_SIZE, BulkTLSFactory
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.errors import NextHopFailed
@@ -167,3 +169,106 @@ class PinningTests(unittest.TestCase):
                 await self.outbound.get(wire.Address(self.server_ip, old.getHost().port), "/")
             self.assertEqual(caught.exception.detail, "next hop failed the TLS handshake")
         return defer.ensureDeferred(go())
+
+
+class Collect(protocol.Protocol):
+    def connectionMade(self):
+        self.received = bytearray()
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+class QuietLinkTests(unittest.SynchronousTestCase):
+    """A link that carried a cell gets new, empty memory BIOs once quiet (docs choice 68),
+    over an in-memory connection with a fake clock (``twisted.test.iosim``)."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        server = BulkTLSFactory(tls.server_options(RSA_KEY), False, protocol.Factory.forProtocol(Collect),
+                                self.clock).buildProtocol(None)
+        client = BulkTLSFactory(tls.PinningPolicy().creatorForNetloc(b"127.0.0.1", 5000), True,
+                                protocol.Factory.forProtocol(Collect), self.clock).buildProtocol(None)
+        self.server, self.client = server, client
+        self.pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
+                                  greet=False, clock=self.clock)
+        self._exchange(b"hello", b"hi")  # the handshake, and the server's tickets read
+
+    def _exchange(self, up: bytes, down: bytes) -> None:
+        """``up`` from client to server and ``down`` back, checked byte for byte."""
+        before = len(self.server.wrappedProtocol.received), len(self.client.wrappedProtocol.received)
+        self.client.write(up)
+        self.server.write(down)
+        for _ in range(3):
+            self.clock.advance(0)  # Twisted's aggregation of small writes
+            self.pump.flush()
+        self.assertEqual(bytes(self.server.wrappedProtocol.received[before[0]:]), up)
+        self.assertEqual(bytes(self.client.wrappedProtocol.received[before[1]:]), down)
+
+    def _quiet(self, periods: float) -> None:
+        """A little over ``periods`` times ``BIO_RELEASE_IDLE`` without a byte, in steps
+        (``Clock.advance`` runs every call due by its end as if called at the end)."""
+        steps = round(periods * 10) + 1
+        self.clock.pump([tls_transport.BIO_RELEASE_IDLE / 10] * steps)
+
+    def _bios(self, end):
+        return end._tlsConnection._into_ssl, end._tlsConnection._from_ssl
+
+    def test_a_quiet_link_gets_new_bios_and_carries_on_both_ways(self):
+        up, down = os.urandom(3 * WRITE_SIZE + 12345), os.urandom(WRITE_SIZE + 1)
+        self._exchange(up, down)
+        before = {end: self._bios(end) for end in (self.server, self.client)}
+        self._quiet(1)  # bytes moved after the large write: not yet
+        self.assertEqual((self.server.bios_renewed, self.client.bios_renewed), (0, 0))
+        self._quiet(1)
+        for end in (self.server, self.client):
+            self.assertEqual(end.bios_renewed, 1)
+            new = self._bios(end)
+            self.assertNotEqual(new[0], before[end][0])
+            self.assertNotEqual(new[1], before[end][1])
+        self._exchange(down, up)
+        self._exchange(up, down)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(),
+                         self.clock.seconds() + tls_transport.BIO_RELEASE_IDLE)
+
+    def test_a_link_still_moving_bytes_keeps_its_bios(self):
+        self._exchange(os.urandom(WRITE_SIZE), b"k")
+        before = self._bios(self.server)
+        for _ in range(5):
+            self._quiet(0.6)
+            self._exchange(b"small", b"k")  # a cell's reply, a probe: the link is not quiet
+        self.assertEqual((self.server.bios_renewed, self._bios(self.server)), (0, before))
+        self._quiet(2)
+        self.assertEqual(self.server.bios_renewed, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_small_cells_alone_never_renew(self):
+        for _ in range(3):
+            self._exchange(b"x" * 1000, b"y" * 1000)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bios_holding_bytes_are_kept(self):
+        from OpenSSL.SSL import WantReadError
+        self._exchange(os.urandom(WRITE_SIZE), b"k")
+        connection = self.client._tlsConnection
+        self.server.write(b"unread")
+        self.clock.advance(0)
+        connection.bio_write(b"".join(self.server.transport.stream))  # the record, not yet read
+        del self.server.transport.stream[:]
+        before = self._bios(self.client)
+        self.assertFalse(tls_transport.renew_memory_bios(connection))
+        self.assertEqual(self._bios(self.client), before)
+        self.assertEqual(connection.recv(100), b"unread")
+        with self.assertRaises(WantReadError):
+            connection.recv(100)
+        self.assertTrue(tls_transport.renew_memory_bios(connection))
+        self._exchange(b"after", b"renewal")
+
+    def test_a_lost_connection_leaves_no_timer(self):
+        self._exchange(os.urandom(WRITE_SIZE), b"k")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # a check at each end
+        self.client.loseConnection()
+        self.pump.flush()
+        self.clock.advance(0)
+        self.pump.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -106,7 +106,7 @@ class BoundEndpointFactory:
         if uri.scheme == b"https":
             if self.tls_policy is None:
                 raise ValueError("an https URL for an outbound without TLS")
-            endpoint = BulkTLSEndpoint(self.tls_policy.creatorForNetloc(host, uri.port), endpoint)
+            endpoint = BulkTLSEndpoint(self.tls_policy.creatorForNetloc(host, uri.port), endpoint, self.reactor)
         return endpoint
 
 

@@ -50,7 +50,7 @@ class MemberService(service.MultiService):
         site = self._site(resource)
         if self.tls:
             key = tls_key if tls_key is not None else tls.load_or_create_peer_key(self.cfg["data_dir"])
-            internet.TCPServer(self.cfg["port"], BulkTLSFactory(tls.server_options(key), False, site),
+            internet.TCPServer(self.cfg["port"], BulkTLSFactory(tls.server_options(key), False, site, self.reactor),
                                interface=self.cfg["listen"], reactor=self.reactor).setServiceParent(self)
         else:
             internet.TCPServer(self.cfg["port"], site, interface=self.cfg["listen"],
