@@ -236,6 +236,18 @@ def node_metrics(net: ScaleNetwork) -> dict[str, dict]:
     return found
 
 
+def tracker_state(net: ScaleNetwork) -> dict:
+    """What the tracker holds at a round's end, by its ``/metrics`` gauges (nodes, circuits,
+    catalogue entries, transfers): in a soak, whether its state grows or only its heap."""
+    try:
+        samples = member_metrics(net, net.tracker_ip, timeout=5)
+    except OSError:
+        return {}
+    return {name[len("onion_tracker_"):]: int(value) for name, value in samples.items()
+            if name in ("onion_tracker_nodes", "onion_tracker_circuits", "onion_tracker_catalogue_entries",
+                        "onion_tracker_transfers")}
+
+
 def node_figures(before: dict, after: dict, verified_bytes: int) -> dict:
     """The most bytes that ever waited in one node's queue (whether a node's peak memory is held
     there; over each node's life so far), and the payload bytes the nodes relayed in the round
@@ -329,6 +341,7 @@ def run_round(net: ScaleNetwork, layout: Layout, files: list[Path], shas: list[s
               "loadavg": os.getloadavg()}
     report.update(memory_and_cpu(net, layout, before, after, seconds))
     report.update(node_figures(nodes_before, node_metrics(net), sum(r["size"] for r in verified)))
+    report["tracker_state"] = tracker_state(net)
     if churner:
         report["churn"] = churner.summary()
         log(f"[{label}] churn stopped: {report['churn']['nodes_killed']} nodes killed, "

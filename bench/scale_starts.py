@@ -15,7 +15,9 @@ cores are full in both rounds (1.9 of 2), so a round's time follows its CPU
 seconds.
 Writes ``bench/scale-starts.json`` and prints a Markdown table.
 
-Any other comparison of runs, by labels (``--out`` for another file):
+Any other comparison of runs, by labels (``--out`` for another file); the memory
+columns are the nodes' peaks (VmHWM) and their resident size once a round's downloads
+are done:
 
     python bench/scale_starts.py --out bench/scale-spare.json spare=bench/out/scale-spare1.json \
         nospare=bench/out/scale-nospare1.json ...
@@ -47,6 +49,11 @@ def figures(path: Path) -> dict:
             "peers_restarted": churn["churn"]["peers_restarted"],
             "started_members_share": round(starts / churn_cpu, 2),
             "worst_node_mib": max(r["peak_mib"]["nodes"]["max"] for r in (calm, churn)),
+            "node_peak_median_mib": [round(r["peak_mib"]["nodes"]["median"], 1) for r in (calm, churn)],
+            "node_idle_rss_mib": round(report["idle"]["node"]["rss_mib"], 1),
+            # what a node keeps once the round's downloads are done: each round's end, median of the nodes
+            "node_rss_end_median_mib": [round(statistics.median(
+                v for name, v in r["rss_by_member"].items() if name.startswith("node")), 1) for r in (calm, churn)],
             "lost_or_corrupt": sum(r["lost"] + r["corrupt"] for r in (calm, churn))}
 
 
@@ -67,14 +74,19 @@ def main(args: list[str]) -> int:
             "runs": len(mine), "ratio_median": statistics.median(r["ratio"] for r in mine),
             "ratio_range": [min(r["ratio"] for r in mine), max(r["ratio"] for r in mine)],
             "started_members_share_median": statistics.median(r["started_members_share"] for r in mine),
-            "worst_node_mib": [min(r["worst_node_mib"] for r in mine), max(r["worst_node_mib"] for r in mine)]}
+            "worst_node_mib": [min(r["worst_node_mib"] for r in mine), max(r["worst_node_mib"] for r in mine)],
+            "node_peak_median_mib": statistics.median(v for r in mine for v in r["node_peak_median_mib"]),
+            "node_rss_end_median_mib": statistics.median(v for r in mine for v in r["node_rss_end_median_mib"])}
     out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2) + "\n")
     print("| run | label | calm | churn | churn ÷ calm | CPU s calm / churn |"
-          " of the churn round's CPU, members started in it |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          " of the churn round's CPU, members started in it | worst node | a node's peak, median (calm / churn) |"
+          " a node at the round's end, median |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         print(f"| {r['file']} | {r['label']} | {r['calm_s']} s | {r['churn_s']} s | "
-              f"{r['ratio']:.2f}× | {r['calm_cpu_s']:.0f} / {r['churn_cpu_s']:.0f} | {r['started_members_share']:.0%} |")
+              f"{r['ratio']:.2f}× | {r['calm_cpu_s']:.0f} / {r['churn_cpu_s']:.0f} | {r['started_members_share']:.0%} | "
+              f"{r['worst_node_mib']:.0f} MiB | {r['node_peak_median_mib'][0]:.0f} / {r['node_peak_median_mib'][1]:.0f} MiB | "
+              f"{r['node_rss_end_median_mib'][0]:.0f} / {r['node_rss_end_median_mib'][1]:.0f} MiB |")
     print(json.dumps(summary))
     return 0
 
