@@ -645,6 +645,25 @@ class ExpiryTests(TrackerCase):
         self.assertEqual((await self.h.send(REQUESTER_IP, new_cid(), {"type": "list"}))["type"], "files")
 
 
+    @inline
+    async def test_circuits_through_a_node_that_left_the_directory_are_forgotten(self):
+        self.h = TrackerHarness(heartbeat=30.0, idle_timeout=10_000.0)
+        await self.setup_pair()
+        other_sharer = new_cid()
+        await self.share(exit_ip=OTHER_IP, cid=other_sharer, files=[{"name": "g", "size": SIZE, "sha256": SHA_B}])
+        registrations = {ip: dumps({"address": str(address), "public_key": pem(key)})
+                         for ip, address, key in zip(NODE_IPS, NODE_ADDRESSES, NODE_KEYS) if ip != SHARER_IP}
+        for _ in range(4):  # every node but the sharer's exit keeps registering
+            self.h.clock.advance(30)
+            for ip, body in registrations.items():
+                await self.h.tracker.register_node(ip, body)
+        self.h.tracker.expire()
+        self.assertEqual(set(self.h.catalogue.circuits), {(REQUESTER_IP, self.requester), (OTHER_IP, other_sharer)})
+        self.assertError(await self.ask(), "not_found")  # its only source went with the exit
+        self.assertEqual([f["name"] for f in (await self.h.send(REQUESTER_IP, self.requester,
+                                                                {"type": "list"}))["files"]], ["g"])
+
+
 class RegistrationTests(unittest.TestCase):
     def setUp(self):
         self.h = TrackerHarness(nodes=[])

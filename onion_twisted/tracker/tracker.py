@@ -289,10 +289,18 @@ class Tracker:
         return wire.dumps({"registered": True, "heartbeat": self.registry.heartbeat})
 
     def expire(self) -> None:
+        gone = {address.ip for address in self.registry.expire()}
+        for _ in gone:
+            self.log.info("a node left the directory (unseen for three heartbeats)")
+        if gone:
+            # Its circuits go with it, as Tor closes a relay's circuits when it leaves: the
+            # tracker takes no message from an exit outside the directory, so they can carry
+            # nothing more, and their files would stay in the catalogue, offered as sources,
+            # until circuit_idle_timeout. A node back at that address starts with no circuits.
+            for key in [key for key in self.catalogue.circuits if key[0] in gone]:
+                self._forget(key)
         self.catalogue.expire()
         self.sealed.expire(self.catalogue.circuits)
-        for address in self.registry.expire():
-            self.log.info("a node left the directory (unseen for three heartbeats)")
 
 
 
