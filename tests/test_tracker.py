@@ -644,7 +644,6 @@ class ExpiryTests(TrackerCase):
         await self.assertFailure(self.h.handle(SHARER_IP, cell(new_cid(), {"type": "list"})), Forbidden)
         self.assertEqual((await self.h.send(REQUESTER_IP, new_cid(), {"type": "list"}))["type"], "files")
 
-
     @inline
     async def test_circuits_through_a_node_that_left_the_directory_are_forgotten(self):
         self.h = TrackerHarness(heartbeat=30.0, idle_timeout=10_000.0)
