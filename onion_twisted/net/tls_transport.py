@@ -49,10 +49,9 @@ BIO_RELEASE_IDLE = 2.0           # seconds without a byte either way before the 
 def renew_memory_bios(connection) -> bool:
     """Give a pyOpenSSL ``Connection`` made on memory BIOs two new, empty ones, if its own
     hold no bytes; OpenSSL frees the old ones (``SSL_set_bio`` takes both new references).
-    False when a BIO holds bytes or this pyOpenSSL keeps its BIOs otherwise: nothing changes."""
-    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
-    if into is None or out is None or _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(
-            out, _ffi.NULL):
+    False when a BIO holds bytes: nothing changes."""
+    if _lib.BIO_get_mem_data(connection._into_ssl, _ffi.NULL) or _lib.BIO_get_mem_data(
+            connection._from_ssl, _ffi.NULL):
         return False
     new_into, new_out = _lib.BIO_new(_lib.BIO_s_mem()), _lib.BIO_new(_lib.BIO_s_mem())
     if new_into == _ffi.NULL or new_out == _ffi.NULL:
