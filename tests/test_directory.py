@@ -1,13 +1,14 @@
 """directory.py: the tracker's signed node list, mirrored byte for byte (PROTOCOL.md §6)."""
 
 import random
+from types import SimpleNamespace
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.trial import unittest
 
 from onion_twisted.protocol import crypto, wire
-from onion_twisted.protocol.directory import parse_signed_directory
+from onion_twisted.protocol.directory import DepartureWatch, parse_signed_directory
 from onion_twisted.protocol.errors import BadRequest, Forbidden
 
 TRACKER = ed25519.Ed25519PrivateKey.generate()
@@ -207,3 +208,39 @@ class PickApartTests(unittest.SynchronousTestCase):
         self.assertTrue(ends_apart(self.nodes, 3, set(self.hosts[:4])))
         self.assertFalse(ends_apart(self.nodes, 3, set(self.hosts[:5])))
         self.assertFalse(ends_apart(self.nodes[:2], 3))  # too few for a path at all
+
+
+def listing(*hosts):
+    """A directory copy as the watch reads it: the IPs of its nodes."""
+    return SimpleNamespace(node_ips=frozenset(f"127.0.0.{h}" for h in hosts))
+
+
+class DepartureWatchTests(unittest.SynchronousTestCase):
+    def test_a_node_missing_from_two_copies_in_a_row_has_departed_once(self):
+        watch = DepartureWatch()
+        self.assertEqual(watch.update(listing(11, 12, 13)), frozenset())
+        self.assertEqual(watch.update(listing(11, 13)), frozenset())  # one copy: maybe a restarted tracker
+        self.assertEqual(watch.update(listing(11, 13)), {"127.0.0.12"})
+        self.assertEqual(watch.update(listing(11, 13)), frozenset())  # told once
+
+    def test_a_node_back_before_the_second_copy_has_not_departed(self):
+        watch = DepartureWatch()
+        watch.update(listing(11, 12))
+        watch.update(listing(11))
+        watch.update(listing(11, 12))
+        self.assertEqual(watch.update(listing(11)), frozenset())
+        self.assertEqual(watch.update(listing(11)), {"127.0.0.12"})
+
+    def test_only_nodes_once_listed_can_depart_and_what_is_watched_stays_bounded(self):
+        watch = DepartureWatch(confirm=1)
+        self.assertEqual(watch.update(listing()), frozenset())
+        for host in range(20, 40):
+            watch.update(listing(host))
+        self.assertEqual(watch.update(listing(11)), {"127.0.0.39"})
+        self.assertEqual(len(watch._missing), 1)
+
+    def test_nodes_missing_together_depart_together(self):
+        watch = DepartureWatch()
+        watch.update(listing(11, 12))
+        watch.update(listing())
+        self.assertEqual(watch.update(listing()), {"127.0.0.11", "127.0.0.12"})

@@ -42,9 +42,12 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 # --- the test case ---------------------------------------------------------------------------
 
-class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
+class NodeNetwork(ProcessesMixin):
+    """The stand-in tracker, X, Y and Z, the test as the peer; ``tracker_options`` for the tracker."""
+
     timeout = 60
     hosts, admin_host = ALL_HOSTS, ADMIN_HOST  # self.ip(host); self.admin sends from ADMIN_HOST
+    tracker_options: dict = {}
 
     async def start_members(self):
         reactor = _reactor()
@@ -58,7 +61,7 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
         self.peer = PeerSide("peer", self.peer_ip, reactor)  # the peer's outbound and its listener
         self.addCleanup(self.peer.close)
 
-        self.tracker = self.start_fake_tracker(self.ip(TRACKER_HOST), PORT, f"{base}/tracker")
+        self.tracker = self.start_fake_tracker(self.ip(TRACKER_HOST), PORT, f"{base}/tracker", **self.tracker_options)
         identity = await self.wait_identity(self.tracker, self.admin)
         self.assertEqual(identity["role"], "tracker")
         self.tracker_key = identity["public_key"]
@@ -111,8 +114,14 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
                 self.assertNotIn(secret, text, f"{member.name}'s log names {secret!r}")
             self.assertIsNone(UUID.search(text), f"{member.name}'s log names a circuit id")
 
-    # --- tests -------------------------------------------------------------------------
+    async def _no_circuit_at(self, node):
+        return await self.circuits_at(node) == 0
 
+    async def _tracker_forgot(self):
+        return (await self.tracker_state())["circuits"] == []
+
+
+class NodeProcessesTests(NodeNetwork, unittest.TestCase):
     @inline
     async def test_build_circuit_create_extend_extend_connect(self):
         circuit = self.new_circuit()
@@ -201,12 +210,6 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
         with self.assertRaises(Conflict):
             await circuit.send({"type": "hello"})
 
-    async def _no_circuit_at(self, node):
-        return await self.circuits_at(node) == 0
-
-    async def _tracker_forgot(self):
-        return (await self.tracker_state())["circuits"] == []
-
     @inline
     async def test_body_over_max_body_is_refused_with_413(self):
         x, y = self.nodes[0].address, self.nodes[1].address
@@ -262,3 +265,35 @@ class NodeProcessesTests(ProcessesMixin, unittest.TestCase):
             self.assertIn("onion node", node.log_text())  # the log is the node's, and it was written
         # The tracker's clients are the nodes (and, through them, the peers): it names none.
         self.assertLogsSafe([self.tracker], secrets + [n.ip for n in self.nodes])
+
+
+class NeighbourLeftTests(NodeNetwork, unittest.TestCase):
+    """A node that leaves the directory takes its circuits with it (docs choice 70): the
+    stand-in tracker forgets a node unseen for 4 s; the nodes register every second."""
+
+    tracker_options = {"node_ttl": 4}
+
+    async def closed_for_a_departed_neighbour(self, node) -> int:
+        status, _, body = await self.admin.get(node.address, "/metrics")
+        self.assertEqual(status, 200)
+        found = re.search(rb"^onion_node_neighbour_left_total (\d+)$", body, re.M)
+        self.assertIsNotNone(found, "no onion_node_neighbour_left_total in /metrics")
+        return int(found.group(1))
+
+    @inline
+    async def test_both_sides_of_a_dead_middle_close_the_circuit_and_the_tracker_forgets_it(self):
+        circuit = await self.built_circuit()
+        x, y, z = self.nodes
+        self.kill(y, signal.SIGKILL)
+        await y.wait_exit(10)
+
+        # Nobody sends a cell: only the directory tells X and Z that Y is gone.
+        for node in (x, z):
+            await poll_until(lambda node=node: self._no_circuit_at(node), timeout=30,
+                             what=f"{node.name} to close the circuit through the dead middle")
+            self.assertEqual(await self.closed_for_a_departed_neighbour(node), 1)
+        # Z passed the destroy on to the tracker, X back to the peer.
+        await poll_until(self._tracker_forgot, timeout=10, what="the tracker to forget the circuit")
+        await poll_until(lambda: defer.succeed(circuit.cid in self.peer.destroyed), timeout=10,
+                         what="the peer to get the entry's destroy")
+        self.assertLogsSafe([x, z], [self.peer_ip, circuit.cid])

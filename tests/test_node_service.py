@@ -1,17 +1,20 @@
 """The node's service tree and its onion key (PROTOCOL.md §10, §11): loaded or made at start,
 kept on disk mode 0600, rotated when due (saved, then registered again), the old key
-accepted for its grace. No socket: the service is built on a memory reactor and never started."""
+accepted for its grace; circuits through a node that left the directory closed (docs choice 70).
+No socket: the service is built on a memory reactor and never started."""
 
 from __future__ import annotations
 
 import os
 import stat
+from types import SimpleNamespace
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from onion_twisted.net import config, keys
+from onion_twisted.node.circuits import EXIT, NODE
 from onion_twisted.node.service import NodeService
 from onion_twisted.protocol import cells, crypto, ntor, wire
 from onion_twisted.protocol.errors import BadRequest
@@ -26,6 +29,7 @@ class RecordingDirectory:
 
     def __init__(self):
         self.registered = []
+        self.current = SimpleNamespace(node_ips=frozenset())  # the copy fetched: it lists no node
 
     async def register(self, own_address, public_key_pem, onion_key=None):
         self.registered.append({"address": str(own_address), "public_key": public_key_pem, "onion_key": onion_key})
@@ -105,3 +109,82 @@ class NodeServiceOnionKeyTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, keys.ONION_KEYS_FILE)))
         self.successResultOf(service.register())
         self.assertEqual([r["onion_key"] for r in service.directory.registered], [None])
+
+
+class ScriptedDirectory(RecordingDirectory):
+    """Each fetch makes the next of ``copies`` current (a copy: the IPs it lists), or fails."""
+
+    def __init__(self, copies):
+        super().__init__()
+        self.copies = list(copies)
+        self.current = None
+
+    def fetch(self):
+        hosts = self.copies.pop(0)
+        if hosts is None:
+            return defer.fail(ConnectionRefusedError("tracker down"))
+        self.current = SimpleNamespace(node_ips=frozenset(f"127.0.0.{h}" for h in hosts))
+        return defer.succeed(self.current)
+
+
+class RecordingOutbound:
+    def __init__(self):
+        self.posted = []  # (address, body)
+
+    def post(self, address, body, headers=None, path="/"):
+        self.posted.append((address, body))
+        return defer.succeed(b"{}")
+
+
+PEER_IP, TRACKER = "127.0.0.101", wire.Address("127.0.0.1", 5000)
+
+
+class NeighbourLeftTests(unittest.TestCase):
+    """This node is .11; its neighbours .12, .13 and .14 are nodes, .101 a peer."""
+
+    def setUp(self):
+        reactor = MemoryReactorClock()
+        reactor.advance(NOW)
+        cfg = config.parse("node", overrides={"listen": "127.0.0.11", "tracker": "127.0.0.1:5000",
+                                              "key_bits": 1024, "data_dir": os.path.abspath(self.mktemp())})
+        self.service = NodeService(cfg, reactor=reactor)
+        self.outbound = self.service.relay.outbound = RecordingOutbound()
+        table = self.service.table
+
+        def circuit(in_ip, out_ip, kind):
+            made = table.create(in_ip, wire.new_circuit_id(), os.urandom(16))
+            address = TRACKER if kind == EXIT else wire.Address(out_ip, 5000)
+            table.attach(made, address, out_ip, wire.new_circuit_id(), kind)
+            return made
+
+        self.middle = circuit("127.0.0.12", "127.0.0.13", NODE)   # entry .12 is the one to leave
+        self.entry = circuit(PEER_IP, "127.0.0.12", NODE)         # its middle is .12
+        self.exit = circuit("127.0.0.14", TRACKER.ip, EXIT)
+        self.bystander = circuit(PEER_IP, "127.0.0.13", NODE)
+        # .12 exits a transfer bridged into the exit circuit here.
+        self.bridge = table.receive_bridge(self.exit.out_cid, wire.new_circuit_id(), wire.Address("127.0.0.12", 5000),
+                                           "127.0.0.12")
+
+    def fetch(self, *copies):
+        self.service.directory = ScriptedDirectory(copies)
+        for _ in copies:
+            self.successResultOf(self.service.fetch_directory())
+
+    def destroys(self):
+        return {(address.ip, cells.parse_cell(body).cid) for address, body in self.outbound.posted
+                if cells.parse_cell(body).destroy}
+
+    def test_the_circuits_through_a_departed_node_are_closed_and_destroyed_towards_the_living(self):
+        self.fetch((12, 13, 14), (13, 14), None, (13, 14))
+
+        self.assertEqual(set(self.service.table.by_in.values()), {self.exit, self.bystander})
+        self.assertIsNone(self.service.table.bridge_by_cid(self.bridge.bridge_cid))
+        # The middle's destroy goes on to the exit .13, the entry's back to the peer; none to .12.
+        self.assertEqual(self.destroys(), {("127.0.0.13", self.middle.out_cid), (PEER_IP, self.entry.in_cid)})
+        self.assertEqual(self.service.relay.metrics.neighbour_left_total, 2)
+        self.assertIn(b"onion_node_neighbour_left_total 2", self.service.relay.metrics.prometheus(2, 0).encode())
+
+    def test_one_copy_without_the_node_closes_nothing(self):
+        self.fetch((12, 13, 14), (13, 14), (12, 13, 14), (13, 14))
+        self.assertEqual(len(self.service.table), 4)
+        self.assertEqual(self.outbound.posted, [])

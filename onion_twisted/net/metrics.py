@@ -80,6 +80,7 @@ class NodeMetrics(MemberMetrics):
         self.creates_total = 0
         self.creates = RateWindow(clock)
         self.extends_failed_total = 0
+        self.neighbour_left_total = 0  # circuits closed because a neighbour left the directory
 
     def relayed(self, direction: str, nbytes: int) -> None:
         self.cells[direction] += 1
@@ -91,6 +92,9 @@ class NodeMetrics(MemberMetrics):
 
     def extend_failed(self) -> None:
         self.extends_failed_total += 1
+
+    def neighbour_left(self, circuits: int) -> None:
+        self.neighbour_left_total += circuits
 
     def prometheus(self, circuits: int, bridges: int, queue=None) -> str:
         """``queue``: the node's CellScheduler (bulk cells waiting for a turn), or None."""
@@ -113,6 +117,8 @@ class NodeMetrics(MemberMetrics):
                    f"{self.creates.per_second():.3f}")
         out.family("onion_node_extends_failed_total", "counter",
                    "Extends that failed (each closed its circuit).", self.extends_failed_total)
+        out.family("onion_node_neighbour_left_total", "counter",
+                   "Circuits closed because a neighbouring node left the directory.", self.neighbour_left_total)
         out.family("onion_node_uptime_seconds", "gauge", "Seconds since the node started.", f"{self.uptime():.0f}")
         return out.text()
 

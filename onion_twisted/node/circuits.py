@@ -233,3 +233,13 @@ class RelayTable:
         for bridge in stale:
             self.remove_bridge(bridge)
         return idle
+
+    def drop_through(self, ips) -> list[RelayCircuit]:
+        """Drop the circuits whose neighbour on either side is at one of ``ips`` (nodes that
+        left the directory), and the bridges to or from an exit there; return the circuits."""
+        gone = [c for c in self.by_in.values() if c.in_ip in ips or c.out_ip in ips]
+        for circuit in gone:
+            self.remove(circuit)
+        for bridge in [b for b in (*self.bridges_in.values(), *self.bridges_out.values()) if b.peer_ip in ips]:
+            self.remove_bridge(bridge)
+        return gone

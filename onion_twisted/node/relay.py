@@ -336,10 +336,12 @@ class NodeRelay(OnionV2Relay, RelayFailureLog):
             return EMPTY
         raise UnknownCircuit("destroy for a circuit this node does not know")
 
-    def destroy_both_ways(self, circuit: RelayCircuit) -> None:
-        """Tell both neighbours that a circuit is gone (idle expiry, shutdown)."""
-        self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
-        if circuit.out_cid is not None:
+    def destroy_both_ways(self, circuit: RelayCircuit, departed=frozenset()) -> None:
+        """Tell both neighbours that a circuit is gone (idle expiry, shutdown), but not one at
+        an IP of ``departed`` (a node that left the directory: nobody would answer)."""
+        if circuit.in_ip not in departed:
+            self._notify(wire.Address(circuit.in_ip, self.port), cells.encode_destroy(circuit.in_cid))
+        if circuit.out_cid is not None and circuit.out_ip not in departed:
             self._notify(circuit.out_addr, cells.encode_destroy(circuit.out_cid))
 
     def _notify(self, address: wire.Address, body: bytes):

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from onion_twisted.net import config, keys
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.node.circuits import RelayTable
+from onion_twisted.protocol.directory import DepartureWatch
 from onion_twisted.net.directory_client import DirectoryClient
 from onion_twisted.net.malloc import tune_malloc
 from onion_twisted.net.member_service import MemberService
@@ -65,6 +66,7 @@ class NodeService(MemberService):
         self._retry = None          # the registration retry, while one is due
         self._retry_delay = 1.0
         self._startup_fetches = []
+        self.departures = DepartureWatch()
         self.every(cfg["register_interval"], self.register)
         self.every(min(30.0, cfg["circuit_idle_timeout"] / 4), self.expire)
         # Often enough that a key is replaced within minutes of its due time and a
@@ -96,7 +98,26 @@ class NodeService(MemberService):
                 await self.directory.fetch()
             except Exception as e:
                 log.warn("directory fetch failed: {why}", why=getattr(e, "detail", repr(e)))
+                return
+            self.close_circuits_through(self.departures.update(self.directory.current))
         return defer.ensureDeferred(go())
+
+    def close_circuits_through(self, departed) -> None:
+        """Close the circuits through nodes that left the directory (docs choice 70).
+
+        Their other side would otherwise keep them until ``circuit_idle_timeout``: an
+        exit whose middle died still holds its circuit, and the tracker still lists the
+        circuit's files as a source nobody can reach. As at a link-level close (§14),
+        the destroy goes to the neighbour still there; it passes it on (§9).
+        """
+        if not departed:
+            return
+        closed = self.table.drop_through(departed)
+        for circuit in closed:
+            self.relay.destroy_both_ways(circuit, departed)
+        if closed:
+            self.relay.metrics.neighbour_left(len(closed))
+            log.info("{n} circuits closed: a neighbouring node left the directory", n=len(closed))
 
     def _register_again(self) -> None:
         if not self.running or (self._retry is not None and self._retry.active()):

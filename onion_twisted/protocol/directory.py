@@ -70,6 +70,37 @@ def parse_signed_directory(body: bytes, signature, tracker_key, default_port: in
     return SignedDirectory(body, signature, issued, nodes, node_ips, tracker_onion_key)
 
 
+class DepartureWatch:
+    """Which nodes left the directory, from the copies a node fetches one after another.
+
+    A node's IP counts as departed once it was listed and then went missing from
+    ``confirm`` copies in a row: one copy without it is not enough, since a tracker
+    that has just restarted lists only the nodes that registered since. A node at a
+    DNS name is not watched (its circuits carry the resolved IP). The watch holds
+    one small entry per node listed now, so it is bounded by the directory's size.
+    """
+
+    def __init__(self, confirm: int = 2):
+        self.confirm = confirm
+        self._missing: dict[str, int] = {}  # IP once listed -> copies in a row without it
+
+    def update(self, directory: SignedDirectory) -> frozenset[str]:
+        """Take the latest copy; return the IPs found departed by it."""
+        listed = directory.node_ips
+        departed = set()
+        for ip, missed in list(self._missing.items()):
+            if ip in listed:
+                continue
+            if missed + 1 >= self.confirm:
+                del self._missing[ip]
+                departed.add(ip)
+            else:
+                self._missing[ip] = missed + 1
+        for ip in listed:
+            self._missing[ip] = 0
+        return frozenset(departed)
+
+
 def _onion_key(value, field: str) -> bytes | None:
     if value is None:
         return None
