@@ -1,5 +1,6 @@
 """directory.py: the tracker's signed node list, mirrored byte for byte (PROTOCOL.md §6)."""
 
+import base64
 import random
 from types import SimpleNamespace
 
@@ -210,37 +211,79 @@ class PickApartTests(unittest.SynchronousTestCase):
         self.assertFalse(ends_apart(self.nodes[:2], 3))  # too few for a path at all
 
 
-def listing(*hosts):
-    """A directory copy as the watch reads it: the IPs of its nodes."""
-    return SimpleNamespace(node_ips=frozenset(f"127.0.0.{h}" for h in hosts))
+class KnownCopyTests(unittest.SynchronousTestCase):
+    """An entry listed with the same fields as in an earlier copy is taken as parsed there."""
+
+    def parse(self, entries, issued, known=None):
+        return parse_signed_directory(*signed({"issued": issued, "nodes": entries}), TRACKER.public_key(), 5000,
+                                      known=known)
+
+    def test_unchanged_entries_are_reused_and_a_changed_one_parsed_again(self):
+        first = self.parse([entry(0), entry(1, onion_key=base64.b64encode(b"j" * 32).decode())], 100)
+        onion_key = base64.b64encode(b"k" * 32).decode()
+        again = self.parse([entry(0), entry(1, onion_key=onion_key)], 105, known=first)
+        x, y = wire.Address("127.0.0.11", 5000), wire.Address("127.0.0.12", 5000)
+        self.assertIs(again.nodes[x], first.nodes[x])
+        self.assertIsNot(again.nodes[y], first.nodes[y])
+        self.assertEqual(again.nodes[y].onion_key, b"k" * 32)
+        self.assertEqual((again.issued, again.node_ips), (105, frozenset({"127.0.0.11", "127.0.0.12"})))
+
+    def test_an_entry_changed_to_a_wrong_fingerprint_is_refused_although_known(self):
+        first = self.parse([entry(0)], 100)
+        with self.assertRaises(BadRequest):
+            self.parse([entry(0, fingerprint=crypto.fingerprint(NODE_KEYS[1]))], 105, known=first)
+
+    def test_entries_whose_fields_are_not_strings_are_refused_although_known(self):
+        first = self.parse([entry(0)], 100)
+        with self.assertRaises(BadRequest):
+            self.parse([entry(0, address=["127.0.0.11"])], 105, known=first)
+
+    def test_a_copy_with_a_bad_signature_is_refused_although_its_entries_are_known(self):
+        first = self.parse([entry(0)], 100)
+        body, _ = signed({"issued": 105, "nodes": [entry(0)]})
+        _, other = signed({"issued": 106, "nodes": [entry(0)]})
+        with self.assertRaises(Forbidden):
+            parse_signed_directory(body, other, TRACKER.public_key(), 5000, known=first)
+
+
+def listing(issued, *hosts):
+    """A directory copy as the watch reads it: when the tracker issued it, the IPs of its nodes."""
+    return SimpleNamespace(issued=issued, node_ips=frozenset(f"127.0.0.{h}" for h in hosts))
 
 
 class DepartureWatchTests(unittest.SynchronousTestCase):
-    def test_a_node_missing_from_two_copies_in_a_row_has_departed_once(self):
-        watch = DepartureWatch()
-        self.assertEqual(watch.update(listing(11, 12, 13)), frozenset())
-        self.assertEqual(watch.update(listing(11, 13)), frozenset())  # one copy: maybe a restarted tracker
-        self.assertEqual(watch.update(listing(11, 13)), {"127.0.0.12"})
-        self.assertEqual(watch.update(listing(11, 13)), frozenset())  # told once
+    def test_a_node_missing_for_the_grace_has_departed_once(self):
+        watch = DepartureWatch(grace=5)
+        self.assertEqual(watch.update(listing(100, 11, 12, 13)), frozenset())
+        self.assertEqual(watch.update(listing(101, 11, 13)), frozenset())  # maybe a restarted tracker
+        self.assertEqual(watch.update(listing(105, 11, 13)), frozenset())
+        self.assertEqual(watch.update(listing(106, 11, 13)), {"127.0.0.12"})
+        self.assertEqual(watch.update(listing(120, 11, 13)), frozenset())  # told once
 
-    def test_a_node_back_before_the_second_copy_has_not_departed(self):
-        watch = DepartureWatch()
-        watch.update(listing(11, 12))
-        watch.update(listing(11))
-        watch.update(listing(11, 12))
-        self.assertEqual(watch.update(listing(11)), frozenset())
-        self.assertEqual(watch.update(listing(11)), {"127.0.0.12"})
+    def test_the_same_copy_twice_is_no_time_missing(self):
+        watch = DepartureWatch(grace=5)
+        watch.update(listing(100, 11, 12))
+        for _ in range(3):
+            self.assertEqual(watch.update(listing(101, 11)), frozenset())
+
+    def test_a_node_back_within_the_grace_has_not_departed(self):
+        watch = DepartureWatch(grace=5)
+        watch.update(listing(100, 11, 12))
+        watch.update(listing(101, 11))
+        watch.update(listing(104, 11, 12))
+        self.assertEqual(watch.update(listing(107, 11)), frozenset())  # missing again since 107, not 101
+        self.assertEqual(watch.update(listing(112, 11)), {"127.0.0.12"})
 
     def test_only_nodes_once_listed_can_depart_and_what_is_watched_stays_bounded(self):
-        watch = DepartureWatch(confirm=1)
-        self.assertEqual(watch.update(listing()), frozenset())
+        watch = DepartureWatch(grace=0)
+        self.assertEqual(watch.update(listing(100)), frozenset())
         for host in range(20, 40):
-            watch.update(listing(host))
-        self.assertEqual(watch.update(listing(11)), {"127.0.0.39"})
-        self.assertEqual(len(watch._missing), 1)
+            self.assertLessEqual(len(watch.update(listing(host, host))), 1)
+        self.assertEqual(watch.update(listing(50, 11)), {"127.0.0.39"})
+        self.assertEqual(watch._missing_since, {})
 
     def test_nodes_missing_together_depart_together(self):
-        watch = DepartureWatch()
-        watch.update(listing(11, 12))
-        watch.update(listing())
-        self.assertEqual(watch.update(listing()), {"127.0.0.11", "127.0.0.12"})
+        watch = DepartureWatch(grace=5)
+        watch.update(listing(100, 11, 12))
+        watch.update(listing(101))
+        self.assertEqual(watch.update(listing(106)), {"127.0.0.11", "127.0.0.12"})

@@ -29,7 +29,7 @@ class RecordingDirectory:
 
     def __init__(self):
         self.registered = []
-        self.current = SimpleNamespace(node_ips=frozenset())  # the copy fetched: it lists no node
+        self.current = SimpleNamespace(issued=0, node_ips=frozenset())  # the copy fetched: it lists no node
 
     async def register(self, own_address, public_key_pem, onion_key=None):
         self.registered.append({"address": str(own_address), "public_key": public_key_pem, "onion_key": onion_key})
@@ -112,7 +112,8 @@ class NodeServiceOnionKeyTests(unittest.TestCase):
 
 
 class ScriptedDirectory(RecordingDirectory):
-    """Each fetch makes the next of ``copies`` current (a copy: the IPs it lists), or fails."""
+    """Each fetch makes the next of ``copies`` current (a copy: when it was issued, then the
+    hosts it lists), or fails (None)."""
 
     def __init__(self, copies):
         super().__init__()
@@ -120,10 +121,11 @@ class ScriptedDirectory(RecordingDirectory):
         self.current = None
 
     def fetch(self):
-        hosts = self.copies.pop(0)
-        if hosts is None:
+        copy = self.copies.pop(0)
+        if copy is None:
             return defer.fail(ConnectionRefusedError("tracker down"))
-        self.current = SimpleNamespace(node_ips=frozenset(f"127.0.0.{h}" for h in hosts))
+        issued, *hosts = copy
+        self.current = SimpleNamespace(issued=issued, node_ips=frozenset(f"127.0.0.{h}" for h in hosts))
         return defer.succeed(self.current)
 
 
@@ -175,7 +177,8 @@ class NeighbourLeftTests(unittest.TestCase):
                 if cells.parse_cell(body).destroy}
 
     def test_the_circuits_through_a_departed_node_are_closed_and_destroyed_towards_the_living(self):
-        self.fetch((12, 13, 14), (13, 14), None, (13, 14))
+        # register_interval is 30 s (the default): .12, missing since 101, has been that long at 131.
+        self.fetch((100, 12, 13, 14), (101, 13, 14), None, (130, 13, 14), (131, 13, 14))
 
         self.assertEqual(set(self.service.table.by_in.values()), {self.exit, self.bystander})
         self.assertIsNone(self.service.table.bridge_by_cid(self.bridge.bridge_cid))
@@ -184,7 +187,7 @@ class NeighbourLeftTests(unittest.TestCase):
         self.assertEqual(self.service.relay.metrics.neighbour_left_total, 2)
         self.assertIn(b"onion_node_neighbour_left_total 2", self.service.relay.metrics.prometheus(2, 0).encode())
 
-    def test_one_copy_without_the_node_closes_nothing(self):
-        self.fetch((12, 13, 14), (13, 14), (12, 13, 14), (13, 14))
+    def test_a_node_missing_for_less_than_the_register_interval_closes_nothing(self):
+        self.fetch((100, 12, 13, 14), (101, 13, 14), (129, 13, 14), (130, 12, 13, 14), (140, 13, 14))
         self.assertEqual(len(self.service.table), 4)
         self.assertEqual(self.outbound.posted, [])

@@ -94,7 +94,7 @@ class DirectoryClient:
         if status != 200:
             raise NextHopFailed(f"directory source answered {status}")
         signature = (headers.getRawHeaders(SIGNATURE_HEADER) or [None])[0]
-        directory = parse_signed_directory(body, signature, key, self.default_port)
+        directory = parse_signed_directory(body, signature, key, self.default_port, known=self.current)
         if self.current is None or directory.issued >= self.current.issued:
             self.current = directory
         return self.current

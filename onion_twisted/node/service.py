@@ -66,7 +66,7 @@ class NodeService(MemberService):
         self._retry = None          # the registration retry, while one is due
         self._retry_delay = 1.0
         self._startup_fetches = []
-        self.departures = DepartureWatch()
+        self.departures = DepartureWatch(grace=cfg["register_interval"])
         self.every(cfg["register_interval"], self.register)
         self.every(min(30.0, cfg["circuit_idle_timeout"] / 4), self.expire)
         # Often enough that a key is replaced within minutes of its due time and a

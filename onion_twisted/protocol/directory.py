@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from onion_twisted.protocol import crypto, wire
 from onion_twisted.protocol.errors import BadRequest, Forbidden
@@ -36,13 +36,22 @@ class SignedDirectory:
     nodes: dict  # Address -> NodeEntry
     node_ips: frozenset = frozenset()  # literal IPs of the listed nodes
     tracker_onion_key: bytes | None = None  # X25519, raw: the tracker as a sealed last hop (§12)
+    # Each entry by its fields as listed (address, public_key, fingerprint, onion_key): the
+    # next copy's parse reuses an entry whose fields did not change.
+    by_fields: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __contains__(self, address: wire.Address) -> bool:
         return address in self.nodes
 
 
-def parse_signed_directory(body: bytes, signature, tracker_key, default_port: int) -> SignedDirectory:
-    """Verify the tracker's signature over ``body`` and parse the node list."""
+def parse_signed_directory(body: bytes, signature, tracker_key, default_port: int,
+                           known: SignedDirectory | None = None) -> SignedDirectory:
+    """Verify the tracker's signature over ``body`` and parse the node list.
+
+    ``known``: an earlier copy (parsed with the same ``default_port``); an entry listed
+    with the same fields there is taken as it was parsed, not parsed again. Members fetch
+    the directory every period, and most of a parse is the nodes' keys and addresses.
+    """
     if not crypto.verify_body(tracker_key, body, signature):
         raise Forbidden("directory signature does not verify with the tracker's key")
     obj = wire.loads_object(body, "directory")
@@ -52,53 +61,69 @@ def parse_signed_directory(body: bytes, signature, tracker_key, default_port: in
     entries = obj.get("nodes")
     if not isinstance(entries, list):
         raise BadRequest("directory: nodes is not a list")
-    nodes = {}
+    nodes, by_fields = {}, {}
+    parsed_before = known.by_fields if known is not None else {}
     for entry in entries:
         if not isinstance(entry, dict):
             raise BadRequest("directory: a node entry is not an object")
-        address = wire.parse_address(entry.get("address"), default_port, field="directory address")
-        pem = entry.get("public_key")
-        key = crypto.load_public_key_pem(pem)
-        fp = crypto.fingerprint(key)
-        if entry.get("fingerprint") not in (None, fp):
-            raise BadRequest("directory: fingerprint does not match the key")
-        nodes[address] = NodeEntry(address, pem, fp, _onion_key(entry.get("onion_key"), "directory onion_key"))
+        fields = tuple(entry.get(name) for name in _ENTRY_FIELDS)
+        if not all(value is None or isinstance(value, str) for value in fields):
+            fields = None  # not a key, and bound to be refused below
+        node = parsed_before.get(fields) if fields is not None else None
+        if node is None:
+            node = _parse_entry(entry, default_port)
+        nodes[node.address] = node
+        if fields is not None:
+            by_fields[fields] = node
     if isinstance(signature, bytes):
         signature = signature.decode("ascii")
     node_ips = frozenset(a.ip for a in nodes if a.ip is not None)
     tracker_onion_key = _onion_key(obj.get("tracker_onion_key"), "directory tracker_onion_key")
-    return SignedDirectory(body, signature, issued, nodes, node_ips, tracker_onion_key)
+    return SignedDirectory(body, signature, issued, nodes, node_ips, tracker_onion_key, by_fields)
+
+
+_ENTRY_FIELDS = ("address", "public_key", "fingerprint", "onion_key")
+
+
+def _parse_entry(entry: dict, default_port: int) -> NodeEntry:
+    address = wire.parse_address(entry.get("address"), default_port, field="directory address")
+    pem = entry.get("public_key")
+    key = crypto.load_public_key_pem(pem)
+    fp = crypto.fingerprint(key)
+    if entry.get("fingerprint") not in (None, fp):
+        raise BadRequest("directory: fingerprint does not match the key")
+    return NodeEntry(address, pem, fp, _onion_key(entry.get("onion_key"), "directory onion_key"))
 
 
 class DepartureWatch:
     """Which nodes left the directory, from the copies a node fetches one after another.
 
-    A node's IP counts as departed once it was listed and then went missing from
-    ``confirm`` copies in a row: one copy without it is not enough, since a tracker
-    that has just restarted lists only the nodes that registered since. A node at a
-    DNS name is not watched (its circuits carry the resolved IP). The watch holds
-    one small entry per node listed now, so it is bounded by the directory's size.
+    A node's IP counts as departed once it was listed and then stayed missing from
+    the copies the tracker issued over ``grace`` seconds (by their ``issued``, the
+    tracker's clock): a copy or two without it are not enough, since a tracker that
+    has just restarted lists only the nodes that registered since, and they all
+    register again within their period. A node at a DNS name is not watched (its
+    circuits carry the resolved IP). What is watched is bounded by the directory:
+    the nodes listed in the latest copy, and those missing for less than ``grace``.
     """
 
-    def __init__(self, confirm: int = 2):
-        self.confirm = confirm
-        self._missing: dict[str, int] = {}  # IP once listed -> copies in a row without it
+    def __init__(self, grace: float):
+        self.grace = grace
+        self._listed: frozenset[str] = frozenset()
+        self._missing_since: dict[str, float] = {}  # IP once listed -> issued of the first copy without it
 
     def update(self, directory: SignedDirectory) -> frozenset[str]:
-        """Take the latest copy; return the IPs found departed by it."""
-        listed = directory.node_ips
-        departed = set()
-        for ip, missed in list(self._missing.items()):
-            if ip in listed:
-                continue
-            if missed + 1 >= self.confirm:
-                del self._missing[ip]
-                departed.add(ip)
-            else:
-                self._missing[ip] = missed + 1
-        for ip in listed:
-            self._missing[ip] = 0
-        return frozenset(departed)
+        """Take the latest copy; return the IPs found departed by it (each once)."""
+        listed, issued = directory.node_ips, directory.issued
+        for ip in self._listed - listed:
+            self._missing_since.setdefault(ip, issued)
+        for ip in listed & self._missing_since.keys():
+            del self._missing_since[ip]
+        self._listed = listed
+        departed = frozenset(ip for ip, since in self._missing_since.items() if issued - since >= self.grace)
+        for ip in departed:
+            del self._missing_since[ip]
+        return departed
 
 
 def _onion_key(value, field: str) -> bytes | None:

@@ -8,6 +8,7 @@ encoded and decoded at every hop.
 from __future__ import annotations
 
 import binascii
+import functools
 import ipaddress
 import re
 from typing import NamedTuple
@@ -211,10 +212,17 @@ class Address(NamedTuple):
     @property
     def ip(self) -> str | None:
         """The host if it is an IP literal, else None (a DNS name)."""
-        try:
-            return str(ipaddress.ip_address(self.host))
-        except ValueError:
-            return None
+        return _literal_host(self.host)
+
+
+# Bounded: hosts come from the directory and from cells, and a parse costs ~10 µs
+# (a directory copy asks for every node's IP; every extend for its target's).
+@functools.lru_cache(maxsize=4096)
+def _literal_host(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 async def literal_ip(address: Address) -> str:
