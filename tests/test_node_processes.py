@@ -81,12 +81,15 @@ class NodeNetwork(ProcessesMixin):
         body = await self.admin.post(self.tracker.address, wire.dumps(obj), path=path)
         return wire.loads_object(body)
 
-    async def circuits_at(self, member) -> int:
+    async def metric_at(self, member, name: str) -> int:
         status, _, body = await self.admin.get(member.address, "/metrics")
         self.assertEqual(status, 200)
-        found = re.search(rb"^onion_node_circuits (\d+)$", body, re.M)
-        self.assertIsNotNone(found, "no onion_node_circuits in /metrics")
+        found = re.search(rb"^" + name.encode() + rb" (\d+)$", body, re.M)
+        self.assertIsNotNone(found, f"no {name} in /metrics")
         return int(found.group(1))
+
+    async def circuits_at(self, member) -> int:
+        return await self.metric_at(member, "onion_node_circuits")
 
     def new_circuit(self) -> Circuit:
         return self.peer.add(Circuit(self.peer.outbound, self.entries, self.tracker.address))
@@ -273,13 +276,6 @@ class NeighbourLeftTests(NodeNetwork, unittest.TestCase):
 
     tracker_options = {"node_ttl": 4}
 
-    async def closed_for_a_departed_neighbour(self, node) -> int:
-        status, _, body = await self.admin.get(node.address, "/metrics")
-        self.assertEqual(status, 200)
-        found = re.search(rb"^onion_node_neighbour_left_total (\d+)$", body, re.M)
-        self.assertIsNotNone(found, "no onion_node_neighbour_left_total in /metrics")
-        return int(found.group(1))
-
     @inline
     async def test_both_sides_of_a_dead_middle_close_the_circuit_and_the_tracker_forgets_it(self):
         circuit = await self.built_circuit()
@@ -291,7 +287,7 @@ class NeighbourLeftTests(NodeNetwork, unittest.TestCase):
         for node in (x, z):
             await poll_until(lambda node=node: self._no_circuit_at(node), timeout=30,
                              what=f"{node.name} to close the circuit through the dead middle")
-            self.assertEqual(await self.closed_for_a_departed_neighbour(node), 1)
+            self.assertEqual(await self.metric_at(node, "onion_node_neighbour_left_total"), 1)
         # Z passed the destroy on to the tracker, X back to the peer.
         await poll_until(self._tracker_forgot, timeout=10, what="the tracker to forget the circuit")
         await poll_until(lambda: defer.succeed(circuit.cid in self.peer.destroyed), timeout=10,
