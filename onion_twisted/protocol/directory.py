@@ -67,13 +67,11 @@ def parse_signed_directory(body: bytes, signature, tracker_key, default_port: in
         if not isinstance(entry, dict):
             raise BadRequest("directory: a node entry is not an object")
         fields = tuple(entry.get(name) for name in _ENTRY_FIELDS)
-        if not all(value is None or isinstance(value, str) for value in fields):
-            fields = None  # not a key, and bound to be refused below
-        node = parsed_before.get(fields) if fields is not None else None
-        if node is None:
-            node = _parse_entry(entry, default_port)
+        # Only strings (or absent fields) can be looked up; anything else is refused by the parse.
+        reusable = all(value is None or isinstance(value, str) for value in fields)
+        node = (parsed_before.get(fields) if reusable else None) or _parse_entry(entry, default_port)
         nodes[node.address] = node
-        if fields is not None:
+        if reusable:
             by_fields[fields] = node
     if isinstance(signature, bytes):
         signature = signature.decode("ascii")
